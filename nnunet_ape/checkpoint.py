@@ -1,0 +1,67 @@
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` (no pickled code)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunet_ape.errors import InputError
+from nnunet_ape.models.ape import APEConfig, APENet
+
+APE_FORMAT = "nnunet-ape/ape-v1"
+
+
+def save_atomic(state: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, expected_format: str = APE_FORMAT) -> dict:
+    """Load a checkpoint safely (tensors and plain containers only) and check its format tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found; give the .pt file written by 'nnunet-ape pretrain'")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for foreign or corrupt files
+        raise InputError(f"{path}: not a readable nnunet-ape checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        raise InputError(f"{path}: not an {expected_format} checkpoint")
+    return state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def load_ape_model(path: str | os.PathLike) -> tuple[APENet, dict]:
+    """Checkpoint file -> (APENet in eval mode on CPU, checkpoint dict). The file alone rebuilds the model."""
+    state = load_checkpoint(path)
+    model = APENet(APEConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file (to tie derived files to the checkpoint they came from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,82 @@
+"""CSV training log that survives resumes, and its loss-curve plot."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class CsvLog:
+    """Append-only CSV of per-iteration values; ``truncate(it)`` drops rows after a resumed checkpoint."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = Path(path), columns
+
+    def truncate(self, last_iteration: int) -> None:
+        """Keep the header and rows with ``iteration <= last_iteration`` (rows a killed run wrote after its
+        last checkpoint are dropped, so the resumed curve continues without a duplicate stretch)."""
+        if not self.path.exists():
+            return
+        rows = self.read()
+        self._rewrite([r for r in rows if int(r["iteration"]) <= last_iteration])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        """Append one row (missing columns left empty)."""
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def read(self) -> list[dict]:
+        """All rows as dicts of strings."""
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+
+def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> Path | None:
+    """Plot every numeric loss column (raw and a moving average) against iteration; None if the log is empty."""
+    rows = log.read()
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    iterations = np.array([int(r["iteration"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for column in [c for c in log.columns if c in ("loss", "dist", "equiv")]:
+        values = np.array([float(r[column]) if r.get(column) else np.nan for r in rows])
+        if np.all(np.isnan(values)):
+            continue
+        (line,) = ax.plot(iterations, values, alpha=0.25, lw=0.8)
+        window = max(1, len(values) // 50)
+        smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
+        ax.plot(iterations[window - 1 :], smooth, color=line.get_color(), label=f"{column} (moving avg {window})")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(".tmp_" + png.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
