@@ -11,13 +11,13 @@ permutations and flips are applied, so going back is exact and lossless.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ape.atomic import atomic_path
 from nnunet_ape.errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -139,16 +139,8 @@ def _first_line(error: Exception) -> str:
 def write_volume(volume: Volume, path: str | os.PathLike) -> Path:
     """Write a Volume atomically (temporary file in the same folder, then rename); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         sitk.WriteImage(volume_to_image(volume), tmp, useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ape.plots import save_figure
+
 
 class CsvLog:
     """Append-only CSV of per-iteration values; ``truncate(it)`` drops rows after a resumed checkpoint."""
@@ -75,8 +77,4 @@ def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> P
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(".tmp_" + png.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)

@@ -1,0 +1,72 @@
+"""The ``embed`` job over files: check inputs, embed each CT, write NIfTI maps (and PNGs) atomically."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from nnunet_ape.checkpoint import load_ape_model
+from nnunet_ape.embed import EmbedSettings, embed_volume
+from nnunet_ape.errors import InputError
+from nnunet_ape.io import IMAGE_SUFFIXES, output_name, read_volume, write_volume
+from nnunet_ape.plots import embedding_overlay_png
+
+MIN_VOXELS = 8  # per axis; smaller inputs carry too little anatomy for a positional embedding
+
+
+def check_header(path: Path) -> None:
+    """Cheap pre-flight check of a CT file's header (dimension, size) so a bad file stops the job before any output."""
+    if path.is_dir():
+        return  # DICOM folders are checked when read
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise InputError(f"{path}: not a readable image") from None
+    if reader.GetDimension() != 3:
+        raise InputError(f"{path}: image is {reader.GetDimension()}D, a 3D CT volume is required")
+    if min(reader.GetSize()) < MIN_VOXELS:
+        raise InputError(f"{path}: size {reader.GetSize()} is too small, at least {MIN_VOXELS} voxels per axis are needed")
+
+
+def output_paths(images: list[Path], out: Path) -> list[Path]:
+    """Where each map goes: ``out`` itself for one input and an image-suffixed ``out``, else ``out/<case>_ape.nii.gz``."""
+    if len(images) == 1 and out.name.lower().endswith(IMAGE_SUFFIXES):
+        return [out]
+    names = [output_name(p) for p in images]
+    if len(set(names)) != len(names):
+        raise InputError("input cases share names; give them unique file names")
+    return [out / f"{name}_ape.nii.gz" for name in names]
+
+
+def embed_files(
+    checkpoint: Path, images: list[Path], out: Path, settings: EmbedSettings, device: str, png: bool = False
+) -> list[Path]:
+    """Embed every image with the model in ``checkpoint``; returns the written map paths.
+
+    Inputs are checked before anything is written; each output file is written atomically.
+    """
+    model, _ = load_ape_model(checkpoint)
+    for image in images:
+        check_header(image)
+    targets = output_paths(images, out)
+    written = []
+    for image, target in tqdm(list(zip(images, targets)), desc="cases", unit="ct", disable=len(images) == 1):
+        volume = read_volume(image, min_size=MIN_VOXELS)
+        began = time.perf_counter()
+        embedding = embed_volume(model, volume, settings, device=device)
+        seconds = time.perf_counter() - began
+        write_volume(embedding, target)
+        written.append(target)
+        if png:
+            # a strided map overlays the CT subsampled on the same grid
+            step = settings.stride
+            ct = embedding.with_array(volume.array[::step, ::step, ::step]) if step > 1 else volume
+            png_path = target.with_name(output_name(target) + ".png")
+            embedding_overlay_png(ct, embedding, png_path, title=f"{image.name}: APE map ({seconds:.1f} s)")
+        print(f"{image} -> {target} ({seconds:.2f} s)")
+    return written

@@ -1,0 +1,73 @@
+"""Figures a person looks at: CT planes with an RGB overlay of the 3 APE channels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ape.atomic import atomic_path
+from nnunet_ape.io import Volume, to_canonical
+
+
+def _planes(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
+    """Axial, coronal, sagittal slices of a canonical (LPS) array ``(X, Y, Z, ...)`` in radiological display
+    order (rows top->bottom, columns left->right): axial (y, x), coronal (z reversed, x), sagittal (z reversed, y)."""
+    x, y, z = centre
+    axial = np.swapaxes(array[:, :, z], 0, 1)
+    coronal = np.swapaxes(array[:, y, :], 0, 1)[::-1]
+    sagittal = np.swapaxes(array[x, :, :], 0, 1)[::-1]
+    return [axial, coronal, sagittal]
+
+
+def _aspects(spacing: tuple[float, float, float]) -> list[float]:
+    sx, sy, sz = spacing
+    return [sy / sx, sz / sx, sz / sy]
+
+
+def rgb_from_embedding(embedding: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` embedding -> RGB in [0, 1], each channel scaled between its 1st and 99th percentile."""
+    flat = embedding.reshape(-1, embedding.shape[-1]).astype(np.float32)
+    lo, hi = np.percentile(flat, 1, axis=0), np.percentile(flat, 99, axis=0)
+    return np.clip((embedding - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def embedding_overlay_png(
+    ct: Volume, embedding: Volume, path: str | os.PathLike, title: str = "", window: tuple[float, float] = (-1000, 1000)
+) -> Path:
+    """PNG: top row the CT, bottom row the APE channels as RGB over it, in axial, coronal, sagittal planes
+    through the image centre. ``embedding`` must be on the CT's grid (array ``(X, Y, Z, 3)``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    canon_ct, _ = to_canonical(ct)
+    canon_emb, _ = to_canonical(embedding)
+    centre = tuple(s // 2 for s in canon_ct.shape)
+    gray = np.clip((canon_ct.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
+    rgb = rgb_from_embedding(canon_emb.array)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    names = ["axial", "coronal", "sagittal"]
+    for col, (g, c, aspect) in enumerate(zip(_planes(gray, centre), _planes(rgb, centre), _aspects(canon_ct.spacing))):
+        axes[0, col].imshow(g, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        axes[1, col].imshow(g, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        axes[1, col].imshow(c, alpha=0.55, aspect=aspect, interpolation="nearest")
+        axes[0, col].set_title(names[col])
+        for row in range(2):
+            axes[row, col].axis("off")
+    fig.suptitle(title or "APE map: channels 1-3 as red, green, blue")
+    fig.tight_layout()
+    return save_figure(fig, path)
