@@ -46,6 +46,7 @@ class BatchConfig:
     voxels: int = 8000
     patch_volume: int = PAPER_PATCH_VOLUME
     max_aspect: float = 2.0
+    max_shift: float = 0.25
     spacing_range: tuple[tuple[float, ...], tuple[float, ...]] = PAPER_SPACING_RANGE
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -84,7 +85,7 @@ def make_batch(volume: np.ndarray, spacing: tuple[float, ...], cfg: BatchConfig,
         boxes = [first]
         if cfg.variant != "naive":
             for _attempt in range(20):
-                second = sample_partner_view(rng, first, sample_spacing(rng, cfg.spacing_range))
+                second = sample_partner_view(rng, first, sample_spacing(rng, cfg.spacing_range), cfg.max_shift)
                 lo2, hi2 = intersect(lo, hi, second.start, second.stop)
                 if np.all(hi2 > lo2):
                     break

@@ -17,9 +17,14 @@ def pairwise_distances(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> t
 
 
 def normalize_positions(positions: torch.Tensor) -> torch.Tensor:
-    """Positions ``(N, 3)`` mm -> zero mean, unit std per axis over the batch (``p^`` of the paper)."""
+    """Positions ``(N, 3)`` mm -> ``p^`` of the paper: zero mean and unit std over the batch.
+
+    One std for all three axes (the root mean square over axes), so the anatomy keeps its aspect ratio: a scan
+    that is short along z is not stretched along z.
+    """
     positions = positions.float()
-    return (positions - positions.mean(0)) / positions.std(0).clamp_min(1e-6)
+    centred = positions - positions.mean(0)
+    return centred / centred.pow(2).mean().sqrt().clamp_min(1e-6)
 
 
 def distance_loss(a: torch.Tensor, b: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

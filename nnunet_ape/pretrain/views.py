@@ -61,11 +61,11 @@ def sample_view(rng: np.random.Generator, extent: np.ndarray, shape: tuple[int, 
     return ViewBox(start, spacing, shape)
 
 
-def sample_partner_view(rng: np.random.Generator, view: ViewBox, spacing: np.ndarray) -> ViewBox:
-    """A second view of the same shape overlapping ``view``: its centre is shifted by at most half of
-    ``view``'s size along each axis, so the two boxes always overlap."""
+def sample_partner_view(rng: np.random.Generator, view: ViewBox, spacing: np.ndarray, max_shift: float = 0.25) -> ViewBox:
+    """A second view of the same shape overlapping ``view``: its centre is shifted by at most ``max_shift``
+    (<= 0.5) of ``view``'s size along each axis, so the two boxes always overlap."""
     size = (np.asarray(view.shape) - 1) * view.spacing
-    centre = view.start + size / 2 + rng.uniform(-0.5, 0.5, 3) * size
+    centre = view.start + size / 2 + rng.uniform(-max_shift, max_shift, 3) * size
     partner_size = (np.asarray(view.shape) - 1) * spacing
     return ViewBox(centre - partner_size / 2, spacing, view.shape)
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real CT of ../shared/data (or $NNUNET_APE_TEST_DATA) and one short pretraining run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("NNUNET_APE_TEST_DATA", REPO.parent / "shared" / "data" / "ct"))
+
+PATIENTS = {
+    "A": "ts_a_abdomen_pelvis_ct.nii.gz",
+    "B": "ts_b_upper_abdomen_ct.nii.gz",
+    "B_dicom": "ts_b_upper_abdomen_dicom",
+    "C": "ts_c_chest_cta_ct.nii.gz",
+    "D": "radiomics_lung1_ct.nrrd",
+    "E": "radiomics_lung2_ct.nrrd",
+}
+
+
+def patient(key: str) -> Path:
+    """Path of a real CT of the shared data (skips the test when the data is not there)."""
+    path = DATA / PATIENTS[key]
+    if not path.exists():
+        pytest.skip(f"real CT not found: {path} (set NNUNET_APE_TEST_DATA)")
+    return path
+
+
+def real_patients() -> list[Path]:
+    """Patients A-E (one file each)."""
+    return [patient(k) for k in ("A", "B", "C", "D", "E")]
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory) -> Path:
+    """A short CPU pretraining of the tiny APE on the real patients A-E; returns its run folder.
+
+    Settings favour fast learning (naive variant, larger learning rate) so that the embedding tests check a map
+    that already encodes position; the variants themselves are exercised in test_pretrain.py.
+    """
+    from nnunet_ape.pretrain.augment import AugmentConfig
+    from nnunet_ape.pretrain.batches import BatchConfig
+    from nnunet_ape.pretrain.train_ape import PretrainConfig, pretrain_ape
+
+    run = tmp_path_factory.mktemp("pretrained") / "run"
+    cfg = PretrainConfig(
+        iterations=500,
+        lr=2e-3,
+        model="tiny",
+        batch=BatchConfig(variant="naive", pairs=4, voxels=1024, patch_volume=100_000, augment=AugmentConfig(p_mask=0.0)),
+        device="cpu",
+        workers=2,
+        checkpoint_every=100,
+    )
+    pretrain_ape(real_patients(), run, cfg)
+    return run
