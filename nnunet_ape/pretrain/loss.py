@@ -17,14 +17,12 @@ def pairwise_distances(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> t
 
 
 def normalize_positions(positions: torch.Tensor) -> torch.Tensor:
-    """Positions ``(N, 3)`` mm -> ``p^`` of the paper: zero mean and unit std over the batch.
+    """Positions ``(N, 3)`` mm -> ``p^`` of the paper: zero mean and unit std per axis over the batch.
 
-    One std for all three axes (the root mean square over axes), so the anatomy keeps its aspect ratio: a scan
-    that is short along z is not stretched along z.
+    Per axis, like the non-affine BatchNorm that normalizes each embedding channel over the batch.
     """
     positions = positions.float()
-    centred = positions - positions.mean(0)
-    return centred / centred.pow(2).mean().sqrt().clamp_min(1e-6)
+    return (positions - positions.mean(0)) / positions.std(0, correction=0).clamp_min(1e-6)
 
 
 def distance_loss(a: torch.Tensor, b: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
