@@ -1,0 +1,112 @@
+"""Whole-volume embedding on real CT: geometry, seams, position content, CLI and bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import patient
+from nnunet_ape.checkpoint import load_ape_model
+from nnunet_ape.embed import EmbedSettings, embed_volume, sliding_window, window_starts
+from nnunet_ape.intensity import normalize_hu
+from nnunet_ape.io import read_volume, to_canonical
+from nnunet_ape.position_fit import position_r2
+from nnunet_ape.resample import resample_spacing
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnunet_ape", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("key", ["A", "B", "B_dicom"])
+def test_embed_cli_output_overlays_the_input(pretrained_run, tmp_path, key):
+    out = tmp_path / "maps"
+    result = _cli("embed", "-m", str(pretrained_run / "checkpoint_final.pt"), "-i", str(patient(key)), "-o", str(out),
+                  "--device", "cpu", "--png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = sorted(out.glob("*_ape.nii.gz"))
+    assert len(written) == 1
+    image, reference = sitk.ReadImage(str(written[0])), sitk.ReadImage(str(patient("B" if key == "B_dicom" else key)))
+    assert image.GetSize() == reference.GetSize()
+    assert image.GetNumberOfComponentsPerPixel() == 3
+    assert np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    assert np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert np.isfinite(sitk.GetArrayFromImage(image)).all()
+    assert written[0].with_name(written[0].name.replace(".nii.gz", ".png")).stat().st_size > 20_000
+
+
+def test_float16_and_stride4_outputs(pretrained_run):
+    model, _ = load_ape_model(pretrained_run / "checkpoint_final.pt")
+    volume = read_volume(patient("A"))  # RAS-like: flipped axes must still land on the right voxels
+    full = embed_volume(model, volume, EmbedSettings(), progress=False)
+    half = embed_volume(model, volume, EmbedSettings(half=True), progress=False)
+    strided = embed_volume(model, volume, EmbedSettings(stride=4), progress=False)
+    assert half.array.dtype == np.float16 and np.allclose(half.array, full.array, atol=1e-2)
+    assert strided.shape == tuple(int(np.ceil(n / 4)) for n in volume.shape)
+    assert np.allclose(strided.spacing, np.array(volume.spacing) * 4)
+    assert np.allclose(strided.origin, volume.origin) and np.allclose(strided.direction, volume.direction)
+    assert np.allclose(strided.array, full.array[::4, ::4, ::4], atol=1e-5)  # voxel j sits on input voxel 4j
+
+
+def _border_and_interior_jumps(embedding: torch.Tensor, patch: int, overlap: float) -> tuple[float, float]:
+    """Largest mean |difference| between neighbouring slices across window borders, and away from them."""
+    border, interior = [], []
+    for axis in range(3):
+        n = embedding.shape[axis + 1]
+        jumps = embedding.diff(dim=axis + 1).abs().mean(dim=[d for d in range(4) if d != axis + 1]).numpy()
+        edges = {i for s in window_starts(n, patch, overlap) for i in (s - 1, s + patch - 1) if 0 <= i < n - 1}
+        border += [jumps[i] for i in edges]
+        interior += [jumps[i] for i in range(n - 1) if all(abs(i - e) > 1 for e in edges)]
+    return max(border), max(interior)
+
+
+def test_no_seams_at_window_borders(pretrained_run):
+    model, _ = load_ape_model(pretrained_run / "checkpoint_final.pt")
+    canon, _ = to_canonical(read_volume(patient("C")))
+    image, _ = resample_spacing(normalize_hu(canon.array)[None], canon.spacing, (1.5, 1.5, 2.25))
+    patch = 48
+    blended = sliding_window(model, image, EmbedSettings(patch_size=(patch,) * 3, overlap=0.5), torch.device("cpu"), False)
+    border, interior = _border_and_interior_jumps(blended, patch, 0.5)
+    print(f"blended windows: border jump {border:.4f}, interior jump {interior:.4f}")
+    assert border <= interior
+    # control: the same check does find the seams of windows placed side by side without overlap
+    tiled = sliding_window(model, image, EmbedSettings(patch_size=(patch,) * 3, overlap=0.0), torch.device("cpu"), False)
+    border, interior = _border_and_interior_jumps(tiled, patch, 0.0)
+    assert border > 1.3 * interior
+
+
+@pytest.mark.parametrize("key", ["A", "C"])
+def test_map_is_a_smooth_function_of_position(pretrained_run, key):
+    model, _ = load_ape_model(pretrained_run / "checkpoint_final.pt")
+    volume = read_volume(patient(key))
+    embedding = embed_volume(model, volume, EmbedSettings(), progress=False)
+    r2 = position_r2(embedding, volume.array > -500)
+    print(f"patient {key}: R^2 of a linear fit embedding -> position over the body = {r2:.3f}")
+    assert r2 > 0.5
+    untrained = embed_volume(type(model)(model.config).eval(), volume, EmbedSettings(), progress=False)
+    assert position_r2(untrained, volume.array > -500) < r2 - 0.2
+
+
+def test_bad_inputs_give_one_line_error_and_no_output(pretrained_run, tmp_path):
+    thin = tmp_path / "thin.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 64, 64), np.int16)), str(thin))
+    not_image = tmp_path / "notes.nii.gz"
+    not_image.write_text("hello")
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((64, 64), np.int16)), str(flat))
+    model = str(pretrained_run / "checkpoint_final.pt")
+    for bad, message in [(thin, "too small"), (not_image, "not a readable image"), (flat, "2D")]:
+        out = tmp_path / f"out_{bad.stem}"
+        result = _cli("embed", "-m", model, "-i", str(bad), "-o", str(out), "--device", "cpu")
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and str(bad) in lines[0]
+        assert not out.exists()
+    result = _cli("embed", "-m", str(tmp_path / "nope.pt"), "-i", str(patient("A")), "-o", str(tmp_path / "o"))
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr

@@ -1,0 +1,109 @@
+"""APE pretraining on real CT: the loss falls, runs resume, torchrun data-parallel works (gloo, 2 processes)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import real_patients
+from nnunet_ape.checkpoint import load_checkpoint
+from nnunet_ape.errors import InputError
+from nnunet_ape.pretrain.batches import BatchConfig
+from nnunet_ape.pretrain.train_ape import PretrainConfig, pretrain_ape
+
+SMALL_RUN = ["--model", "tiny", "--pairs", "2", "--voxels", "256", "--patch-volume", "20000", "--device", "cpu"]
+
+
+def _losses(run: Path) -> tuple[list[int], list[float]]:
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [int(r["iteration"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+def test_loss_falls_on_real_patients(pretrained_run):
+    iterations, losses = _losses(pretrained_run)
+    assert iterations == list(range(1, 501))
+    first, last = np.mean(losses[:50]), np.mean(losses[-50:])
+    print(f"naive variant, patients A-E: loss {first:.3f} (first 50) -> {last:.3f} (last 50)")
+    assert last < 0.8 * first
+    assert (pretrained_run / "loss.png").stat().st_size > 10_000
+    state = load_checkpoint(pretrained_run / "checkpoint_final.pt")
+    assert state["iteration"] == 500 and "optimizer" not in state
+
+
+def test_equiv_variant_loss_falls_on_real_patients(tmp_path):
+    cfg = PretrainConfig(
+        iterations=300, lr=2e-3, model="tiny", device="cpu", workers=2, checkpoint_every=100,
+        batch=BatchConfig(variant="equiv", pairs=2, voxels=512, patch_volume=40_000),
+    )
+    pretrain_ape(real_patients(), tmp_path / "run", cfg)
+    _, losses = _losses(tmp_path / "run")
+    first, last = np.mean(losses[:50]), np.mean(losses[-50:])
+    print(f"equiv variant, patients A-E: loss {first:.3f} (first 50) -> {last:.3f} (last 50)")
+    assert last < 0.85 * first
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nnunet_ape", *args]
+
+
+def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path):
+    listing = tmp_path / "cts.txt"
+    listing.write_text("\n".join(str(p) for p in real_patients()))
+    run = tmp_path / "run"
+    args = ["pretrain", "ape", "-i", str(listing), "-o", str(run), *SMALL_RUN, "--workers", "1", "--checkpoint-every", "20"]
+    process = subprocess.Popen(_cli(*args, "--iterations", "100000"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (run / "checkpoint_last.pt").exists():
+        time.sleep(0.5)
+    time.sleep(2.0)  # let it run past the checkpoint, as a real crash would
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = load_checkpoint(run / "checkpoint_last.pt")["iteration"]
+    assert saved >= 20 and saved % 20 == 0
+    target = saved + 30
+    # a second run must not silently overwrite the first
+    refused = subprocess.run(_cli(*args, "--iterations", str(target)), capture_output=True, text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    subprocess.run(_cli(*args, "--iterations", str(target), "--resume"), check=True, capture_output=True)
+    iterations, _ = _losses(run)
+    assert iterations == list(range(1, target + 1))  # rows after the lost checkpoint dropped, no duplicates
+    last = load_checkpoint(run / "checkpoint_last.pt")
+    assert last["iteration"] == target
+    steps = {int(s["step"]) for s in last["optimizer"]["state"].values()}
+    assert steps == {target}  # Adam moments continued from the checkpoint, not restarted
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    with pytest.raises(InputError, match="no checkpoint_last.pt"):
+        pretrain_ape(real_patients()[:1], tmp_path / "none", PretrainConfig(model="tiny", device="cpu"), resume=True)
+
+
+def test_torchrun_data_parallel_on_cpu_with_gloo(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun not found"
+    listing = tmp_path / "cts.txt"
+    listing.write_text("\n".join(str(p) for p in real_patients()[:2]))
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "nnunet_ape", "pretrain", "ape", "-i", str(listing),
+         "-o", str(run), *SMALL_RUN, "--workers", "0", "--iterations", "6", "--checkpoint-every", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    iterations, _ = _losses(run)
+    assert iterations == list(range(1, 7))  # one log, written by rank 0 only
+    state = load_checkpoint(run / "checkpoint_final.pt")
+    assert state["iteration"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -1,0 +1,95 @@
+"""Training batches: view geometry as the paper describes it, and positions consistent with the views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from conftest import patient
+from nnunet_ape.io import read_volume, to_canonical
+from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
+from nnunet_ape.pretrain.batches import BatchConfig, make_batch
+from nnunet_ape.pretrain.cache import foreground_box, prepare_cache
+from nnunet_ape.pretrain.loss import sample_embeddings
+from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, sample_patch_shape, sample_spacing
+
+NO_AUGMENT = AugmentConfig(p_window=0, p_blur=0, p_sharpen=0, p_noise=0, p_mask=0)
+
+
+def test_patch_shapes_have_the_paper_volume_and_aspect_ratio():
+    rng = np.random.default_rng(0)
+    shapes = np.array([sample_patch_shape(rng) for _ in range(300)])
+    volumes = shapes.prod(1)
+    assert np.all(np.abs(volumes / PAPER_PATCH_VOLUME - 1) < 0.05)
+    assert np.all(shapes.max(1) / shapes.min(1) <= 2.0)
+    assert len({tuple(s) for s in shapes}) > 100  # random, not one fixed shape
+
+
+def test_spacings_lie_in_the_paper_range():
+    rng = np.random.default_rng(0)
+    spacings = np.array([sample_spacing(rng) for _ in range(500)])
+    assert np.all(spacings >= [1, 1, 1.5]) and np.all(spacings <= [2, 2, 3])
+    assert np.all(spacings.min(0) < [1.1, 1.1, 1.6]) and np.all(spacings.max(0) > [1.9, 1.9, 2.9])
+
+
+def _linear_field(shape, spacing):
+    index = np.indices(shape).astype(np.float32)
+    return sum(c * i * s for c, i, s in zip((1.0, 3.0, 7.0), index, spacing)) / 10
+
+
+@pytest.mark.parametrize("variant", ["naive", "aug", "equiv"])
+def test_views_coords_and_positions_agree(variant):
+    """Where a batch says a point is (coords in each view), the view shows the value at its physical position."""
+    spacing = (2.0, 2.5, 3.0)
+    volume = _linear_field((60, 50, 40), spacing)
+    cfg = BatchConfig(variant=variant, pairs=3, voxels=300, patch_volume=20_000, augment=NO_AUGMENT)
+    batch = make_batch(volume, spacing, cfg, np.random.default_rng(1))
+    n_views = 3 if variant == "naive" else 6
+    assert batch["views"].shape[:2] == (n_views, 1)
+    assert batch["coords"].shape == (n_views, 100, 3)
+    assert batch["positions"].shape == (3, 100, 3)
+    values = sample_embeddings(batch["views"] * 1000, batch["coords"])[..., 0]  # undo the /1000 input scaling
+    p = batch["positions"]
+    expected = (p[..., 0] * 1 + p[..., 1] * 3 + p[..., 2] * 7) / 10
+    step = 1 if variant == "naive" else 2
+    for offset in range(step):
+        assert torch.allclose(values[offset::step], expected, atol=1e-3)
+
+
+def test_pair_views_differ_in_spacing_and_overlap():
+    spacing = (2.0, 2.0, 2.0)
+    volume = _linear_field((80, 80, 80), spacing)
+    cfg = BatchConfig(variant="aug", pairs=8, voxels=800, patch_volume=20_000, augment=NO_AUGMENT)
+    batch = make_batch(volume, spacing, cfg, np.random.default_rng(3))
+    coords = batch["coords"]
+    size = torch.tensor(batch["views"].shape[-3:]) - 1
+    assert torch.all(coords >= -1e-3) and torch.all(coords <= size + 1e-3)  # every point inside both views
+    # the same points sit at different voxel coordinates in the two views (other spacing and offset)
+    assert (coords[0::2] - coords[1::2]).abs().mean() > 1.0
+
+
+def test_augmentations_keep_shape_and_change_values():
+    hu = np.random.default_rng(0).normal(0, 300, (24, 24, 16)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    outs = [augment_view(hu, rng, AugmentConfig(p_mask=1.0, p_noise=1.0)) for _ in range(5)]
+    assert all(o.shape == hu.shape and o.dtype == np.float32 for o in outs)
+    assert all(np.any(o == 0.0) for o in outs)  # masked boxes
+    assert not np.allclose(outs[0], outs[1])
+    plain = augment_view(hu, rng, NO_AUGMENT)
+    assert np.allclose(plain, np.clip(hu, -1000, 1000) / 1000)
+
+
+def test_foreground_crop_on_real_ct_removes_air_keeps_body(tmp_path):
+    canon, _ = to_canonical(read_volume(patient("B")))
+    box = foreground_box(canon.array)
+    cropped = canon.array[box]
+    assert cropped.size < 0.8 * canon.array.size
+    labels, _ = ndimage.label(canon.array > -500)
+    body = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1  # largest dense component (the table is not)
+    assert body[box].sum() == body.sum()
+    cached = prepare_cache([patient("B")], tmp_path / "cache")
+    assert np.load(cached[0].path).shape == cropped.shape
+    again = prepare_cache([patient("B")], tmp_path / "cache")  # reused, not rewritten
+    assert again == cached
