@@ -37,6 +37,7 @@ def _add_pretrain_ape(sub) -> None:
     p.add_argument("--equiv-weight", type=float, default=1.0, help="lambda of the equivariance loss (variant equiv)")
     p.add_argument("--iterations", type=int, default=150_000, help="total training iterations (batches)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="constant (the paper) or cosine decay to 0 at --iterations (better for short runs)")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--pairs", type=int, default=8, help="n: views (naive) or view pairs per batch, all from one CT")
@@ -63,6 +64,7 @@ def _run_pretrain_ape(args) -> None:
         equiv_weight=args.equiv_weight,
         iterations=args.iterations,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
         model=args.model,
@@ -133,7 +135,7 @@ def _add_demo(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("nnunet_ape_demo"), help="demo folder (must not exist yet, unless --resume)")
     p.add_argument("--cases", type=int, default=12, help="phantoms to pretrain on (one more is held out)")
     p.add_argument("--minutes", type=float, default=3.0, help="pretraining time budget")
-    p.add_argument("--model", default="small", help="network size: tiny, small or base")
+    p.add_argument("--model", default="tiny", choices=("tiny", "small", "base"), help="network size (tiny trains fastest on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="background data-loading processes")
     p.add_argument("--seed", type=int, default=0)

@@ -22,8 +22,8 @@ from nnunet_ape.pretrain.batches import BatchConfig
 from nnunet_ape.pretrain.train_ape import LAST, PretrainConfig, pretrain_ape
 
 # settings that learn a usable map within minutes on a laptop CPU (the paper's run is 150k batches on a GPU)
-DEMO_BATCH = dict(variant="equiv", pairs=4, voxels=2048, patch_volume=64 * 64 * 48)
-DEMO_LR = 1e-3
+DEMO_BATCH = dict(variant="naive", pairs=4, voxels=1024, patch_volume=300_000)
+DEMO_LR = 2e-3
 
 
 def run_demo(
@@ -49,7 +49,7 @@ def run_demo(
     train, heldout = images[:-1], images[-1]
     run = out / "ape"
     cfg = PretrainConfig(
-        iterations=1_000_000, lr=DEMO_LR, model=model, batch=BatchConfig(**DEMO_BATCH), device=device,
+        iterations=1_000_000, lr=DEMO_LR, lr_schedule="cosine", model=model, batch=BatchConfig(**DEMO_BATCH), device=device,
         workers=workers, checkpoint_every=200, max_minutes=minutes, seed=seed,
     )
     print(f"[2/3] pretraining APE ({model}) for {minutes:g} min on {len(train)} phantoms")

@@ -59,6 +59,15 @@ def mean_across_ranks(values: dict[str, float], runtime: Runtime) -> dict[str, f
     return {k: float(v) / runtime.world_size for k, v in zip(keys, t.tolist())}
 
 
+def broadcast_float(value: float, runtime: Runtime) -> float:
+    """Rank 0's ``value`` on every rank (identity in a single process)."""
+    if runtime.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def barrier(runtime: Runtime) -> None:
     """Wait for all ranks (no-op in a single process)."""
     if runtime.world_size > 1:

@@ -37,7 +37,7 @@ def real_patients() -> list[Path]:
 def pretrained_run(tmp_path_factory) -> Path:
     """A short CPU pretraining of the tiny APE on the real patients A-E; returns its run folder.
 
-    Settings favour fast learning (naive variant, larger learning rate) so that the embedding tests check a map
+    Settings favour fast learning (naive variant, larger learning rate with cosine decay, no masking) so that the embedding tests check a map
     that already encodes position; the variants themselves are exercised in test_pretrain.py.
     """
     from nnunet_ape.pretrain.augment import AugmentConfig
@@ -46,13 +46,14 @@ def pretrained_run(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("pretrained") / "run"
     cfg = PretrainConfig(
-        iterations=500,
+        iterations=1000,
         lr=2e-3,
+        lr_schedule="cosine",
         model="tiny",
-        batch=BatchConfig(variant="naive", pairs=4, voxels=1024, patch_volume=100_000, augment=AugmentConfig(p_mask=0.0)),
+        batch=BatchConfig(variant="naive", pairs=4, voxels=1024, patch_volume=300_000, augment=AugmentConfig(p_mask=0.0)),
         device="cpu",
         workers=2,
-        checkpoint_every=100,
+        checkpoint_every=250,
     )
     pretrain_ape(real_patients(), run, cfg)
     return run

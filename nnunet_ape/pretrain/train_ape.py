@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class PretrainConfig:
     equiv_weight: float = 1.0
     iterations: int = 150_000
     lr: float = 3e-4
+    lr_schedule: str = "constant"
     weight_decay: float = 1e-6
     grad_clip: float = 1.0
     model: str = "base"
@@ -49,6 +51,21 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg: PretrainConfig, iteration: int, minutes: float = 0.0) -> float:
+    """Learning rate for the step after ``iteration`` steps and ``minutes`` of this invocation: constant (the
+    paper), or cosine decay to 0 over the run's budget, whichever of ``iterations`` and ``max_minutes`` ends it
+    first (for short runs, where the last iterations then settle instead of jumping around)."""
+    if cfg.lr_schedule != "cosine":
+        return cfg.lr
+    progress = iteration / max(cfg.iterations, 1)
+    if cfg.max_minutes:
+        progress = max(progress, minutes / cfg.max_minutes)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -89,6 +106,8 @@ def pretrain_ape(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume:
     """
     if cfg.batch.variant not in VARIANTS:
         raise InputError(f"--variant {cfg.batch.variant}: unknown; choose one of {', '.join(VARIANTS)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise InputError(f"--lr-schedule {cfg.lr_schedule}: unknown; choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.model not in PRESETS:
         raise InputError(f"--model {cfg.model}: unknown; choose one of {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
@@ -156,6 +175,11 @@ def _train(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume: bool,
         loss, parts = ape_loss(
             embeddings.float(), batch["coords"].to(device), batch["positions"].to(device), cfg.batch.variant, cfg.equiv_weight
         )
+        lr = learning_rate(cfg, iteration, (time.monotonic() - began) / 60)
+        if runtime.world_size > 1 and cfg.max_minutes:  # clocks differ: every rank takes rank 0's rate
+            lr = distributed.broadcast_float(lr, runtime)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -176,7 +200,7 @@ def _train(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume: bool,
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             out_of_time = bool(flag.item())
         if runtime.is_main:
-            log.append({"iteration": iteration, **parts, "lr": cfg.lr, "seconds": round(time.monotonic() - began, 3)})
+            log.append({"iteration": iteration, **parts, "lr": lr, "seconds": round(time.monotonic() - began, 3)})
             progress.update(1)
             progress.set_postfix(loss=f"{parts['loss']:.4f}")
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or out_of_time:

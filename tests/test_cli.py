@@ -1,0 +1,37 @@
+"""Command line: help on every command, demo end to end on phantoms."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_ape.cli import build_parser, main
+from nnunet_ape.demo import run_demo
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["pretrain"], ["pretrain", "ape"], ["embed"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, "--help"])
+    assert info.value.code == 0
+    assert len(capsys.readouterr().out) > 200
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "nnunet_ape", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "pretrain" in result.stdout and "embed" in result.stdout
+
+
+def test_demo_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    report = run_demo(out, cases=3, minutes=0.25, model="tiny", device="cpu", workers=1)
+    text = report.read_text()
+    r2 = float(re.search(r"R\^2 = (-?[0-9.]+)", text).group(1))
+    assert -1.0 <= r2 <= 1.0
+    for name in ("heldout_ape.nii.gz", "heldout_ape.png", "ape/loss.png", "ape/checkpoint_final.pt", "cohort/dataset.json"):
+        assert (out / name).exists(), name
+    assert main(["demo", "-o", str(out), "--cases", "3", "--minutes", "0.1", "--model", "tiny", "--device", "cpu"]) == 2
+    assert "already exists" in capsys.readouterr().err
