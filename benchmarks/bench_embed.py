@@ -145,7 +145,7 @@ def main() -> None:
             r = run_child(["pretrain", device, args.model, str(its)])
             rows.append({"job": "pretrain (n=8, N=8000)", "device": device, **r})
             print(rows[-1], flush=True)
-    print("\n| job | device | time | peak host RAM | peak GPU memory |\n|---|---|---|---|---|")
+    print("\n| job | device | time | peak host RAM (main process) | peak GPU memory |\n|---|---|---|---|---|")
     for r in rows:
         speed = f"{r['seconds']:.2f} s" if "seconds" in r else f"{r['iterations_per_second']:.2f} it/s"
         gpu = f"{r['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in r else "-"

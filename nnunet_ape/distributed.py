@@ -68,6 +68,15 @@ def broadcast_float(value: float, runtime: Runtime) -> float:
     return float(t.item())
 
 
+def all_ranks_true(flag: bool, runtime: Runtime) -> bool:
+    """True only when ``flag`` is True on every rank."""
+    if runtime.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def barrier(runtime: Runtime) -> None:
     """Wait for all ranks (no-op in a single process)."""
     if runtime.world_size > 1:

@@ -107,3 +107,16 @@ def test_torchrun_data_parallel_on_cpu_with_gloo(tmp_path):
     state = load_checkpoint(run / "checkpoint_final.pt")
     assert state["iteration"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_the_model_unchanged():
+    from nnunet_ape.pretrain.train_ape import _optimizer_step
+
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert not _optimizer_step(None, model, optimizer, None, 0.1, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    loss = model(torch.ones(1, 3)).sum()
+    assert _optimizer_step(loss, model, optimizer, None, 0.1, 1.0)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -88,6 +88,31 @@ def _checkpoint_state(model, optimizer, scaler, iteration: int, cfg: PretrainCon
     }
 
 
+MAX_SKIPPED_STEPS = 20
+
+
+def _optimizer_step(loss: torch.Tensor | None, model, optimizer, scaler, lr: float, grad_clip: float) -> bool:
+    """One AdamW step at ``lr`` with gradient clipping (and loss scaling for fp16); ``loss`` None (not finite on
+    some rank) skips the step and returns False."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    if loss is None:
+        return False
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return True
+
+
 def check_output_folder(out_dir: Path, resume: bool) -> None:
     """Refuse to overwrite an earlier run unless resuming; refuse to resume a run that is not there."""
     has_run = (out_dir / LAST).exists()
@@ -159,12 +184,12 @@ def _train(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume: bool,
     )
     if runtime.is_main:
         print(
-            f"APE pretraining: {len(cached)} CTs, model '{cfg.model}' ({count_parameters(model):,} parameters), "
+            f"APE pretraining: {len(cached)} CTs, model {model_config.widths} ({count_parameters(model):,} parameters), "
             f"variant {cfg.batch.variant}, device {device}, {runtime.world_size} process(es), iterations {start}->{cfg.iterations}"
         )
     progress = tqdm(total=cfg.iterations, initial=start, desc="pretrain ape", disable=not runtime.is_main, dynamic_ncols=True)
     began = time.monotonic()
-    iteration = start
+    iteration, skipped = start, 0
     model.train()
     batches = iter(loader)
     while iteration < cfg.iterations:
@@ -178,20 +203,12 @@ def _train(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume: bool,
         lr = learning_rate(cfg, iteration, (time.monotonic() - began) / 60)
         if runtime.world_size > 1 and cfg.max_minutes:  # clocks differ: every rank takes rank 0's rate
             lr = distributed.broadcast_float(lr, runtime)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        finite = distributed.all_ranks_true(bool(torch.isfinite(loss)), runtime)  # ranks skip together or not at all
+        skipped += not _optimizer_step(loss if finite else None, model, optimizer, scaler, lr, cfg.grad_clip)
+        if skipped > MAX_SKIPPED_STEPS:
+            raise RuntimeError(
+                f"loss was not finite in {skipped} steps; lower --lr, or pass --no-amp if this happens with mixed precision"
+            )
         iteration += 1
         parts = distributed.mean_across_ranks(parts, runtime)
         out_of_time = cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes
