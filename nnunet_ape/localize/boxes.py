@@ -1,0 +1,107 @@
+"""Axis-aligned boxes in voxel indices and the paper's box metrics (IoU, recall, enlargement, volume ratio).
+
+A box is a float array ``(2, 3)``: row 0 the lowest, row 1 the highest voxel index included, along x, y, z
+(index order of :class:`nnunet_ape.io.Volume`). Float so that averaged and enlarged boxes need no rounding;
+:func:`box_slices` rounds outwards when a box is used to crop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight box ``(2, 3)`` of the True voxels of a 3D mask. Raises ValueError for an empty mask."""
+    index = np.argwhere(mask)
+    if len(index) == 0:
+        raise ValueError("mask is empty")
+    return np.stack([index.min(0), index.max(0)]).astype(np.float64)
+
+
+def edge_points(mask: np.ndarray) -> np.ndarray:
+    """The paper's 6 edge points ``(6, 3)`` (voxel indices) of a mask: for each axis, a mask voxel with the lowest
+    and one with the highest index along it (x-min, x-max, y-min, y-max, z-min, z-max). Where several voxels share
+    the extreme, the one closest to their centroid is taken, so the point lies inside the face."""
+    index = np.argwhere(mask)
+    if len(index) == 0:
+        raise ValueError("mask is empty")
+    points = []
+    for axis in range(3):
+        for extreme in (index[:, axis].min(), index[:, axis].max()):
+            face = index[index[:, axis] == extreme]
+            centre = face.mean(0)
+            points.append(face[np.argmin(((face - centre) ** 2).sum(1))])
+    return np.array(points, dtype=np.int64)
+
+
+def points_box(points: np.ndarray) -> np.ndarray:
+    """Bounding box ``(2, 3)`` of voxel points ``(P, 3)``."""
+    points = np.asarray(points, dtype=np.float64)
+    return np.stack([points.min(0), points.max(0)])
+
+
+def box_volume(box: np.ndarray) -> float:
+    """Number of voxels covered by a box (side = hi - lo + 1; 0 for an empty box)."""
+    return float(np.prod(np.clip(box[1] - box[0] + 1, 0, None)))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boxes, counting voxels (boxes are inclusive)."""
+    inter = np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])])
+    overlap = box_volume(inter)
+    union = box_volume(a) + box_volume(b) - overlap
+    return overlap / union if union > 0 else 0.0
+
+
+def clip_box(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Box clipped to an image of ``shape`` (voxel indices 0 .. n-1)."""
+    high = np.asarray(shape[:3], dtype=np.float64) - 1
+    return np.stack([np.clip(box[0], 0, high), np.clip(box[1], 0, high)])
+
+
+def enlarge_box(box: np.ndarray, alpha: float, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Scale each side of a box by ``alpha`` about its centre (alpha = 1: unchanged); clipped when ``shape``
+    is given."""
+    centre = box.mean(0)
+    half = (box[1] - box[0]) / 2 * alpha
+    out = np.stack([centre - half, centre + half])
+    return clip_box(out, shape) if shape is not None else out
+
+
+def box_slices(box: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    """Slices selecting the voxels of a box, rounded outwards and clipped to ``shape``."""
+    lo = np.clip(np.floor(box[0]).astype(int), 0, None)
+    hi = np.minimum(np.ceil(box[1]).astype(int) + 1, np.asarray(shape[:3]))
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
+
+
+def box_recall(mask: np.ndarray, box: np.ndarray) -> float:
+    """Fraction of the mask's voxels inside the box (box rounded outwards, like a crop)."""
+    total = int(mask.sum())
+    if total == 0:
+        raise ValueError("mask is empty")
+    return float(mask[box_slices(box, mask.shape)].sum()) / total
+
+
+def volume_ratio(shape: tuple[int, ...], box: np.ndarray) -> float:
+    """Raw image volume / cropped volume (the paper's VR) for a crop by ``box``."""
+    crop = np.prod([s.stop - s.start for s in box_slices(box, shape)])
+    return float(np.prod(shape[:3]) / max(crop, 1))
+
+
+def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, max_alpha: float = 20.0) -> float:
+    """Smallest enlargement ``alpha`` (to 0.01) with ``box_recall(mask, enlarge_box(box, alpha)) >= target``.
+
+    Boxes are clipped to the image, so ``max_alpha`` is returned when the target cannot be reached.
+    """
+    recall = lambda a: box_recall(mask, enlarge_box(box, a, mask.shape))  # noqa: E731
+    if recall(max_alpha) < target:
+        return max_alpha
+    low, high = 0.0, max_alpha  # recall grows with alpha: bisection
+    while high - low > 0.005:
+        mid = (low + high) / 2
+        if recall(mid) >= target:
+            high = mid
+        else:
+            low = mid
+    return float(np.ceil(high * 100) / 100)

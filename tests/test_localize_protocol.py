@@ -1,0 +1,120 @@
+"""The localization protocol on synthetic cases whose answers are computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnunet_ape.localize.boxes import (
+    alpha_for_recall,
+    box_iou,
+    box_recall,
+    edge_points,
+    enlarge_box,
+    mask_box,
+    volume_ratio,
+)
+from nnunet_ape.localize.fewshot import calibrate_alpha, combine_boxes, predict_box, shot_queries
+from nnunet_ape.localize.retrieval import nearest_voxels, radial_errors
+
+
+def _position_map(shape, offset=(0, 0, 0)):
+    """A perfect APE map: each voxel's embedding is its own (shifted) index."""
+    return (np.indices(shape).transpose(1, 2, 3, 0) + np.asarray(offset)).astype(np.float32)
+
+
+def test_iou_by_hand():
+    a = np.array([[0, 0, 0], [9, 9, 9]], float)  # 1000 voxels
+    b = np.array([[5, 0, 0], [14, 9, 9]], float)  # 1000 voxels, 500 shared
+    assert box_iou(a, b) == pytest.approx(500 / 1500)
+    assert box_iou(a, a) == 1.0
+    assert box_iou(a, np.array([[20, 20, 20], [25, 25, 25]], float)) == 0.0
+
+
+def test_recall_and_volume_ratio_by_hand():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[5:15, 5:15, 5:15] = True
+    assert box_recall(mask, np.array([[5, 5, 5], [14, 14, 14]], float)) == 1.0
+    assert box_recall(mask, np.array([[5, 5, 5], [9, 14, 14]], float)) == pytest.approx(0.5)
+    assert volume_ratio(mask.shape, np.array([[5, 5, 5], [14, 14, 14]], float)) == pytest.approx(8.0)
+
+
+def test_edge_points_are_the_extremes_of_each_axis():
+    mask = np.zeros((30, 30, 30), bool)
+    mask[10:21, 12:15, 3:8] = True
+    mask[15, 13, 25] = True  # a single voxel sticking out at the top
+    points = edge_points(mask)
+    assert points.shape == (6, 3)
+    assert points[0, 0] == 10 and points[1, 0] == 20
+    assert points[2, 1] == 12 and points[3, 1] == 14
+    assert points[4, 2] == 3 and tuple(points[5]) == (15, 13, 25)
+    assert all(mask[tuple(p)] for p in points)
+    assert np.array_equal(mask_box(mask), np.array([[10, 12, 3], [20, 14, 25]]))
+
+
+def test_alpha_for_recall_by_hand():
+    mask = np.zeros((41, 41, 41), bool)
+    mask[10:31, 10:31, 10:31] = True  # 21 voxels wide, centre 20
+    small = np.array([[15, 15, 15], [25, 25, 25]], float)  # half-side 5, same centre
+    alpha = alpha_for_recall(mask, small, target=1.0)
+    # the crop is rounded outwards: half-side 5 * alpha must just exceed 9 to reach voxels 10 and 30
+    assert alpha == pytest.approx(1.81, abs=0.005)
+    assert box_recall(mask, enlarge_box(small, alpha, mask.shape)) == 1.0
+    assert box_recall(mask, enlarge_box(small, alpha - 0.05, mask.shape)) < 1.0
+
+
+def test_nearest_voxels_is_exact_and_chunk_independent():
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(17, 13, 11, 3)).astype(np.float32)
+    queries = rng.normal(size=(25, 3))
+    flat = embedding.reshape(-1, 3)
+    brute = np.argmin(((flat[:, None, :] - queries[None]) ** 2).sum(-1), axis=0)
+    expected = np.stack(np.unravel_index(brute, embedding.shape[:3]), axis=1)
+    for chunk in (7, 100, 1 << 20):
+        assert np.array_equal(nearest_voxels(queries, embedding, chunk=chunk), expected)
+
+
+def test_perfect_map_retrieves_exact_boxes_and_radial_errors_are_zero():
+    shape = (40, 40, 40)
+    train = _position_map(shape)
+    test = _position_map(shape)  # the same "anatomy" at the same place
+    mask = np.zeros(shape, bool)
+    mask[8:20, 10:30, 5:12] = True
+    edges = [shot_queries(train, mask)]
+    box, per_shot = predict_box(edges, test)
+    assert np.array_equal(box, mask_box(mask)) and len(per_shot) == 1
+    assert box_iou(box, mask_box(mask)) == 1.0
+    found = nearest_voxels(edges[0], test)
+    assert radial_errors(found * 2.0, edge_points(mask) * 2.0).max() == 0.0
+
+
+def test_shifted_anatomy_is_found_where_it_is():
+    shape = (40, 40, 40)
+    test = _position_map(shape, offset=(-5, 3, 0))  # the patient lies 5 voxels further along x, 3 less along y
+    mask = np.zeros(shape, bool)
+    mask[8:20, 10:30, 5:12] = True
+    box, _ = predict_box([shot_queries(_position_map(shape), mask)], test)
+    assert np.array_equal(box, mask_box(mask) + np.array([5, -3, 0]))
+
+
+def test_combining_shots_mean_and_robust_median():
+    boxes = [np.array([[0, 0, 0], [10, 10, 10]], float)] * 2 + [np.array([[30, 30, 30], [40, 40, 40]], float)]
+    assert np.allclose(combine_boxes(boxes, "mean"), [[10] * 3, [20] * 3])
+    assert np.allclose(combine_boxes(boxes, "median"), [[0] * 3, [10] * 3])  # the stray shot is ignored
+
+
+def test_leave_one_shot_out_alpha_reaches_the_target_on_every_shot():
+    shape = (50, 50, 50)
+    maps, masks = [], []
+    for size in (8, 10, 12):  # the organ grows from shot to shot, centred at 25
+        mask = np.zeros(shape, bool)
+        mask[25 - size : 25 + size, 25 - size : 25 + size, 25 - size : 25 + size] = True
+        maps.append(_position_map(shape))
+        masks.append(mask)
+    edges = [shot_queries(m, k) for m, k in zip(maps, masks)]
+    alpha = calibrate_alpha(edges, maps, masks, target=0.99)
+    assert alpha > 1.0
+    for held in range(3):
+        others = [e for i, e in enumerate(edges) if i != held]
+        box, _ = predict_box(others, maps[held])
+        assert box_recall(masks[held], enlarge_box(box, alpha, shape)) >= 0.99
