@@ -71,3 +71,51 @@ def embedding_overlay_png(
     fig.suptitle(title or "APE map: channels 1-3 as red, green, blue")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _canonical_box(box: np.ndarray, orientation, shape: tuple[int, int, int]) -> np.ndarray:
+    """A box ``(2, 3)`` in the input's voxel indices -> the same box in canonical (LPS) indices."""
+    corners = box[:, list(orientation.perm)].copy()
+    canon_shape = np.array([shape[p] for p in orientation.perm])
+    for axis, flipped in enumerate(orientation.flip):
+        if flipped:
+            corners[:, axis] = canon_shape[axis] - 1 - corners[::-1, axis]
+    return corners
+
+
+def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title: str = "", window=(-200, 300)) -> Path:
+    """PNG: CT in axial, coronal, sagittal planes through the image centre with every organ's predicted box
+    (dashed) and enlarged crop box (solid), one colour per organ. ``boxes`` as from ``predict_organ_boxes``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    canon, orientation = to_canonical(ct)
+    shape = canon.shape
+    centre = tuple(s // 2 for s in shape)
+    gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(boxes), 1)))
+    # (column axis, row axis, rows reversed?) of each displayed plane, as in _planes
+    layout = [(0, 1, False), (0, 2, True), (1, 2, True)]
+    for ax, plane, aspect, (col, row, flip_rows), name in zip(
+        axes, _planes(gray, centre), _aspects(canon.spacing), layout, ["axial", "coronal", "sagittal"]
+    ):
+        ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        for colour, (organ, entry) in zip(colours, boxes.items()):
+            for key, style in (("box_voxels", "--"), ("enlarged_box_voxels", "-")):
+                b = _canonical_box(np.asarray(entry[key]), orientation, ct.shape)
+                r0, r1 = b[0, row], b[1, row]
+                if flip_rows:
+                    r0, r1 = shape[row] - 1 - r1, shape[row] - 1 - r0
+                ax.add_patch(Rectangle((b[0, col] - 0.5, r0 - 0.5), b[1, col] - b[0, col] + 1, r1 - r0 + 1,
+                                       fill=False, ec=colour, ls=style, lw=1.2, label=organ if style == "-" else None))
+        ax.set_title(name)
+        ax.axis("off")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    fig.suptitle(title or "organ boxes: dashed = retrieved, solid = enlarged crop")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, path)

@@ -1,0 +1,99 @@
+"""Labeled cases for localization: image + label map + organ names, from an nnU-Net raw dataset or two folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ape.errors import InputError
+from nnunet_ape.inputs import find_nnunet_raw_dataset, nnunet_images
+from nnunet_ape.io import Volume, list_images, output_name, read_volume
+
+
+@dataclass(frozen=True)
+class LabeledCase:
+    """One labeled CT: ``labels`` maps organ name -> label value in ``label``'s map."""
+
+    name: str
+    image: Path
+    label: Path
+    labels: dict[str, int]
+
+
+def read_label_names(path: Path) -> dict[str, int]:
+    """Organ name -> label value from a dataset.json (``labels``), ``{"name": value}`` or ``{"value": "name"}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: not a readable JSON file ({type(error).__name__})") from None
+    data = data.get("labels", data)
+    if all(isinstance(v, str) for v in data.values()):
+        return {name: int(value) for value, name in data.items()}
+    return {name: int(value) for name, value in data.items() if not isinstance(value, (list, dict))}
+
+
+def cases_from_nnunet(spec: str) -> list[LabeledCase]:
+    """The training cases (``imagesTr``/``labelsTr``) of an nnU-Net raw dataset (folder, name or id)."""
+    dataset = find_nnunet_raw_dataset(spec)
+    if dataset is None:
+        raise InputError(f"{spec}: not an nnU-Net raw dataset (no imagesTr); give its folder, name or id")
+    labels = read_label_names(dataset / "dataset.json")
+    ending = json.loads((dataset / "dataset.json").read_text()).get("file_ending", ".nii.gz")
+    images = [p for p in nnunet_images(dataset) if p.parent.name == "imagesTr"]
+    cases = []
+    for image in images:
+        label = dataset / "labelsTr" / f"{output_name(image)}{ending}"
+        if not label.exists():
+            raise InputError(f"{image}: no label file {label}")
+        cases.append(LabeledCase(output_name(image), image, label, labels))
+    if not cases:
+        raise InputError(f"{dataset}: no labeled training cases")
+    return cases
+
+
+def cases_from_folders(images: Path, labels: Path, names: dict[str, int] | None = None) -> list[LabeledCase]:
+    """Pair ``images/CASE[_0000].ext`` with ``labels/CASE.ext``; organs named by ``names`` or by label value."""
+    found = {output_name(p): p for p in list_images(labels)}
+    cases = []
+    for image in list_images(images):
+        name = output_name(image)
+        if name not in found:
+            raise InputError(f"{image}: no label file for case '{name}' in {labels}")
+        cases.append(LabeledCase(name, image, found[name], names or {}))
+    if not cases:
+        raise InputError(f"{images}: no images")
+    return cases
+
+
+def resolve_organs(requested: list[str] | None, labels: dict[str, int]) -> dict[str, int]:
+    """Organ name -> value for the requested organs (names, or label values when unnamed); all named ones if None."""
+    if not requested:
+        chosen = {k: v for k, v in labels.items() if v != 0}
+        if not chosen:
+            raise InputError("no organ names known; pass --organs with label values or --label-names")
+        return chosen
+    out = {}
+    by_value = {str(v): k for k, v in labels.items()}
+    for organ in requested:
+        if organ in labels:
+            out[organ] = labels[organ]
+        elif organ in by_value:
+            out[by_value[organ]] = int(organ)
+        elif organ.isdigit() and not labels:
+            out[organ] = int(organ)
+        else:
+            known = ", ".join(sorted(k for k, v in labels.items() if v)) or "none"
+            raise InputError(f"unknown organ '{organ}'; known organs: {known}")
+    return out
+
+
+def read_case(case: LabeledCase, min_size: int = 8) -> tuple[Volume, np.ndarray]:
+    """CT and label array of a case; the label map must share the CT's grid."""
+    ct = read_volume(case.image, min_size=min_size)
+    label = read_volume(case.label, check_finite=False)
+    if not ct.same_geometry(label, atol=1e-3):
+        raise InputError(f"{case.label}: label map does not share the grid of {case.image} (size, spacing, origin, direction)")
+    return ct, np.asarray(label.array).astype(np.int64)
