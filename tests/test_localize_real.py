@@ -1,0 +1,112 @@
+"""Few-shot localization end to end on real CT: fit on patient A, predict on B, and the reverse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, patient
+from nnunet_ape.io import read_volume, write_volume
+from nnunet_ape.localize.boxes import box_iou, mask_box
+from nnunet_ape.localize.cases import read_label_names
+
+SHARED_ORGANS = ["liver", "spleen", "stomach", "pancreas", "aorta", "inferior_vena_cava"]  # labeled in both A and B
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnunet_ape", *args], capture_output=True, text=True)
+
+
+def _labeled_folder(tmp_path: Path, key: str, extra: dict[str, Path] | None = None) -> tuple[Path, Path, Path]:
+    """images/ and labels/ folders holding patient ``key`` (and ``extra`` cases), plus its label-name file."""
+    letter = key.lower()
+    seg = {"a": "ts_a_abdomen_pelvis_seg.nii.gz", "b": "ts_b_upper_abdomen_seg.nii.gz"}[letter]
+    images, labels = tmp_path / f"images_{letter}", tmp_path / f"labels_{letter}"
+    images.mkdir()
+    labels.mkdir()
+    (images / f"case_{letter}_0000.nii.gz").symlink_to(patient(key))
+    (labels / f"case_{letter}.nii.gz").symlink_to(DATA / seg)
+    for name, (image, label) in (extra or {}).items():
+        (images / f"{name}_0000.nii.gz").symlink_to(image)
+        (labels / f"{name}.nii.gz").symlink_to(label)
+    return images, labels, DATA / f"ts_{letter}_labels.json"
+
+
+def _true_box(key: str, organ: str) -> np.ndarray:
+    letter = key.lower()
+    seg = read_volume(DATA / {"a": "ts_a_abdomen_pelvis_seg.nii.gz", "b": "ts_b_upper_abdomen_seg.nii.gz"}[letter])
+    return mask_box(seg.array == read_label_names(DATA / f"ts_{letter}_labels.json")[organ])
+
+
+@pytest.mark.parametrize("train, test", [("A", "B"), ("B", "A")])
+def test_fit_on_one_patient_predict_on_the_other(pretrained_run, tmp_path, train, test):
+    images, labels, names = _labeled_folder(tmp_path, train)
+    localizer = tmp_path / "localizer.json"
+    model = str(pretrained_run / "checkpoint_final.pt")
+    fit = _cli("localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--label-names", str(names),
+               "--organs", *SHARED_ORGANS, "--shots", "1", "-o", str(localizer), "--device", "cpu")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    content = json.loads(localizer.read_text())
+    assert set(content["organs"]) == set(SHARED_ORGANS) and len(content["ape_sha256"]) == 64
+    assert all(len(o["shots"][0]["edge_embeddings"]) == 6 for o in content["organs"].values())
+    out = tmp_path / "boxes"
+    pred = _cli("localize", "predict", "-l", str(localizer), "-i", str(patient(test)), "-o", str(out), "--png", "--device", "cpu")
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    result = json.loads(next(out.glob("*_boxes.json")).read_text())
+    volume = read_volume(patient(test))
+    shape = np.array(volume.shape)
+    ious = {}
+    for organ in SHARED_ORGANS:
+        entry = result["organs"][organ]
+        box, big = np.array(entry["box_voxels"]), np.array(entry["enlarged_box_voxels"])
+        assert np.all(box[0] <= box[1]) and np.all(box[0] >= 0) and np.all(box[1] <= shape - 1)
+        assert np.all(big[0] <= box[0] + 1e-6) and np.all(big[1] >= box[1] - 1e-6)  # enlarged box contains the box
+        assert np.all(big[0] >= 0) and np.all(big[1] <= shape - 1)  # clipped to the image
+        assert np.allclose(volume.index_to_physical(box), [entry["box"]["lo_corner_mm"], entry["box"]["hi_corner_mm"]], atol=0.01)
+        ious[organ] = box_iou(box, _true_box(test, organ))
+    print(f"fit {train} -> predict {test}, IoU per organ: " + ", ".join(f"{k} {v:.2f}" for k, v in ious.items()))
+    assert next(out.glob("*_boxes.png")).stat().st_size > 20_000
+
+
+def test_two_shots_calibrate_alpha_leave_one_out(pretrained_run, tmp_path):
+    ct, seg = read_volume(patient("A")), read_volume(DATA / "ts_a_abdomen_pelvis_seg.nii.gz")
+    # second shot: patient A with the lowest 20 slices cut off (another field of view), geometry kept
+    cut = (slice(None), slice(None), slice(20, None))
+    origin = ct.index_to_physical(np.array([0, 0, 20]))
+    crop_ct = type(ct)(ct.array[cut], ct.spacing, tuple(origin), ct.direction)
+    crop_seg = type(seg)(seg.array[cut], seg.spacing, tuple(origin), seg.direction)
+    extra = {"case_a_cut": (write_volume(crop_ct, tmp_path / "cut_ct.nii.gz"), write_volume(crop_seg, tmp_path / "cut_seg.nii.gz"))}
+    images, labels, names = _labeled_folder(tmp_path, "A", extra)
+    localizer = tmp_path / "loc.json"
+    fit = _cli("localize", "fit", "-m", str(pretrained_run / "checkpoint_final.pt"), "--images", str(images), "--labels",
+               str(labels), "--label-names", str(names), "--organs", "liver", "spleen", "--shots", "2", "-o", str(localizer),
+               "--device", "cpu", "--combine", "median")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    content = json.loads(localizer.read_text())
+    for organ in ("liver", "spleen"):
+        assert len(content["organs"][organ]["shots"]) == 2
+        assert 0 < content["organs"][organ]["alpha"] <= 20  # found by leave-one-shot-out, not the 1-shot default
+        assert content["organs"][organ]["alpha"] != 1.5
+
+
+def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path):
+    model = str(pretrained_run / "checkpoint_final.pt")
+    images, labels, names = _labeled_folder(tmp_path, "B")
+    base = ["localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--label-names", str(names),
+            "--shots", "1", "--device", "cpu"]
+    unknown = _cli(*base, "--organs", "liver", "unicorn_gland", "-o", str(tmp_path / "u.json"))
+    assert unknown.returncode == 2 and "unknown organ 'unicorn_gland'" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    missing = _cli(*base, "--organs", "liver", "kidney_left", "-o", str(tmp_path / "m.json"))  # B shows no kidneys
+    assert missing.returncode == 2 and "kidney_left" in missing.stderr and "missing" in missing.stderr
+    assert not (tmp_path / "u.json").exists() and not (tmp_path / "m.json").exists()
+    ok = _cli(*base, "--organs", "liver", "-o", str(tmp_path / "ok.json"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = _cli("localize", "predict", "-l", str(tmp_path / "ok.json"), "-i", str(patient("A")), "-o", str(tmp_path / "p"),
+               "--organs", "spleen", "--device", "cpu")
+    assert bad.returncode == 2 and "unknown organ 'spleen'" in bad.stderr and not (tmp_path / "p").exists()
