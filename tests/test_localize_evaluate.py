@@ -1,0 +1,84 @@
+"""The evaluation protocol: known answers on perfect position maps, and the command on phantoms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nnunet_ape.io import Volume
+from nnunet_ape.localize.evaluate import PreparedCase, body_box, evaluate_organ, markdown_tables
+
+
+def _case(name: str, organ_lo: tuple[int, int, int], body_shift: int = 0) -> PreparedCase:
+    """A 40^3 case whose APE map is each voxel's true position (a perfect model); organ value 1 is a 5x7x5 block (integer centre)."""
+    shape = (40, 40, 40)
+    ct = Volume(np.full(shape, -1000, np.int16), (2.0, 2.0, 2.0))
+    ct.array[5 + body_shift : 35 + body_shift, 5:35, 5:35] = 40
+    label = np.zeros(shape, np.int64)
+    x, y, z = organ_lo
+    label[x : x + 5, y : y + 7, z : z + 5] = 1
+    embedding = (np.indices(shape).transpose(1, 2, 3, 0) * 2.0).astype(np.float32)  # mm
+    return PreparedCase(name, ct, embedding, label, body_box(ct.array))
+
+
+def test_perfect_maps_give_zero_error_full_iou_and_no_enlargement():
+    cases = [_case(f"c{i}", (10 + i, 12, 14 + i)) for i in range(4)]
+    result = evaluate_organ(cases, value=1, shots=2)
+    assert result["evaluated"] == 4 and result["folds"] == 2  # 2 folds x 2 test cases
+    # the map says where each voxel is, but shots and tests differ in where the organ is: retrieval finds the
+    # shot's centre voxel (rounded centre of mass) at the same place in the test image, so the error is the
+    # distance from there to the test organ's true centre of mass
+    def centre(i):
+        return np.array([10 + i + 2.0, 12 + 3.0, 14 + i + 2.0])
+
+    errors = [np.linalg.norm((np.round(centre(i)) - centre(j)) * 2.0) for i in range(4) for j in range(4) if i // 2 != j // 2]
+    assert result["mre_c"][0] == pytest.approx(np.mean(errors), abs=1e-6)
+    assert 0 < result["iou_ape"] < 1
+
+
+def test_identical_cases_are_localized_exactly():
+    cases = [_case(f"c{i}", (10, 12, 14)) for i in range(3)]
+    result = evaluate_organ(cases, value=1, shots=1)
+    assert result["mre_c"] == [0.0, 0.0] and result["mre_ep"] == [0.0, 0.0]
+    assert result["iou_ape"] == 1.0 and result["iou_body_box"] == 1.0
+    assert result["recall_calibrated"] == 1.0
+
+
+def test_body_box_baseline_follows_the_body_and_ape_follows_the_anatomy():
+    # the organ sits at a fixed place in the image, but the body moves: the baseline moves with the body and misses
+    cases = [_case(f"c{i}", (15, 15, 15), body_shift=(0, 3, -3, 2)[i]) for i in range(4)]
+    result = evaluate_organ(cases, value=1, shots=1)
+    assert result["iou_ape"] == 1.0
+    assert result["iou_body_box"] < 0.9
+    assert result["vr99_ape"] >= result["vr99_body_box"]
+
+
+def test_organs_missing_from_cases_are_left_out_and_reported():
+    cases = [_case(f"c{i}", (10, 12, 14)) for i in range(3)]
+    cases[1].label[:] = 0
+    result = evaluate_organ(cases, value=1, shots=1)
+    assert result["cases"] == 2 and result["evaluated"] == 2  # 2 folds of 1 shot, each tested on the other case
+    table = markdown_tables({"organs": {"thing": result, "absent": evaluate_organ(cases, 7, 1)}, "mean": {},
+                             "settings": {"shots": 1, "cases": 3, "target_recall": 0.99}})
+    assert "| thing | 2 |" in table and "too few cases" in table
+
+
+def test_evaluate_command_on_phantoms(pretrained_run, tmp_path):
+    from nnunet_ape.cli import main
+    from nnunet_ape.phantoms import write_cohort
+
+    write_cohort(tmp_path / "cohort", 4, seed=3)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "localization", "-m", str(pretrained_run / "checkpoint_final.pt"), "-d", str(tmp_path / "cohort"),
+                 "--organs", "liver", "aorta", "spine", "--shots", "2", "-o", str(out), "--device", "cpu"])
+    assert code == 0
+    result = json.loads((out / "localization.json").read_text())
+    assert set(result["organs"]) == {"liver", "aorta", "spine"}
+    spine = result["organs"]["spine"]  # the spine is in every phantom
+    assert spine["evaluated"] == 4
+    for key in ("mre_c", "mre_ep", "iou_ape", "iou_body_box", "vr99_ape", "vr99_body_box"):
+        assert key in spine
+    assert 0 <= spine["iou_ape"] <= 1 and spine["vr99_ape"] >= 1
+    assert "IoU body box" in (out / "localization.md").read_text()
