@@ -65,13 +65,18 @@ def test_alpha_for_recall_by_hand():
 
 def test_nearest_voxels_is_exact_and_chunk_independent():
     rng = np.random.default_rng(0)
-    embedding = rng.normal(size=(17, 13, 11, 3)).astype(np.float32)
+    embedding = rng.normal(size=(37, 23, 11, 3)).astype(np.float32)  # not divisible by the block sizes
     queries = rng.normal(size=(25, 3))
     flat = embedding.reshape(-1, 3)
     brute = np.argmin(((flat[:, None, :] - queries[None]) ** 2).sum(-1), axis=0)
     expected = np.stack(np.unravel_index(brute, embedding.shape[:3]), axis=1)
-    for chunk in (7, 100, 1 << 20):
-        assert np.array_equal(nearest_voxels(queries, embedding, chunk=chunk), expected)
+    for block in (1, 4, 8, 16):  # from no pruning to blocks larger than the map along z (padding)
+        assert np.array_equal(nearest_voxels(queries, embedding, block=block), expected)
+    smooth = np.indices((37, 23, 11)).transpose(1, 2, 3, 0).astype(np.float32) * 0.5  # like a real APE map
+    flat = smooth.reshape(-1, 3)
+    queries = flat[rng.integers(0, len(flat), 10)] + rng.normal(0, 0.1, (10, 3))
+    brute = np.argmin(((flat[:, None, :] - queries[None]) ** 2).sum(-1), axis=0)
+    assert np.array_equal(nearest_voxels(queries, smooth), np.stack(np.unravel_index(brute, smooth.shape[:3]), axis=1))
 
 
 def test_perfect_map_retrieves_exact_boxes_and_radial_errors_are_zero():

@@ -8,29 +8,51 @@ import torch
 from nnunet_ape.io import Volume
 
 
+BLOCK = 8  # voxels per block side for the bounds of the pruned search
+
+
 @torch.no_grad()
-def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, chunk: int = 1 << 21) -> np.ndarray:
+def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, block: int = BLOCK) -> np.ndarray:
     """Exact nearest-embedding search.
 
     queries: ``(Q, C)`` embeddings; embedding: map ``(X, Y, Z, C)``. Returns voxel indices ``(Q, 3)`` (x, y, z)
-    of the voxel whose embedding is nearest to each query (ties: the first in memory order). The map is scanned in
-    chunks of ``chunk`` voxels with one matrix product each (``|m|^2 - 2 m.q``), so memory stays
-    ``chunk * Q`` floats whatever the map size.
+    of the voxel whose embedding is nearest to each query.
+
+    Branch and bound, exact because the bounds are: the map is cut into blocks of ``block``^3 voxels and the
+    bounding box (in embedding space) of each block's values is kept. For a query, no voxel of a block can be
+    nearer than the distance to the block's box (lower bound), and some voxel of every block is within the
+    distance to the box's farthest corner (upper bound); only blocks whose lower bound does not exceed the
+    smallest upper bound are searched voxel by voxel. APE maps are smooth, so few blocks remain.
     """
     shape = embedding.shape[:3]
-    flat = torch.from_numpy(np.ascontiguousarray(embedding).reshape(-1, embedding.shape[-1]))
-    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32)
-    best = torch.full((len(q),), float("inf"))
-    best_index = torch.zeros(len(q), dtype=torch.long)
-    for start in range(0, len(flat), chunk):
-        block = flat[start : start + chunk].float()
-        # |m - q|^2 without |q|^2, which is the same for every voxel of a query
-        score = (block * block).sum(1, keepdim=True) - 2.0 * block @ q.T
-        value, index = score.min(0)
-        better = value < best
-        best = torch.where(better, value, best)
-        best_index = torch.where(better, index + start, best_index)
-    return np.stack(np.unravel_index(best_index.numpy(), shape), axis=1)
+    channels = embedding.shape[-1]
+    pad = [(0, (-n) % block) for n in shape] + [(0, 0)]
+    # edge padding repeats real values: boxes stay the same, and a padding voxel found nearest is replaced by its
+    # real twin (clamping the index), which has the same embedding
+    padded = torch.from_numpy(np.pad(np.asarray(embedding, dtype=np.float32), pad, mode="edge"))
+    nb = [n // block for n in padded.shape[:3]]
+    blocks = (
+        padded.view(nb[0], block, nb[1], block, nb[2], block, channels)
+        .permute(0, 2, 4, 1, 3, 5, 6)
+        .reshape(-1, block**3, channels)
+    )
+    del padded
+    low, high = blocks.amin(1), blocks.amax(1)  # (B, C) box of each block's values
+    found = np.zeros((len(queries), 3), dtype=np.int64)
+    for i, q in enumerate(torch.as_tensor(np.asarray(queries), dtype=torch.float32)):
+        nearest_in_box = torch.maximum(torch.minimum(q, high), low)
+        lower = (nearest_in_box - q).pow(2).sum(1)
+        farthest = torch.maximum((q - low).abs(), (high - q).abs())
+        upper = farthest.pow(2).sum(1).min()
+        candidates = torch.nonzero(lower <= upper).squeeze(1)
+        distances = (blocks[candidates] - q).pow(2).sum(2)  # (K, block^3)
+        flat = int(torch.argmin(distances))
+        b, offset = int(candidates[flat // block**3]), flat % block**3
+        bx, by, bz = np.unravel_index(b, nb)
+        ox, oy, oz = np.unravel_index(offset, (block, block, block))
+        found[i] = (bx * block + ox, by * block + oy, bz * block + oz)
+    return np.minimum(found, np.asarray(shape) - 1)
+
 
 
 def retrieve(queries: np.ndarray, embedding: Volume) -> tuple[np.ndarray, np.ndarray]:
