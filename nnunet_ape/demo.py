@@ -82,7 +82,7 @@ def _report(out: Path, run: Path, state: dict, r2: float, embed_seconds: float, 
             f"- held-out phantom: {shape[0]}x{shape[1]}x{shape[2]} voxels, {n_labels} organ labels; embedded in {embed_seconds:.2f} s",
             f"- position encoded by the map: R^2 = {r2:.3f} of a linear fit embedding -> position (mm) over the body",
             "  (1 = position is an affine function of the embedding; 0 = no information)",
-            f"- files: `heldout_ape.nii.gz` (3-channel map in the phantom's geometry), `heldout_ape.png` (overlay), `ape/checkpoint_final.pt`",
+            "- files: `heldout_ape.nii.gz` (3-channel map in the phantom's geometry), `heldout_ape.png` (overlay), `ape/checkpoint_final.pt`",
             f"- total time {seconds / 60:.1f} min",
             "",
         ]

@@ -12,7 +12,11 @@ from nnunet_ape.cli import build_parser, main
 from nnunet_ape.demo import run_demo
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["pretrain"], ["pretrain", "ape"], ["embed"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["demo"], ["pretrain"], ["pretrain", "ape"], ["embed"], ["localize"], ["localize", "fit"], ["localize", "predict"],
+     ["evaluate"], ["evaluate", "localization"]],
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([*command, "--help"])

@@ -7,7 +7,7 @@ unit std per channel by construction (over the training batches).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,45 @@
+"""Argument helpers shared by the ``nnunet-ape`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nnunet_ape.errors import InputError
+
+
+def triple(kind):
+    """argparse type for three numbers written ``a,b,c`` or ``axbxc``."""
+
+    def parse(text: str):
+        parts = text.replace("x", ",").split(",")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected three numbers like 1.5,1.5,2.25, got {text!r}")
+        return tuple(kind(p) for p in parts)
+
+    return parse
+
+
+def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> None:
+    """Options naming labeled cases (nnU-Net dataset or image/label folders), organs, shots and box settings."""
+    parser.add_argument("-m", "--model", required=True, type=Path, help="APE checkpoint")
+    parser.add_argument("-d", "--dataset", help="nnU-Net raw dataset (folder, name or id): imagesTr + labelsTr + dataset.json")
+    parser.add_argument("--images", type=Path, help="folder of CTs (instead of -d)")
+    parser.add_argument("--labels", type=Path, help="folder of label maps named like the CTs (with --images)")
+    parser.add_argument("--label-names", type=Path, help="JSON naming the label values ({name: value} or {value: name}), with --images")
+    parser.add_argument("--organs", nargs="+", help="organ names (or label values); default: every labeled organ")
+    parser.add_argument("--shots", type=int, default=5, help=shots_help)
+    parser.add_argument("--target-recall", type=float, default=0.99, help="fraction of each organ the enlarged box must keep")
+    parser.add_argument("--combine", choices=("mean", "median"), default="mean", help="combine per-shot boxes: mean (paper) or median (robust)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def labeled_cases(args):
+    """The labeled cases named by ``add_labeled_case_args`` options; InputError when none are named."""
+    from nnunet_ape.localize.cases import cases_from_folders, cases_from_nnunet, read_label_names
+
+    if args.dataset:
+        return cases_from_nnunet(args.dataset)
+    if args.images and args.labels:
+        return cases_from_folders(args.images, args.labels, read_label_names(args.label_names) if args.label_names else None)
+    raise InputError("give the labeled cases with -d DATASET or with --images DIR --labels DIR")

@@ -1,0 +1,88 @@
+"""``nnunet-ape localize fit`` / ``predict``: few-shot organ boxes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nnunet_ape.cli_common import add_labeled_case_args, labeled_cases
+from nnunet_ape.errors import InputError
+
+
+def add_parser(sub) -> None:
+    loc = sub.add_parser("localize", help="few-shot organ boxes from APE maps (fit, predict)",
+                         description="Few-shot organ localization: fit a localizer on K labeled cases, predict boxes.")
+    loc_sub = loc.add_subparsers(dest="localize_command", required=True, metavar="STEP")
+    fit = loc_sub.add_parser(
+        "fit",
+        help="fit a localizer on K labeled cases",
+        description="Embed K labeled cases, take the 6 edge points of each organ's mask as queries (the paper's method) "
+        "and calibrate each organ's box enlargement by leave-one-shot-out so that the crop keeps --target-recall of the "
+        "organ. Writes a human-readable JSON localizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_labeled_case_args(fit, "K: number of labeled cases used (the first K)")
+    fit.add_argument("-o", "--output", required=True, type=Path, help="localizer JSON to write")
+    fit.set_defaults(func=_run_localize_fit)
+    pred = loc_sub.add_parser(
+        "predict",
+        help="predict organ boxes with a localizer",
+        description="Embed each CT and write CASE_boxes.json: per organ the retrieved box and the enlarged crop box, "
+        "in voxel indices (x, y, z of the input file) and in mm (LPS).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pred.add_argument("-l", "--localizer", required=True, type=Path, help="JSON written by 'localize fit'")
+    pred.add_argument("-i", "--input", required=True, help="CT file, DICOM folder, folder of CTs, list file or nnU-Net raw dataset")
+    pred.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    pred.add_argument("-m", "--model", type=Path, help="APE checkpoint, if it moved since fitting")
+    pred.add_argument("--organs", nargs="+", help="subset of the localizer's organs")
+    pred.add_argument("--png", action="store_true", help="also write CASE_boxes.png with the boxes drawn on the CT")
+    pred.add_argument("--device", default="auto")
+    pred.set_defaults(func=_run_localize_predict)
+
+
+def _run_localize_fit(args) -> None:
+    from nnunet_ape.distributed import resolve_device
+    from nnunet_ape.localize.cases import resolve_organs
+    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+
+    cases = labeled_cases(args)
+    if args.shots < 1:
+        raise InputError(f"--shots {args.shots}: at least one labeled case is needed")
+    if len(cases) < args.shots:
+        raise InputError(f"--shots {args.shots}: only {len(cases)} labeled cases available")
+    if not 0 < args.target_recall <= 1:
+        raise InputError(f"--target-recall {args.target_recall}: must be in (0, 1]")
+    organs = resolve_organs(args.organs, cases[0].labels)
+    localizer = fit_localizer(cases[: args.shots], organs, args.model, str(resolve_device(args.device)), args.target_recall, args.combine)
+    save_localizer(localizer, args.output)
+    alphas = ", ".join(f"{o} {e['alpha']:.2f}" for o, e in localizer["organs"].items())
+    print(f"localizer for {len(organs)} organ(s) from {args.shots} shot(s) -> {args.output}; alpha: {alphas}")
+
+
+def _run_localize_predict(args) -> None:
+    import json
+
+    from nnunet_ape.atomic import atomic_path
+    from nnunet_ape.distributed import resolve_device
+    from nnunet_ape.inputs import resolve_images
+    from nnunet_ape.io import output_name, read_volume
+    from nnunet_ape.localize.localizer import load_localizer, localize_volume
+    from nnunet_ape.plots import boxes_png
+
+    localizer, checkpoint = load_localizer(args.localizer, args.model)
+    unknown = [o for o in args.organs or [] if o not in localizer["organs"]]
+    if unknown:
+        raise InputError(f"unknown organ '{unknown[0]}'; this localizer knows: {', '.join(localizer['organs'])}")
+    images = resolve_images(args.input)
+    device = str(resolve_device(args.device))
+    for image in images:
+        ct = read_volume(image, min_size=8)
+        boxes, _ = localize_volume(localizer, checkpoint, ct, device, args.organs)
+        name = output_name(image)
+        result = {"image": str(image), "shape": list(ct.shape), "spacing": list(ct.spacing), "organs": boxes}
+        with atomic_path(args.output / f"{name}_boxes.json") as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=1))
+        if args.png:
+            boxes_png(ct, boxes, args.output / f"{name}_boxes.png", title=f"{image.name}: organ boxes")
+        print(f"{image} -> {args.output / (name + '_boxes.json')}")
