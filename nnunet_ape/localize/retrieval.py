@@ -20,9 +20,9 @@ def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, block: int = BLOC
 
     Branch and bound, exact because the bounds are: the map is cut into blocks of ``block``^3 voxels and the
     bounding box (in embedding space) of each block's values is kept. For a query, no voxel of a block can be
-    nearer than the distance to the block's box (lower bound), and some voxel of every block is within the
-    distance to the box's farthest corner (upper bound); only blocks whose lower bound does not exceed the
-    smallest upper bound are searched voxel by voxel. APE maps are smooth, so few blocks remain.
+    nearer than the distance to the block's box (lower bound); the nearest voxel of the few blocks with the
+    smallest lower bounds gives an upper bound; only blocks whose lower bound does not exceed it are searched
+    voxel by voxel. APE maps are smooth, so few blocks remain.
     """
     shape = embedding.shape[:3]
     channels = embedding.shape[-1]
@@ -42,8 +42,9 @@ def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, block: int = BLOC
     for i, q in enumerate(torch.as_tensor(np.asarray(queries), dtype=torch.float32)):
         nearest_in_box = torch.maximum(torch.minimum(q, high), low)
         lower = (nearest_in_box - q).pow(2).sum(1)
-        farthest = torch.maximum((q - low).abs(), (high - q).abs())
-        upper = farthest.pow(2).sum(1).min()
+        # upper bound: the exact nearest voxel of the most promising blocks (tighter than any box corner)
+        seeds = torch.topk(lower, min(4, len(lower)), largest=False).indices
+        upper = (blocks[seeds] - q).pow(2).sum(2).min()
         candidates = torch.nonzero(lower <= upper).squeeze(1)
         distances = (blocks[candidates] - q).pow(2).sum(2)  # (K, block^3)
         flat = int(torch.argmin(distances))
