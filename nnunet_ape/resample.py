@@ -21,8 +21,7 @@ def lerp_axis(x: torch.Tensor, coords: torch.Tensor, dim: int, fill: float | Non
     weight = (clamped - lo.float()).to(x.dtype)
     shape = [1] * x.ndim
     shape[dim] = -1
-    weight = weight.view(shape)
-    out = x.index_select(dim, lo) * (1 - weight) + x.index_select(dim, hi) * weight
+    out = torch.lerp(x.index_select(dim, lo), x.index_select(dim, hi), weight.view(shape))  # one fused pass
     if fill is not None:
         outside = ((coords < -1e-4) | (coords > n - 1 + 1e-4)).view(shape)
         out = out.masked_fill(outside, fill)
