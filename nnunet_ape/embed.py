@@ -60,7 +60,7 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
 def sliding_window(
     model: nn.Module, image: torch.Tensor, settings: EmbedSettings, device: torch.device, progress: bool = True
 ) -> torch.Tensor:
-    """Run ``model`` over ``image`` ``(1, X, Y, Z)`` (network input) -> map ``(C, X, Y, Z)`` float32 on CPU."""
+    """Run ``model`` over ``image`` ``(1, X, Y, Z)`` (network input) -> map ``(C, X, Y, Z)`` float32 on ``device``."""
     size = image.shape[-3:]
     patch = [min(p, s) for p, s in zip(settings.patch_size, size)]
     weights = gaussian_weights(patch).to(device)
@@ -81,7 +81,7 @@ def sliding_window(
             region = (slice(None), slice(c[0], c[0] + patch[0]), slice(c[1], c[1] + patch[1]), slice(c[2], c[2] + patch[2]))
             out[region] += p * weights
             norm[region[1:]] += weights
-    return (out / norm).cpu()
+    return out / norm
 
 
 def embed_volume(
@@ -97,7 +97,8 @@ def embed_volume(
     device = torch.device(device)
     model = model.to(device).eval()
     canon, orientation = to_canonical(volume)
-    x = normalize_hu(canon.array)[None]
+    # resampling runs where the network runs: on a GPU it would otherwise dominate the time
+    x = normalize_hu(canon.array)[None].to(device)
     x, _ = resample_spacing(x, canon.spacing, settings.spacing)
     embedding = sliding_window(model, x, settings, device, progress)
     # back onto the input grid: canonical indices of input voxels 0, stride, 2*stride, ... along each axis
@@ -106,7 +107,7 @@ def embed_volume(
         taken = torch.arange(0, n, settings.stride, dtype=torch.float32)
         canonical_index = (n - 1 - taken).flip(0) if flipped else taken
         coords.append(canonical_index * s / m)  # model-grid index = canonical index * s_in / s_model
-    array = resample_grid(embedding, coords).permute(1, 2, 3, 0).numpy()
+    array = resample_grid(embedding, coords).permute(1, 2, 3, 0).cpu().numpy()
     array = array.astype(np.float16 if settings.half else np.float32)
     if settings.stride == 1:
         return from_canonical(array, orientation, volume)
