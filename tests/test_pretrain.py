@@ -110,7 +110,7 @@ def test_torchrun_data_parallel_on_cpu_with_gloo(tmp_path):
 
 
 def test_a_non_finite_loss_skips_the_step_and_leaves_the_model_unchanged():
-    from nnunet_ape.pretrain.train_ape import _optimizer_step
+    from nnunet_ape.pretrain.loop import _optimizer_step
 
     model = torch.nn.Linear(3, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)

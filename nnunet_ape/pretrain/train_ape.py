@@ -1,236 +1,64 @@
-"""Self-supervised APE pretraining loop: CPU/CUDA, mixed precision, torchrun DDP, atomic checkpoints, resume."""
+"""APE pretraining: the paper's task (views, positions, distance and equivariance losses) on the shared loop."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch import nn
 
-from nnunet_ape import distributed
-from nnunet_ape.checkpoint import APE_FORMAT, load_checkpoint, save_atomic, unwrap
+from nnunet_ape.checkpoint import APE_FORMAT
 from nnunet_ape.errors import InputError
-from nnunet_ape.models.ape import PRESETS, APEConfig, APENet, count_parameters
+from nnunet_ape.models.ape import PRESETS, APEConfig, APENet
 from nnunet_ape.pretrain.batches import VARIANTS, BatchConfig, PairBatches
-from nnunet_ape.pretrain.cache import prepare_cache
+from nnunet_ape.pretrain.loop import FINAL, LAST, LoopConfig, Task, run_training
 from nnunet_ape.pretrain.loss import ape_loss
-from nnunet_ape.training_log import CsvLog, plot_loss_curve
 
-LAST = "checkpoint_last.pt"
-FINAL = "checkpoint_final.pt"
-LOG_COLUMNS = ["iteration", "loss", "dist", "equiv", "lr", "seconds"]
+__all__ = ["FINAL", "LAST", "PretrainConfig", "ape_task", "pretrain_ape"]
+
 DEFAULT_EMBED_SPACING = (1.5, 1.5, 2.25)  # middle of the training spacing range
 DEFAULT_EMBED_PATCH = (128, 128, 96)
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs besides its images; paper defaults (DESIGN section 2)."""
+class PretrainConfig(LoopConfig):
+    """Everything an APE pretraining run needs besides its images."""
 
     equiv_weight: float = 1.0
-    iterations: int = 150_000
-    lr: float = 3e-4
-    lr_schedule: str = "constant"
-    weight_decay: float = 1e-6
-    grad_clip: float = 1.0
     model: str = "base"
     batch: BatchConfig = field(default_factory=BatchConfig)
-    device: str = "auto"
-    amp: bool = True
-    workers: int = 4
-    checkpoint_every: int = 1000
-    max_minutes: float | None = None
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
 
 
-LR_SCHEDULES = ("constant", "cosine")
+def ape_task(cfg: PretrainConfig) -> Task:
+    """The APE task of ``cfg``: network preset, view-pair batches and the paper's loss."""
 
+    def build(config: dict | None) -> nn.Module:
+        return APENet(APEConfig.from_dict(config) if config else PRESETS[cfg.model])
 
-def learning_rate(cfg: PretrainConfig, iteration: int, minutes: float = 0.0) -> float:
-    """Learning rate for the step after ``iteration`` steps and ``minutes`` of this invocation: constant (the
-    paper), or cosine decay to 0 over the run's budget, whichever of ``iterations`` and ``max_minutes`` ends it
-    first (for short runs, where the last iterations then settle instead of jumping around)."""
-    if cfg.lr_schedule != "cosine":
-        return cfg.lr
-    progress = iteration / max(cfg.iterations, 1)
-    if cfg.max_minutes:
-        progress = max(progress, minutes / cfg.max_minutes)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    def loss(model: nn.Module, batch: dict, device: torch.device):
+        embeddings = model(batch["views"].to(device, non_blocking=True))
+        return ape_loss(
+            embeddings.float(), batch["coords"].to(device), batch["positions"].to(device), cfg.batch.variant, cfg.equiv_weight
+        )
 
-
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-def _checkpoint_state(model, optimizer, scaler, iteration: int, cfg: PretrainConfig) -> dict:
-    return {
-        "format": APE_FORMAT,
-        "model_config": unwrap(model).config.to_dict(),
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "iteration": iteration,
-        "train_config": cfg.to_dict(),
-        "embed": {"spacing": list(DEFAULT_EMBED_SPACING), "patch_size": list(DEFAULT_EMBED_PATCH)},
-    }
-
-
-MAX_SKIPPED_STEPS = 20
-
-
-def _optimizer_step(loss: torch.Tensor | None, model, optimizer, scaler, lr: float, grad_clip: float) -> bool:
-    """One AdamW step at ``lr`` with gradient clipping (and loss scaling for fp16); ``loss`` None (not finite on
-    some rank) skips the step and returns False."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    if loss is None:
-        return False
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return True
-
-
-def check_output_folder(out_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an earlier run unless resuming; refuse to resume a run that is not there."""
-    has_run = (out_dir / LAST).exists()
-    if resume and not has_run:
-        raise InputError(f"{out_dir}: no {LAST} to resume from; drop --resume to start a new run")
-    if not resume and has_run:
-        raise InputError(f"{out_dir}: already holds a pretraining run; pass --resume to continue it or choose a new folder")
+    return Task(
+        name="APE",
+        format=APE_FORMAT,
+        log_columns=["iteration", "loss", "dist", "equiv", "lr", "seconds"],
+        build_model=build,
+        model_config=lambda model: model.config.to_dict(),
+        stream=lambda cached, seed, rank: PairBatches(cached, cfg.batch, seed=seed, rank=rank),
+        loss=loss,
+        extra_state={"embed": {"spacing": list(DEFAULT_EMBED_SPACING), "patch_size": list(DEFAULT_EMBED_PATCH)}},
+    )
 
 
 def pretrain_ape(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume: bool = False) -> Path:
     """Pretrain an APE model on ``images`` (CT files or DICOM folders); returns the final checkpoint path.
-
-    Writes into ``out_dir``: ``cache/`` (canonical foreground-cropped CTs), ``log.csv``, ``loss.png``,
-    ``checkpoint_last.pt`` every ``checkpoint_every`` iterations and ``checkpoint_final.pt`` at the end.
-    Launched by torchrun it trains data-parallel; rank 0 writes the files.
-    """
+    See :func:`nnunet_ape.pretrain.loop.run_training` for what is written."""
     if cfg.batch.variant not in VARIANTS:
         raise InputError(f"--variant {cfg.batch.variant}: unknown; choose one of {', '.join(VARIANTS)}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise InputError(f"--lr-schedule {cfg.lr_schedule}: unknown; choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.model not in PRESETS:
         raise InputError(f"--model {cfg.model}: unknown; choose one of {', '.join(PRESETS)}")
-    out_dir = Path(out_dir)
-    runtime = distributed.setup(cfg.device)
-    try:
-        return _train(images, out_dir, cfg, resume, runtime)
-    finally:
-        distributed.teardown(runtime)
-
-
-def _train(images: list[Path], out_dir: Path, cfg: PretrainConfig, resume: bool, runtime: distributed.Runtime) -> Path:
-    check_output_folder(out_dir, resume)
-    if runtime.is_main:
-        cached = prepare_cache(images, out_dir / "cache")
-    distributed.barrier(runtime)
-    if not runtime.is_main:
-        cached = prepare_cache(images, out_dir / "cache")  # all entries exist now: only reads metadata
-    device = runtime.device
-    torch.manual_seed(cfg.seed + runtime.rank)
-    state = load_checkpoint(out_dir / LAST) if resume else None
-    # a resumed run keeps the architecture it was started with
-    model_config = APEConfig.from_dict(state["model_config"]) if state else PRESETS[cfg.model]
-    model = APENet(model_config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    start = 0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["iteration"])
-    if runtime.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = CsvLog(out_dir / "log.csv", LOG_COLUMNS)
-    if runtime.is_main:
-        log.truncate(start)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    # a resumed run draws new batches instead of replaying the first ones
-    stream = PairBatches(cached, cfg.batch, seed=cfg.seed * 1_000_003 + start, rank=runtime.rank)
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        prefetch_factor=2 if cfg.workers > 0 else None,
-    )
-    if runtime.is_main:
-        print(
-            f"APE pretraining: {len(cached)} CTs, model {model_config.widths} ({count_parameters(model):,} parameters), "
-            f"variant {cfg.batch.variant}, device {device}, {runtime.world_size} process(es), iterations {start}->{cfg.iterations}"
-        )
-    progress = tqdm(total=cfg.iterations, initial=start, desc="pretrain ape", disable=not runtime.is_main, dynamic_ncols=True)
-    began = time.monotonic()
-    iteration, skipped = start, 0
-    model.train()
-    batches = iter(loader)
-    while iteration < cfg.iterations:
-        batch = next(batches)
-        views = batch["views"].to(device, non_blocking=True)
-        with _autocast(device, cfg.amp):
-            embeddings = model(views)
-        loss, parts = ape_loss(
-            embeddings.float(), batch["coords"].to(device), batch["positions"].to(device), cfg.batch.variant, cfg.equiv_weight
-        )
-        lr = learning_rate(cfg, iteration, (time.monotonic() - began) / 60)
-        if runtime.world_size > 1 and cfg.max_minutes:  # clocks differ: every rank takes rank 0's rate
-            lr = distributed.broadcast_float(lr, runtime)
-        finite = distributed.all_ranks_true(bool(torch.isfinite(loss)), runtime)  # ranks skip together or not at all
-        skipped += not _optimizer_step(loss if finite else None, model, optimizer, scaler, lr, cfg.grad_clip)
-        if skipped > MAX_SKIPPED_STEPS:
-            raise RuntimeError(
-                f"loss was not finite in {skipped} steps; lower --lr, or pass --no-amp if this happens with mixed precision"
-            )
-        iteration += 1
-        parts = distributed.mean_across_ranks(parts, runtime)
-        out_of_time = cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes
-        if runtime.world_size > 1:  # every rank must stop at the same iteration
-            flag = torch.tensor([float(out_of_time)], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        if runtime.is_main:
-            log.append({"iteration": iteration, **parts, "lr": lr, "seconds": round(time.monotonic() - began, 3)})
-            progress.update(1)
-            progress.set_postfix(loss=f"{parts['loss']:.4f}")
-            if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or out_of_time:
-                save_atomic(_checkpoint_state(model, optimizer, scaler, iteration, cfg), out_dir / LAST)
-                plot_loss_curve(log, out_dir / "loss.png")
-        if out_of_time:
-            break
-    progress.close()
-    final = out_dir / FINAL
-    if runtime.is_main:
-        state = _checkpoint_state(model, optimizer, scaler, iteration, cfg)
-        del state["optimizer"], state["scaler"]
-        save_atomic(state, final)
-        plot_loss_curve(log, out_dir / "loss.png")
-    distributed.barrier(runtime)
-    return final
+    return run_training(ape_task(cfg), images, out_dir, cfg, resume)
