@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_demo.add_parser(sub)
-    pretrain = sub.add_parser("pretrain", help="self-supervised pretraining (ape)", description="Self-supervised pretraining.")
+    pretrain = sub.add_parser("pretrain", help="self-supervised pretraining (ape, bpr)", description="Self-supervised pretraining.")
     pretrain_sub = pretrain.add_subparsers(dest="model_kind", required=True, metavar="MODEL")
     cli_pretrain.add_parser(pretrain_sub)
     cli_embed.add_parser(sub)

@@ -1,37 +1,23 @@
-"""``nnunet-ape pretrain ape``: self-supervised APE pretraining."""
+"""``nnunet-ape pretrain ape`` and ``pretrain bpr``: self-supervised pretraining on unlabeled CT."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+INPUT_HELP = ("folder of CT files (NIfTI, NRRD, MHA, DICOM folders), a list file (one path per line), "
+              "or an nnU-Net raw dataset (id, name or folder)")
 
 
-def add_parser(sub) -> None:
-    from nnunet_ape.pretrain.batches import VARIANTS
-    from nnunet_ape.models.ape import PRESETS
-
-    p = sub.add_parser(
-        "ape",
-        help="self-supervised APE pretraining on unlabeled CT",
-        description="Pretrain an Anatomical Positional Embedding model on unlabeled CT (labels are ignored). "
-        "Defaults follow the paper: AdamW lr 3e-4, weight decay 1e-6, clipping 1.0, n=8 view pairs, N=8000 voxel "
-        "pairs, 150k iterations. Launch with 'torchrun --nproc_per_node G nnunet-ape pretrain ape ...' for data-parallel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("-i", "--input", required=True, help="folder of CT files (NIfTI, NRRD, MHA, DICOM folders), a list file (one path per line), or an nnU-Net raw dataset (id, name or folder)")
+def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
+    """Options every pretraining loop has (see :class:`nnunet_ape.pretrain.loop.LoopConfig`)."""
+    p.add_argument("-i", "--input", required=True, help=INPUT_HELP)
     p.add_argument("-o", "--output", required=True, type=Path, help="run folder: checkpoints, log.csv, loss.png, cache/")
-    p.add_argument("--variant", choices=VARIANTS, default="equiv", help="naive: single views; aug: pairs of augmented overlapping views; equiv: aug + equivariance loss")
-    p.add_argument("--equiv-weight", type=float, default=1.0, help="lambda of the equivariance loss (variant equiv)")
     p.add_argument("--iterations", type=int, default=150_000, help="total training iterations (batches)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (constant)")
+    p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant", help="constant (the paper) or cosine decay to 0 at --iterations (better for short runs)")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
-    p.add_argument("--pairs", type=int, default=8, help="n: views (naive) or view pairs per batch, all from one CT")
-    p.add_argument("--voxels", type=int, default=8000, help="N: voxels (pairs) per batch, split evenly over the n views")
-    p.add_argument("--patch-volume", type=int, default=96 * 96 * 64, help="voxels per view; the shape is random with aspect ratio <= 2")
-    p.add_argument("--model", choices=sorted(PRESETS), default="base", help="network size: tiny (tests, demo), small, base (real use)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--workers", type=int, default=4, help="background data-loading processes per GPU/process")
@@ -39,7 +25,55 @@ def add_parser(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt (optimizer, iteration count, log)")
+
+
+def _loop_kwargs(args) -> dict:
+    return dict(
+        iterations=args.iterations, lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, device=args.device, amp=not args.no_amp, workers=args.workers,
+        checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed,
+    )
+
+
+def add_parser(sub) -> None:
+    """Register ``ape`` and ``bpr`` under the ``pretrain`` command's subparsers ``sub``."""
+    from nnunet_ape.models.ape import PRESETS
+    from nnunet_ape.models.bpr import TRUNKS
+    from nnunet_ape.pretrain.batches import VARIANTS
+
+    p = sub.add_parser(
+        "ape",
+        help="self-supervised APE pretraining on unlabeled CT",
+        description="Pretrain an Anatomical Positional Embedding model on unlabeled CT (labels are ignored). "
+        "Defaults follow the paper: AdamW lr 3e-4, weight decay 1e-6, clipping 1.0, n=8 view pairs, N=8000 voxel "
+        "pairs, 150k iterations. Launch with 'torchrun --nproc_per_node G -m nnunet_ape pretrain ape ...' for data-parallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_loop_args(p, lr=3e-4)
+    p.add_argument("--variant", choices=VARIANTS, default="equiv", help="naive: single views; aug: pairs of augmented overlapping views; equiv: aug + equivariance loss")
+    p.add_argument("--equiv-weight", type=float, default=1.0, help="lambda of the equivariance loss (variant equiv)")
+    p.add_argument("--pairs", type=int, default=8, help="n: views (naive) or view pairs per batch, all from one CT")
+    p.add_argument("--voxels", type=int, default=8000, help="N: voxels (pairs) per batch, split evenly over the n views")
+    p.add_argument("--patch-volume", type=int, default=96 * 96 * 64, help="voxels per view; the shape is random with aspect ratio <= 2")
+    p.add_argument("--model", choices=sorted(PRESETS), default="base", help="network size: tiny (tests, demo), small, base (real use)")
     p.set_defaults(func=_run_pretrain_ape)
+
+    b = sub.add_parser(
+        "bpr",
+        help="self-supervised Body Part Regression pretraining on unlabeled CT",
+        description="Pretrain a slice scorer whose score rises from feet to head (Yan et al. 2018): m equidistant axial "
+        "slices per CT at a random gap, resampled to 3.5 mm and 128x128 pixels, HU clipped to [-1000, 1500] (as the "
+        "reference implementation bpreg); order and distance losses, and bpreg's heuristic order loss, weighted by flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_loop_args(b, lr=1e-4)
+    b.add_argument("--trunk", choices=sorted(TRUNKS), default="efficientnet", help="2D trunk (timm); vgg16 is the reference's, tiny is ours for tests")
+    b.add_argument("--slices", type=int, default=8, help="m: equidistant slices per CT")
+    b.add_argument("--cts", type=int, default=4, help="CTs per batch")
+    b.add_argument("--order-weight", type=float, default=1.0, help="weight of Yan's order loss")
+    b.add_argument("--distance-weight", type=float, default=1.0, help="weight of Yan's distance loss")
+    b.add_argument("--heuristic-weight", type=float, default=0.0, help="weight of bpreg's heuristic order loss")
+    b.set_defaults(func=_run_pretrain_bpr)
 
 
 def _run_pretrain_ape(args) -> None:
@@ -49,20 +83,22 @@ def _run_pretrain_ape(args) -> None:
 
     images = resolve_images(args.input)
     cfg = PretrainConfig(
+        **_loop_kwargs(args),
         equiv_weight=args.equiv_weight,
-        iterations=args.iterations,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
         model=args.model,
         batch=BatchConfig(variant=args.variant, pairs=args.pairs, voxels=args.voxels, patch_volume=args.patch_volume),
-        device=args.device,
-        amp=not args.no_amp,
-        workers=args.workers,
-        checkpoint_every=args.checkpoint_every,
-        max_minutes=args.max_minutes,
-        seed=args.seed,
     )
     final = pretrain_ape(images, args.output, cfg, resume=args.resume)
+    print(f"model: {final}")
+
+
+def _run_pretrain_bpr(args) -> None:
+    from nnunet_ape.bpr.train_bpr import BPRConfig, pretrain_bpr
+    from nnunet_ape.inputs import resolve_images
+
+    cfg = BPRConfig(
+        **_loop_kwargs(args), trunk=args.trunk, slices=args.slices, cts=args.cts, order_weight=args.order_weight,
+        distance_weight=args.distance_weight, heuristic_weight=args.heuristic_weight,
+    )
+    final = pretrain_bpr(resolve_images(args.input), args.output, cfg, resume=args.resume)
     print(f"model: {final}")

@@ -62,7 +62,7 @@ def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> P
 
     iterations = np.array([int(r["iteration"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
-    for column in [c for c in log.columns if c in ("loss", "dist", "equiv")]:
+    for column in [c for c in log.columns if c not in ("iteration", "lr", "seconds")]:
         values = np.array([float(r[column]) if r.get(column) else np.nan for r in rows])
         if np.all(np.isnan(values)):
             continue

@@ -159,7 +159,7 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
         cached = prepare_cache(images, out_dir / "cache")  # all entries exist now: only reads metadata
     device = runtime.device
     torch.manual_seed(cfg.seed + runtime.rank)
-    state = load_checkpoint(out_dir / LAST) if resume else None
+    state = load_checkpoint(out_dir / LAST, task.format) if resume else None
     # a resumed run keeps the architecture it was started with
     model = task.build_model(state["model_config"] if state else None).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
