@@ -18,7 +18,7 @@ from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
 from nnunet_ape.models.bpr import TRUNKS, BPRNet
 from nnunet_ape.pretrain.cache import CachedCT
-from nnunet_ape.pretrain.loop import LoopConfig, Task, run_training
+from nnunet_ape.pretrain.loop import LoopConfig, Task, autocast, run_training
 
 BPR_FORMAT = "nnunet-ape/bpr-v1"
 
@@ -78,7 +78,9 @@ def bpr_task(cfg: BPRConfig) -> Task:
 
     def loss(model: nn.Module, batch: dict, device: torch.device):
         z = batch["z_mm"].to(device)
-        scores = model(batch["slices"].to(device, non_blocking=True)).float().view(z.shape)
+        with autocast(device, cfg.amp):
+            scores = model(batch["slices"].to(device, non_blocking=True))
+        scores = scores.float().view(z.shape)
         return bpr_loss(scores, z, cfg)
 
     return Task(

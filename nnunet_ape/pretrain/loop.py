@@ -59,6 +59,7 @@ class Task:
     build_model: Callable[[dict | None], nn.Module]
     model_config: Callable[[nn.Module], dict]
     stream: Callable[[list[CachedCT], int, int], IterableDataset]
+    # runs the forward under autocast(device, cfg.amp) and computes the loss itself in float32
     loss: Callable[[nn.Module, dict, torch.device], tuple[torch.Tensor, dict[str, float]]]
     extra_state: dict = field(default_factory=dict)
 
@@ -200,8 +201,7 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
     batches = iter(loader)
     while iteration < cfg.iterations:
         batch = next(batches)
-        with autocast(device, cfg.amp):
-            loss, parts = task.loss(model, batch, device)
+        loss, parts = task.loss(model, batch, device)
         lr = learning_rate(cfg, iteration, (time.monotonic() - began) / 60)
         if runtime.world_size > 1 and cfg.max_minutes:  # clocks differ: every rank takes rank 0's rate
             lr = distributed.broadcast_float(lr, runtime)

@@ -12,7 +12,7 @@ from nnunet_ape.checkpoint import APE_FORMAT
 from nnunet_ape.errors import InputError
 from nnunet_ape.models.ape import PRESETS, APEConfig, APENet
 from nnunet_ape.pretrain.batches import VARIANTS, BatchConfig, PairBatches
-from nnunet_ape.pretrain.loop import FINAL, LAST, LoopConfig, Task, run_training
+from nnunet_ape.pretrain.loop import FINAL, LAST, LoopConfig, Task, autocast, run_training
 from nnunet_ape.pretrain.loss import ape_loss
 
 __all__ = ["FINAL", "LAST", "PretrainConfig", "ape_task", "pretrain_ape"]
@@ -37,7 +37,8 @@ def ape_task(cfg: PretrainConfig) -> Task:
         return APENet(APEConfig.from_dict(config) if config else PRESETS[cfg.model])
 
     def loss(model: nn.Module, batch: dict, device: torch.device):
-        embeddings = model(batch["views"].to(device, non_blocking=True))
+        with autocast(device, cfg.amp):
+            embeddings = model(batch["views"].to(device, non_blocking=True))
         return ape_loss(
             embeddings.float(), batch["coords"].to(device), batch["positions"].to(device), cfg.batch.variant, cfg.equiv_weight
         )
