@@ -67,18 +67,19 @@ def _run_localize_predict(args) -> None:
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.inputs import resolve_images
     from nnunet_ape.io import output_name, read_volume
-    from nnunet_ape.localize.localizer import load_localizer, localize_volume
+    from nnunet_ape.checkpoint import load_ape_model
+    from nnunet_ape.embed_files import MIN_VOXELS
+    from nnunet_ape.localize.localizer import check_organs, load_localizer, localize_volume
     from nnunet_ape.plots import boxes_png
 
     localizer, checkpoint = load_localizer(args.localizer, args.model)
-    unknown = [o for o in args.organs or [] if o not in localizer["organs"]]
-    if unknown:
-        raise InputError(f"unknown organ '{unknown[0]}'; this localizer knows: {', '.join(localizer['organs'])}")
+    check_organs(localizer, args.organs)  # before any work or output
     images = resolve_images(args.input)
     device = str(resolve_device(args.device))
+    model, _ = load_ape_model(checkpoint)
     for image in images:
-        ct = read_volume(image, min_size=8)
-        boxes, _ = localize_volume(localizer, checkpoint, ct, device, args.organs)
+        ct = read_volume(image, min_size=MIN_VOXELS)
+        boxes, _ = localize_volume(localizer, model, ct, device, args.organs)
         name = output_name(image)
         result = {"image": str(image), "shape": list(ct.shape), "spacing": list(ct.spacing), "organs": boxes}
         with atomic_path(args.output / f"{name}_boxes.json") as tmp:

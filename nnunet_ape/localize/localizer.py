@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path
@@ -105,12 +106,18 @@ def _corners_mm(volume: Volume, box: np.ndarray) -> dict:
             "min_mm": corners.min(0).round(2).tolist(), "max_mm": corners.max(0).round(2).tolist()}
 
 
-def predict_organ_boxes(localizer: dict, embedding: Volume, organs: list[str] | None = None) -> dict:
-    """Boxes per organ on a map Volume ``(X, Y, Z, C)``: voxel indices and mm, before and after enlargement."""
+def check_organs(localizer: dict, organs: list[str] | None) -> list[str]:
+    """The requested organs (all of the localizer's when None); InputError naming the first unknown one."""
     names = organs or list(localizer["organs"])
     unknown = [o for o in names if o not in localizer["organs"]]
     if unknown:
         raise InputError(f"unknown organ '{unknown[0]}'; this localizer knows: {', '.join(localizer['organs'])}")
+    return names
+
+
+def predict_organ_boxes(localizer: dict, embedding: Volume, organs: list[str] | None = None) -> dict:
+    """Boxes per organ on a map Volume ``(X, Y, Z, C)``: voxel indices and mm, before and after enlargement."""
+    names = check_organs(localizer, organs)
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]
@@ -129,9 +136,9 @@ def predict_organ_boxes(localizer: dict, embedding: Volume, organs: list[str] | 
     return out
 
 
-def localize_volume(localizer: dict, checkpoint: Path, ct: Volume, device: str = "cpu", organs: list[str] | None = None) -> tuple[dict, Volume]:
-    """Embed a CT with the localizer's APE model and predict its organ boxes; returns (boxes, map)."""
-    model, _ = load_ape_model(checkpoint)
+def localize_volume(localizer: dict, model: nn.Module, ct: Volume, device: str = "cpu", organs: list[str] | None = None) -> tuple[dict, Volume]:
+    """Embed a CT with the localizer's APE ``model`` (from :func:`load_localizer`'s checkpoint) and predict its
+    organ boxes; returns (boxes, map)."""
     settings = EmbedSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in localizer["embed_settings"].items()})
     embedding = embed_volume(model, ct, settings, device=device, progress=False)
     return predict_organ_boxes(localizer, embedding, organs), embedding
