@@ -1,4 +1,5 @@
-"""``nnunet-ape`` command line: ``demo``, ``pretrain ape``, ``embed``, ``localize``, ``evaluate``; each has ``--help``.
+"""``nnunet-ape`` command line: ``demo``, ``pretrain``, ``embed``, ``localize``, ``score``, ``calibrate``, ``evaluate``;
+each has ``--help``.
 
 Each subcommand lives in its own ``cli_*`` module; this one assembles them and turns InputError into a one-line
 message and exit code 2.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_ape import cli_demo, cli_embed, cli_evaluate, cli_localize, cli_pretrain
+from nnunet_ape import cli_demo, cli_embed, cli_evaluate, cli_localize, cli_pretrain, cli_score
 from nnunet_ape.errors import InputError
 
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``nnunet-ape`` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
         prog="nnunet-ape",
-        description="Anatomical Positional Embeddings for nnU-Net v2: pretrain, embed, (soon) localize and segment CT.",
+        description="Anatomical Positional Embeddings for nnU-Net v2: pretrain, embed, localize, score slices (BPR) and segment CT.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_demo.add_parser(sub)
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pretrain.add_parser(pretrain_sub)
     cli_embed.add_parser(sub)
     cli_localize.add_parser(sub)
+    cli_score.add_parser(sub)
     cli_evaluate.add_parser(sub)
     return parser
 

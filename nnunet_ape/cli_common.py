@@ -20,13 +20,18 @@ def triple(kind):
     return parse
 
 
-def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> None:
-    """Options naming labeled cases (nnU-Net dataset or image/label folders), organs, shots and box settings."""
-    parser.add_argument("-m", "--model", required=True, type=Path, help="APE checkpoint")
+def add_case_source_args(parser: argparse.ArgumentParser) -> None:
+    """Options naming labeled cases: an nnU-Net raw dataset, or image and label folders."""
     parser.add_argument("-d", "--dataset", help="nnU-Net raw dataset (folder, name or id): imagesTr + labelsTr + dataset.json")
     parser.add_argument("--images", type=Path, help="folder of CTs (instead of -d)")
     parser.add_argument("--labels", type=Path, help="folder of label maps named like the CTs (with --images)")
     parser.add_argument("--label-names", type=Path, help="JSON naming the label values ({name: value} or {value: name}), with --images")
+
+
+def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> None:
+    """Options naming labeled cases (nnU-Net dataset or image/label folders), organs, shots and box settings."""
+    parser.add_argument("-m", "--model", required=True, type=Path, help="APE checkpoint")
+    add_case_source_args(parser)
     parser.add_argument("--organs", nargs="+", help="organ names (or label values); default: every labeled organ")
     parser.add_argument("--shots", type=int, default=5, help=shots_help)
     parser.add_argument("--target-recall", type=float, default=0.99, help="fraction of each organ the enlarged box must keep")

@@ -17,8 +17,9 @@ from nnunet_ape.plots import embedding_overlay_png
 MIN_VOXELS = 8  # per axis; smaller inputs carry too little anatomy for a positional embedding
 
 
-def check_header(path: Path) -> None:
-    """Cheap pre-flight check of a CT file's header (dimension, size) so a bad file stops the job before any output."""
+def check_header(path: Path, min_size: int = MIN_VOXELS) -> None:
+    """Cheap pre-flight check of a CT file's header (3D, at least ``min_size`` voxels per axis) so a bad file stops
+    the job before any output."""
     if path.is_dir():
         return  # DICOM folders are checked when read
     reader = sitk.ImageFileReader()
@@ -29,8 +30,8 @@ def check_header(path: Path) -> None:
         raise InputError(f"{path}: not a readable image") from None
     if reader.GetDimension() != 3:
         raise InputError(f"{path}: image is {reader.GetDimension()}D, a 3D CT volume is required")
-    if min(reader.GetSize()) < MIN_VOXELS:
-        raise InputError(f"{path}: size {reader.GetSize()} is too small, at least {MIN_VOXELS} voxels per axis are needed")
+    if min(reader.GetSize()) < min_size:
+        raise InputError(f"{path}: size {reader.GetSize()} is too small, at least {min_size} voxels per axis are needed")
 
 
 def output_paths(images: list[Path], out: Path) -> list[Path]:

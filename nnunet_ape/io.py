@@ -99,8 +99,29 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise InputError(f"{folder}: no DICOM series found in this folder; give a CT file or a DICOM series folder")
     if len(series) > 1:
         raise InputError(f"{folder}: holds {len(series)} DICOM series; put each series in its own folder")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
-    return reader.Execute()
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    _check_slice_gaps(reader, len(files), image, folder)
+    return image
+
+
+def _check_slice_gaps(reader: sitk.ImageSeriesReader, n_files: int, image: sitk.Image, folder: Path, tolerance_mm: float = 0.05) -> None:
+    """InputError when a DICOM series' slice positions (ImagePositionPatient along the slice normal) are not evenly
+    spaced: missing slices or mixed series would silently give a wrong z geometry."""
+    if n_files < 3 or image.GetSize()[2] != n_files:
+        return
+    normal = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(n_files):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return
+        positions.append(np.dot([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")], normal))
+    gaps = np.abs(np.diff(np.sort(positions)))
+    if gaps.max() - gaps.min() > tolerance_mm:
+        raise InputError(f"{folder}: uneven slice spacing ({gaps.min():.2f} to {gaps.max():.2f} mm between slices): slices are "
+                         "missing or series are mixed; complete the series or resample it to a regular grid first")
 
 
 def read_volume(path: str | os.PathLike, min_size: int = 1, check_finite: bool = True) -> Volume:

@@ -119,3 +119,44 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
     fig.suptitle(title or "organ boxes: dashed = retrieved, solid = enlarged crop")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, path)
+
+
+def scores_png(ct: Volume, result: dict, path: str | os.PathLike, title: str = "", window=(-1000, 1000)) -> Path:
+    """PNG: the CT's coronal plane (feet at the bottom) beside its slice scores plotted against z on the same
+    vertical axis (mm), raw as dots and cleaned as a line; calibrated landmark scores as dashed lines.
+    ``result`` as from :func:`nnunet_ape.bpr.report.score_volume`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    canon, orientation = to_canonical(ct)
+    gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
+    coronal = np.swapaxes(gray[:, canon.shape[1] // 2, :], 0, 1)[::-1]
+    z = np.asarray(result["z"], dtype=float)
+    raw = np.asarray(result["unprocessed slice scores"], dtype=float)
+    cleaned = np.asarray(result["cleaned slice scores"], dtype=float)
+    width_mm = canon.shape[0] * canon.spacing[0]
+    half = canon.spacing[2] / 2
+    z_lo, z_hi = z.min() - half, z.max() + half
+    # the CT panel gets the width that keeps its mm square on a 5-inch-tall axis
+    ct_inches = float(np.clip(5.0 * width_mm / max(z_hi - z_lo, 1e-6), 1.5, 9.0))
+    fig, (ax_ct, ax_s) = plt.subplots(1, 2, figsize=(ct_inches + 7, 6.2), sharey=True, gridspec_kw={"width_ratios": [ct_inches, 5.5]})
+    ax_ct.imshow(coronal, cmap="gray", vmin=0, vmax=1, extent=(0, width_mm, z_lo, z_hi), aspect="auto", interpolation="nearest")
+    ax_s.set_ylim(z_lo, z_hi)
+    ax_ct.set_xlabel("x (mm, patient right to left)")
+    ax_ct.set_ylabel("z (mm, LPS)")
+    ax_ct.set_title("coronal")
+    ax_s.plot(raw, z, ".", ms=3, color="0.6", label="unprocessed")
+    ax_s.plot(cleaned, z, "-", lw=2, color="tab:blue", label="cleaned")
+    for name, entry in (result.get("look-up table") or {}).items():
+        if np.isfinite(cleaned).any() and np.nanmin(cleaned) <= entry["mean"] <= np.nanmax(cleaned):
+            ax_s.axvline(entry["mean"], ls="--", lw=0.8, color="tab:red")
+            ax_s.text(entry["mean"], z.max(), name, rotation=90, va="top", ha="right", fontsize=7, color="tab:red")
+    ax_s.set_xlabel("slice score" + (" (landmark units)" if result.get("calibrated") else " (raw)"))
+    ax_s.set_title(f"body part examined: {result.get('body part examined tag', 'NONE')}")
+    ax_s.legend(loc="lower right", fontsize=8)
+    ax_s.grid(alpha=0.3)
+    fig.suptitle(title or "BPR slice scores")
+    fig.tight_layout()
+    return save_figure(fig, path)

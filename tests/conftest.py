@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CT of ../shared/data (or $NNUNET_APE_TEST_DATA) and one short pretraining run."""
+"""Shared fixtures: the real CT of ../shared/data (or $NNUNET_APE_TEST_DATA) and short APE and BPR pretraining runs."""
 
 from __future__ import annotations
 
@@ -56,4 +56,25 @@ def pretrained_run(tmp_path_factory) -> Path:
         checkpoint_every=250,
     )
     pretrain_ape(real_patients(), run, cfg)
+    return run
+
+
+def labeled_patient(key: str):
+    """Patient A or B as a LabeledCase (CT, TotalSegmentator label map, label names)."""
+    from nnunet_ape.localize.cases import LabeledCase, read_label_names
+
+    stem = {"A": "ts_a_abdomen_pelvis", "B": "ts_b_upper_abdomen"}[key]
+    image = patient(key)
+    return LabeledCase(key, image, DATA / f"{stem}_seg.nii.gz", read_label_names(DATA / f"ts_{key.lower()}_labels.json"))
+
+
+@pytest.fixture(scope="session")
+def bpr_run(tmp_path_factory) -> Path:
+    """A 300-iteration CPU pretraining of the tiny BPR trunk on patients A-E (about 30 s); returns its run folder."""
+    from nnunet_ape.bpr.train_bpr import BPRConfig, pretrain_bpr
+
+    run = tmp_path_factory.mktemp("bpr") / "run"
+    # augmentations off: they slow down the first few hundred iterations (tests/test_bpr_augment.py covers them)
+    cfg = BPRConfig(iterations=300, lr=1e-3, trunk="tiny", device="cpu", workers=2, checkpoint_every=100, augment=False)
+    pretrain_bpr(real_patients(), run, cfg)
     return run
