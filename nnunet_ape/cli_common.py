@@ -30,7 +30,8 @@ def add_case_source_args(parser: argparse.ArgumentParser) -> None:
 
 def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> None:
     """Options naming labeled cases (nnU-Net dataset or image/label folders), organs, shots and box settings."""
-    parser.add_argument("-m", "--model", required=True, type=Path, help="APE checkpoint")
+    parser.add_argument("-m", "--model", type=Path, help="APE checkpoint")
+    parser.add_argument("--bpr-model", type=Path, help="BPR checkpoint: adds z-ranges from slice scores (z only, or z for APE's x/y)")
     add_case_source_args(parser)
     parser.add_argument("--organs", nargs="+", help="organ names (or label values); default: every labeled organ")
     parser.add_argument("--shots", type=int, default=5, help=shots_help)

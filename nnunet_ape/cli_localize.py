@@ -16,9 +16,11 @@ def add_parser(sub) -> None:
     fit = loc_sub.add_parser(
         "fit",
         help="fit a localizer on K labeled cases",
-        description="Embed K labeled cases, take the 6 edge points of each organ's mask as queries (the paper's method) "
-        "and calibrate each organ's box enlargement by leave-one-shot-out so that the crop keeps --target-recall of the "
-        "organ. Writes a human-readable JSON localizer.",
+        description="Fit on K labeled cases. With an APE checkpoint (-m): the 6 edge points of each organ's mask are the "
+        "queries (the paper's method) and each organ's box enlargement is calibrated leave-one-shot-out so that the crop "
+        "keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
+        "a z margin calibrated the same way (boxes crop along z only). With both: x/y from APE, z from BPR. Writes a "
+        "human-readable JSON localizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_labeled_case_args(fit, "K: number of labeled cases used (the first K)")
@@ -27,14 +29,15 @@ def add_parser(sub) -> None:
     pred = loc_sub.add_parser(
         "predict",
         help="predict organ boxes with a localizer",
-        description="Embed each CT and write CASE_boxes.json: per organ the retrieved box and the enlarged crop box, "
-        "in voxel indices (x, y, z of the input file) and in mm (LPS).",
+        description="Embed and/or score each CT and write CASE_boxes.json: per organ the APE box and its enlargement, the "
+        "BPR z-range box, and crop_box (the one to crop with), in voxel indices (x, y, z of the input file) and in mm (LPS).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pred.add_argument("-l", "--localizer", required=True, type=Path, help="JSON written by 'localize fit'")
     pred.add_argument("-i", "--input", required=True, help="CT file, DICOM folder, folder of CTs, list file or nnU-Net raw dataset")
     pred.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     pred.add_argument("-m", "--model", type=Path, help="APE checkpoint, if it moved since fitting")
+    pred.add_argument("--bpr-model", type=Path, help="BPR checkpoint, if it moved since fitting")
     pred.add_argument("--organs", nargs="+", help="subset of the localizer's organs")
     pred.add_argument("--png", action="store_true", help="also write CASE_boxes.png with the boxes drawn on the CT")
     pred.add_argument("--device", default="auto")
@@ -54,10 +57,14 @@ def _run_localize_fit(args) -> None:
     if not 0 < args.target_recall <= 1:
         raise InputError(f"--target-recall {args.target_recall}: must be in (0, 1]")
     organs = resolve_organs(args.organs, cases[0].labels)
-    localizer = fit_localizer(cases[: args.shots], organs, args.model, str(resolve_device(args.device)), args.target_recall, args.combine)
+    localizer = fit_localizer(cases[: args.shots], organs, args.model, str(resolve_device(args.device)), args.target_recall,
+                              args.combine, args.bpr_model)
     save_localizer(localizer, args.output)
-    alphas = ", ".join(f"{o} {e['alpha']:.2f}" for o, e in localizer["organs"].items())
-    print(f"localizer for {len(organs)} organ(s) from {args.shots} shot(s) -> {args.output}; alpha: {alphas}")
+    settings = ", ".join(
+        f"{o} " + " ".join(f"{k} {v:.2f}" for k, v in (("alpha", e.get("alpha")), ("margin", e.get("bpr", {}).get("margin"))) if v is not None)
+        for o, e in localizer["organs"].items()
+    )
+    print(f"{localizer['method']} localizer for {len(organs)} organ(s) from {args.shots} shot(s) -> {args.output}; {settings}")
 
 
 def _run_localize_predict(args) -> None:
@@ -67,19 +74,21 @@ def _run_localize_predict(args) -> None:
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.inputs import resolve_images
     from nnunet_ape.io import output_name, read_volume
+    from nnunet_ape.bpr.scoring import load_bpr_model
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.embed_files import MIN_VOXELS
     from nnunet_ape.localize.localizer import check_organs, load_localizer, localize_volume
     from nnunet_ape.plots import boxes_png
 
-    localizer, checkpoint = load_localizer(args.localizer, args.model)
+    localizer, ape_path, bpr_path = load_localizer(args.localizer, args.model, args.bpr_model)
     check_organs(localizer, args.organs)  # before any work or output
     images = resolve_images(args.input)
     device = str(resolve_device(args.device))
-    model, _ = load_ape_model(checkpoint)
+    ape_model = load_ape_model(ape_path)[0] if ape_path else None
+    bpr_model = load_bpr_model(bpr_path)[0] if bpr_path else None
     for image in images:
         ct = read_volume(image, min_size=MIN_VOXELS)
-        boxes, _ = localize_volume(localizer, model, ct, device, args.organs)
+        boxes = localize_volume(localizer, ct, ape_model, bpr_model, device, args.organs)
         name = output_name(image)
         result = {"image": str(image), "shape": list(ct.shape), "spacing": list(ct.spacing), "organs": boxes}
         with atomic_path(args.output / f"{name}_boxes.json") as tmp:

@@ -73,6 +73,9 @@ def add_parser(sub) -> None:
     b.add_argument("--order-weight", type=float, default=1.0, help="weight of Yan's order loss")
     b.add_argument("--distance-weight", type=float, default=1.0, help="weight of Yan's distance loss")
     b.add_argument("--heuristic-weight", type=float, default=0.0, help="weight of bpreg's heuristic order loss")
+    b.add_argument("--augment", choices=("none", "light", "bpreg"), default="light",
+                   help="slice augmentations, drawn once per CT: light = noise, HU shift/scale, circular frame, flip, blur; "
+                   "bpreg = also transpose and scale/rotate (the reference's set; slowed learning in our short runs)")
     b.set_defaults(func=_run_pretrain_bpr)
 
 
@@ -98,7 +101,7 @@ def _run_pretrain_bpr(args) -> None:
 
     cfg = BPRConfig(
         **_loop_kwargs(args), trunk=args.trunk, slices=args.slices, cts=args.cts, order_weight=args.order_weight,
-        distance_weight=args.distance_weight, heuristic_weight=args.heuristic_weight,
+        distance_weight=args.distance_weight, heuristic_weight=args.heuristic_weight, augment=args.augment,
     )
     final = pretrain_bpr(resolve_images(args.input), args.output, cfg, resume=args.resume)
     print(f"model: {final}")

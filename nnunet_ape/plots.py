@@ -9,6 +9,7 @@ import numpy as np
 
 from nnunet_ape.atomic import atomic_path
 from nnunet_ape.io import Volume, to_canonical
+from nnunet_ape.localize.boxes import box_to_canonical
 
 
 def _planes(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -73,19 +74,9 @@ def embedding_overlay_png(
     return save_figure(fig, path)
 
 
-def _canonical_box(box: np.ndarray, orientation, shape: tuple[int, int, int]) -> np.ndarray:
-    """A box ``(2, 3)`` in the input's voxel indices -> the same box in canonical (LPS) indices."""
-    corners = box[:, list(orientation.perm)].copy()
-    canon_shape = np.array([shape[p] for p in orientation.perm])
-    for axis, flipped in enumerate(orientation.flip):
-        if flipped:
-            corners[:, axis] = canon_shape[axis] - 1 - corners[::-1, axis]
-    return corners
-
-
 def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title: str = "", window=(-200, 300)) -> Path:
     """PNG: CT in axial, coronal, sagittal planes through the image centre with every organ's predicted box
-    (dashed) and enlarged crop box (solid), one colour per organ. ``boxes`` as from ``predict_organ_boxes``."""
+    (dashed, APE only) and crop box (solid), one colour per organ. ``boxes`` as from ``predict_organ_boxes``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,8 +96,10 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
     ):
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         for colour, (organ, entry) in zip(colours, boxes.items()):
-            for key, style in (("box_voxels", "--"), ("enlarged_box_voxels", "-")):
-                b = _canonical_box(np.asarray(entry[key]), orientation, ct.shape)
+            for key, style in (("box_voxels", "--"), ("crop_box_voxels", "-")):
+                if key not in entry:
+                    continue
+                b = box_to_canonical(np.asarray(entry[key]), orientation.perm, orientation.flip, ct.shape)
                 r0, r1 = b[0, row], b[1, row]
                 if flip_rows:
                     r0, r1 = shape[row] - 1 - r1, shape[row] - 1 - r0
@@ -116,7 +109,7 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
         ax.axis("off")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
-    fig.suptitle(title or "organ boxes: dashed = retrieved, solid = enlarged crop")
+    fig.suptitle((title + ": " if title else "") + "dashed = retrieved (APE), solid = crop box")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, path)
 

@@ -75,6 +75,6 @@ def bpr_run(tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("bpr") / "run"
     # augmentations off: they slow down the first few hundred iterations (tests/test_bpr_augment.py covers them)
-    cfg = BPRConfig(iterations=300, lr=1e-3, trunk="tiny", device="cpu", workers=2, checkpoint_every=100, augment=False)
+    cfg = BPRConfig(iterations=300, lr=1e-3, trunk="tiny", device="cpu", workers=2, checkpoint_every=100, augment="none")
     pretrain_bpr(real_patients(), run, cfg)
     return run

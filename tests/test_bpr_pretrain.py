@@ -18,14 +18,8 @@ from nnunet_ape.models.bpr import BPRNet
 
 
 def _config(iterations: int) -> BPRConfig:
-    return BPRConfig(iterations=iterations, lr=1e-3, trunk="tiny", device="cpu", workers=2, checkpoint_every=100)
-
-
-@pytest.fixture(scope="module")
-def bpr_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("bpr") / "run"
-    pretrain_bpr(real_patients(), run, _config(300))
-    return run
+    # no slice augmentation: it slows the first few hundred iterations; tests/test_bpr_augment.py covers it
+    return BPRConfig(iterations=iterations, lr=1e-3, trunk="tiny", device="cpu", workers=2, checkpoint_every=100, augment="none")
 
 
 def _rows(run):
@@ -33,7 +27,7 @@ def _rows(run):
         return list(csv.DictReader(f))
 
 
-def test_bpr_loss_falls_on_real_patients(bpr_run):
+def test_bpr_loss_falls_on_real_patients(bpr_run):  # bpr_run: conftest's 300-iteration run, as _config(300)
     rows = _rows(bpr_run)
     assert [int(r["iteration"]) for r in rows] == list(range(1, 301))
     losses = [float(r["loss"]) for r in rows]

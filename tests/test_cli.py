@@ -15,7 +15,7 @@ from nnunet_ape.demo import run_demo
 @pytest.mark.parametrize(
     "command",
     [[], ["demo"], ["pretrain"], ["pretrain", "ape"], ["embed"], ["localize"], ["localize", "fit"], ["localize", "predict"],
-     ["evaluate"], ["evaluate", "localization"], ["pretrain", "bpr"], ["score"], ["calibrate"]],
+     ["evaluate"], ["evaluate", "localization"], ["evaluate", "bpr"], ["pretrain", "bpr"], ["score"], ["calibrate"]],
 )
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:

@@ -43,7 +43,7 @@ def test_identical_cases_are_localized_exactly():
     result = evaluate_organ(cases, value=1, shots=1)
     assert result["mre_c"] == [0.0, 0.0] and result["mre_ep"] == [0.0, 0.0]
     assert result["iou_ape"] == 1.0 and result["iou_body_box"] == 1.0
-    assert result["recall_calibrated"] == 1.0
+    assert result["recall_calibrated_ape"] == 1.0
 
 
 def test_body_box_baseline_follows_the_body_and_ape_follows_the_anatomy():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset, get_worker_info
 
+from nnunet_ape.bpr.augment import AUGMENT_PRESETS, augment_slices
 from nnunet_ape.bpr.losses import distance_loss, heuristic_order_loss, order_loss
 from nnunet_ape.bpr.slices import axial_slices, sample_equidistant
 from nnunet_ape.errors import InputError
@@ -36,6 +37,7 @@ class BPRConfig(LoopConfig):
     heuristic_alpha: float = 1.0
     heuristic_beta: float = 0.02
     lr: float = 1e-4
+    augment: str = "light"  # a key of nnunet_ape.bpr.augment.AUGMENT_PRESETS
 
 
 class SliceBatches(IterableDataset):
@@ -51,13 +53,15 @@ class SliceBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         rng = np.random.default_rng([self.seed, self.rank, info.id if info is not None else 0])
+        augment = AUGMENT_PRESETS[self.cfg.augment]
         while True:
             slices, z = [], []
             for ct in (self.cts[i] for i in rng.integers(len(self.cts), size=self.cfg.cts)):
                 array = np.load(ct.path, mmap_mode="r")
                 index = sample_equidistant(rng, array.shape[2], self.cfg.slices)
                 # the cache is canonical already (LPS, identity direction), so axial_slices keeps index order
-                slices.append(axial_slices(Volume(array, ct.spacing), index))
+                ct_slices = axial_slices(Volume(array, ct.spacing), index)
+                slices.append(augment_slices(ct_slices, rng, augment) if augment is not None else ct_slices)
                 z.append(index * ct.spacing[2])
             yield {"slices": torch.cat(slices), "z_mm": torch.as_tensor(np.stack(z), dtype=torch.float32)}
 
@@ -98,6 +102,8 @@ def pretrain_bpr(images: list[Path], out_dir: Path, cfg: BPRConfig, resume: bool
     """Pretrain a BPR slice scorer on ``images``; returns the final checkpoint path (files as for APE)."""
     if cfg.trunk not in TRUNKS:
         raise InputError(f"--trunk {cfg.trunk}: unknown; choose one of {', '.join(TRUNKS)}")
+    if cfg.augment not in AUGMENT_PRESETS:
+        raise InputError(f"--augment {cfg.augment}: unknown; choose one of {', '.join(AUGMENT_PRESETS)}")
     if cfg.slices < 3:
         raise InputError(f"--slices {cfg.slices}: the distance loss needs at least 3 slices per CT")
     return run_training(bpr_task(cfg), images, out_dir, cfg, resume)

@@ -29,20 +29,26 @@ from nnunet_ape.localize.boxes import (
 from nnunet_ape.localize.cases import LabeledCase, read_case
 from nnunet_ape.localize.fewshot import calibrate_alpha, predict_box, shot_queries
 from nnunet_ape.localize.retrieval import nearest_voxels
+from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
 from nnunet_ape.pretrain.cache import FOREGROUND_HU
 
 METHODS = ("ape", "body_box")
+BPR_METHODS = ("bpr_z", "ape_bpr")
+CALIBRATED = ("ape", "bpr_z", "ape_bpr")  # methods with a deployable (shot-calibrated) enlargement
+TITLES = {"ape": "APE", "body_box": "body box", "bpr_z": "BPR z", "ape_bpr": "APE x/y + BPR z"}
 
 
 @dataclass(eq=False)
 class PreparedCase:
-    """A case in canonical orientation: CT geometry, APE map ``(X, Y, Z, 3)``, label array, body box."""
+    """A case in canonical orientation: CT geometry, APE map ``(X, Y, Z, 3)``, label array, body box, and the
+    BPR slice scores when a BPR model was given."""
 
     name: str
     ct: Volume
     embedding: np.ndarray
     label: np.ndarray
     body: np.ndarray
+    scored: ScoredCT | None = None
 
 
 def body_box(hu: np.ndarray) -> np.ndarray:
@@ -53,14 +59,21 @@ def body_box(hu: np.ndarray) -> np.ndarray:
     return mask_box(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
 
 
-def prepare(case: LabeledCase, model, settings: EmbedSettings, device: str) -> PreparedCase:
-    """Read, embed and reorient one labeled case."""
+def prepare(case: LabeledCase, model, settings: EmbedSettings, device: str, bpr_model=None) -> PreparedCase:
+    """Read, embed (and score, with ``bpr_model``) and reorient one labeled case."""
     ct, label = read_case(case)
     embedding = embed_volume(model, ct, settings, device=device, progress=False)
     canon_ct, _ = to_canonical(ct)
     canon_emb, _ = to_canonical(embedding)
     canon_label, _ = to_canonical(ct.with_array(label))
-    return PreparedCase(case.name, canon_ct, canon_emb.array, canon_label.array, body_box(canon_ct.array))
+    scored = score_ct(bpr_model, canon_ct, device) if bpr_model is not None else None
+    return PreparedCase(case.name, canon_ct, canon_emb.array, canon_label.array, body_box(canon_ct.array), scored)
+
+
+def _with_z(box: np.ndarray, z: tuple[int, int]) -> np.ndarray:
+    out = box.copy()
+    out[:, 2] = z
+    return out
 
 
 def _relative_box(box: np.ndarray, body: np.ndarray) -> np.ndarray:
@@ -71,21 +84,44 @@ def _mm(case: PreparedCase, index: np.ndarray) -> np.ndarray:
     return case.ct.index_to_physical(np.asarray(index, dtype=np.float64))
 
 
+def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str):
+    """Per-fold predictors: returns a function test -> ({method: raw box}, {method: calibrated crop box})."""
+    masks = [c.label == value for c in train]
+    edges = [shot_queries(c.embedding, m) for c, m in zip(train, masks)]
+    relative = np.mean([_relative_box(mask_box(m), c.body) for c, m in zip(train, masks)], axis=0)
+    alpha = calibrate_alpha(edges, [c.embedding for c in train], masks, target, combine)
+    use_bpr = all(c.scored is not None for c in train)
+    if use_bpr:
+        intervals = [organ_interval(c.scored.scores, m) for c, m in zip(train, masks)]
+        interval = combine_intervals(intervals, combine)
+        margin = calibrate_margin(intervals, [c.scored for c in train], masks, target, combine)
+
+    def predict(test: PreparedCase) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        shape = test.label.shape
+        ape, _ = predict_box(edges, test.embedding, combine)
+        raw = {"ape": ape, "body_box": test.body[0] + relative * (test.body[1] - test.body[0])}
+        crops = {"ape": enlarge_box(ape, alpha, shape)}
+        if use_bpr and test.scored is not None:
+            z_raw, z_crop = z_range(test.scored.scores, interval), z_range(test.scored.scores, interval, margin)
+            raw.update({"bpr_z": z_box(shape, *z_raw), "ape_bpr": _with_z(ape, z_raw)})
+            crops.update({"bpr_z": z_box(shape, *z_crop), "ape_bpr": _with_z(crops["ape"], z_crop)})
+        return raw, crops
+
+    return edges, predict
+
+
 def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean") -> dict:
-    """All metrics of one organ (label ``value``) over the folds; cases lacking the organ are left out."""
+    """All metrics of one organ (label ``value``) over the folds; cases lacking the organ are left out. Methods:
+    APE, the body-box baseline, and with BPR scores the BPR z-range (full x/y) and APE x/y with BPR z."""
     present = [c for c in cases if (c.label == value).any()]
     folds = max(1, len(present) // shots) if len(present) > shots else 0
-    rows: dict[str, list] = {"mre_c": [], "mre_ep": [], "iou_ape": [], "iou_body_box": [], "alpha_ape": [],
-                             "alpha_body_box": [], "recall_calibrated": [], "vr_calibrated": []}
-    boxes: dict[str, list] = {"ape": [], "body_box": []}
+    rows: dict[str, list] = {"mre_c": [], "mre_ep": []}
+    boxes: dict[str, list] = {}
     for fold in range(folds):
         train = present[fold * shots : (fold + 1) * shots]
         tests = [c for c in present if all(c is not t for t in train)]
-        masks = [c.label == value for c in train]
-        edges = [shot_queries(c.embedding, m) for c, m in zip(train, masks)]
-        centres = [np.round(ndimage.center_of_mass(m)).astype(int) for m in masks]
-        relative = np.mean([_relative_box(mask_box(m), c.body) for c, m in zip(train, masks)], axis=0)
-        alpha = calibrate_alpha(edges, [c.embedding for c in train], masks, target, combine)
+        edges, predict = _fold_boxes(train, value, target, combine)
+        centres = [np.round(ndimage.center_of_mass(c.label == value)).astype(int) for c in train]
         for test in tests:
             mask = test.label == value
             truth = mask_box(mask)
@@ -96,68 +132,83 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
                 rows["mre_c"].append(float(np.linalg.norm(_mm(test, nearest_voxels(query, test.embedding))[0] - true_centre_mm)))
                 found = _mm(test, nearest_voxels(shot_edges, test.embedding))
                 rows["mre_ep"] += np.linalg.norm(found - true_edges_mm, axis=1).tolist()
-            ape, _ = predict_box(edges, test.embedding, combine)
-            baseline = test.body[0] + relative * (test.body[1] - test.body[0])
-            for method, box in (("ape", ape), ("body_box", baseline)):
-                rows[f"iou_{method}"].append(box_iou(box, truth))
-                rows[f"alpha_{method}"].append(alpha_for_recall(mask, box, target))
-                boxes[method].append((test, mask, box))
-            big = enlarge_box(ape, alpha, mask.shape)
-            rows["recall_calibrated"].append(box_recall(mask, big))
-            rows["vr_calibrated"].append(volume_ratio(mask.shape, big))
-    if not rows["iou_ape"]:
+            raw, crops = predict(test)
+            for method, box in raw.items():
+                rows.setdefault(f"iou_{method}", []).append(box_iou(box, truth))
+                rows.setdefault(f"alpha_{method}", []).append(alpha_for_recall(mask, box, target))
+                boxes.setdefault(method, []).append((mask, box))
+            for method, box in crops.items():
+                rows.setdefault(f"recall_calibrated_{method}", []).append(box_recall(mask, box))
+                rows.setdefault(f"vr_calibrated_{method}", []).append(volume_ratio(mask.shape, box))
+    if not boxes:
         return {"cases": len(present), "evaluated": 0}
-    result = {"cases": len(present), "evaluated": len(rows["iou_ape"]), "folds": folds}
+    result = {"cases": len(present), "evaluated": len(boxes["ape"]), "folds": folds}
     for key in ("mre_c", "mre_ep"):
         result[key] = [float(np.mean(rows[key])), float(np.std(rows[key]))]
-    for method in METHODS:
+    for method, entries in boxes.items():
         result[f"iou_{method}"] = float(np.mean(rows[f"iou_{method}"]))
         # the paper's VR@99: one alpha per organ, the smallest that keeps >= target of the organ in every test case
         oracle = max(rows[f"alpha_{method}"])
         result[f"alpha99_{method}"] = oracle
-        result[f"vr99_{method}"] = float(np.mean([volume_ratio(m.shape, enlarge_box(b, oracle, m.shape)) for _, m, b in boxes[method]]))
-    result["recall_calibrated"] = float(np.mean(rows["recall_calibrated"]))
-    result["vr_calibrated"] = float(np.mean(rows["vr_calibrated"]))
+        result[f"vr99_{method}"] = float(np.mean([volume_ratio(m.shape, enlarge_box(b, oracle, m.shape)) for m, b in entries]))
+    for method in CALIBRATED:
+        if f"recall_calibrated_{method}" in rows:
+            result[f"recall_calibrated_{method}"] = float(np.mean(rows[f"recall_calibrated_{method}"]))
+            result[f"vr_calibrated_{method}"] = float(np.mean(rows[f"vr_calibrated_{method}"]))
     return result
 
 
 def evaluate_localization(
     cases: list[LabeledCase], organs: dict[str, int], model, settings: EmbedSettings, shots: int = 5, device: str = "cpu",
-    target: float = 0.99, combine: str = "mean",
+    target: float = 0.99, combine: str = "mean", bpr_model=None,
 ) -> dict:
-    """Run the protocol on labeled cases; returns ``{"organs": {name: metrics}, "mean": {...}, "settings": ...}``."""
-    prepared = [prepare(c, model, settings, device) for c in tqdm(cases, desc="embedding cases", unit="case")]
+    """Run the protocol on labeled cases; returns ``{"organs": {name: metrics}, "mean": {...}, "settings": ...}``.
+    With ``bpr_model`` the BPR methods are measured in the same run."""
+    prepared = [prepare(c, model, settings, device, bpr_model) for c in tqdm(cases, desc="embedding cases", unit="case")]
     per_organ = {name: evaluate_organ(prepared, value, shots, target, combine) for name, value in organs.items()}
     done = [r for r in per_organ.values() if r.get("evaluated")]
-    keys = ["iou_ape", "iou_body_box", "vr99_ape", "vr99_body_box", "recall_calibrated", "vr_calibrated"]
-    mean = {k: float(np.mean([r[k] for r in done])) for k in keys} if done else {}
+    mean = {}
     if done:
+        keys = [k for k in done[0] if k.startswith(("iou_", "vr99_", "recall_calibrated_", "vr_calibrated_"))]
+        mean = {k: float(np.mean([r[k] for r in done if k in r])) for k in keys}
         mean["mre_c"] = float(np.mean([r["mre_c"][0] for r in done]))
         mean["mre_ep"] = float(np.mean([r["mre_ep"][0] for r in done]))
-    return {"organs": per_organ, "mean": mean, "settings": {"shots": shots, "target_recall": target, "combine": combine, "cases": len(cases)}}
+    methods = [*METHODS, *(BPR_METHODS if bpr_model is not None else ())]
+    return {"organs": per_organ, "mean": mean,
+            "settings": {"shots": shots, "target_recall": target, "combine": combine, "cases": len(cases), "methods": methods}}
+
+
+def _table(result: dict, columns: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown rows: organ, cases, then one column per (title, key, format); the mean row last."""
+    lines = ["| organ | cases | " + " | ".join(t for t, _, _ in columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    for organ, r in result["organs"].items():
+        if not r.get("evaluated"):
+            lines.append(f"| {organ} | {r['cases']} | too few cases with this organ |" + " |" * (len(columns) - 1))
+            continue
+        cells = [(f"{r[k][0]:{f}} ± {r[k][1]:{f}}" if isinstance(r.get(k), list) else f"{r[k]:{f}}") if k in r else "-" for _, k, f in columns]
+        lines.append(f"| {organ} | {r['cases']} | " + " | ".join(cells) + " |")
+    m = result["mean"]
+    if m:
+        lines.append("| **mean** | | " + " | ".join(f"{m[k]:{f}}" if k in m else "-" for _, k, f in columns) + " |")
+    return lines
 
 
 def markdown_tables(result: dict) -> str:
-    """The paper's tables 2-4 as Markdown: retrieval error, box IoU, VR@99 (APE vs body-box baseline)."""
+    """The paper's tables 2-4 as Markdown: retrieval error, box IoU and VR@99 per method, and the crops with the
+    shot-calibrated enlargement (deployable)."""
     s = result["settings"]
-    lines = [f"# Localization: {s['shots']}-shot, {s['cases']} cases, target recall {s['target_recall']}", ""]
-    lines += ["| organ | cases | MRE_c (mm) | MRE_ep (mm) | IoU APE | IoU body box | VR@99 APE | VR@99 body box "
-              "| recall, calibrated alpha | VR, calibrated alpha |", "|" + "---|" * 10]
-    for organ, r in result["organs"].items():
-        if not r.get("evaluated"):
-            lines.append(f"| {organ} | {r['cases']} | too few cases with this organ |" + " |" * 7)
-            continue
-        lines.append(
-            f"| {organ} | {r['cases']} | {r['mre_c'][0]:.1f} ± {r['mre_c'][1]:.1f} | {r['mre_ep'][0]:.1f} ± {r['mre_ep'][1]:.1f} "
-            f"| {r['iou_ape']:.2f} | {r['iou_body_box']:.2f} | {r['vr99_ape']:.1f} | {r['vr99_body_box']:.1f} "
-            f"| {r['recall_calibrated']:.3f} | {r['vr_calibrated']:.1f} |"
-        )
-    m = result["mean"]
-    if m:
-        lines.append(
-            f"| **mean** | | {m['mre_c']:.1f} | {m['mre_ep']:.1f} | **{m['iou_ape']:.2f}** | {m['iou_body_box']:.2f} "
-            f"| {m['vr99_ape']:.1f} | {m['vr99_body_box']:.1f} | {m['recall_calibrated']:.3f} | {m['vr_calibrated']:.1f} |"
-        )
+    methods = s.get("methods", list(METHODS))
+    lines = [f"# Localization: {s['shots']}-shot, {s['cases']} cases, target recall {s['target_recall']}", "",
+             "## Landmark retrieval (APE)", ""]
+    lines += _table(result, [("MRE_c (mm)", "mre_c", ".1f"), ("MRE_ep (mm)", "mre_ep", ".1f")])
+    lines += ["", "## Boxes: IoU with the true box, VR@99", ""]
+    lines += _table(result, [(f"IoU {TITLES[m]}", f"iou_{m}", ".2f") for m in methods]
+                    + [(f"VR@99 {TITLES[m]}", f"vr99_{m}", ".1f") for m in methods])
+    lines += ["", "## Crops with the shot-calibrated enlargement: recall of the organ, volume ratio", ""]
+    calibrated = [m for m in methods if m in CALIBRATED]
+    lines += _table(result, [(f"recall {TITLES[m]}", f"recall_calibrated_{m}", ".3f") for m in calibrated]
+                    + [(f"VR {TITLES[m]}", f"vr_calibrated_{m}", ".1f") for m in calibrated])
     lines += ["", "VR@99: raw volume / crop volume with one enlargement per organ chosen on the test cases (the paper's "
-              "protocol). Calibrated alpha: chosen on the shots only (leave-one-shot-out), as at inference.", ""]
+              "protocol). Calibrated: enlargement (APE alpha, BPR z margin) chosen on the shots only (leave-one-shot-out), "
+              "as at inference. BPR z boxes span the full x/y extent.", ""]
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Localizer files: fit them from labeled shots, predict organ boxes with them.
 
-A localizer is human-readable JSON: the APE checkpoint it belongs to (path and SHA-256), the embedding settings,
-and per organ its label value, calibrated alpha and the edge-point query embeddings of every shot.
+A localizer is human-readable JSON. Method ``ape``: the APE checkpoint it belongs to (path and SHA-256), the
+embedding settings, and per organ its label value, calibrated alpha and the edge-point query embeddings of every
+shot. Method ``bpr``: the BPR checkpoint (path and SHA-256) and per organ the score interval of every shot and the
+calibrated margin (z only, full x/y). ``ape+bpr``: both; the crop box then takes x/y from APE and z from BPR.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from nnunet_ape.atomic import atomic_path
 from nnunet_ape.checkpoint import file_hash, load_ape_model, load_checkpoint
 from nnunet_ape.embed import EmbedSettings, embed_volume
 from nnunet_ape.errors import InputError
-from nnunet_ape.io import Volume
-from nnunet_ape.localize.boxes import enlarge_box
+from nnunet_ape.bpr.scoring import load_bpr_model
+from nnunet_ape.io import Volume, canonical_orientation, to_canonical
+from nnunet_ape.localize.boxes import box_from_canonical, box_to_canonical, enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
 from nnunet_ape.localize.fewshot import calibrate_alpha, predict_box, shot_queries
+from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
 
 LOCALIZER_FORMAT = "nnunet-ape/localizer-v1"
 
@@ -35,45 +39,69 @@ def embed_settings_for(checkpoint: Path) -> EmbedSettings:
     )
 
 
+METHODS = ("ape", "bpr", "ape+bpr")
+
+
+def _method(ape: Path | None, bpr: Path | None) -> str:
+    if ape is None and bpr is None:
+        raise InputError("give an APE checkpoint (-m), a BPR checkpoint (--bpr-model) or both")
+    return "ape+bpr" if ape and bpr else ("ape" if ape else "bpr")
+
+
 def fit_localizer(
-    cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path, device: str = "cpu",
-    target_recall: float = 0.99, combine: str = "mean",
+    cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path | None, device: str = "cpu",
+    target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None,
 ) -> dict:
-    """Fit a localizer on labeled shots. Every organ must be present in every case (InputError otherwise)."""
-    model, _ = load_ape_model(checkpoint)
-    settings = embed_settings_for(checkpoint)
+    """Fit a localizer on labeled shots: APE edge-point queries (``checkpoint``), BPR score intervals
+    (``bpr_checkpoint``) or both. Every organ must be present in every case (InputError otherwise)."""
+    method = _method(checkpoint, bpr_checkpoint)
+    ape_model = load_ape_model(checkpoint)[0] if checkpoint else None
+    bpr_model = load_bpr_model(bpr_checkpoint)[0] if bpr_checkpoint else None
+    settings = embed_settings_for(checkpoint) if checkpoint else None
     edges: dict[str, list[np.ndarray]] = {o: [] for o in organs}
-    maps, masks = [], {o: [] for o in organs}
-    for case in tqdm(cases, desc="embedding shots", unit="case"):
+    intervals: dict[str, list[np.ndarray]] = {o: [] for o in organs}
+    maps, scored, masks, canon_masks = [], [], {o: [] for o in organs}, {o: [] for o in organs}
+    for case in tqdm(cases, desc="reading shots", unit="case"):
         ct, label = read_case(case)
         for organ, value in organs.items():
             if not (label == value).any():
                 raise InputError(f"{case.label}: organ '{organ}' (label {value}) is missing from case '{case.name}'; drop the case or the organ")
-        embedding = embed_volume(model, ct, settings, device=device, progress=False).array
-        maps.append(embedding)
-        for organ, value in organs.items():
-            mask = label == value
-            edges[organ].append(shot_queries(embedding, mask))
-            masks[organ].append(mask)
+        if ape_model is not None:
+            embedding = embed_volume(ape_model, ct, settings, device=device, progress=False).array
+            maps.append(embedding)
+            for organ, value in organs.items():
+                edges[organ].append(shot_queries(embedding, label == value))
+                masks[organ].append(label == value)
+        if bpr_model is not None:
+            canon, _ = to_canonical(ct)
+            canon_label = to_canonical(ct.with_array(label))[0].array
+            scored.append(score_ct(bpr_model, canon, device))
+            for organ, value in organs.items():
+                canon_masks[organ].append(canon_label == value)
+                intervals[organ].append(organ_interval(scored[-1].scores, canon_masks[organ][-1]))
     organ_entries = {}
     for organ, value in organs.items():
-        alpha = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine)
-        organ_entries[organ] = {
-            "label": int(value),
-            "alpha": alpha,
-            "shots": [{"case": c.name, "edge_embeddings": e.round(5).tolist()} for c, e in zip(cases, edges[organ])],
-        }
-    return {
-        "format": LOCALIZER_FORMAT,
-        "method": "ape-edge-points",
-        "ape_checkpoint": str(Path(checkpoint).resolve()),
-        "ape_sha256": file_hash(checkpoint),
-        "embed_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
-        "combine": combine,
-        "target_recall": target_recall,
-        "shots": [c.name for c in cases],
-        "organs": organ_entries,
-    }
+        entry: dict = {"label": int(value)}
+        if ape_model is not None:
+            entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine)
+            entry["shots"] = [{"case": c.name, "edge_embeddings": e.round(5).tolist()} for c, e in zip(cases, edges[organ])]
+        if bpr_model is not None:
+            entry["bpr"] = {
+                "margin": calibrate_margin(intervals[organ], scored, canon_masks[organ], target_recall, combine),
+                "intervals": [iv.round(5).tolist() for iv in intervals[organ]],
+            }
+        organ_entries[organ] = entry
+    localizer = {"format": LOCALIZER_FORMAT, "method": method}
+    if checkpoint:
+        localizer.update({
+            "ape_checkpoint": str(Path(checkpoint).resolve()),
+            "ape_sha256": file_hash(checkpoint),
+            "embed_settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
+        })
+    if bpr_checkpoint:
+        localizer.update({"bpr_checkpoint": str(Path(bpr_checkpoint).resolve()), "bpr_sha256": file_hash(bpr_checkpoint)})
+    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [c.name for c in cases], "organs": organ_entries})
+    return localizer
 
 
 def save_localizer(localizer: dict, path: Path) -> Path:
@@ -83,21 +111,29 @@ def save_localizer(localizer: dict, path: Path) -> Path:
     return Path(path)
 
 
-def load_localizer(path: Path, checkpoint: Path | None = None) -> tuple[dict, Path]:
-    """Read a localizer and locate its APE checkpoint (``checkpoint`` overrides the stored path); the checkpoint's
-    hash must match the one the localizer was fitted with."""
+def _checked_checkpoint(localizer: dict, kind: str, override: Path | None, path: Path) -> Path:
+    stored = Path(override or localizer[f"{kind}_checkpoint"])
+    flag = "-m" if kind == "ape" else "--bpr-model"
+    if not stored.exists():
+        raise InputError(f"{path}: its {kind.upper()} checkpoint {stored} is missing; pass it with {flag}")
+    if file_hash(stored) != localizer[f"{kind}_sha256"]:
+        raise InputError(f"{stored}: not the {kind.upper()} checkpoint this localizer was fitted with (SHA-256 differs)")
+    return stored
+
+
+def load_localizer(path: Path, checkpoint: Path | None = None, bpr_checkpoint: Path | None = None) -> tuple[dict, Path | None, Path | None]:
+    """Read a localizer and locate its checkpoints (arguments override the stored paths); each checkpoint's hash
+    must match the one the localizer was fitted with. Returns (localizer, APE path or None, BPR path or None)."""
     try:
         localizer = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"{path}: not a readable localizer file ({type(error).__name__})") from None
-    if localizer.get("format") != LOCALIZER_FORMAT:
+    if localizer.get("format") != LOCALIZER_FORMAT or localizer.get("method") not in METHODS:
         raise InputError(f"{path}: not an {LOCALIZER_FORMAT} file")
-    ape = Path(checkpoint or localizer["ape_checkpoint"])
-    if not ape.exists():
-        raise InputError(f"{path}: its APE checkpoint {ape} is missing; pass it with -m")
-    if file_hash(ape) != localizer["ape_sha256"]:
-        raise InputError(f"{ape}: not the APE checkpoint this localizer was fitted with (SHA-256 differs)")
-    return localizer, ape
+    method = localizer["method"]
+    ape = _checked_checkpoint(localizer, "ape", checkpoint, path) if "ape" in method.split("+") else None
+    bpr = _checked_checkpoint(localizer, "bpr", bpr_checkpoint, path) if "bpr" in method.split("+") else None
+    return localizer, ape, bpr
 
 
 def _corners_mm(volume: Volume, box: np.ndarray) -> dict:
@@ -115,31 +151,60 @@ def check_organs(localizer: dict, organs: list[str] | None) -> list[str]:
     return names
 
 
-def predict_organ_boxes(localizer: dict, embedding: Volume, organs: list[str] | None = None) -> dict:
-    """Boxes per organ on a map Volume ``(X, Y, Z, C)``: voxel indices and mm, before and after enlargement."""
+def _ape_boxes(entry: dict, embedding: np.ndarray, combine: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    edges = [np.asarray(s["edge_embeddings"], dtype=np.float64) for s in entry["shots"]]
+    box, per_shot = predict_box(edges, embedding, combine)
+    return box, enlarge_box(box, entry["alpha"], embedding.shape[:3]), per_shot
+
+
+def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
+                        organs: list[str] | None = None) -> dict:
+    """Boxes per organ on a CT, in its voxel indices and in mm. APE (with ``embedding``, the map on the CT's grid):
+    ``box`` (retrieved) and ``enlarged_box``; BPR (with ``scored``, the canonical slice scores): ``bpr_z_range``
+    (slices) and ``bpr_box`` (full x/y); both: ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the
+    box to crop with: the combined one when both are there, else the enlarged APE or the BPR box."""
     names = check_organs(localizer, organs)
+    orientation = canonical_orientation(ct.direction)
+    perm, flip = orientation.perm, orientation.flip
+    canon_shape = tuple(ct.shape[p] for p in perm)
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]
-        edges = [np.asarray(s["edge_embeddings"], dtype=np.float64) for s in entry["shots"]]
-        box, per_shot = predict_box(edges, embedding.array, localizer["combine"])
-        big = enlarge_box(box, entry["alpha"], embedding.shape)
-        out[organ] = {
-            "label": entry["label"],
-            "alpha": entry["alpha"],
-            "box_voxels": box.round(2).tolist(),
-            "box": _corners_mm(embedding, box),
-            "enlarged_box_voxels": big.round(2).tolist(),
-            "enlarged_box": _corners_mm(embedding, big),
-            "per_shot_box_voxels": [b.tolist() for b in per_shot],
-        }
+        result: dict = {"label": entry["label"]}
+        crop = None
+        if embedding is not None and "shots" in entry:
+            box, big, per_shot = _ape_boxes(entry, embedding.array, localizer["combine"])
+            result.update({"alpha": entry["alpha"], "box_voxels": box.round(2).tolist(), "box": _corners_mm(ct, box),
+                           "enlarged_box_voxels": big.round(2).tolist(), "enlarged_box": _corners_mm(ct, big),
+                           "per_shot_box_voxels": [b.tolist() for b in per_shot]})
+            crop = big
+        if scored is not None and "bpr" in entry:
+            interval = combine_intervals([np.asarray(iv) for iv in entry["bpr"]["intervals"]], localizer["combine"])
+            low, high = z_range(scored.scores, interval, entry["bpr"]["margin"])
+            canon_z = z_box(canon_shape, low, high)
+            bpr_box = box_from_canonical(canon_z, perm, flip, ct.shape)
+            result.update({"bpr_margin": entry["bpr"]["margin"], "bpr_z_range": [low, high],
+                           "bpr_box_voxels": bpr_box.round(2).tolist(), "bpr_box": _corners_mm(ct, bpr_box)})
+            if crop is not None:
+                combined = box_to_canonical(crop, perm, flip, ct.shape)
+                combined[:, 2] = canon_z[:, 2]
+                crop = box_from_canonical(combined, perm, flip, ct.shape)
+                result.update({"combined_box_voxels": crop.round(2).tolist(), "combined_box": _corners_mm(ct, crop)})
+            else:
+                crop = bpr_box
+        result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop)})
+        out[organ] = result
     return out
 
 
-def localize_volume(localizer: dict, model: nn.Module, ct: Volume, device: str = "cpu", organs: list[str] | None = None) -> tuple[dict, Volume]:
-    """Embed a CT with the localizer's APE ``model`` (from :func:`load_localizer`'s checkpoint) and predict its
-    organ boxes; returns (boxes, map)."""
-    settings = EmbedSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in localizer["embed_settings"].items()})
-    embedding = embed_volume(model, ct, settings, device=device, progress=False)
-    return predict_organ_boxes(localizer, embedding, organs), embedding
-
+def localize_volume(localizer: dict, ct: Volume, ape_model: nn.Module | None = None, bpr_model: nn.Module | None = None,
+                    device: str = "cpu", organs: list[str] | None = None) -> dict:
+    """Embed and/or score a CT with the localizer's models (from :func:`load_localizer`'s checkpoints) and predict
+    its organ boxes (:func:`predict_organ_boxes`)."""
+    embedding = scored = None
+    if ape_model is not None:
+        settings = EmbedSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in localizer["embed_settings"].items()})
+        embedding = embed_volume(ape_model, ct, settings, device=device, progress=False)
+    if bpr_model is not None:
+        scored = score_ct(bpr_model, to_canonical(ct)[0], device)
+    return predict_organ_boxes(localizer, ct, embedding, scored, organs)
