@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
 
 
 def _run_localize_fit(args) -> None:
+    import sys
+
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.localize.cases import resolve_organs
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
@@ -60,6 +62,8 @@ def _run_localize_fit(args) -> None:
     localizer = fit_localizer(cases[: args.shots], organs, args.model, str(resolve_device(args.device)), args.target_recall,
                               args.combine, args.bpr_model)
     save_localizer(localizer, args.output)
+    for note in localizer["warnings"]:
+        print(f"nnunet-ape: warning: {note}", file=sys.stderr)
     settings = ", ".join(
         f"{o} " + " ".join(f"{k} {v:.2f}" for k, v in (("alpha", e.get("alpha")), ("margin", e.get("bpr", {}).get("margin"))) if v is not None)
         for o, e in localizer["organs"].items()

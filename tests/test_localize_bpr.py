@@ -129,44 +129,25 @@ def test_bpr_z_ranges_on_a_shifted_field_of_view_of_the_same_patient(bpr_localiz
     assert (out / "a_cropped_boxes.png").exists()
 
 
-def _write_case(folder, name: str, ct: Volume, label: np.ndarray) -> None:
-    from nnunet_ape.io import write_volume
-
-    write_volume(ct, folder / "images" / f"{name}.nii.gz")
-    write_volume(Volume(label.astype(np.int16), ct.spacing, ct.origin, ct.direction), folder / "labels" / f"{name}.nii.gz")
-
-
 def test_evaluate_bpr_compares_models_on_real_ct(bpr_run, tmp_path):
     """Patient A, A with a different field of view and A resampled to 2 mm: a trained model finds the landmark
     slices of one in the others; a random-weight model of the same trunk, in the same table, does not."""
-    import SimpleITK as sitk
     import torch
 
+    from nnunet_ape.case_variants import write_case_variants
     from nnunet_ape.checkpoint import save_atomic
     from nnunet_ape.cli import main
-    from nnunet_ape.io import volume_to_image
     from nnunet_ape.models.bpr import BPRNet
 
     case = labeled_patient("A")
-    ct, label = read_volume(case.image), read_volume(case.label).array
-    folder = tmp_path / "cases"
-    (folder / "images").mkdir(parents=True), (folder / "labels").mkdir()
-    _write_case(folder, "a", ct, label)
-    origin = tuple(ct.index_to_physical(np.array([[0, 0, 12]]))[0])
-    _write_case(folder, "a_fov", Volume(ct.array[:, :, 12:], ct.spacing, origin, ct.direction), label[:, :, 12:])
-    image = volume_to_image(ct)
-    size = [int(n * s / 2.0) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    grid = dict(size=size, outputOrigin=image.GetOrigin(), outputSpacing=(2.0, 2.0, 2.0), outputDirection=image.GetDirection())
-    fine = sitk.Resample(image, interpolator=sitk.sitkLinear, defaultPixelValue=-1024, **grid)
-    fine_label = sitk.Resample(volume_to_image(ct.with_array(label.astype(np.int16))), interpolator=sitk.sitkNearestNeighbor, **grid)
-    to_xyz = lambda img: np.moveaxis(sitk.GetArrayFromImage(img), (0, 1, 2), (2, 1, 0))  # noqa: E731
-    _write_case(folder, "a_2mm", Volume(to_xyz(fine), (2.0, 2.0, 2.0), fine.GetOrigin(), np.array(fine.GetDirection()).reshape(3, 3)), to_xyz(fine_label))
+    images, labels = write_case_variants(case, tmp_path / "cases")
+    assert sorted(p.name for p in images.iterdir()) == ["A.nii.gz", "A_2mm.nii.gz", "A_fov.nii.gz"]
     torch.manual_seed(0)
     random = save_atomic({"format": "nnunet-ape/bpr-v1", "model_config": {"trunk": "tiny"}, "model": BPRNet("tiny").state_dict(),
                           "iteration": 0}, tmp_path / "random.pt")
     out = tmp_path / "eval"
-    assert main(["evaluate", "bpr", "--bpr-model", str(bpr_run / "checkpoint_final.pt"), str(random), "--images", str(folder / "images"),
-                 "--labels", str(folder / "labels"), "--label-names", str(case.label.parent / "ts_a_labels.json"), "-o", str(out),
+    assert main(["evaluate", "bpr", "--bpr-model", str(bpr_run / "checkpoint_final.pt"), str(random), "--images", str(images),
+                 "--labels", str(labels), "--label-names", str(case.label.parent / "ts_a_labels.json"), "-o", str(out),
                  "--device", "cpu"]) == 0
     result = json.loads((out / "bpr_evaluation.json").read_text())
     trained, untrained = result["models"].values()

@@ -65,20 +65,26 @@ def test_organs_missing_from_cases_are_left_out_and_reported():
     assert "| thing | 2 |" in table and "too few cases" in table
 
 
-def test_evaluate_command_on_phantoms(pretrained_run, tmp_path):
+def test_evaluate_command_on_phantoms(pretrained_run, bpr_run, tmp_path):
     from nnunet_ape.cli import main
     from nnunet_ape.phantoms import write_cohort
 
     write_cohort(tmp_path / "cohort", 4, seed=3)
     out = tmp_path / "eval"
     code = main(["evaluate", "localization", "-m", str(pretrained_run / "checkpoint_final.pt"), "-d", str(tmp_path / "cohort"),
+                 "--bpr-model", str(bpr_run / "checkpoint_final.pt"),
                  "--organs", "liver", "aorta", "spine", "--shots", "2", "-o", str(out), "--device", "cpu"])
     assert code == 0
     result = json.loads((out / "localization.json").read_text())
     assert set(result["organs"]) == {"liver", "aorta", "spine"}
     spine = result["organs"]["spine"]  # the spine is in every phantom
     assert spine["evaluated"] == 4
-    for key in ("mre_c", "mre_ep", "iou_ape", "iou_body_box", "vr99_ape", "vr99_body_box"):
-        assert key in spine
+    for key in ("mre_c", "mre_ep", "iou_ape", "iou_body_box", "vr99_ape", "vr99_body_box", "iou_bpr_z", "iou_ape_bpr",
+                "recall_calibrated_bpr_z", "vr_calibrated_ape_bpr"):
+        assert key in spine, key
     assert 0 <= spine["iou_ape"] <= 1 and spine["vr99_ape"] >= 1
-    assert "IoU body box" in (out / "localization.md").read_text()
+    assert 0 <= spine["iou_bpr_z"] <= 1 and 0 <= spine["recall_calibrated_bpr_z"] <= 1
+    # same crops along z, but APE x/y on top: never a larger volume than the BPR z-only crop
+    assert spine["vr_calibrated_ape_bpr"] >= spine["vr_calibrated_bpr_z"]
+    table = (out / "localization.md").read_text()
+    assert "IoU body box" in table and "IoU BPR z" in table and "IoU APE x/y + BPR z" in table

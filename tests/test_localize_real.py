@@ -110,3 +110,28 @@ def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path):
     bad = _cli("localize", "predict", "-l", str(tmp_path / "ok.json"), "-i", str(patient("A")), "-o", str(tmp_path / "p"),
                "--organs", "spleen", "--device", "cpu")
     assert bad.returncode == 2 and "unknown organ 'spleen'" in bad.stderr and not (tmp_path / "p").exists()
+
+
+def test_ape_and_bpr_combined_boxes_from_a_to_b(pretrained_run, bpr_run, tmp_path):
+    """APE x/y with BPR z: the crop box takes its x/y from the enlarged APE box and its z from the BPR z-range."""
+    images, labels, names = _labeled_folder(tmp_path, "A")
+    localizer = tmp_path / "localizer.json"
+    fit = _cli("localize", "fit", "-m", str(pretrained_run / "checkpoint_final.pt"), "--bpr-model", str(bpr_run / "checkpoint_final.pt"),
+               "--images", str(images), "--labels", str(labels), "--label-names", str(names), "--organs", "liver", "spleen",
+               "--shots", "1", "-o", str(localizer), "--device", "cpu")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    content = json.loads(localizer.read_text())
+    assert content["method"] == "ape+bpr" and len(content["bpr_sha256"]) == 64
+    assert "liver reaches the first or last slice" in fit.stderr  # A's liver is cut by the top of the scan
+    out = tmp_path / "boxes"
+    pred = _cli("localize", "predict", "-l", str(localizer), "-i", str(patient("B")), "-o", str(out), "--png", "--device", "cpu")
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    result = json.loads(next(out.glob("*_boxes.json")).read_text())
+    shape = np.array(read_volume(patient("B")).shape)
+    for organ in ("liver", "spleen"):
+        entry = result["organs"][organ]
+        big, bpr, crop = (np.array(entry[k]) for k in ("enlarged_box_voxels", "bpr_box_voxels", "crop_box_voxels"))
+        assert np.array_equal(crop, np.array(entry["combined_box_voxels"]))
+        assert np.allclose(crop[:, :2], big[:, :2]) and np.allclose(crop[:, 2], bpr[:, 2])  # B's z axis is its third
+        assert np.allclose(bpr[:, :2], [[0, 0], shape[:2] - 1]) and entry["bpr_z_range"] == bpr[:, 2].astype(int).tolist()
+        assert np.all(crop[0] >= 0) and np.all(crop[1] <= shape - 1)

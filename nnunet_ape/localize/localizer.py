@@ -61,6 +61,7 @@ def fit_localizer(
     edges: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     intervals: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     maps, scored, masks, canon_masks = [], [], {o: [] for o in organs}, {o: [] for o in organs}
+    notes: list[str] = []
     for case in tqdm(cases, desc="reading shots", unit="case"):
         ct, label = read_case(case)
         for organ, value in organs.items():
@@ -79,6 +80,10 @@ def fit_localizer(
             for organ, value in organs.items():
                 canon_masks[organ].append(canon_label == value)
                 intervals[organ].append(organ_interval(scored[-1].scores, canon_masks[organ][-1]))
+                slices = np.flatnonzero(canon_masks[organ][-1].any(axis=(0, 1)))
+                if slices[0] == 0 or slices[-1] == canon_label.shape[2] - 1:
+                    notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so its "
+                                 "score interval there is too short; prefer shots that show the whole organ")
     organ_entries = {}
     for organ, value in organs.items():
         entry: dict = {"label": int(value)}
@@ -100,7 +105,8 @@ def fit_localizer(
         })
     if bpr_checkpoint:
         localizer.update({"bpr_checkpoint": str(Path(bpr_checkpoint).resolve()), "bpr_sha256": file_hash(bpr_checkpoint)})
-    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [c.name for c in cases], "organs": organ_entries})
+    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [c.name for c in cases], "warnings": notes,
+                      "organs": organ_entries})
     return localizer
 
 
