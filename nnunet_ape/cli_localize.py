@@ -10,7 +10,7 @@ from nnunet_ape.errors import InputError
 
 
 def add_parser(sub) -> None:
-    loc = sub.add_parser("localize", help="few-shot organ boxes from APE maps (fit, predict)",
+    loc = sub.add_parser("localize", help="few-shot organ boxes from APE maps and/or BPR slice scores (fit, predict)",
                          description="Few-shot organ localization: fit a localizer on K labeled cases, predict boxes.")
     loc_sub = loc.add_subparsers(dest="localize_command", required=True, metavar="STEP")
     fit = loc_sub.add_parser(

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from nnunet_ape.cli_common import add_case_source_args, labeled_cases
+from nnunet_ape.errors import InputError
 
 
 def add_parser(sub) -> None:
@@ -61,6 +62,8 @@ def _run_score(args) -> None:
     from nnunet_ape.io import output_name, read_volume
     from nnunet_ape.plots import scores_png
 
+    if args.smoothing_mm < 0:
+        raise InputError(f"--smoothing-mm {args.smoothing_mm}: must be >= 0 (0 turns smoothing off)")
     model, state = load_bpr_model(args.model)
     calibration = Calibration.from_dict(state["calibration"]) if state.get("calibration") else None
     images = resolve_images(args.input)
