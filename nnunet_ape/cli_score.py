@@ -69,6 +69,8 @@ def _run_score(args) -> None:
     images = resolve_images(args.input)
     for image in images:
         check_header(image, MIN_SLICES)
+    if len({output_name(p) for p in images}) != len(images):
+        raise InputError("input cases share names; give them unique file names")
     device = str(resolve_device(args.device))
     for image in tqdm(images, desc="scoring", unit="ct", disable=len(images) == 1):
         ct = read_volume(image, min_size=MIN_SLICES)
