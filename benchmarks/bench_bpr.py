@@ -87,7 +87,8 @@ def main() -> None:
 
 def spearman_unlabeled(model, paths: list[Path], device: str) -> float:
     """Mean Spearman rho of raw slice score against z over the body slices of unlabeled CTs."""
-    from nnunet_ape.bpr.evaluate import CaseScores, monotonicity
+    from nnunet_ape.bpr.calibration import CaseScores
+    from nnunet_ape.bpr.evaluate import monotonicity
     from nnunet_ape.bpr.scoring import body_slices, raw_slice_scores
     from nnunet_ape.io import read_volume, to_canonical
 

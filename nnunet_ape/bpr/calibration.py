@@ -77,16 +77,29 @@ def parse_anchors(specs: Sequence[str] | None) -> dict[str, float]:
     return anchors
 
 
-def case_landmark_scores(model: torch.nn.Module, case: LabeledCase, names: list[str], device: str = "cpu") -> tuple[dict[str, float], float]:
-    """Smoothed raw score at each landmark of ``names`` the case shows, and the case's raw slope per mm."""
+@dataclass(eq=False)
+class CaseScores:
+    """One labeled case scored by one model: canonical raw and cleaned scores, body slices, z spacing (mm) and the
+    true landmark slices (canonical index)."""
+
+    name: str
+    raw: np.ndarray
+    cleaned: np.ndarray
+    body: np.ndarray
+    z_spacing: float
+    landmarks: dict[str, float]
+
+
+def score_case(model: torch.nn.Module, case: LabeledCase, landmarks: list[str], device: str = "cpu") -> CaseScores:
+    """Score every slice of a labeled case and find the landmarks of ``landmarks`` its label map shows."""
     ct, label = read_case(case)
     canon, _ = to_canonical(ct)
     check_scorable(canon, str(case.image))
-    label_canon, _ = to_canonical(ct.with_array(label))
-    raw = smooth_scores(raw_slice_scores(model, canon, device), body_slices(canon), canon.spacing[2])
-    found = landmark_slices(np.asarray(label_canon.array), case.labels, names)
-    z_mm = np.arange(canon.shape[2]) * canon.spacing[2]
-    return {name: score_at(raw, z) for name, z in found.items()}, fitted_slope(raw, z_mm)
+    label_canon = to_canonical(ct.with_array(label))[0].array
+    raw = raw_slice_scores(model, canon, device)
+    body = body_slices(canon)
+    return CaseScores(case.name, raw, smooth_scores(raw, body, canon.spacing[2]), body, canon.spacing[2],
+                      landmark_slices(np.asarray(label_canon), case.labels, landmarks))
 
 
 def fit_calibration(model: torch.nn.Module, cases: list[LabeledCase], anchors: dict[str, float], device: str = "cpu") -> Calibration:
@@ -95,10 +108,10 @@ def fit_calibration(model: torch.nn.Module, cases: list[LabeledCase], anchors: d
     per_landmark: dict[str, list[float]] = {n: [] for n in names}
     slopes = []
     for case in tqdm(cases, desc="scoring calibration cases", unit="case"):
-        scores, slope = case_landmark_scores(model, case, names, device)
-        for name, score in scores.items():
-            per_landmark[name].append(score)
-        slopes.append(slope)
+        scored = score_case(model, case, names, device)
+        for name, z in scored.landmarks.items():
+            per_landmark[name].append(score_at(scored.cleaned, z))
+        slopes.append(fitted_slope(scored.cleaned, np.arange(len(scored.cleaned)) * scored.z_spacing))
     missing = [a for a in anchors if not per_landmark[a]]
     if missing:
         seen = ", ".join(n for n in names if per_landmark[n]) or "none"

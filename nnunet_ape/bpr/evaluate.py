@@ -10,44 +10,15 @@ slices whose unprocessed score rises from feet to head, and Spearman's rho of sc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from nnunet_ape.bpr.landmarks import landmark_slices
-from nnunet_ape.bpr.scoring import body_slices, check_scorable, load_bpr_model, raw_slice_scores, smooth_scores
-from nnunet_ape.io import to_canonical
-from nnunet_ape.localize.cases import LabeledCase, read_case
-
-
-@dataclass(eq=False)
-class CaseScores:
-    """One case scored by one model: canonical raw and cleaned scores, z spacing and true landmark slices."""
-
-    name: str
-    raw: np.ndarray
-    cleaned: np.ndarray
-    body: np.ndarray
-    z_spacing: float
-    landmarks: dict[str, float]
-
-
-def score_cases(model, cases: list[LabeledCase], landmarks: list[str], device: str = "cpu") -> list[CaseScores]:
-    """Score every case and find its landmark slices (canonical, feet to head)."""
-    out = []
-    for case in cases:
-        ct, label = read_case(case)
-        canon, _ = to_canonical(ct)
-        check_scorable(canon, str(case.image))
-        label_canon = to_canonical(ct.with_array(label))[0].array
-        raw = raw_slice_scores(model, canon, device)
-        body = body_slices(canon)
-        out.append(CaseScores(case.name, raw, smooth_scores(raw, body, canon.spacing[2]), body, canon.spacing[2],
-                              landmark_slices(label_canon, case.labels, landmarks)))
-    return out
+from nnunet_ape.bpr.calibration import CaseScores, score_case
+from nnunet_ape.bpr.scoring import load_bpr_model
+from nnunet_ape.localize.cases import LabeledCase
 
 
 def landmark_errors(scored: list[CaseScores]) -> dict[str, list[tuple[str, float, float]]]:
@@ -80,7 +51,7 @@ def evaluate_models(checkpoints: list[Path], cases: list[LabeledCase], landmarks
     models = {}
     for path in tqdm(checkpoints, desc="models", unit="model"):
         model, state = load_bpr_model(path)
-        scored = score_cases(model, cases, landmarks, device)
+        scored = [score_case(model, case, landmarks, device) for case in cases]
         errors = landmark_errors(scored)
         flat = [e for rows in errors.values() for e in rows]
         mono = np.array([monotonicity(c) for c in scored])
