@@ -127,3 +127,21 @@ def test_volume_rejects_array_of_other_shape():
     volume = Volume(np.zeros((4, 5, 6)), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError):
         volume.with_array(np.zeros((4, 5, 7)))
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    import shutil
+
+    series = patient("B_dicom")
+    files = sorted(p for p in series.iterdir() if not p.name.startswith("."))
+    complete, gappy = tmp_path / "complete", tmp_path / "gappy"
+    shutil.copytree(series, complete)
+    shutil.copytree(series, gappy)
+    volume = read_volume(complete)
+    assert volume.shape[2] == len(files)
+    positions = sorted(float(sitk.ReadImage(str(f)).GetOrigin()[2]) for f in files)
+    middle = next(f for f in files if float(sitk.ReadImage(str(f)).GetOrigin()[2]) == positions[len(positions) // 2])
+    (gappy / middle.name).unlink()  # a slice in the middle of the stack goes missing
+    with pytest.raises(InputError, match="uneven slice spacing") as info:
+        read_volume(gappy)
+    assert "\n" not in str(info.value)
