@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from nnunet_ape.bpr.landmarks import DEFAULT_EVALUATION_LANDMARKS, LANDMARKS, landmark_definition, landmark_slices
-from nnunet_ape.bpr.scoring import body_slices, check_scorable, fitted_slope, raw_slice_scores, score_at, smooth_scores
+from nnunet_ape.bpr.scoring import check_scorable, clean_slice_scores, fitted_slope, score_at
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import to_canonical
 from nnunet_ape.localize.cases import LabeledCase, read_case
@@ -96,9 +96,8 @@ def score_case(model: torch.nn.Module, case: LabeledCase, landmarks: list[str], 
     canon, _ = to_canonical(ct)
     check_scorable(canon, str(case.image))
     label_canon = to_canonical(ct.with_array(label))[0].array
-    raw = raw_slice_scores(model, canon, device)
-    body = body_slices(canon)
-    return CaseScores(case.name, raw, smooth_scores(raw, body, canon.spacing[2]), body, canon.spacing[2],
+    raw, body, cleaned = clean_slice_scores(model, canon, device)
+    return CaseScores(case.name, raw, cleaned, body, canon.spacing[2],
                       landmark_slices(np.asarray(label_canon), case.labels, landmarks))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from nnunet_ape.bpr.calibration import Calibration, body_part_tag, body_parts_examined
-from nnunet_ape.bpr.scoring import SMOOTHING_MM, body_slices, check_scorable, fitted_slope, raw_slice_scores, smooth_scores
+from nnunet_ape.bpr.scoring import SMOOTHING_MM, check_scorable, clean_slice_scores, fitted_slope
 from nnunet_ape.io import Volume, to_canonical
 
 SLOPE_RATIO_TOLERANCE = 0.28  # bpreg's r_slope_threshold: |1 - observed/expected slope| above this -> invalid z-spacing
@@ -32,9 +32,7 @@ def score_volume(model: torch.nn.Module, ct: Volume, calibration: Calibration | 
     """Score every axial slice of ``ct`` -> a JSON-ready dict (see the module docstring); InputError for < 2 slices."""
     canon, orientation = to_canonical(ct)
     check_scorable(canon, name)
-    raw = raw_slice_scores(model, canon, device)
-    body = body_slices(canon)
-    cleaned = smooth_scores(raw, body, canon.spacing[2], sigma_mm)
+    raw, body, cleaned = clean_slice_scores(model, canon, device, sigma_mm)
     unprocessed = np.where(body, raw, np.nan)
     if calibration is not None:
         cleaned, unprocessed = calibration.apply(cleaned), calibration.apply(unprocessed)

@@ -63,6 +63,15 @@ def smooth_scores(raw: np.ndarray, valid: np.ndarray, z_spacing_mm: float, sigma
     return cleaned
 
 
+def clean_slice_scores(model: torch.nn.Module, canon: Volume, device: str | torch.device = "cpu",
+                       sigma_mm: float = SMOOTHING_MM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score a canonical CT: ``(raw, body, cleaned)``, each ``(Z,)`` feet to head; ``body`` marks slices with body,
+    ``cleaned`` is ``raw`` smoothed over them (:func:`smooth_scores`) and NaN elsewhere."""
+    raw = raw_slice_scores(model, canon, device)
+    body = body_slices(canon)
+    return raw, body, smooth_scores(raw, body, canon.spacing[2], sigma_mm)
+
+
 def score_at(scores: np.ndarray, z_index: float) -> float:
     """Score at a fractional canonical slice index, linearly interpolated (NaN where a neighbour is NaN)."""
     return float(np.interp(z_index, np.arange(len(scores)), scores))

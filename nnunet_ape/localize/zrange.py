@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunet_ape.bpr.scoring import body_slices, fitted_slope, raw_slice_scores, score_at, smooth_scores
+from nnunet_ape.bpr.scoring import clean_slice_scores, fitted_slope, score_at
 from nnunet_ape.io import Volume
 from nnunet_ape.localize.fewshot import COMBINE
 
@@ -29,7 +29,7 @@ class ScoredCT:
 
 def score_ct(model, canon: Volume, device: str = "cpu") -> ScoredCT:
     """Cleaned (smoothed, body-only) raw scores of a canonical CT; see :mod:`nnunet_ape.bpr.scoring`."""
-    scores = smooth_scores(raw_slice_scores(model, canon, device), body_slices(canon), canon.spacing[2])
+    scores = clean_slice_scores(model, canon, device)[2]
     return ScoredCT(scores, fitted_slope(scores, np.arange(len(scores)) * canon.spacing[2]))
 
 
