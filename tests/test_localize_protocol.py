@@ -14,7 +14,7 @@ from nnunet_ape.localize.boxes import (
     mask_box,
     volume_ratio,
 )
-from nnunet_ape.localize.fewshot import calibrate_alpha, combine_boxes, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import calibrate_alpha, combine_boxes, cut_sides, predict_box, shot_queries
 from nnunet_ape.localize.retrieval import nearest_voxels, radial_errors
 
 
@@ -123,3 +123,37 @@ def test_leave_one_shot_out_alpha_reaches_the_target_on_every_shot():
         others = [e for i, e in enumerate(edges) if i != held]
         box, _ = predict_box(others, maps[held])
         assert box_recall(masks[held], enlarge_box(box, alpha, shape)) >= 0.99
+
+
+def test_an_organ_cut_by_the_scan_reaches_the_test_border_on_the_cut_side():
+    shape = (40, 40, 40)
+    mask = np.zeros(shape, bool)
+    mask[8:20, 10:30, 25:40] = True  # touches the last slice: the scan cut it at the top
+    assert cut_sides(mask).tolist() == [[False] * 3, [False, False, True]]
+    test = _position_map(shape, offset=(0, 0, -10))  # the test scan shows 10 more slices above the same anatomy
+    # the test's organ goes on beyond the shot's field of view: every cut side reaches the test border
+    box, per_shot = predict_box([shot_queries(_position_map(shape), mask)], test, cuts=[cut_sides(mask)])
+    assert box.tolist() == [[8, 10, 35], [19, 29, 39]]
+    assert per_shot[0].tolist() == box.tolist()
+    test = _position_map(shape, offset=(0, 0, 5))  # the test shows 5 more slices below, 5 fewer above
+    box, _ = predict_box([shot_queries(_position_map(shape), mask)], test, cuts=[cut_sides(mask)])
+    assert box.tolist() == [[8, 10, 20], [19, 29, 39]]
+
+
+def test_cut_sides_come_from_the_shots_that_show_them():
+    shape = (40, 40, 40)
+    whole = np.zeros(shape, bool)
+    whole[8:20, 10:30, 10:30] = True
+    cut = whole.copy()
+    cut[:, :, :15] = False  # a second shot whose scan starts inside the organ
+    cut = np.roll(cut, -15, axis=2)  # ...so the organ touches its first slice
+    assert cut_sides(cut)[0, 2] and not cut_sides(whole).any()
+    maps = [_position_map(shape), _position_map(shape, offset=(0, 0, 15))]
+    edges = [shot_queries(m, k) for m, k in zip(maps, [whole, cut])]
+    cuts = [cut_sides(whole), cut_sides(cut)]
+    for how in ("mean", "median"):
+        box, _ = predict_box(edges, _position_map(shape), how, cuts)
+        # both shots agree on the top (29) and on x/y; only the whole shot knows the bottom (10)
+        assert box.tolist() == [[8, 10, 10], [19, 29, 29]], how
+    mean_uncut, _ = predict_box(edges, _position_map(shape), "mean")
+    assert mean_uncut[0, 2] == 12.5  # the cut shot drags the bottom up by half its 15-slice cut

@@ -96,4 +96,21 @@ def read_case(case: LabeledCase, min_size: int = 8) -> tuple[Volume, np.ndarray]
     label = read_volume(case.label, check_finite=False)
     if not ct.same_geometry(label, atol=1e-3):
         raise InputError(f"{case.label}: label map does not share the grid of {case.image} (size, spacing, origin, direction)")
-    return ct, np.asarray(label.array).astype(np.int64)
+    return ct, label_values(label.array, case.label)
+
+
+def label_values(array: np.ndarray, source: Path | str) -> np.ndarray:
+    """A label map ``(X, Y, Z)`` in the smallest unsigned integer type holding its values (uint8 for up to 255
+    labels: 1 byte per voxel, where int64 would take 8). ``source`` names the file in errors.
+
+    Raises InputError for NaN, negative or non-integer values (a label map is not an intensity image).
+    """
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or not np.equal(np.mod(array, 1), 0).all():
+            raise InputError(f"{source}: label map has non-integer values; give a segmentation with integer labels")
+    if array.size and array.min() < 0:
+        raise InputError(f"{source}: label map has negative values; labels must be 0 (background) or positive integers")
+    top = int(array.max()) if array.size else 0
+    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32
+    return array.astype(dtype, copy=False)

@@ -9,7 +9,9 @@ Everything is computed in canonical (LPS) index space; metrics do not depend on 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -27,8 +29,9 @@ from nnunet_ape.localize.boxes import (
     volume_ratio,
 )
 from nnunet_ape.localize.cases import LabeledCase, read_case
-from nnunet_ape.localize.fewshot import calibrate_alpha, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import calibrate_alpha, cut_sides, predict_box, shot_queries
 from nnunet_ape.localize.retrieval import nearest_voxels
+from nnunet_ape.localize.store import spill
 from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
 from nnunet_ape.pretrain.cache import FOREGROUND_HU
 
@@ -41,7 +44,11 @@ TITLES = {"ape": "APE", "body_box": "body box", "bpr_z": "BPR z", "ape_bpr": "AP
 @dataclass(eq=False)
 class PreparedCase:
     """A case in canonical orientation: CT geometry, APE map ``(X, Y, Z, 3)``, label array, body box, and the
-    BPR slice scores when a BPR model was given."""
+    BPR slice scores when a BPR model was given.
+
+    Only ``ct``'s geometry is used after preparation; :func:`prepare` leaves a placeholder array there that takes
+    no memory, and may hand the embedding over as a read-only memory map.
+    """
 
     name: str
     ct: Volume
@@ -49,6 +56,11 @@ class PreparedCase:
     label: np.ndarray
     body: np.ndarray
     scored: ScoredCT | None = None
+
+
+def geometry_only(volume: Volume) -> Volume:
+    """The volume's geometry with a zero-memory placeholder array of its shape (``index_to_physical`` works)."""
+    return volume.with_array(np.broadcast_to(np.zeros((), np.uint8), volume.shape))
 
 
 def body_box(hu: np.ndarray) -> np.ndarray:
@@ -59,15 +71,25 @@ def body_box(hu: np.ndarray) -> np.ndarray:
     return mask_box(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
 
 
-def prepare(case: LabeledCase, model, settings: EmbedSettings, device: str, bpr_model=None) -> PreparedCase:
-    """Read, embed (and score, with ``bpr_model``) and reorient one labeled case."""
+def prepare(
+    case: LabeledCase, model, settings: EmbedSettings, device: str, bpr_model=None, store: Path | None = None,
+) -> PreparedCase:
+    """Read, embed (and score, with ``bpr_model``) and reorient one labeled case. The CT's voxels are not kept.
+
+    With ``store`` (a folder) the embedding is written there as ``NAME.npy`` and opened as a read-only memory map,
+    so a data set's maps need disk, not memory.
+    """
     ct, label = read_case(case)
     embedding = embed_volume(model, ct, settings, device=device, progress=False)
     canon_ct, _ = to_canonical(ct)
-    canon_emb, _ = to_canonical(embedding)
+    canon_emb = np.ascontiguousarray(to_canonical(embedding)[0].array)
+    del embedding
     canon_label, _ = to_canonical(ct.with_array(label))
     scored = score_ct(bpr_model, canon_ct, device) if bpr_model is not None else None
-    return PreparedCase(case.name, canon_ct, canon_emb.array, canon_label.array, body_box(canon_ct.array), scored)
+    if store is not None:
+        canon_emb = spill(canon_emb, store, case.name)
+    body = body_box(canon_ct.array)
+    return PreparedCase(case.name, geometry_only(canon_ct), canon_emb, np.ascontiguousarray(canon_label.array), body, scored)
 
 
 def _with_z(box: np.ndarray, z: tuple[int, int]) -> np.ndarray:
@@ -89,7 +111,8 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     masks = [c.label == value for c in train]
     edges = [shot_queries(c.embedding, m) for c, m in zip(train, masks)]
     relative = np.mean([_relative_box(mask_box(m), c.body) for c, m in zip(train, masks)], axis=0)
-    alpha = calibrate_alpha(edges, [c.embedding for c in train], masks, target, combine)
+    cuts = [cut_sides(m) for m in masks]
+    alpha = calibrate_alpha(edges, [c.embedding for c in train], masks, target, combine, cuts)
     use_bpr = all(c.scored is not None for c in train)
     if use_bpr:
         intervals = [organ_interval(c.scored.scores, m) for c, m in zip(train, masks)]
@@ -98,7 +121,7 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
 
     def predict(test: PreparedCase) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         shape = test.label.shape
-        ape, _ = predict_box(edges, test.embedding, combine)
+        ape, _ = predict_box(edges, test.embedding, combine, cuts)
         raw = {"ape": ape, "body_box": test.body[0] + relative * (test.body[1] - test.body[0])}
         crops = {"ape": enlarge_box(ape, alpha, shape)}
         if use_bpr and test.scored is not None:
@@ -164,8 +187,11 @@ def evaluate_localization(
 ) -> dict:
     """Run the protocol on labeled cases; returns ``{"organs": {name: metrics}, "mean": {...}, "settings": ...}``.
     With ``bpr_model`` the BPR methods are measured in the same run."""
-    prepared = [prepare(c, model, settings, device, bpr_model) for c in tqdm(cases, desc="embedding cases", unit="case")]
-    per_organ = {name: evaluate_organ(prepared, value, shots, target, combine) for name, value in organs.items()}
+    with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
+        prepared = [prepare(c, model, settings, device, bpr_model, Path(store))
+                    for c in tqdm(cases, desc="embedding cases", unit="case")]
+        per_organ = {name: evaluate_organ(prepared, value, shots, target, combine) for name, value in organs.items()}
+        del prepared  # memory maps close before their folder goes
     done = [r for r in per_organ.values() if r.get("evaluated")]
     mean = {}
     if done:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nnunet_ape.localize.boxes import alpha_for_recall, edge_points, points_box
+from nnunet_ape.localize.boxes import alpha_for_recall, edge_points, mask_box, points_box
 from nnunet_ape.localize.retrieval import nearest_voxels
 
 COMBINE = ("mean", "median")
@@ -37,28 +37,68 @@ def combine_boxes(boxes: list[np.ndarray], how: str = "mean") -> np.ndarray:
     return stack.mean(0) if how == "mean" else np.median(stack, axis=0)
 
 
-def predict_box(edges: list[np.ndarray], embedding: np.ndarray, how: str = "mean") -> tuple[np.ndarray, list[np.ndarray]]:
+def cut_sides(mask: np.ndarray) -> np.ndarray:
+    """Which sides of a mask's box ``(X, Y, Z)`` touch the image border: bool ``(2, 3)``, row 0 the low sides
+    (index 0), row 1 the high sides, columns x, y, z. There the scan cut the organ: that edge is not anatomy."""
+    box = mask_box(mask)
+    return np.stack([box[0] <= 0, box[1] >= np.asarray(mask.shape) - 1])
+
+
+def predict_box(
+    edges: list[np.ndarray], embedding: np.ndarray, how: str = "mean", cuts: list[np.ndarray] | None = None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Box ``(2, 3)`` on a test map ``(X, Y, Z, C)`` from the shots' edge queries, and the per-shot boxes.
 
-    All queries are retrieved in one pass over the map.
+    ``cuts``: per shot, :func:`cut_sides` of its mask, in the same index space as the map (edge points in the order
+    of :func:`~nnunet_ape.localize.boxes.edge_points`). An edge the scan cut is no landmark: its point is not
+    retrieved, and that side of the box comes from the shots that show it, or reaches the test image's border when
+    none does (the organ goes on beyond every shot's field of view). All queries are retrieved in one pass.
     """
+    cuts = cuts if cuts is not None else [np.zeros((2, 3), bool)] * len(edges)
+    border = np.stack([np.zeros(3), np.asarray(embedding.shape[:3], dtype=np.float64) - 1])
     found = nearest_voxels(np.concatenate(edges), embedding)
-    per_shot = [points_box(found[i * 6 : (i + 1) * 6]) for i in range(len(edges))]
-    return combine_boxes(per_shot, how), per_shot
+    sides = []  # per shot, its box with NaN on the sides it cannot tell
+    for i, cut in enumerate(cuts):
+        point_cut = cut.T.ravel()  # edge point j lies on side j % 2 of axis j // 2
+        kept = found[i * 6 : (i + 1) * 6][~point_cut]
+        box = points_box(kept) if len(kept) else np.full((2, 3), np.nan)
+        sides.append(np.where(cut, np.nan, box))
+    combined = _combine_sides(sides, how)
+    per_shot = [np.where(np.isnan(b), border, b) for b in sides]
+    return np.where(np.isnan(combined), border, combined), per_shot
+
+
+def _combine_sides(boxes: list[np.ndarray], how: str) -> np.ndarray:
+    """Per side, the mean or median over the boxes that have it (NaN where none does)."""
+    stack = np.stack(boxes)
+    known = ~np.isnan(stack)
+    if known.all():
+        return combine_boxes(boxes, how)
+    with np.errstate(invalid="ignore"):
+        if how == "mean":
+            return np.where(known.any(0), np.nansum(stack, 0) / np.maximum(known.sum(0), 1), np.nan)
+        if how not in COMBINE:
+            raise ValueError(f"unknown combination {how!r}; choose one of {COMBINE}")
+        out = np.full(stack.shape[1:], np.nan)
+        for index in zip(*np.nonzero(known.any(0))):
+            out[index] = np.median(stack[(slice(None), *index)][known[(slice(None), *index)]])
+        return out
 
 
 def calibrate_alpha(
     edges: list[np.ndarray], maps: list[np.ndarray], masks: list[np.ndarray], target: float = 0.99, how: str = "mean",
+    cuts: list[np.ndarray] | None = None,
 ) -> float:
     """Leave-one-shot-out enlargement: for each shot, predict its box from the other shots and find the alpha that
     reaches ``target`` recall of its mask; return the largest (so every shot reaches the target). With a single
-    shot there is nothing to hold out and :data:`DEFAULT_ALPHA` is returned."""
+    shot there is nothing to hold out and :data:`DEFAULT_ALPHA` is returned. ``cuts`` as in :func:`predict_box`;
+    maps, masks and edge points must share one index space (canonical, when shots differ in orientation)."""
     if len(edges) < 2:
         return DEFAULT_ALPHA
     alphas = []
     for held in range(len(edges)):
         others = [e for i, e in enumerate(edges) if i != held]
-        box, _ = predict_box(others, maps[held], how)
+        other_cuts = None if cuts is None else [c for i, c in enumerate(cuts) if i != held]
+        box, _ = predict_box(others, maps[held], how, other_cuts)
         alphas.append(alpha_for_recall(masks[held], box, target))
     return float(max(alphas))
-

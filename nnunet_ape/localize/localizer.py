@@ -9,6 +9,7 @@ calibrated margin (z only, full x/y). ``ape+bpr``: both; the crop box then takes
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, to_canonical
 from nnunet_ape.localize.boxes import box_from_canonical, box_to_canonical, enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
-from nnunet_ape.localize.fewshot import calibrate_alpha, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.masks import CroppedMask
+from nnunet_ape.localize.store import spill
 from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
 
 LOCALIZER_FORMAT = "nnunet-ape/localizer-v1"
@@ -60,42 +63,50 @@ def fit_localizer(
     settings = embed_settings_for(checkpoint) if checkpoint else None
     edges: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     intervals: dict[str, list[np.ndarray]] = {o: [] for o in organs}
+    cuts: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     maps, scored, masks, canon_masks = [], [], {o: [] for o in organs}, {o: [] for o in organs}
     notes: list[str] = []
-    for case in tqdm(cases, desc="reading shots", unit="case"):
-        ct, label = read_case(case)
-        for organ, value in organs.items():
-            if not (label == value).any():
-                raise InputError(f"{case.label}: organ '{organ}' (label {value}) is missing from case '{case.name}'; drop the case or the organ")
-        if ape_model is not None:
-            embedding = embed_volume(ape_model, ct, settings, device=device, progress=False).array
-            maps.append(embedding)
+    with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
+        for case in tqdm(cases, desc="reading shots", unit="case"):
+            ct, label = read_case(case)
             for organ, value in organs.items():
-                edges[organ].append(shot_queries(embedding, label == value))
-                masks[organ].append(label == value)
-        if bpr_model is not None:
-            canon, _ = to_canonical(ct)
-            canon_label = to_canonical(ct.with_array(label))[0].array
-            scored.append(score_ct(bpr_model, canon, device))
+                if not (label == value).any():
+                    raise InputError(f"{case.label}: organ '{organ}' (label {value}) is missing from case '{case.name}'; drop the case or the organ")
+            canon_label = to_canonical(ct.with_array(label))[0].array  # shots may differ in orientation
+            if ape_model is not None:
+                embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
+                maps.append(spill(embedding, Path(store), str(len(maps))))  # disk, not memory
+                for organ, value in organs.items():
+                    mask = canon_label == value
+                    edges[organ].append(shot_queries(embedding, mask))
+                    cuts[organ].append(cut_sides(mask))
+                    masks[organ].append(CroppedMask(mask))
+            if bpr_model is not None:
+                scored.append(score_ct(bpr_model, to_canonical(ct)[0], device))
+                for organ, value in organs.items():
+                    mask = canon_label == value
+                    canon_masks[organ].append(CroppedMask(mask))
+                    intervals[organ].append(organ_interval(scored[-1].scores, mask))
             for organ, value in organs.items():
-                canon_masks[organ].append(canon_label == value)
-                intervals[organ].append(organ_interval(scored[-1].scores, canon_masks[organ][-1]))
-                slices = np.flatnonzero(canon_masks[organ][-1].any(axis=(0, 1)))
+                slices = np.flatnonzero((canon_label == value).any(axis=(0, 1)))
                 if slices[0] == 0 or slices[-1] == canon_label.shape[2] - 1:
-                    notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so its "
-                                 "score interval there is too short; prefer shots that show the whole organ")
-    organ_entries = {}
-    for organ, value in organs.items():
-        entry: dict = {"label": int(value)}
-        if ape_model is not None:
-            entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine)
-            entry["shots"] = [{"case": c.name, "edge_embeddings": e.round(5).tolist()} for c, e in zip(cases, edges[organ])]
-        if bpr_model is not None:
-            entry["bpr"] = {
-                "margin": calibrate_margin(intervals[organ], scored, canon_masks[organ], target_recall, combine),
-                "intervals": [iv.round(5).tolist() for iv in intervals[organ]],
-            }
-        organ_entries[organ] = entry
+                    notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so that "
+                                 "end is not a landmark and the box reaches the image border there; prefer shots that show "
+                                 "the whole organ")
+        organ_entries = {}
+        for organ, value in organs.items():
+            entry: dict = {"label": int(value)}
+            if ape_model is not None:
+                entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine, cuts[organ])
+                entry["shots"] = [{"case": c.name, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
+                                  for c, e, cut in zip(cases, edges[organ], cuts[organ])]
+            if bpr_model is not None:
+                entry["bpr"] = {
+                    "margin": calibrate_margin(intervals[organ], scored, canon_masks[organ], target_recall, combine),
+                    "intervals": [iv.round(5).tolist() for iv in intervals[organ]],
+                }
+            organ_entries[organ] = entry
+        maps.clear()  # memory maps close before their folder goes
     localizer = {"format": LOCALIZER_FORMAT, "method": method}
     if checkpoint:
         localizer.update({
@@ -157,10 +168,16 @@ def check_organs(localizer: dict, organs: list[str] | None) -> list[str]:
     return names
 
 
-def _ape_boxes(entry: dict, embedding: np.ndarray, combine: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def _ape_boxes(entry: dict, embedding: Volume, combine: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Retrieved box, enlarged box and per-shot boxes in the map's voxel indices (found in canonical space, where
+    the shots' edge points and cut sides live)."""
+    canon, orientation = to_canonical(embedding)
     edges = [np.asarray(s["edge_embeddings"], dtype=np.float64) for s in entry["shots"]]
-    box, per_shot = predict_box(edges, embedding, combine)
-    return box, enlarge_box(box, entry["alpha"], embedding.shape[:3]), per_shot
+    cuts = [np.asarray(s.get("cut_sides", np.zeros((2, 3))), dtype=bool) for s in entry["shots"]]
+    box, per_shot = predict_box(edges, canon.array, combine, cuts)
+    big = enlarge_box(box, entry["alpha"], canon.shape)
+    native = lambda b: box_from_canonical(b, orientation.perm, orientation.flip, embedding.shape)  # noqa: E731
+    return native(box), native(big), [native(b) for b in per_shot]
 
 
 def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
@@ -179,7 +196,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
         result: dict = {"label": entry["label"]}
         crop = None
         if embedding is not None and "shots" in entry:
-            box, big, per_shot = _ape_boxes(entry, embedding.array, localizer["combine"])
+            box, big, per_shot = _ape_boxes(entry, embedding, localizer["combine"])
             result.update({"alpha": entry["alpha"], "box_voxels": box.round(2).tolist(), "box": _corners_mm(ct, box),
                            "enlarged_box_voxels": big.round(2).tolist(), "enlarged_box": _corners_mm(ct, big),
                            "per_shot_box_voxels": [b.tolist() for b in per_shot]})
