@@ -34,20 +34,15 @@ def add_parser(sub) -> None:
 def _run_embed(args) -> None:
     from nnunet_ape.checkpoint import load_checkpoint
     from nnunet_ape.distributed import resolve_device
-    from nnunet_ape.embed import EmbedSettings
+    from nnunet_ape.embed import stored_settings
     from nnunet_ape.embed_files import embed_files
     from nnunet_ape.inputs import resolve_images
 
     if not 0 <= args.overlap < 0.95:
         raise InputError(f"--overlap {args.overlap}: must be in [0, 0.95)")
     images = resolve_images(args.input)
-    defaults = load_checkpoint(args.model).get("embed", {})
-    settings = EmbedSettings(
-        spacing=args.spacing or tuple(defaults.get("spacing", EmbedSettings.spacing)),
-        patch_size=args.patch_size or tuple(defaults.get("patch_size", EmbedSettings.patch_size)),
-        overlap=args.overlap,
-        batch_size=args.batch_size,
-        stride=args.stride,
-        half=args.float16,
+    settings = stored_settings(
+        load_checkpoint(args.model), spacing=args.spacing, patch_size=args.patch_size, overlap=args.overlap,
+        batch_size=args.batch_size, stride=args.stride, half=args.float16,
     )
     embed_files(args.model, images, args.output, settings, str(resolve_device(args.device)), png=args.png)

@@ -56,6 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--voxels", type=int, default=8000, help="N: voxels (pairs) per batch, split evenly over the n views")
     p.add_argument("--patch-volume", type=int, default=96 * 96 * 64, help="voxels per view; the shape is random with aspect ratio <= 2")
     p.add_argument("--model", choices=sorted(PRESETS), default="base", help="network size: tiny (tests, demo), small, base (real use)")
+    p.add_argument("--spacing", default="paper", metavar="paper|coarse|LOW:HIGH",
+                   help="spacing range of the views in mm: paper (1,1,1.5:2,2,3), coarse (4,4,6:5,5,7.5; learns anatomy "
+                   "faster in short CPU runs) or LOW:HIGH such as 3,3,4.5:4,4,6; embedding later uses the middle spacing")
     p.set_defaults(func=_run_pretrain_ape)
 
     b = sub.add_parser(
@@ -82,14 +85,16 @@ def add_parser(sub) -> None:
 def _run_pretrain_ape(args) -> None:
     from nnunet_ape.inputs import resolve_images
     from nnunet_ape.pretrain.batches import BatchConfig
-    from nnunet_ape.pretrain.train_ape import PretrainConfig, pretrain_ape
+    from nnunet_ape.pretrain.train_ape import PretrainConfig, parse_spacing_range, pretrain_ape
 
+    spacing_range = parse_spacing_range(args.spacing)  # a typo fails before any work
     images = resolve_images(args.input)
     cfg = PretrainConfig(
         **_loop_kwargs(args),
         equiv_weight=args.equiv_weight,
         model=args.model,
-        batch=BatchConfig(variant=args.variant, pairs=args.pairs, voxels=args.voxels, patch_volume=args.patch_volume),
+        batch=BatchConfig(variant=args.variant, pairs=args.pairs, voxels=args.voxels, patch_volume=args.patch_volume,
+                          spacing_range=spacing_range),
     )
     final = pretrain_ape(images, args.output, cfg, resume=args.resume)
     print(f"model: {final}")

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.distributed import resolve_device
-from nnunet_ape.embed import EmbedSettings, embed_volume
+from nnunet_ape.embed import embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.inputs import nnunet_images
 from nnunet_ape.io import read_volume, write_volume
@@ -19,10 +19,10 @@ from nnunet_ape.phantoms import write_cohort
 from nnunet_ape.plots import embedding_overlay_png
 from nnunet_ape.position_fit import position_r2
 from nnunet_ape.pretrain.batches import BatchConfig
-from nnunet_ape.pretrain.train_ape import LAST, PretrainConfig, pretrain_ape
+from nnunet_ape.pretrain.train_ape import COARSE_SPACING_RANGE, LAST, PretrainConfig, pretrain_ape
 
 # settings that learn a usable map within minutes on a laptop CPU (the paper's run is 150k batches on a GPU)
-DEMO_BATCH = dict(variant="naive", pairs=4, voxels=1024, patch_volume=300_000)
+DEMO_BATCH = dict(variant="naive", pairs=4, voxels=1024, patch_volume=300_000, spacing_range=COARSE_SPACING_RANGE)
 DEMO_LR = 2e-3
 
 
@@ -58,7 +58,7 @@ def run_demo(
     net, state = load_ape_model(checkpoint)
     ct = read_volume(heldout)
     t0 = time.perf_counter()
-    embedding = embed_volume(net, ct, EmbedSettings(), device=resolve_device(device))
+    embedding = embed_volume(net, ct, stored_settings(state), device=resolve_device(device))
     embed_seconds = time.perf_counter() - t0
     write_volume(embedding, out / "heldout_ape.nii.gz")
     embedding_overlay_png(ct, embedding, out / "heldout_ape.png", title=f"held-out phantom {heldout.name}: APE map")

@@ -38,6 +38,16 @@ class EmbedSettings:
     amp: bool = True
 
 
+def stored_settings(state: dict, **overrides) -> EmbedSettings:
+    """The embedding settings an APE checkpoint ``state`` was trained for (spacing and window stored at
+    pretraining), with ``overrides`` (EmbedSettings fields; None values are ignored) on top."""
+    stored = state.get("embed", {})
+    values = {"spacing": tuple(stored.get("spacing", EmbedSettings.spacing)),
+              "patch_size": tuple(stored.get("patch_size", EmbedSettings.patch_size))}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return EmbedSettings(**values)
+
+
 def gaussian_weights(size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
     """Blending weights ``(X, Y, Z)``: Gaussian with sigma = size/8 per axis, peak 1, minimum > 0."""
     axes = []

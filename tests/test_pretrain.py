@@ -120,3 +120,20 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_model_unchanged():
     loss = model(torch.ones(1, 3)).sum()
     assert _optimizer_step(loss, model, optimizer, None, 0.1, 1.0)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_spacing_range_names_and_the_embedding_settings_that_follow():
+    from nnunet_ape.errors import InputError
+    from nnunet_ape.pretrain.batches import BatchConfig
+    from nnunet_ape.pretrain.train_ape import COARSE_SPACING_RANGE, embed_settings_for_training, parse_spacing_range
+    from nnunet_ape.pretrain.views import PAPER_SPACING_RANGE
+
+    assert parse_spacing_range("paper") == PAPER_SPACING_RANGE and parse_spacing_range("coarse") == COARSE_SPACING_RANGE
+    assert parse_spacing_range("3,3,4.5:4,4,6") == ((3.0, 3.0, 4.5), (4.0, 4.0, 6.0))
+    for bad in ("3,3:4,4", "4,4,6:3,3,4", "fine", "0,1,1:1,1,1"):
+        with pytest.raises(InputError, match="--spacing"):
+            parse_spacing_range(bad)
+    # the paper's views embed with the paper's defaults; coarse, smaller views at their middle spacing
+    assert embed_settings_for_training(BatchConfig()) == {"spacing": [1.5, 1.5, 2.25], "patch_size": [128, 128, 96]}
+    coarse = embed_settings_for_training(BatchConfig(patch_volume=300_000, spacing_range=COARSE_SPACING_RANGE))
+    assert coarse == {"spacing": [4.5, 4.5, 6.75], "patch_size": [112, 112, 80]}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path
 from nnunet_ape.checkpoint import file_hash, load_ape_model, load_checkpoint
-from nnunet_ape.embed import EmbedSettings, embed_volume
+from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, to_canonical
@@ -35,11 +35,7 @@ LOCALIZER_FORMAT = "nnunet-ape/localizer-v1"
 
 def embed_settings_for(checkpoint: Path) -> EmbedSettings:
     """The embedding settings stored in an APE checkpoint (maps stored as float16: retrieval needs no more)."""
-    stored = load_checkpoint(checkpoint).get("embed", {})
-    defaults = EmbedSettings()
-    return EmbedSettings(
-        spacing=tuple(stored.get("spacing", defaults.spacing)), patch_size=tuple(stored.get("patch_size", defaults.patch_size)), half=True
-    )
+    return stored_settings(load_checkpoint(checkpoint), half=True)
 
 
 METHODS = ("ape", "bpr", "ape+bpr")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,11 +15,40 @@ from nnunet_ape.models.ape import PRESETS, APEConfig, APENet
 from nnunet_ape.pretrain.batches import VARIANTS, BatchConfig, PairBatches
 from nnunet_ape.pretrain.loop import FINAL, LAST, LoopConfig, Task, autocast, run_training
 from nnunet_ape.pretrain.loss import ape_loss
+from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, PAPER_SPACING_RANGE
 
-__all__ = ["FINAL", "LAST", "PretrainConfig", "ape_task", "pretrain_ape"]
+__all__ = ["COARSE_SPACING_RANGE", "FINAL", "LAST", "PretrainConfig", "ape_task", "parse_spacing_range", "pretrain_ape"]
 
-DEFAULT_EMBED_SPACING = (1.5, 1.5, 2.25)  # middle of the training spacing range
+DEFAULT_EMBED_SPACING = (1.5, 1.5, 2.25)  # middle of the paper's training spacing range
 DEFAULT_EMBED_PATCH = (128, 128, 96)
+# Short CPU runs learn anatomy faster on coarse views: each view then spans more of the body. On 6 held-out
+# phantoms (tiny model, 3 CPU minutes, 1 shot) mean box IoU rose from 0.16 at the paper's 1-2 mm to 0.22 at 3-4 mm
+# and 0.26 at 4-5 mm (body-box baseline 0.27).
+COARSE_SPACING_RANGE = ((4.0, 4.0, 6.0), (5.0, 5.0, 7.5))
+
+
+def embed_settings_for_training(batch: BatchConfig) -> dict:
+    """Embedding spacing and window for a model trained on ``batch``'s views: the middle of its spacing range (mm),
+    and a window of as many voxels, relative to the views, as the default window (128x128x96) is to the paper's
+    views (96x96x64 voxels); rounded up to a multiple of 16."""
+    middle = tuple((lo + hi) / 2 for lo, hi in zip(*batch.spacing_range))
+    scale = (batch.patch_volume / PAPER_PATCH_VOLUME) ** (1 / 3)
+    patch = tuple(max(32, int(np.ceil(n * scale / 16)) * 16) for n in DEFAULT_EMBED_PATCH)
+    return {"spacing": [round(m, 4) for m in middle], "patch_size": list(patch)}
+
+
+def parse_spacing_range(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``paper``, ``coarse`` or ``LOW:HIGH`` (``x,y,z`` mm each) -> (low, high) spacings; InputError otherwise."""
+    named = {"paper": PAPER_SPACING_RANGE, "coarse": COARSE_SPACING_RANGE}
+    if text in named:
+        return named[text]
+    try:
+        low, high = (tuple(float(v) for v in part.split(",")) for part in text.split(":"))
+    except ValueError:
+        low = high = ()
+    if len(low) != 3 or len(high) != 3 or min(low) <= 0 or any(h < lo for lo, h in zip(low, high)):
+        raise InputError(f"--spacing {text}: give paper, coarse or LOW:HIGH as x,y,z mm, e.g. 3,3,4.5:4,4,6")
+    return low, high
 
 
 @dataclass
@@ -51,7 +81,7 @@ def ape_task(cfg: PretrainConfig) -> Task:
         model_config=lambda model: model.config.to_dict(),
         stream=lambda cached, seed, rank: PairBatches(cached, cfg.batch, seed=seed, rank=rank),
         loss=loss,
-        extra_state={"embed": {"spacing": list(DEFAULT_EMBED_SPACING), "patch_size": list(DEFAULT_EMBED_PATCH)}},
+        extra_state={"embed": embed_settings_for_training(cfg.batch)},
     )
 
 
