@@ -50,8 +50,8 @@ def predict_box(
     """Box ``(2, 3)`` on a test map ``(X, Y, Z, C)`` from the shots' edge queries, and the per-shot boxes.
 
     ``cuts``: per shot, :func:`cut_sides` of its mask, in the same index space as the map (edge points in the order
-    of :func:`~nnunet_ape.localize.boxes.edge_points`). An edge the scan cut is no landmark: its point is not
-    retrieved, and that side of the box comes from the shots that show it, or reaches the test image's border when
+    of :func:`~nnunet_ape.localize.boxes.edge_points`). An edge the scan cut is no landmark: its retrieved point is
+    ignored, and that side of the box comes from the shots that show it, or reaches the test image's border when
     none does (the organ goes on beyond every shot's field of view). All queries are retrieved in one pass.
     """
     cuts = cuts if cuts is not None else [np.zeros((2, 3), bool)] * len(edges)
