@@ -60,32 +60,31 @@ def fit_localizer(
     edges: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     intervals: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     cuts: dict[str, list[np.ndarray]] = {o: [] for o in organs}
-    maps, scored, masks, canon_masks = [], [], {o: [] for o in organs}, {o: [] for o in organs}
+    maps, scored, masks = [], [], {o: [] for o in organs}  # masks: canonical, cropped to their boxes
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
         for case in tqdm(cases, desc="reading shots", unit="case"):
             ct, label = read_case(case)
-            for organ, value in organs.items():
-                if not (label == value).any():
-                    raise InputError(f"{case.label}: organ '{organ}' (label {value}) is missing from case '{case.name}'; drop the case or the organ")
             canon_label = to_canonical(ct.with_array(label))[0].array  # shots may differ in orientation
+            canon_masks = {organ: canon_label == value for organ, value in organs.items()}
+            for organ, mask in canon_masks.items():
+                if not mask.any():
+                    raise InputError(f"{case.label}: organ '{organ}' (label {organs[organ]}) is missing from case '{case.name}'; drop the case or the organ")
+            embedding = None
             if ape_model is not None:
                 embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
                 maps.append(spill(embedding, Path(store), str(len(maps))))  # disk, not memory
-                for organ, value in organs.items():
-                    mask = canon_label == value
-                    edges[organ].append(shot_queries(embedding, mask))
-                    cuts[organ].append(cut_sides(mask))
-                    masks[organ].append(CroppedMask(mask))
             if bpr_model is not None:
                 scored.append(score_ct(bpr_model, to_canonical(ct)[0], device))
-                for organ, value in organs.items():
-                    mask = canon_label == value
-                    canon_masks[organ].append(CroppedMask(mask))
+            for organ, mask in canon_masks.items():
+                cut = cut_sides(mask)
+                if embedding is not None:
+                    edges[organ].append(shot_queries(embedding, mask))
+                    cuts[organ].append(cut)
+                if bpr_model is not None:
                     intervals[organ].append(organ_interval(scored[-1].scores, mask))
-            for organ, value in organs.items():
-                slices = np.flatnonzero((canon_label == value).any(axis=(0, 1)))
-                if slices[0] == 0 or slices[-1] == canon_label.shape[2] - 1:
+                masks[organ].append(CroppedMask(mask))
+                if cut[:, 2].any():
                     notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so that "
                                  "end is not a landmark and the box reaches the image border there; prefer shots that show "
                                  "the whole organ")
@@ -98,7 +97,7 @@ def fit_localizer(
                                   for c, e, cut in zip(cases, edges[organ], cuts[organ])]
             if bpr_model is not None:
                 entry["bpr"] = {
-                    "margin": calibrate_margin(intervals[organ], scored, canon_masks[organ], target_recall, combine),
+                    "margin": calibrate_margin(intervals[organ], scored, masks[organ], target_recall, combine),
                     "intervals": [iv.round(5).tolist() for iv in intervals[organ]],
                 }
             organ_entries[organ] = entry
