@@ -17,14 +17,19 @@ def add_parser(sub) -> None:
         "fit",
         help="fit a localizer on K labeled cases",
         description="Fit on K labeled cases. With an APE checkpoint (-m): the 6 edge points of each organ's mask are the "
-        "queries (the paper's method) and each organ's box enlargement is calibrated leave-one-shot-out so that the crop "
-        "keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
+        "queries (--ape-boxes edge-points, the paper's method); or every voxel of the shots, labeled organ or background, is "
+        "a sample in embedding space, and a test voxel belongs to an organ when enough of its nearest samples do "
+        "(all-voxels; falls back to the edge points for an organ it does not find; measured against edge points by "
+        "'nnunet-ape evaluate localization'). Each organ's box enlargement is calibrated "
+        "leave-one-shot-out so that the crop keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
         "a z margin calibrated the same way (boxes crop along z only). With both: x/y from APE, z from BPR. Writes a "
         "human-readable JSON localizer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_labeled_case_args(fit, "K: number of labeled cases used (the first K)")
     fit.add_argument("-o", "--output", required=True, type=Path, help="localizer JSON to write")
+    fit.add_argument("--ape-boxes", choices=("edge-points", "all-voxels"), default="edge-points",
+                     help="how APE finds an organ: the paper's 6 edge points, or label transfer from all shot voxels")
     fit.set_defaults(func=_run_localize_fit)
     pred = loc_sub.add_parser(
         "predict",
@@ -60,7 +65,7 @@ def _run_localize_fit(args) -> None:
         raise InputError(f"--target-recall {args.target_recall}: must be in (0, 1]")
     organs = resolve_organs(args.organs, cases[0].labels)
     localizer = fit_localizer(cases[: args.shots], organs, args.model, str(resolve_device(args.device)), args.target_recall,
-                              args.combine, args.bpr_model)
+                              args.combine, args.bpr_model, args.ape_boxes)
     save_localizer(localizer, args.output)
     for note in localizer["warnings"]:
         print(f"nnunet-ape: warning: {note}", file=sys.stderr)

@@ -7,7 +7,8 @@ def test_short_pretraining_localizes_held_out_phantoms_close_to_the_body_box(tmp
     """Measured, not assumed: 16 phantoms, the demo's pretraining (tiny model, coarse views) for 1200 iterations
     (3 minutes on 2 CPU cores), then 1-shot boxes for all 9 organs on 6 held-out phantoms against the body-box
     baseline in the same run. The issue asks APE to beat the baseline; after 3 CPU minutes it does not yet (0.26
-    against 0.27 when this test was written), so this test holds the line at 85 % of it and prints the table."""
+    against 0.27 when this test was written), so this test holds the line at 85 % of it and prints the table.
+    The all-voxels label transfer is measured beside the 6 points (0.25-0.30 on different held-out cohorts)."""
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.demo import DEMO_BATCH, DEMO_LR
     from nnunet_ape.embed import stored_settings
@@ -28,7 +29,9 @@ def test_short_pretraining_localizes_held_out_phantoms_close_to_the_body_box(tmp
                                    stored_settings(state, half=True), shots=1)
     print(markdown_tables(result))
     mean = result["mean"]
-    print(f"mean IoU: APE {mean['iou_ape']:.3f}, body box {mean['iou_body_box']:.3f}")
+    print(f"mean IoU: APE 6 points {mean['iou_ape']:.3f}, APE all voxels {mean['iou_ape_all']:.3f}, "
+          f"body box {mean['iou_body_box']:.3f}")
     assert all(r["evaluated"] for r in result["organs"].values())
     assert mean["iou_ape"] >= 0.85 * mean["iou_body_box"]
     assert mean["iou_ape"] > 0.2 and mean["mre_c"] < 100
+    assert mean["iou_ape_all"] > 0.2 and mean["recall_calibrated_ape_all"] > 0.5

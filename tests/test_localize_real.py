@@ -43,17 +43,24 @@ def _true_box(key: str, organ: str) -> np.ndarray:
     return mask_box(seg.array == read_label_names(DATA / f"ts_{letter}_labels.json")[organ])
 
 
-@pytest.mark.parametrize("train, test", [("A", "B"), ("B", "A")])
-def test_fit_on_one_patient_predict_on_the_other(pretrained_run, tmp_path, train, test):
+@pytest.mark.parametrize("train, test, ape_boxes", [("A", "B", "all-voxels"), ("B", "A", "edge-points")])
+def test_fit_on_one_patient_predict_on_the_other(pretrained_run, tmp_path, train, test, ape_boxes):
     images, labels, names = _labeled_folder(tmp_path, train)
     localizer = tmp_path / "localizer.json"
     model = str(pretrained_run / "checkpoint_final.pt")
     fit = _cli("localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--label-names", str(names),
-               "--organs", *SHARED_ORGANS, "--shots", "1", "-o", str(localizer), "--device", "cpu")
+               "--organs", *SHARED_ORGANS, "--shots", "1", "-o", str(localizer), "--device", "cpu", "--ape-boxes", ape_boxes)
     assert fit.returncode == 0, fit.stderr[-2000:]
     content = json.loads(localizer.read_text())
     assert set(content["organs"]) == set(SHARED_ORGANS) and len(content["ape_sha256"]) == 64
     assert all(len(o["shots"][0]["edge_embeddings"]) == 6 for o in content["organs"].values())
+    assert content["ape_boxes"] == ape_boxes
+    if ape_boxes == "all-voxels":  # the shots' labeled samples: every requested organ among them, other labels dropped
+        values = {o["label"] for o in content["organs"].values()}
+        stored = content["label_transfer"]
+        assert set(stored["labels"]) == values | {0} and len(stored["embeddings"]) == len(stored["labels"]) > 10_000
+    else:
+        assert "label_transfer" not in content
     out = tmp_path / "boxes"
     pred = _cli("localize", "predict", "-l", str(localizer), "-i", str(patient(test)), "-o", str(out), "--png", "--device", "cpu")
     assert pred.returncode == 0, pred.stderr[-2000:]
@@ -69,6 +76,7 @@ def test_fit_on_one_patient_predict_on_the_other(pretrained_run, tmp_path, train
         assert np.all(big[0] >= 0) and np.all(big[1] <= shape - 1)  # clipped to the image
         assert np.allclose(volume.index_to_physical(box), [entry["box"]["lo_corner_mm"], entry["box"]["hi_corner_mm"]], atol=0.01)
         ious[organ] = box_iou(box, _true_box(test, organ))
+        assert entry["ape_boxes"] in ((ape_boxes, "edge-points") if ape_boxes == "all-voxels" else ("edge-points",))
     print(f"fit {train} -> predict {test}, IoU per organ: " + ", ".join(f"{k} {v:.2f}" for k, v in ious.items()))
     assert next(out.glob("*_boxes.png")).stat().st_size > 20_000
 

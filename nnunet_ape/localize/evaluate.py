@@ -4,6 +4,8 @@ Cases are split into folds of k shots (shots = cases k*f .. k*f+k-1, tests = eve
 fold: landmark retrieval errors for every shot-test pair (centre of mass, 6 edge points), the k-shot box (IoU
 with the true box), and enlargements: the paper's VR@99 (alpha chosen per organ on the test cases so that every
 test case keeps >= 99% of the organ) and the deployable alpha calibrated on the shots (leave-one-shot-out).
+Box methods: the paper's 6 edge points, label transfer over all shot voxels (beyond the paper), the body-box
+baseline, and with a BPR model its z-range alone and with APE's x/y.
 Everything is computed in canonical (LPS) index space; metrics do not depend on orientation.
 """
 
@@ -28,17 +30,25 @@ from nnunet_ape.localize.boxes import (
     mask_box,
     volume_ratio,
 )
+from nnunet_ape.localize.body import body_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
-from nnunet_ape.localize.fewshot import calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import DEFAULT_ALPHA, calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.label_transfer import (
+    LabelSamples,
+    LabelTransfer,
+    body_grid,
+    calibrate_transfer_alpha,
+    held_out_boxes,
+)
 from nnunet_ape.localize.retrieval import nearest_voxels
 from nnunet_ape.localize.store import spill
 from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
-from nnunet_ape.pretrain.cache import FOREGROUND_HU
 
-METHODS = ("ape", "body_box")
+METHODS = ("ape", "ape_all", "body_box")
 BPR_METHODS = ("bpr_z", "ape_bpr")
-CALIBRATED = ("ape", "bpr_z", "ape_bpr")  # methods with a deployable (shot-calibrated) enlargement
-TITLES = {"ape": "APE", "body_box": "body box", "bpr_z": "BPR z", "ape_bpr": "APE x/y + BPR z"}
+CALIBRATED = ("ape", "ape_all", "bpr_z", "ape_bpr")  # methods with a deployable (shot-calibrated) enlargement
+TITLES = {"ape": "APE 6 points", "ape_all": "APE all voxels", "body_box": "body box", "bpr_z": "BPR z",
+          "ape_bpr": "APE x/y + BPR z"}
 
 
 @dataclass(eq=False)
@@ -63,14 +73,6 @@ def geometry_only(volume: Volume) -> Volume:
     return volume.with_array(np.broadcast_to(np.zeros((), np.uint8), volume.shape))
 
 
-def body_box(hu: np.ndarray) -> np.ndarray:
-    """Box ``(2, 3)`` of the largest connected component above -500 HU (the body)."""
-    labels, n = ndimage.label(hu > FOREGROUND_HU)
-    if n == 0:
-        return np.stack([np.zeros(3), np.asarray(hu.shape) - 1.0])
-    return mask_box(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-
-
 def prepare(
     case: LabeledCase, model, settings: EmbedSettings, device: str, bpr_model=None, store: Path | None = None,
 ) -> PreparedCase:
@@ -92,6 +94,43 @@ def prepare(
     return PreparedCase(case.name, geometry_only(canon_ct), canon_emb, np.ascontiguousarray(canon_label.array), body, scored)
 
 
+def case_grid(case: PreparedCase):
+    """The label-transfer sampling grid of a prepared case (inside its body box)."""
+    return body_grid(case.body, case.ct.spacing, case.label.shape)
+
+
+class TransferBoxes:
+    """Label-transfer boxes of every organ in ``values`` for (shots, test) pairs of prepared cases: one neighbour
+    search per pair serves all organs, and only the boxes are kept (a fold's kd-tree is kept until the next fold)."""
+
+    def __init__(self, values: list[int]):
+        self.values = [int(v) for v in values]
+        self._boxes: dict[tuple, dict[int, np.ndarray | None]] = {}
+        self._held: dict[tuple, list[dict[int, np.ndarray | None]]] = {}
+        self._fold: tuple[tuple, LabelTransfer] | None = None
+
+    def _samples(self, case: PreparedCase) -> LabelSamples:
+        return LabelSamples.from_shot(case.embedding, case.label, case_grid(case), self.values)
+
+    def boxes(self, train: list[PreparedCase], test: PreparedCase) -> dict[int, np.ndarray | None]:
+        """``{value: box (2, 3) or None}`` on ``test`` from the samples of ``train``."""
+        fold = tuple(id(c) for c in train)
+        if (fold, id(test)) not in self._boxes:
+            if self._fold is None or self._fold[0] != fold:
+                self._fold = (fold, LabelTransfer(LabelSamples.pooled([self._samples(c) for c in train])))
+            neighbours = self._fold[1].neighbours(test.embedding, case_grid(test))
+            self._boxes[fold, id(test)] = {v: neighbours.organ_box(v) for v in self.values}
+        return self._boxes[fold, id(test)]
+
+    def held_out(self, train: list[PreparedCase]) -> list[dict[int, np.ndarray | None]]:
+        """Per shot, its boxes found from the other shots (:func:`~nnunet_ape.localize.label_transfer.held_out_boxes`)."""
+        fold = tuple(id(c) for c in train)
+        if fold not in self._held:
+            self._held[fold] = held_out_boxes([self._samples(c) for c in train], [c.embedding for c in train],
+                                              [case_grid(c) for c in train], self.values)
+        return self._held[fold]
+
+
 def _with_z(box: np.ndarray, z: tuple[int, int]) -> np.ndarray:
     out = box.copy()
     out[:, 2] = z
@@ -106,13 +145,20 @@ def _mm(case: PreparedCase, index: np.ndarray) -> np.ndarray:
     return case.ct.index_to_physical(np.asarray(index, dtype=np.float64))
 
 
-def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str):
-    """Per-fold predictors: returns a function test -> ({method: raw box}, {method: calibrated crop box})."""
+def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str, transfer: TransferBoxes):
+    """Per-fold predictors: returns a function test -> ({method: raw box}, {method: calibrated crop box}).
+    An organ label transfer does not find falls back to the 6-point box (as the localizer does)."""
     masks = [c.label == value for c in train]
     edges = [shot_queries(c.embedding, m) for c, m in zip(train, masks)]
     relative = np.mean([_relative_box(mask_box(m), c.body) for c, m in zip(train, masks)], axis=0)
     cuts = [cut_sides(m) for m in masks]
     alpha = calibrate_alpha(edges, [c.embedding for c in train], masks, target, combine, cuts)
+    held = [boxes[value] for boxes in transfer.held_out(train)]
+    for i, box in enumerate(held):
+        if box is None:
+            others = [j for j in range(len(train)) if j != i]
+            held[i] = predict_box([edges[j] for j in others], train[i].embedding, combine, [cuts[j] for j in others])[0]
+    alpha_all = calibrate_transfer_alpha(held, masks, target) or DEFAULT_ALPHA
     use_bpr = all(c.scored is not None for c in train)
     if use_bpr:
         intervals = [organ_interval(c.scored.scores, m) for c, m in zip(train, masks)]
@@ -122,8 +168,10 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     def predict(test: PreparedCase) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         shape = test.label.shape
         ape, _ = predict_box(edges, test.embedding, combine, cuts)
-        raw = {"ape": ape, "body_box": test.body[0] + relative * (test.body[1] - test.body[0])}
-        crops = {"ape": enlarge_box(ape, alpha, shape)}
+        found = transfer.boxes(train, test)[value]
+        ape_all = ape if found is None else found
+        raw = {"ape": ape, "ape_all": ape_all, "body_box": test.body[0] + relative * (test.body[1] - test.body[0])}
+        crops = {"ape": enlarge_box(ape, alpha, shape), "ape_all": enlarge_box(ape_all, alpha_all, shape)}
         if use_bpr and test.scored is not None:
             z_raw, z_crop = z_range(test.scored.scores, interval), z_range(test.scored.scores, interval, margin)
             raw.update({"bpr_z": z_box(shape, *z_raw), "ape_bpr": _with_z(ape, z_raw)})
@@ -133,9 +181,13 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     return edges, predict
 
 
-def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean") -> dict:
+def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean",
+                   transfer: TransferBoxes | None = None) -> dict:
     """All metrics of one organ (label ``value``) over the folds; cases lacking the organ are left out. Methods:
-    APE, the body-box baseline, and with BPR scores the BPR z-range (full x/y) and APE x/y with BPR z."""
+    APE's 6 edge points (the paper), APE label transfer over all voxels, the body-box baseline, and with BPR scores
+    the BPR z-range (full x/y) and APE x/y with BPR z. ``transfer``: shared by the organs of one data set, so the
+    label transfer's neighbour search runs once per (shots, test) pair."""
+    transfer = transfer if transfer is not None else TransferBoxes([value])
     present = [c for c in cases if (c.label == value).any()]
     folds = max(1, len(present) // shots) if len(present) > shots else 0
     rows: dict[str, list] = {"mre_c": [], "mre_ep": []}
@@ -143,7 +195,7 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
     for fold in range(folds):
         train = present[fold * shots : (fold + 1) * shots]
         tests = [c for c in present if all(c is not t for t in train)]
-        edges, predict = _fold_boxes(train, value, target, combine)
+        edges, predict = _fold_boxes(train, value, target, combine, transfer)
         centres = [np.round(ndimage.center_of_mass(c.label == value)).astype(int) for c in train]
         for test in tests:
             mask = test.label == value
@@ -190,7 +242,9 @@ def evaluate_localization(
     with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
         prepared = [prepare(c, model, settings, device, bpr_model, Path(store))
                     for c in tqdm(cases, desc="embedding cases", unit="case")]
-        per_organ = {name: evaluate_organ(prepared, value, shots, target, combine) for name, value in organs.items()}
+        transfer = TransferBoxes(list(organs.values()))
+        per_organ = {name: evaluate_organ(prepared, value, shots, target, combine, transfer)
+                     for name, value in tqdm(organs.items(), desc="evaluating organs", unit="organ")}
         del prepared  # memory maps close before their folder goes
     done = [r for r in per_organ.values() if r.get("evaluated")]
     mean = {}
@@ -236,5 +290,6 @@ def markdown_tables(result: dict) -> str:
                     + [(f"VR {TITLES[m]}", f"vr_calibrated_{m}", ".1f") for m in calibrated])
     lines += ["", "VR@99: raw volume / crop volume with one enlargement per organ chosen on the test cases (the paper's "
               "protocol). Calibrated: enlargement (APE alpha, BPR z margin) chosen on the shots only (leave-one-shot-out), "
-              "as at inference. BPR z boxes span the full x/y extent.", ""]
+              "as at inference. APE 6 points: the paper's edge-point retrieval; APE all voxels: k-nearest-neighbour label "
+              "transfer from every shot voxel. BPR z boxes span the full x/y extent.", ""]
     return "\n".join(lines)

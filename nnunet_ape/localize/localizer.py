@@ -2,7 +2,9 @@
 
 A localizer is human-readable JSON. Method ``ape``: the APE checkpoint it belongs to (path and SHA-256), the
 embedding settings, and per organ its label value, calibrated alpha and the edge-point query embeddings of every
-shot. Method ``bpr``: the BPR checkpoint (path and SHA-256) and per organ the score interval of every shot and the
+shot. With ``ape_boxes: all-voxels`` it also holds the shots' labeled samples in embedding space, and
+boxes come from label transfer (:mod:`nnunet_ape.localize.label_transfer`), falling back to the edge points for an
+organ the transfer does not find. Method ``bpr``: the BPR checkpoint (path and SHA-256) and per organ the score interval of every shot and the
 calibrated margin (z only, full x/y). ``ape+bpr``: both; the crop box then takes x/y from APE and z from BPR.
 """
 
@@ -23,9 +25,21 @@ from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, to_canonical
+from nnunet_ape.localize.body import body_box
 from nnunet_ape.localize.boxes import box_from_canonical, box_to_canonical, enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
-from nnunet_ape.localize.fewshot import calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import DEFAULT_ALPHA, calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.label_transfer import (
+    DEFAULT_K,
+    DEFAULT_STEP_MM,
+    DEFAULT_THRESHOLD,
+    LabelSamples,
+    LabelTransfer,
+    Neighbours,
+    body_grid,
+    calibrate_transfer_alpha,
+    held_out_boxes,
+)
 from nnunet_ape.localize.masks import CroppedMask
 from nnunet_ape.localize.store import spill
 from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
@@ -39,6 +53,7 @@ def embed_settings_for(checkpoint: Path) -> EmbedSettings:
 
 
 METHODS = ("ape", "bpr", "ape+bpr")
+APE_BOXES = ("all-voxels", "edge-points")
 
 
 def _method(ape: Path | None, bpr: Path | None) -> str:
@@ -49,11 +64,14 @@ def _method(ape: Path | None, bpr: Path | None) -> str:
 
 def fit_localizer(
     cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path | None, device: str = "cpu",
-    target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None,
+    target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None, ape_boxes: str = "edge-points",
 ) -> dict:
-    """Fit a localizer on labeled shots: APE edge-point queries (``checkpoint``), BPR score intervals
-    (``bpr_checkpoint``) or both. Every organ must be present in every case (InputError otherwise)."""
+    """Fit a localizer on labeled shots: APE queries (``checkpoint``; ``ape_boxes`` edge-points: the paper's 6
+    points, or all-voxels: label transfer from every shot voxel), BPR score intervals (``bpr_checkpoint``) or both.
+    Every organ must be present in every case (InputError otherwise)."""
     method = _method(checkpoint, bpr_checkpoint)
+    if ape_boxes not in APE_BOXES:
+        raise InputError(f"--ape-boxes {ape_boxes}: choose one of {', '.join(APE_BOXES)}")
     ape_model = load_ape_model(checkpoint)[0] if checkpoint else None
     bpr_model = load_bpr_model(bpr_checkpoint)[0] if bpr_checkpoint else None
     settings = embed_settings_for(checkpoint) if checkpoint else None
@@ -61,6 +79,7 @@ def fit_localizer(
     intervals: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     cuts: dict[str, list[np.ndarray]] = {o: [] for o in organs}
     maps, scored, masks = [], [], {o: [] for o in organs}  # masks: canonical, cropped to their boxes
+    samples, grids = [], []  # label transfer: each shot's labeled samples and its sampling grid
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
         for case in tqdm(cases, desc="reading shots", unit="case"):
@@ -74,6 +93,9 @@ def fit_localizer(
             if ape_model is not None:
                 embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
                 maps.append(spill(embedding, Path(store), str(len(maps))))  # disk, not memory
+                canon_ct = to_canonical(ct)[0]
+                grids.append(body_grid(body_box(canon_ct.array), canon_ct.spacing, canon_ct.shape))
+                samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values())))
             if bpr_model is not None:
                 scored.append(score_ct(bpr_model, to_canonical(ct)[0], device))
             for organ, mask in canon_masks.items():
@@ -88,11 +110,18 @@ def fit_localizer(
                     notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so that "
                                  "end is not a landmark and the box reaches the image border there; prefer shots that show "
                                  "the whole organ")
+        transfer = ape_model is not None and ape_boxes == "all-voxels"
+        held = held_out_boxes(samples, maps, grids, list(organs.values())) if transfer else []
         organ_entries = {}
         for organ, value in organs.items():
             entry: dict = {"label": int(value)}
             if ape_model is not None:
                 entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine, cuts[organ])
+                if transfer:
+                    entry["edge_points_alpha"] = entry["alpha"]  # for the fallback to edge points
+                    boxes = [b[value] if b[value] is not None else _held_out_edge_box(edges[organ], cuts[organ], maps, i, combine)
+                             for i, b in enumerate(held)]
+                    entry["alpha"] = calibrate_transfer_alpha(boxes, masks[organ], target_recall) or DEFAULT_ALPHA
                 entry["shots"] = [{"case": c.name, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
                                   for c, e, cut in zip(cases, edges[organ], cuts[organ])]
             if bpr_model is not None:
@@ -111,9 +140,21 @@ def fit_localizer(
         })
     if bpr_checkpoint:
         localizer.update({"bpr_checkpoint": str(Path(bpr_checkpoint).resolve()), "bpr_sha256": file_hash(bpr_checkpoint)})
-    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [c.name for c in cases], "warnings": notes,
-                      "organs": organ_entries})
+    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [c.name for c in cases], "warnings": notes})
+    if checkpoint:
+        localizer["ape_boxes"] = ape_boxes
+    if checkpoint and ape_boxes == "all-voxels":
+        pooled = LabelSamples.pooled(samples)
+        localizer["label_transfer"] = {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD, "step_mm": DEFAULT_STEP_MM,
+                                       "labels": pooled.labels.tolist(), "embeddings": pooled.embeddings.round(4).tolist()}
+    localizer["organs"] = organ_entries
     return localizer
+
+
+def _held_out_edge_box(edges: list[np.ndarray], cuts: list[np.ndarray], maps: list[np.ndarray], held: int, combine: str) -> np.ndarray:
+    """Shot ``held``'s box from the other shots' edge points: the fallback where label transfer finds nothing."""
+    others = [i for i in range(len(edges)) if i != held]
+    return predict_box([edges[i] for i in others], maps[held], combine, [cuts[i] for i in others])[0]
 
 
 def save_localizer(localizer: dict, path: Path) -> Path:
@@ -163,16 +204,26 @@ def check_organs(localizer: dict, organs: list[str] | None) -> list[str]:
     return names
 
 
-def _ape_boxes(entry: dict, embedding: Volume, combine: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Retrieved box, enlarged box and per-shot boxes in the map's voxel indices (found in canonical space, where
-    the shots' edge points and cut sides live)."""
-    canon, orientation = to_canonical(embedding)
+def _transfer_neighbours(localizer: dict, ct: Volume, canon_map: np.ndarray) -> Neighbours:
+    """Neighbour labels of the canonical map's body grid among the localizer's stored shot samples."""
+    stored = localizer["label_transfer"]
+    samples = LabelSamples(np.asarray(stored["embeddings"], dtype=np.float32), np.asarray(stored["labels"], dtype=np.int32))
+    canon_ct = to_canonical(ct)[0]
+    grid = body_grid(body_box(canon_ct.array), canon_ct.spacing, canon_ct.shape, stored["step_mm"])
+    return LabelTransfer(samples, stored["k"]).neighbours(canon_map, grid)
+
+
+def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Neighbours | None, threshold: float) -> dict:
+    """Canonical boxes of one organ: ``box`` (label transfer with ``neighbours``, else or where it finds nothing the
+    edge points), ``enlarged`` and the edge points' ``per_shot`` boxes; ``how`` says which method gave the box."""
     edges = [np.asarray(s["edge_embeddings"], dtype=np.float64) for s in entry["shots"]]
     cuts = [np.asarray(s.get("cut_sides", np.zeros((2, 3))), dtype=bool) for s in entry["shots"]]
-    box, per_shot = predict_box(edges, canon.array, combine, cuts)
-    big = enlarge_box(box, entry["alpha"], canon.shape)
-    native = lambda b: box_from_canonical(b, orientation.perm, orientation.flip, embedding.shape)  # noqa: E731
-    return native(box), native(big), [native(b) for b in per_shot]
+    box, per_shot = predict_box(edges, canon_map, combine, cuts)
+    how, alpha = "edge-points", entry.get("edge_points_alpha", entry["alpha"])
+    found = neighbours.organ_box(entry["label"], threshold) if neighbours is not None else None
+    if found is not None:
+        box, how, alpha = found, "all-voxels", entry["alpha"]
+    return {"box": box, "enlarged": enlarge_box(box, alpha, canon_map.shape[:3]), "per_shot": per_shot, "how": how, "alpha": alpha}
 
 
 def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
@@ -185,16 +236,23 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
     orientation = canonical_orientation(ct.direction)
     perm, flip = orientation.perm, orientation.flip
     canon_shape = tuple(ct.shape[p] for p in perm)
+    canon_map = to_canonical(embedding)[0].array if embedding is not None else None
+    neighbours = None
+    if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
+        neighbours = _transfer_neighbours(localizer, ct, canon_map)
+    native = lambda b: box_from_canonical(b, perm, flip, ct.shape)  # noqa: E731
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]
         result: dict = {"label": entry["label"]}
         crop = None
-        if embedding is not None and "shots" in entry:
-            box, big, per_shot = _ape_boxes(entry, embedding, localizer["combine"])
-            result.update({"alpha": entry["alpha"], "box_voxels": box.round(2).tolist(), "box": _corners_mm(ct, box),
-                           "enlarged_box_voxels": big.round(2).tolist(), "enlarged_box": _corners_mm(ct, big),
-                           "per_shot_box_voxels": [b.tolist() for b in per_shot]})
+        if canon_map is not None and "shots" in entry:
+            found = _ape_boxes(entry, canon_map, localizer["combine"], neighbours, localizer.get("label_transfer", {}).get("threshold", 0))
+            box, big = native(found["box"]), native(found["enlarged"])
+            result.update({"ape_boxes": found["how"], "alpha": found["alpha"], "box_voxels": box.round(2).tolist(),
+                           "box": _corners_mm(ct, box), "enlarged_box_voxels": big.round(2).tolist(),
+                           "enlarged_box": _corners_mm(ct, big),
+                           "edge_points_per_shot_box_voxels": [native(b).tolist() for b in found["per_shot"]]})
             crop = big
         if scored is not None and "bpr" in entry:
             interval = combine_intervals([np.asarray(iv) for iv in entry["bpr"]["intervals"]], localizer["combine"])
