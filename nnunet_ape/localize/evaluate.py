@@ -32,7 +32,14 @@ from nnunet_ape.localize.boxes import (
 )
 from nnunet_ape.localize.body import body_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
-from nnunet_ape.localize.fewshot import DEFAULT_ALPHA, calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import (
+    DEFAULT_ALPHA,
+    calibrate_alpha,
+    cut_sides,
+    held_out_box,
+    predict_box,
+    shot_queries,
+)
 from nnunet_ape.localize.label_transfer import (
     LabelSamples,
     LabelTransfer,
@@ -153,11 +160,8 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     relative = np.mean([_relative_box(mask_box(m), c.body) for c, m in zip(train, masks)], axis=0)
     cuts = [cut_sides(m) for m in masks]
     alpha = calibrate_alpha(edges, [c.embedding for c in train], masks, target, combine, cuts)
-    held = [boxes[value] for boxes in transfer.held_out(train)]
-    for i, box in enumerate(held):
-        if box is None:
-            others = [j for j in range(len(train)) if j != i]
-            held[i] = predict_box([edges[j] for j in others], train[i].embedding, combine, [cuts[j] for j in others])[0]
+    held = [b[value] if b[value] is not None else held_out_box(edges, train[i].embedding, i, combine, cuts)
+            for i, b in enumerate(transfer.held_out(train))]
     alpha_all = calibrate_transfer_alpha(held, masks, target) or DEFAULT_ALPHA
     use_bpr = all(c.scored is not None for c in train)
     if use_bpr:

@@ -95,10 +95,15 @@ def calibrate_alpha(
     maps, masks and edge points must share one index space (canonical, when shots differ in orientation)."""
     if len(edges) < 2:
         return DEFAULT_ALPHA
-    alphas = []
-    for held in range(len(edges)):
-        others = [e for i, e in enumerate(edges) if i != held]
-        other_cuts = None if cuts is None else [c for i, c in enumerate(cuts) if i != held]
-        box, _ = predict_box(others, maps[held], how, other_cuts)
-        alphas.append(alpha_for_recall(masks[held], box, target))
-    return float(max(alphas))
+    return float(max(alpha_for_recall(masks[held], held_out_box(edges, maps[held], held, how, cuts), target)
+                     for held in range(len(edges))))
+
+
+def held_out_box(
+    edges: list[np.ndarray], embedding: np.ndarray, held: int, how: str = "mean", cuts: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Box ``(2, 3)`` on shot ``held``'s own map ``(X, Y, Z, C)`` from the other shots' edge queries (and cut sides,
+    as in :func:`predict_box`): the leave-one-shot-out prediction."""
+    others = [i for i in range(len(edges)) if i != held]
+    other_cuts = None if cuts is None else [cuts[i] for i in others]
+    return predict_box([edges[i] for i in others], embedding, how, other_cuts)[0]

@@ -28,7 +28,14 @@ from nnunet_ape.io import Volume, canonical_orientation, to_canonical
 from nnunet_ape.localize.body import body_box
 from nnunet_ape.localize.boxes import box_from_canonical, box_to_canonical, enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
-from nnunet_ape.localize.fewshot import DEFAULT_ALPHA, calibrate_alpha, cut_sides, predict_box, shot_queries
+from nnunet_ape.localize.fewshot import (
+    DEFAULT_ALPHA,
+    calibrate_alpha,
+    cut_sides,
+    held_out_box,
+    predict_box,
+    shot_queries,
+)
 from nnunet_ape.localize.label_transfer import (
     DEFAULT_K,
     DEFAULT_STEP_MM,
@@ -84,6 +91,7 @@ def fit_localizer(
     with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
         for case in tqdm(cases, desc="reading shots", unit="case"):
             ct, label = read_case(case)
+            canon_ct = to_canonical(ct)[0]
             canon_label = to_canonical(ct.with_array(label))[0].array  # shots may differ in orientation
             canon_masks = {organ: canon_label == value for organ, value in organs.items()}
             for organ, mask in canon_masks.items():
@@ -93,11 +101,10 @@ def fit_localizer(
             if ape_model is not None:
                 embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
                 maps.append(spill(embedding, Path(store), str(len(maps))))  # disk, not memory
-                canon_ct = to_canonical(ct)[0]
                 grids.append(body_grid(body_box(canon_ct.array), canon_ct.spacing, canon_ct.shape))
                 samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values())))
             if bpr_model is not None:
-                scored.append(score_ct(bpr_model, to_canonical(ct)[0], device))
+                scored.append(score_ct(bpr_model, canon_ct, device))
             for organ, mask in canon_masks.items():
                 cut = cut_sides(mask)
                 if embedding is not None:
@@ -119,7 +126,7 @@ def fit_localizer(
                 entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine, cuts[organ])
                 if transfer:
                     entry["edge_points_alpha"] = entry["alpha"]  # for the fallback to edge points
-                    boxes = [b[value] if b[value] is not None else _held_out_edge_box(edges[organ], cuts[organ], maps, i, combine)
+                    boxes = [b[value] if b[value] is not None else held_out_box(edges[organ], maps[i], i, combine, cuts[organ])
                              for i, b in enumerate(held)]
                     entry["alpha"] = calibrate_transfer_alpha(boxes, masks[organ], target_recall) or DEFAULT_ALPHA
                 entry["shots"] = [{"case": c.name, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
@@ -149,12 +156,6 @@ def fit_localizer(
                                        "labels": pooled.labels.tolist(), "embeddings": pooled.embeddings.round(4).tolist()}
     localizer["organs"] = organ_entries
     return localizer
-
-
-def _held_out_edge_box(edges: list[np.ndarray], cuts: list[np.ndarray], maps: list[np.ndarray], held: int, combine: str) -> np.ndarray:
-    """Shot ``held``'s box from the other shots' edge points: the fallback where label transfer finds nothing."""
-    others = [i for i in range(len(edges)) if i != held]
-    return predict_box([edges[i] for i in others], maps[held], combine, [cuts[i] for i in others])[0]
 
 
 def save_localizer(localizer: dict, path: Path) -> Path:
