@@ -25,7 +25,9 @@ from nnunet_ape.pretrain.views import (
     PAPER_PATCH_VOLUME,
     PAPER_SPACING_RANGE,
     ViewBox,
+    fit_scan_axis,
     intersect,
+    keep_inside,
     sample_partner_view,
     sample_patch_shape,
     sample_points,
@@ -47,6 +49,7 @@ class BatchConfig:
     patch_volume: int = PAPER_PATCH_VOLUME
     max_aspect: float = 2.0
     max_shift: float = 0.25
+    max_scan_fraction: float = 0.6  # views span at most this fraction of the CT along z (0: no limit); see fit_scan_axis
     spacing_range: tuple[tuple[float, ...], tuple[float, ...]] = PAPER_SPACING_RANGE
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -77,6 +80,7 @@ def make_batch(volume: np.ndarray, spacing: tuple[float, ...], cfg: BatchConfig,
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     extent = (np.asarray(volume.shape) - 1) * spacing_arr
     shape = sample_patch_shape(rng, cfg.patch_volume, cfg.max_aspect)
+    shape = fit_scan_axis(shape, extent, np.asarray(cfg.spacing_range[1], dtype=np.float64), cfg.max_scan_fraction)
     k = cfg.points_per_view
     views, coords, positions = [], [], []
     for _ in range(cfg.pairs):
@@ -86,6 +90,8 @@ def make_batch(volume: np.ndarray, spacing: tuple[float, ...], cfg: BatchConfig,
         if cfg.variant != "naive":
             for _attempt in range(20):
                 second = sample_partner_view(rng, first, sample_spacing(rng, cfg.spacing_range), cfg.max_shift)
+                if cfg.max_scan_fraction > 0:
+                    second = keep_inside(second, extent)
                 lo2, hi2 = intersect(lo, hi, second.start, second.stop)
                 if np.all(hi2 > lo2):
                     break

@@ -44,6 +44,27 @@ def sample_patch_shape(
             return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
+def fit_scan_axis(
+    shape: tuple[int, int, int], extent: np.ndarray, max_spacing: np.ndarray, max_fraction: float, axis: int = 2,
+    min_size: int = 8,
+) -> tuple[int, int, int]:
+    """Shorten ``shape`` along the scan ``axis`` (canonical z) so a view of it, at up to ``max_spacing`` mm, spans at
+    most ``max_fraction`` of the CT's ``extent`` (mm) there (but keeps ``min_size`` voxels).
+
+    Why: where a view is longer than the scan, the scan's first and last slices show up inside it as a cut through
+    the body with air beyond. That cut depends on the acquisition, not the anatomy, yet it is the easiest cue to
+    position in the scan: a model trained on such views learns coordinates relative to the scan window (measured
+    on phantoms: consistent within a CT, ~120 mm off between CTs). Views shorter than the scan, at varying
+    positions, leave anatomy as the only cue that agrees between views.
+    """
+    if max_fraction <= 0:
+        return shape
+    longest = int(np.floor(max_fraction * float(extent[axis]) / float(max_spacing[axis]))) + 1
+    out = list(shape)
+    out[axis] = max(min(out[axis], longest), min_size)
+    return tuple(out)  # type: ignore[return-value]
+
+
 def sample_spacing(
     rng: np.random.Generator, spacing_range: tuple[tuple[float, ...], tuple[float, ...]] = PAPER_SPACING_RANGE
 ) -> np.ndarray:
@@ -68,6 +89,16 @@ def sample_partner_view(rng: np.random.Generator, view: ViewBox, spacing: np.nda
     centre = view.start + size / 2 + rng.uniform(-max_shift, max_shift, 3) * size
     partner_size = (np.asarray(view.shape) - 1) * spacing
     return ViewBox(centre - partner_size / 2, spacing, view.shape)
+
+
+def keep_inside(view: ViewBox, extent: np.ndarray, axis: int = 2) -> ViewBox:
+    """``view`` moved along ``axis`` so it lies inside ``[0, extent]`` mm there, where it fits (else unchanged)."""
+    free = float(extent[axis]) - float(view.stop[axis] - view.start[axis])
+    if free < 0:
+        return view
+    start = view.start.copy()
+    start[axis] = min(max(start[axis], 0.0), free)
+    return ViewBox(start, view.spacing, view.shape)
 
 
 def intersect(lo_a: np.ndarray, hi_a: np.ndarray, lo_b: np.ndarray, hi_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
