@@ -13,7 +13,7 @@ from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
 from nnunet_ape.pretrain.batches import BatchConfig, make_batch
 from nnunet_ape.pretrain.cache import foreground_box, prepare_cache
 from nnunet_ape.pretrain.loss import sample_embeddings
-from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, sample_patch_shape, sample_spacing
+from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, ViewBox, fit_scan_axis, keep_inside, sample_patch_shape, sample_spacing
 
 NO_AUGMENT = AugmentConfig(p_window=0, p_blur=0, p_sharpen=0, p_noise=0, p_mask=0)
 
@@ -68,6 +68,44 @@ def test_pair_views_differ_in_spacing_and_overlap():
     assert torch.all(coords >= -1e-3) and torch.all(coords <= size + 1e-3)  # every point inside both views
     # the same points sit at different voxel coordinates in the two views (other spacing and offset)
     assert (coords[0::2] - coords[1::2]).abs().mean() > 1.0
+
+
+def test_fit_scan_axis_shortens_only_the_scan_axis():
+    extent = np.array([300.0, 300.0, 100.0])
+    # 0.6 * 100 mm at up to 5 mm per voxel = 12 steps = 13 voxels
+    assert fit_scan_axis((40, 40, 40), extent, np.array([5.0, 5.0, 5.0]), 0.6) == (40, 40, 13)
+    assert fit_scan_axis((40, 40, 10), extent, np.array([5.0, 5.0, 5.0]), 0.6) == (40, 40, 10)  # already short
+    assert fit_scan_axis((40, 40, 40), np.array([300.0, 300.0, 20.0]), np.array([5.0] * 3), 0.6) == (40, 40, 8)
+    assert fit_scan_axis((40, 40, 40), extent, np.array([5.0] * 3), 0.0) == (40, 40, 40)  # 0 turns it off
+
+
+def test_keep_inside_moves_a_view_into_the_scan_along_z():
+    view = ViewBox(np.array([-50.0, -20.0, -30.0]), np.array([2.0, 2.0, 2.0]), (10, 10, 11))  # 20 mm long in z
+    moved = keep_inside(view, np.array([100.0, 100.0, 100.0]))
+    assert moved.start.tolist() == [-50.0, -20.0, 0.0]
+    assert keep_inside(ViewBox(np.array([0.0, 0.0, 95.0]), view.spacing, view.shape), np.full(3, 100.0)).start[2] == 80.0
+    too_long = ViewBox(np.array([0.0, 0.0, -30.0]), view.spacing, (10, 10, 100))
+    assert keep_inside(too_long, np.full(3, 100.0)).start[2] == -30.0  # cannot fit: unchanged
+
+
+@pytest.mark.parametrize("variant", ["naive", "equiv"])
+def test_views_never_show_the_end_of_a_short_scan(variant):
+    """A scan shorter than the views: by default no view reaches past its first or last slice (where the body
+    would end in a cut with air beyond), and each covers at most 60 % of it; without the limit they do."""
+    spacing = (4.0, 4.0, 5.0)
+    z_mm = np.arange(16) * spacing[2]  # 75 mm scan, in-plane wider than any view
+    volume = np.broadcast_to(z_mm[None, None, :] + 100.0, (90, 90, 16)).astype(np.float32)
+    views = []
+    for limit in (BatchConfig.max_scan_fraction, 0.0):
+        cfg = BatchConfig(variant=variant, pairs=4, voxels=400, patch_volume=30_000, spacing_range=((4, 4, 5), (5, 5, 6)),
+                          augment=NO_AUGMENT, max_scan_fraction=limit)
+        batches = [make_batch(volume, spacing, cfg, np.random.default_rng(s))["views"].flatten(1) for s in range(5)]
+        views.append(torch.cat([torch.stack([b.min(1).values, b.max(1).values], 1) for b in batches]))  # per view
+    limited, unlimited = views
+    assert limited[:, 0].min() > 0  # no air: every voxel of every view lies inside the scan
+    span_mm = (limited[:, 1] - limited[:, 0]) * 1000  # views hold HU / 1000
+    assert span_mm.max() <= 0.6 * z_mm[-1] + 1e-3
+    assert unlimited[:, 0].min() < 0  # the old views showed air beyond the scan's ends
 
 
 def test_augmentations_keep_shape_and_change_values():
