@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ape.errors import InputError
+
 INPUT_HELP = ("folder of CT files (NIfTI, NRRD, MHA, DICOM folders), a list file (one path per line), "
               "or an nnU-Net raw dataset (id, name or folder)")
 
@@ -59,6 +61,10 @@ def add_parser(sub) -> None:
     p.add_argument("--spacing", default="paper", metavar="paper|coarse|LOW:HIGH",
                    help="spacing range of the views in mm: paper (1,1,1.5:2,2,3), coarse (4,4,6:5,5,7.5; learns anatomy "
                    "faster in short CPU runs) or LOW:HIGH such as 3,3,4.5:4,4,6; embedding later uses the middle spacing")
+    p.add_argument("--max-scan-fraction", type=float, default=0.6, metavar="F",
+                   help="a view spans at most this fraction of its CT along z (0 = no limit). Views longer than the "
+                   "scan show its cut ends, and the model then learns position within the scan window instead of "
+                   "anatomy (see README)")
     p.set_defaults(func=_run_pretrain_ape)
 
     b = sub.add_parser(
@@ -88,13 +94,15 @@ def _run_pretrain_ape(args) -> None:
     from nnunet_ape.pretrain.train_ape import PretrainConfig, parse_spacing_range, pretrain_ape
 
     spacing_range = parse_spacing_range(args.spacing)  # a typo fails before any work
+    if not 0.0 <= args.max_scan_fraction <= 1.0:
+        raise InputError(f"--max-scan-fraction {args.max_scan_fraction}: must lie in [0, 1] (0 = no limit)")
     images = resolve_images(args.input)
     cfg = PretrainConfig(
         **_loop_kwargs(args),
         equiv_weight=args.equiv_weight,
         model=args.model,
         batch=BatchConfig(variant=args.variant, pairs=args.pairs, voxels=args.voxels, patch_volume=args.patch_volume,
-                          spacing_range=spacing_range),
+                          spacing_range=spacing_range, max_scan_fraction=args.max_scan_fraction),
     )
     final = pretrain_ape(images, args.output, cfg, resume=args.resume)
     print(f"model: {final}")

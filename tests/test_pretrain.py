@@ -137,3 +137,11 @@ def test_spacing_range_names_and_the_embedding_settings_that_follow():
     assert embed_settings_for_training(BatchConfig()) == {"spacing": [1.5, 1.5, 2.25], "patch_size": [128, 128, 96]}
     coarse = embed_settings_for_training(BatchConfig(patch_volume=300_000, spacing_range=COARSE_SPACING_RANGE))
     assert coarse == {"spacing": [4.5, 4.5, 6.75], "patch_size": [112, 112, 80]}
+
+
+def test_bad_max_scan_fraction_is_refused_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(_cli("pretrain", "ape", "-i", str(tmp_path), "-o", str(run), "--max-scan-fraction", "1.5"),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--max-scan-fraction 1.5: must lie in [0, 1]" in result.stderr
+    assert not run.exists()
