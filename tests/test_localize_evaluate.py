@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nnunet_ape.io import Volume
-from nnunet_ape.localize.evaluate import PreparedCase, body_box, evaluate_organ, markdown_tables
+from nnunet_ape.localize.evaluate import PreparedCase, body_box, evaluate_organ, markdown_tables, mean_over_organs
 
 
 def _case(name: str, organ_lo: tuple[int, int, int], body_shift: int = 0) -> PreparedCase:
@@ -53,6 +53,24 @@ def test_body_box_baseline_follows_the_body_and_ape_follows_the_anatomy():
     assert result["iou_ape"] == 1.0
     assert result["iou_body_box"] < 0.9
     assert result["vr99_ape"] >= result["vr99_body_box"]
+
+
+def test_vr99_is_undefined_where_a_box_cannot_reach_the_target():
+    # a map that is the same everywhere retrieves one voxel for every query: the box collapses to a point that no
+    # enlargement widens, so no alpha reaches 99 % recall and a VR@99 would be a huge, meaningless number
+    good, flat = _case("good", (10, 12, 14)), _case("flat", (10, 12, 14))
+    flat.embedding[:] = 0.0
+    collapsed = evaluate_organ([good, flat], value=1, shots=1)
+    assert collapsed["iou_ape"] == 0.0
+    assert "vr99_ape" not in collapsed and collapsed["vr99_unreached_ape"] == 2
+    exact = evaluate_organ([_case(f"c{i}", (10, 12, 14)) for i in range(2)], value=1, shots=1)
+    assert collapsed["vr99_body_box"] == pytest.approx(exact["vr99_body_box"])  # the baseline does not use the map
+    mean = mean_over_organs({"a": collapsed, "b": exact})
+    assert "vr99_ape" not in mean and mean["vr99_body_box"] > 1
+    assert mean["iou_ape"] == pytest.approx(0.5)
+    table = markdown_tables({"organs": {"a": collapsed, "b": exact}, "mean": mean,
+                             "settings": {"shots": 1, "cases": 2, "target_recall": 0.99}})
+    assert "not reached (2/2)" in table
 
 
 def test_organs_missing_from_cases_are_left_out_and_reported():
