@@ -157,3 +157,20 @@ def test_cut_sides_come_from_the_shots_that_show_them():
         assert box.tolist() == [[8, 10, 10], [19, 29, 29]], how
     mean_uncut, _ = predict_box(edges, _position_map(shape), "mean")
     assert mean_uncut[0, 2] == 12.5  # the cut shot drags the bottom up by half its 15-slice cut
+
+
+def test_sides_known_to_different_shots_never_cross():
+    """Shot A shows only the organ's bottom (its scan cut the top), shot B only its top, and they disagree: A's
+    bottom (z 25) lies above B's top (z 9). Side by side that is an inverted box (no volume, no recall at any
+    enlargement); instead the axis comes from the shots' whole boxes, the cut sides at the test's border."""
+    shape = (40, 40, 40)
+    top_cut, bottom_cut = np.zeros(shape, bool), np.zeros(shape, bool)
+    top_cut[8:20, 10:30, 25:40] = True
+    bottom_cut[8:20, 10:30, 0:10] = True
+    edges = [shot_queries(_position_map(shape), m) for m in (top_cut, bottom_cut)]
+    cuts = [cut_sides(top_cut), cut_sides(bottom_cut)]
+    for how in ("mean", "median"):
+        box, per_shot = predict_box(edges, _position_map(shape), how, cuts)
+        assert [b[:, 2].tolist() for b in per_shot] == [[25, 39], [0, 9]]
+        assert box.tolist() == [[8, 10, 12.5], [19, 29, 24]], how  # z: mean of [25, 39] and [0, 9]
+        assert alpha_for_recall(top_cut | bottom_cut, box, 1.0) < 4  # an enlarged box reaches the whole organ

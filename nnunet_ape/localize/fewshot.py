@@ -52,7 +52,8 @@ def predict_box(
     ``cuts``: per shot, :func:`cut_sides` of its mask, in the same index space as the map (edge points in the order
     of :func:`~nnunet_ape.localize.boxes.edge_points`). An edge the scan cut is no landmark: its retrieved point is
     ignored, and that side of the box comes from the shots that show it, or reaches the test image's border when
-    none does (the organ goes on beyond every shot's field of view). All queries are retrieved in one pass.
+    none does (the organ goes on beyond every shot's field of view). Where sides from different shots cross, that
+    axis comes from the shots' whole boxes. All queries are retrieved in one pass.
     """
     cuts = cuts if cuts is not None else [np.zeros((2, 3), bool)] * len(edges)
     border = np.stack([np.zeros(3), np.asarray(embedding.shape[:3], dtype=np.float64) - 1])
@@ -63,9 +64,15 @@ def predict_box(
         kept = found[i * 6 : (i + 1) * 6][~point_cut]
         box = points_box(kept) if len(kept) else np.full((2, 3), np.nan)
         sides.append(np.where(cut, np.nan, box))
-    combined = _combine_sides(sides, how)
     per_shot = [np.where(np.isnan(b), border, b) for b in sides]
-    return np.where(np.isnan(combined), border, combined), per_shot
+    box = _combine_sides(sides, how)
+    box = np.where(np.isnan(box), border, box)
+    # a side known to one shot only and the opposite side known to another only can cross (lo > hi): on such an
+    # axis, combine the shots' whole boxes instead (each has lo <= hi, so their mean or median does too)
+    crossed = box[0] > box[1]
+    if crossed.any():
+        box[:, crossed] = combine_boxes(per_shot, how)[:, crossed]
+    return box, per_shot
 
 
 def _combine_sides(boxes: list[np.ndarray], how: str) -> np.ndarray:
