@@ -319,7 +319,8 @@ def markdown_tables(result: dict) -> str:
                     + [(f"VR {TITLES[m]}", f"vr_calibrated_{m}", ".1f") for m in calibrated])
     lines += ["", "VR@99: raw volume / crop volume with one enlargement per organ chosen on the test cases (the paper's "
               "protocol); 'not reached (n/N)': in n of N test cases no enlargement up to 20x reached the target recall "
-              "(a box far off or collapsed), so VR@99 and its mean over organs are undefined. Calibrated: enlargement (APE alpha, BPR z margin) chosen on the shots only (leave-one-shot-out), "
+              "(a box far off or collapsed), so VR@99 and its mean over organs are undefined. Calibrated: enlargement "
+              "(APE alpha, BPR z margin) chosen on the shots only (leave-one-shot-out), "
               "as at inference. APE 6 points: the paper's edge-point retrieval; APE all voxels: k-nearest-neighbour label "
               "transfer from every shot voxel. BPR z boxes span the full x/y extent.", ""]
     return "\n".join(lines)
