@@ -29,7 +29,7 @@ import numpy.typing as npt
 import SimpleITK as sitk
 from scipy import ndimage
 
-__all__ = ["ORGAN_LABELS", "make_phantom", "write_cohort"]
+__all__ = ["ORGAN_LABELS", "anatomical_z", "make_phantom", "write_cohort"]
 
 ORGAN_LABELS: dict[str, int] = {
     "liver": 1,
@@ -939,6 +939,16 @@ def make_phantom(seed: int) -> tuple[sitk.Image, sitk.Image]:
         paint(canvas, pat)
     ct = _scan(canvas.hu, acq, rng)
     return _to_image(ct, acq), _to_image(canvas.labels, acq)
+
+
+def anatomical_z(cohort_seed: int, index: int) -> np.ndarray:
+    """Ground truth for position models: the anatomical height (template mm: pelvis 0, lung apex ~650, the same
+    anatomy at the same value in every patient) of each axial slice of case ``index`` of the cohort written by
+    ``write_cohort(..., seed=cohort_seed)``, in canonical order (inferior to superior), shape ``(nz,)``."""
+    anatomy_seed, scan_seed = np.random.SeedSequence(_case_seed(cohort_seed, index)).spawn(2)
+    pat = _draw_patient(anatomy_seed)
+    acq = _draw_acquisition(np.random.default_rng(scan_seed), pat)
+    return (acq.lo[2] + np.arange(acq.size[2]) * acq.spacing[2]) / pat.scale
 
 
 # ---------------------------------------------------------------------------

@@ -196,3 +196,25 @@ def test_write_cohort_leaves_nothing_on_error(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(RuntimeError):
         write_cohort(tmp_path / "ds", n_cases=3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_anatomical_z_puts_the_same_organ_at_the_same_height_in_every_scan(tmp_path: Path) -> None:
+    """Scans start at random heights of random patients; anatomical z undoes both, so the liver's mean height agrees
+    across cases (template liver centre 405 mm, semi-axis 72 mm) while its height above the scan's first slice
+    does not."""
+    out = tmp_path / "cohort"
+    write_cohort(out, n_cases=4, seed=11)
+    heights, slices = [], []
+    for i in range(4):
+        image = sitk.ReadImage(str(out / "labelsTr" / f"phantom_{i:03d}.nii.gz"))
+        lab = sitk.GetArrayFromImage(image)  # [z, y, x], z ascending = superior
+        z = phantoms.anatomical_z(11, i)
+        assert z.shape == (lab.shape[0],) and np.all(np.diff(z) > 0)  # one height per slice, inferior to superior
+        per_slice = (lab == ORGAN_LABELS["liver"]).sum(axis=(1, 2))
+        if per_slice.sum():
+            heights.append(float((z * per_slice).sum() / per_slice.sum()))
+            slices.append(float((np.arange(len(z)) * per_slice).sum() / per_slice.sum()) * image.GetSpacing()[2])
+    assert len(heights) >= 2
+    assert all(320 < h < 490 for h in heights)
+    print(f"liver height: anatomical {np.round(heights)} mm, above the first slice {np.round(slices)} mm")
+    assert np.ptp(heights) < 60 and np.ptp(slices) > 2 * np.ptp(heights)
