@@ -912,6 +912,15 @@ def _to_image(arr: npt.NDArray, acq: _Acquisition) -> sitk.Image:
     return img
 
 
+def _draw_case(seed: int) -> tuple[_Patient, _Acquisition, np.random.Generator]:
+    """The patient and acquisition of phantom ``seed``, and the scan generator (left where the acquisition draw
+    ends, so the scanner noise that follows stays the same)."""
+    anatomy_seed, scan_seed = np.random.SeedSequence(seed).spawn(2)
+    pat = _draw_patient(anatomy_seed)
+    rng = np.random.default_rng(scan_seed)
+    return pat, _draw_acquisition(rng, pat), rng
+
+
 def make_phantom(seed: int) -> tuple[sitk.Image, sitk.Image]:
     """Generate one synthetic CT scan and its organ labels.
 
@@ -930,10 +939,7 @@ def make_phantom(seed: int) -> tuple[sitk.Image, sitk.Image]:
     """
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
-    anatomy_seed, scan_seed = np.random.SeedSequence(seed).spawn(2)
-    pat = _draw_patient(anatomy_seed)
-    rng = np.random.default_rng(scan_seed)
-    acq = _draw_acquisition(rng, pat)
+    pat, acq, rng = _draw_case(seed)
     canvas = _Canvas(acq, pat)
     for paint in _PAINTERS:
         paint(canvas, pat)
@@ -945,9 +951,7 @@ def anatomical_z(cohort_seed: int, index: int) -> np.ndarray:
     """Ground truth for position models: the anatomical height (template mm: pelvis 0, lung apex ~650, the same
     anatomy at the same value in every patient) of each axial slice of case ``index`` of the cohort written by
     ``write_cohort(..., seed=cohort_seed)``, in canonical order (inferior to superior), shape ``(nz,)``."""
-    anatomy_seed, scan_seed = np.random.SeedSequence(_case_seed(cohort_seed, index)).spawn(2)
-    pat = _draw_patient(anatomy_seed)
-    acq = _draw_acquisition(np.random.default_rng(scan_seed), pat)
+    pat, acq, _ = _draw_case(_case_seed(cohort_seed, index))
     return (acq.lo[2] + np.arange(acq.size[2]) * acq.spacing[2]) / pat.scale
 
 
