@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nnunet_ape", "nnunet_ape.*"]),
     install_requires=[
-        "nnunetv2>=2.5",
+        "nnunetv2>=2.8,<2.9",  # nnUNet_extTrainer (2.8); the internals of nnunet_ape.nnunet were read from 2.8.1
         "torch>=2.1",  # pip chooses the build; do not pin a CPU-only wheel (breaks timm/torchvision)
         "SimpleITK>=2.2",
         "numpy",
@@ -23,5 +23,5 @@ setup(
         "blosc2",
     ],
     extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["nnunet-ape=nnunet_ape.cli:main"]},
+    entry_points={"console_scripts": ["nnunet-ape=nnunet_ape.cli.main:main"]},
 )

@@ -9,7 +9,7 @@ import numpy as np
 
 from nnunet_ape.atomic import atomic_path
 from nnunet_ape.io import Volume, to_canonical
-from nnunet_ape.localize.boxes import box_to_canonical
+from nnunet_ape.crop_geometry import box_to_canonical
 
 
 def _planes(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:

@@ -105,24 +105,3 @@ def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, ma
         else:
             low = mid
     return float(np.ceil(high * 100) / 100)
-
-
-def box_to_canonical(box: np.ndarray, perm: tuple[int, int, int], flip: tuple[bool, bool, bool], shape: tuple[int, int, int]) -> np.ndarray:
-    """A box ``(2, 3)`` in an image's voxel indices -> the same box in canonical (LPS) indices, for the image's
-    :class:`nnunet_ape.io.Orientation` (``perm``, ``flip``) and its own ``shape``."""
-    corners = np.asarray(box, dtype=np.float64)[:, list(perm)].copy()
-    for axis, flipped in enumerate(flip):
-        if flipped:
-            corners[:, axis] = shape[perm[axis]] - 1 - corners[::-1, axis]
-    return corners
-
-
-def box_from_canonical(box: np.ndarray, perm: tuple[int, int, int], flip: tuple[bool, bool, bool], shape: tuple[int, int, int]) -> np.ndarray:
-    """Inverse of :func:`box_to_canonical`: a canonical box -> the image's voxel indices (``shape`` of the image)."""
-    corners = np.asarray(box, dtype=np.float64).copy()
-    for axis, flipped in enumerate(flip):
-        if flipped:
-            corners[:, axis] = shape[perm[axis]] - 1 - corners[::-1, axis]
-    out = np.empty_like(corners)
-    out[:, list(perm)] = corners
-    return out

@@ -26,7 +26,8 @@ from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, to_canonical
 from nnunet_ape.localize.body import body_box
-from nnunet_ape.localize.boxes import box_from_canonical, box_to_canonical, enlarge_box
+from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical
+from nnunet_ape.localize.boxes import enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
 from nnunet_ape.localize.fewshot import (
     DEFAULT_ALPHA,

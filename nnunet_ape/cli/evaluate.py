@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_ape.cli_common import add_case_source_args, add_labeled_case_args, labeled_cases
+from nnunet_ape.cli.common import add_case_source_args, add_labeled_case_args, labeled_cases
 from nnunet_ape.errors import InputError
 
 

@@ -1,7 +1,7 @@
 """``nnunet-ape`` command line: ``demo``, ``pretrain``, ``embed``, ``localize``, ``score``, ``calibrate``, ``evaluate``;
 each has ``--help``.
 
-Each subcommand lives in its own ``cli_*`` module; this one assembles them and turns InputError into a one-line
+Each subcommand lives in its own module of this package; this one assembles them and turns InputError into a one-line
 message and exit code 2.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_ape import cli_demo, cli_embed, cli_evaluate, cli_localize, cli_pretrain, cli_score
+from nnunet_ape.cli import demo, embed, evaluate, localize, pretrain, score
 from nnunet_ape.errors import InputError
 
 
@@ -21,14 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Anatomical Positional Embeddings for nnU-Net v2: pretrain, embed, localize, score slices (BPR) and segment CT.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cli_demo.add_parser(sub)
-    pretrain = sub.add_parser("pretrain", help="self-supervised pretraining (ape, bpr)", description="Self-supervised pretraining.")
-    pretrain_sub = pretrain.add_subparsers(dest="model_kind", required=True, metavar="MODEL")
-    cli_pretrain.add_parser(pretrain_sub)
-    cli_embed.add_parser(sub)
-    cli_localize.add_parser(sub)
-    cli_score.add_parser(sub)
-    cli_evaluate.add_parser(sub)
+    demo.add_parser(sub)
+    pretrain_parser = sub.add_parser("pretrain", help="self-supervised pretraining (ape, bpr)", description="Self-supervised pretraining.")
+    pretrain_sub = pretrain_parser.add_subparsers(dest="model_kind", required=True, metavar="MODEL")
+    pretrain.add_parser(pretrain_sub)
+    embed.add_parser(sub)
+    localize.add_parser(sub)
+    score.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 
