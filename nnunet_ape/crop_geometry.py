@@ -105,3 +105,23 @@ def box_corners_mm(volume: Volume, box: np.ndarray) -> dict:
     corners = volume.index_to_physical(np.stack([box[0], np.asarray(box[1]) - 1]).astype(np.float64))
     return {"lo_corner_mm": corners[0].round(3).tolist(), "hi_corner_mm": corners[1].round(3).tolist(),
             "min_mm": corners.min(0).round(3).tolist(), "max_mm": corners.max(0).round(3).tolist()}
+
+
+def fraction_inside(mask: np.ndarray, box: np.ndarray) -> float | None:
+    """Fraction of the True voxels of ``mask`` ``(X, Y, Z)`` inside a crop box; None for an empty mask."""
+    total = int(np.count_nonzero(mask))
+    return float(np.count_nonzero(mask[slices(box)]) / total) if total else None
+
+
+def grow_to_contain(box: np.ndarray, mask: np.ndarray, margin_mm: float, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """A training case's crop box: ``box`` grown so that it holds every True voxel of ``mask`` plus ``margin_mm``
+    (clipped to the image), so the network never learns a cut organ. Returns ``(box, grown_mm)`` with
+    ``grown_mm`` ``(2, 3)``: how far the low and high faces moved outwards along x, y, z, in mm (0 where the box
+    already held the mask)."""
+    tight = mask_crop_box(mask)
+    if tight is None:
+        return box.copy(), np.zeros((2, 3))
+    needed = grow_box(tight, margin_voxels(margin_mm, spacing), mask.shape)
+    grown = union_box(box, needed)
+    moved = np.stack([box[0] - grown[0], grown[1] - box[1]]).astype(np.float64)
+    return grown, moved * np.asarray(spacing, dtype=np.float64)

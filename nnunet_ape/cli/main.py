@@ -1,4 +1,5 @@
-"""``nnunet-ape`` command line: ``demo``, ``pretrain``, ``embed``, ``localize``, ``score``, ``calibrate``, ``evaluate``;
+"""``nnunet-ape`` command line: ``demo``, ``pretrain``, ``embed``, ``localize``, ``score``, ``calibrate``, ``evaluate``,
+``crop-dataset``, ``channels-dataset``, ``uncrop``;
 each has ``--help``.
 
 Each subcommand lives in its own module of this package; this one assembles them and turns InputError into a one-line
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_ape.cli import demo, embed, evaluate, localize, pretrain, score
+from nnunet_ape.cli import crop_dataset, demo, embed, evaluate, localize, pretrain, score, uncrop
 from nnunet_ape.errors import InputError
 
 
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_parser(sub)
     score.add_parser(sub)
     evaluate.add_parser(sub)
+    crop_dataset.add_parser(sub)
+    uncrop.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,291 @@
+"""Write a new nnU-Net raw dataset from a source one: each case cropped to its organ box (``crop-dataset``) or
+kept whole (``channels-dataset``), optionally with APE/BPR channels, plus a manifest (``crops.json``) that
+``uncrop`` uses to paste predictions back.
+
+The dataset is built under ``$nnUNet_raw/.DatasetXXX_Name.partial`` (hidden from nnU-Net, whose dataset lookup
+matches ``DatasetXXX_*`` only) and renamed when every case is written, so nnU-Net never sees half a dataset. Each
+finished case leaves a small JSON entry there; a restarted run skips those cases.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_ape.atomic import atomic_path
+from nnunet_ape.case_features import CHANNEL_NAMES, FeatureModels, case_features, load_feature_models
+from nnunet_ape.checkpoint import file_hash
+from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop, fraction_inside, grow_to_contain
+from nnunet_ape.errors import InputError
+from nnunet_ape.io import Volume, read_volume, write_volume
+from nnunet_ape.localize.cases import label_values
+from nnunet_ape.nnunet.raw_dataset import RawCase, RawDataset, dataset_json_for
+
+MANIFEST = "crops.json"
+MANIFEST_FORMAT = "nnunet-ape/crops-v1"
+MIN_VOXELS = 8
+DEFAULT_MARGIN_MM = 10.0
+
+
+@dataclass
+class CropJob:
+    """What to write. ``organs``: the chosen organs in target label order (empty for a channels dataset, which
+    keeps every label); ``keep_labels``: keep all source labels inside the crop instead of renumbering the organs
+    1..K; ``margin_mm``: how far a training box reaches beyond its label; ``models_args``: the arguments of
+    :func:`nnunet_ape.case_features.load_feature_models` (each worker process loads the models itself)."""
+
+    source: RawDataset
+    target: Path
+    organs: list[str]
+    keep_labels: bool
+    margin_mm: float
+    models_args: dict
+    num_processes: int = 1
+    localizer_path: Path | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def partial(self) -> Path:
+        return self.target.parent / f".{self.target.name}.partial"
+
+    @property
+    def cropped(self) -> bool:
+        return self.localizer_path is not None
+
+
+def _geometry(volume: Volume) -> dict:
+    return {"size": list(volume.shape), "spacing": [float(s) for s in volume.spacing],
+            "origin": [float(o) for o in volume.origin], "direction": np.asarray(volume.direction).ravel().tolist()}
+
+
+def target_labels(job: CropJob) -> tuple[dict[str, int], dict[int, int]]:
+    """The target's ``labels`` (name -> value, background 0) and the map target value -> source value."""
+    source = job.source.labels
+    if job.keep_labels or not job.organs:
+        return dict(source), {v: v for v in source.values()}
+    labels = {"background": 0}
+    labels.update({organ: i + 1 for i, organ in enumerate(job.organs)})
+    return labels, {i + 1: source[organ] for i, organ in enumerate(job.organs)}
+
+
+def _relabel(label: np.ndarray, to_source: dict[int, int], keep: bool) -> np.ndarray:
+    if keep:
+        return label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16)
+    lut = np.zeros(int(label.max(initial=0)) + 1, dtype=np.uint8)
+    for target, source in to_source.items():
+        if source < len(lut):
+            lut[source] = target
+    return lut[label]
+
+
+def _read_channels(case: RawCase) -> list[Volume]:
+    volumes = [read_volume(case.images[0], min_size=MIN_VOXELS)]
+    for path in case.images[1:]:
+        volume = read_volume(path, check_finite=False)
+        if not volume.same_geometry(volumes[0], atol=1e-3):
+            raise InputError(f"{path}: channel does not share the grid of {case.images[0]} (size, spacing, origin, direction)")
+        volumes.append(volume)
+    return volumes
+
+
+def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels) -> dict:
+    """Crop (or keep whole) one case with its channels, write its files into the partial dataset, and return its
+    manifest entry (also written, last, as the case's completion mark)."""
+    channels = _read_channels(case)
+    ct = channels[0]
+    features = case_features(models, ct)
+    predicted = features.crop_box if features.crop_box is not None else np.array([[0, 0, 0], list(ct.shape)])
+    box = predicted
+    entry: dict = {"case": case.case_id, "split": split, "source_images": [str(p) for p in case.images],
+                   "source": _geometry(ct), "predicted_box_voxels": predicted.tolist()}
+    label = None
+    if case.label is not None:
+        label_volume = read_volume(case.label, check_finite=False)
+        if not label_volume.same_geometry(ct, atol=1e-3):
+            raise InputError(f"{case.label}: label map does not share the grid of {case.images[0]}")
+        label = label_values(label_volume.array, case.label)
+        entry["source_label"] = str(case.label)
+        if job.cropped:
+            values = [job.source.labels[o] for o in job.organs]
+            entry["organ_fraction_in_predicted_box"] = {o: fraction_inside(label == v, predicted) for o, v in zip(job.organs, values)}
+            box, grown_mm = grow_to_contain(predicted, np.isin(label, values), job.margin_mm, ct.spacing)
+            entry["grown_mm"] = grown_mm.round(2).tolist()
+            entry["grown"] = bool(grown_mm.max() > 0)
+    entry.update({"box_voxels": box.tolist(), "box": box_corners_mm(ct, box), "crop_shape": list(box_shape(box)),
+                  "voxel_ratio": float(np.prod(ct.shape) / np.prod(box_shape(box)))})
+    if features.boxes:
+        entry["localizer_boxes"] = {o: {k: b[k] for k in ("crop_box_voxels", "ape_boxes") if k in b} for o, b in features.boxes.items()}
+    images = job.partial / ("imagesTr" if split == "train" else "imagesTs")
+    ending = job.source.file_ending
+    for k, volume in enumerate(channels):
+        write_volume(crop(volume, box) if job.cropped else volume, images / f"{case.case_id}_{k:04d}{ending}")
+    if features.channels is not None:
+        extra = ct.with_array(features.channels)
+        for j in range(features.channels.shape[3]):
+            channel = Volume(extra.array[..., j], ct.spacing, ct.origin, np.array(ct.direction))
+            write_volume(crop(channel, box) if job.cropped else channel, images / f"{case.case_id}_{len(channels) + j:04d}{ending}")
+    if label is not None:
+        _, to_source = target_labels(job)
+        relabeled = ct.with_array(_relabel(label, to_source, job.keep_labels or not job.organs))
+        write_volume(crop(relabeled, box) if job.cropped else relabeled, job.partial / "labelsTr" / f"{case.case_id}{ending}")
+    with atomic_path(job.partial / ".nnunet_ape" / "cases" / f"{case.case_id}.json") as tmp:
+        Path(tmp).write_text(json.dumps(entry))
+    return entry
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(job: CropJob, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["job"] = job
+    _WORKER["models"] = load_feature_models(**job.models_args)
+
+
+def _run_in_worker(case: RawCase, split: str) -> dict:
+    return process_case(case, split, _WORKER["job"], _WORKER["models"])
+
+
+def _start_or_resume(job: CropJob) -> dict[str, dict]:
+    """Create the partial folder (or check that a leftover one was made with the same settings); returns the
+    entries of the cases it already holds."""
+    marker = job.partial / ".nnunet_ape" / "job.json"
+    if job.partial.exists():
+        if not marker.is_file() or json.loads(marker.read_text()) != job.settings:
+            raise InputError(f"{job.partial}: left by an earlier run with other settings; rerun with those settings to resume, or remove it")
+    else:
+        others = sorted(job.target.parent.glob(f".{job.target.name.split('_')[0]}_*.partial"))
+        if others:
+            raise InputError(f"{others[0]}: an unfinished run for this dataset id under another name; resume it with that --name or remove it")
+        with atomic_path(marker) as tmp:
+            Path(tmp).write_text(json.dumps(job.settings, indent=1))
+    done = {}
+    for path in (job.partial / ".nnunet_ape" / "cases").glob("*.json"):
+        entry = json.loads(path.read_text())
+        done[entry["case"]] = entry
+    return done
+
+
+def run_job(job: CropJob) -> dict:
+    """Write the whole target dataset (skipping cases a killed run finished) and rename it into place; returns
+    the manifest."""
+    done = _start_or_resume(job)
+    todo = [(c, "train") for c in job.source.training] + [(c, "test") for c in job.source.test]
+    todo = [(c, s) for c, s in todo if c.case_id not in done]
+    bar = tqdm(total=len(todo) + len(done), initial=len(done), desc="crop-dataset" if job.cropped else "channels-dataset", unit="case")
+    if job.num_processes <= 1 or len(todo) <= 1:
+        models = load_feature_models(**job.models_args)
+        for case, split in todo:
+            done[case.case_id] = process_case(case, split, job, models)
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // job.num_processes)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(job.num_processes, mp_context=context, initializer=_init_worker, initargs=(job, threads)) as pool:
+            futures = [pool.submit(_run_in_worker, case, split) for case, split in todo]
+            for future in as_completed(futures):
+                entry = future.result()
+                done[entry["case"]] = entry
+                bar.update()
+    bar.close()
+    return _finish(job, done)
+
+
+def _finish(job: CropJob, done: dict[str, dict]) -> dict:
+    order = [c.case_id for c in job.source.training] + [c.case_id for c in job.source.test]
+    cases = [done[c] for c in order]
+    labels, to_source = target_labels(job)
+    source_channels = list(job.source.dataset_json["channel_names"].values())
+    models = job.models_args
+    added = [n for c in models["channels"] for n in CHANNEL_NAMES[c]]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "kind": "crops" if job.cropped else "channels",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_dataset": str(job.source.folder.resolve()),
+        "dataset": job.target.name,
+        "file_ending": job.source.file_ending,
+        "organs": job.organs,
+        "labels": labels,
+        "target_to_source_label": {str(k): v for k, v in to_source.items()},
+        "channels": source_channels + added,  # names; dataset.json's channel_names hold nnU-Net's normalization
+        "margin_mm": job.margin_mm,
+        "summary": summary(cases),
+        **job.settings.get("models", {}),
+        "cases": cases,
+    }
+    with atomic_path(job.partial / MANIFEST) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1))
+    extra = {"kind": manifest["kind"], "manifest": MANIFEST, "dataset": job.target.name,
+             "source_dataset": manifest["source_dataset"], "channels": manifest["channels"], "organs": job.organs}
+    dataset_json = dataset_json_for(job.source.dataset_json, source_channels + ["noNorm"] * len(added), labels,
+                                    len(job.source.training), extra)
+    with atomic_path(job.partial / "dataset.json") as tmp:
+        Path(tmp).write_text(json.dumps(dataset_json, indent=1))
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (job.partial / sub).mkdir(exist_ok=True)
+    shutil.rmtree(job.partial / ".nnunet_ape")
+    os.replace(job.partial, job.target)
+    return manifest
+
+
+def summary(cases: list[dict]) -> dict:
+    """How the boxes came out: training boxes that had to grow to hold their labels (count and mm), voxel ratio."""
+    train = [c for c in cases if c["split"] == "train" and "grown_mm" in c]
+    grown = [float(np.max(c["grown_mm"])) for c in train if c["grown"]]
+    ratios = [c["voxel_ratio"] for c in cases]
+    fractions: dict[str, list[float]] = {}
+    for c in train:
+        for organ, f in c["organ_fraction_in_predicted_box"].items():
+            if f is not None:
+                fractions.setdefault(organ, []).append(f)
+    return {
+        "training_cases": len([c for c in cases if c["split"] == "train"]),
+        "test_cases": len([c for c in cases if c["split"] == "test"]),
+        "training_boxes_grown": len(grown),
+        "largest_growth_mm": {"median": float(np.median(grown)) if grown else 0.0, "max": max(grown, default=0.0)},
+        "organ_fraction_in_predicted_box": {o: {"mean": float(np.mean(f)), "min": float(np.min(f)), "cases": len(f)} for o, f in fractions.items()},
+        "voxel_ratio": {"median": float(np.median(ratios)), "min": float(np.min(ratios)), "max": float(np.max(ratios))} if ratios else {},
+    }
+
+
+def model_provenance(models: FeatureModels, localizer_path: Path | None) -> dict:
+    """Paths and SHA-256 of the localizer and checkpoints used (for the manifest and the resume check)."""
+    out: dict = {}
+    for key, path in (("localizer", localizer_path), ("ape_checkpoint", models.ape_path), ("bpr_checkpoint", models.bpr_path)):
+        if path is not None:
+            out[key] = str(Path(path).resolve())
+            out[key.replace("_checkpoint", "") + "_sha256"] = file_hash(path)
+    return out
+
+
+def describe(manifest: dict) -> str:
+    """One paragraph for the terminal: where the dataset went and how its boxes came out."""
+    s = manifest["summary"]
+    lines = [f"{manifest['dataset']}: {s['training_cases']} training + {s['test_cases']} test case(s)"]
+    if manifest["kind"] == "crops":
+        lines.append(f"training boxes grown to hold their labels: {s['training_boxes_grown']} of {s['training_cases']}"
+                     + (f" (largest growth median {s['largest_growth_mm']['median']:.1f} mm, max {s['largest_growth_mm']['max']:.1f} mm)"
+                        if s["training_boxes_grown"] else ""))
+        for organ, f in s["organ_fraction_in_predicted_box"].items():
+            lines.append(f"  {organ}: {f['mean']:.3f} of the organ inside the localizer's box on average (min {f['min']:.3f}, {f['cases']} cases)")
+        if s["voxel_ratio"]:
+            lines.append(f"voxels: source / crop median {s['voxel_ratio']['median']:.1f}x (min {s['voxel_ratio']['min']:.1f}x, max {s['voxel_ratio']['max']:.1f}x)")
+    return "\n".join(lines)
+
+
+def as_settings(job_fields: dict) -> dict:
+    """JSON-able form of the settings that decide a dataset's content (compared when a run resumes)."""
+    return json.loads(json.dumps(job_fields, default=str))
+

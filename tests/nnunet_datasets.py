@@ -1,0 +1,58 @@
+"""Small nnU-Net raw datasets of real CT (patients A and B of ../shared/data) and phantoms, for the nnU-Net tests.
+
+Patients A and B number their labels differently (two versions of TotalSegmentator's scheme), so their maps are
+relabeled by organ name into one scheme, as a user building a dataset would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import DATA, patient
+
+ORGANS = ["liver", "spleen"]  # labeled in A, B and the phantoms
+
+
+def _relabel(seg: sitk.Image, names: dict[str, int]) -> sitk.Image:
+    array = sitk.GetArrayFromImage(seg)
+    out = np.zeros(array.shape, dtype=np.uint8)
+    for i, organ in enumerate(ORGANS, start=1):
+        out[array == names[organ]] = i
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(seg)
+    return image
+
+
+def _names(key: str) -> dict[str, int]:
+    return {v: int(k) for k, v in json.loads((DATA / f"ts_{key}_labels.json").read_text()).items()}
+
+
+def write_raw_dataset(folder: Path, phantom_seeds: tuple[int, ...] = (), test_phantoms: tuple[int, ...] = ()) -> Path:
+    """``folder`` as an nnU-Net raw dataset: training cases ``A`` (RAS-like), ``B`` (LPS) and phantoms with
+    ``phantom_seeds``, test cases phantoms with ``test_phantoms``; labels background 0, liver 1, spleen 2."""
+    from nnunet_ape.phantoms import make_phantom
+
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for key, stem in (("A", "ts_a_abdomen_pelvis"), ("B", "ts_b_upper_abdomen")):
+        (folder / "imagesTr" / f"{key}_0000.nii.gz").symlink_to(patient(key))
+        sitk.WriteImage(_relabel(sitk.ReadImage(str(DATA / f"{stem}_seg.nii.gz")), _names(key.lower())),
+                        str(folder / "labelsTr" / f"{key}.nii.gz"), useCompression=True)
+    for seed in phantom_seeds + test_phantoms:
+        ct, seg = make_phantom(seed)
+        split = "Tr" if seed in phantom_seeds else "Ts"
+        sitk.WriteImage(ct, str(folder / f"images{split}" / f"phantom{seed:03d}_0000.nii.gz"), useCompression=True)
+        if split == "Tr":
+            array = sitk.GetArrayFromImage(seg)
+            keep = np.where(array == 1, 1, np.where(array == 2, 2, 0)).astype(np.uint8)  # phantoms: liver 1, spleen 2
+            out = sitk.GetImageFromArray(keep)
+            out.CopyInformation(seg)
+            sitk.WriteImage(out, str(folder / "labelsTr" / f"phantom{seed:03d}.nii.gz"), useCompression=True)
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{o: i for i, o in enumerate(ORGANS, 1)}},
+               "numTraining": 2 + len(phantom_seeds), "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    return folder

@@ -1,0 +1,59 @@
+"""Crop boxes on the source grid: crops overlay their source, paste-back is the identity, training boxes hold
+their labels. On real CT in both orientations the data has (patient A RAS-like, B LPS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import DATA, patient
+from nnunet_ape.crop_geometry import crop, crop_box, fraction_inside, grow_to_contain, mask_crop_box, paste
+from nnunet_ape.io import read_volume, write_volume
+
+SEGS = {"A": "ts_a_abdomen_pelvis_seg.nii.gz", "B": "ts_b_upper_abdomen_seg.nii.gz"}
+
+
+@pytest.mark.parametrize("key", ["A", "B"])
+def test_crop_overlays_source_and_paste_is_identity(key, tmp_path):
+    ct = read_volume(patient(key))
+    seg = read_volume(DATA / SEGS[key])
+    assert np.abs(np.diag(ct.direction)).min() > 0.99  # A: (-1, -1, 1), B: identity
+    box = crop_box(np.array([[10.4, 20.0, 3.0], [60.2, 70.9, 15.0]]), ct.shape)
+    assert box.tolist() == [[10, 20, 3], [62, 72, 16]]  # rounded outwards
+    cropped = crop(seg.with_array(seg.array), box)
+    path = write_volume(cropped, tmp_path / "crop.nii.gz")
+    image, source = sitk.ReadImage(str(path)), sitk.ReadImage(str(DATA / SEGS[key]))
+    for index in ([0, 0, 0], [51, 51, 12], [7, 30, 5]):
+        inside = [int(i + o) for i, o in zip(index, box[0])]
+        assert np.allclose(image.TransformIndexToPhysicalPoint(index), source.TransformIndexToPhysicalPoint(inside), atol=1e-3)
+        assert image.GetPixel(index) == source.GetPixel(inside)
+    assert image.GetSpacing() == pytest.approx(source.GetSpacing()) and image.GetDirection() == pytest.approx(source.GetDirection())
+    pasted = paste(read_volume(path).array, box, ct.shape)
+    assert np.array_equal(pasted[tuple(slice(a, b) for a, b in zip(*box))], seg.array[tuple(slice(a, b) for a, b in zip(*box))])
+    outside = np.ones(ct.shape, bool)
+    outside[tuple(slice(a, b) for a, b in zip(*box))] = False
+    assert not pasted[outside].any()
+
+
+def test_crop_box_is_clipped_and_never_empty():
+    assert crop_box(np.array([[-5.0, -3, -1], [200, 300, 400]]), (50, 60, 70)).tolist() == [[0, 0, 0], [50, 60, 70]]
+    outside = crop_box(np.array([[80.0, 90, 100], [85, 95, 105]]), (50, 60, 70))
+    assert (outside[1] - outside[0] >= 1).all() and (outside[1] <= [50, 60, 70]).all()
+
+
+def test_training_box_grows_to_hold_the_label_plus_margin():
+    seg = read_volume(DATA / SEGS["A"])
+    liver = seg.array == 5
+    tight = mask_crop_box(liver)
+    cut = tight.copy()
+    cut[1, 2] -= 10  # a localizer box that misses the liver's top 10 slices
+    assert fraction_inside(liver, cut) < 1
+    grown, moved = grow_to_contain(cut, liver, 10.0, seg.spacing)
+    assert fraction_inside(liver, grown) == 1.0
+    margin = np.ceil(10.0 / np.asarray(seg.spacing) - 1e-9).astype(int)
+    expected_hi = np.minimum(tight[1] + margin, seg.shape)
+    assert grown[1, 2] == expected_hi[2]
+    assert moved[1, 2] == pytest.approx((expected_hi[2] - cut[1, 2]) * seg.spacing[2])
+    unchanged, none = grow_to_contain(grown, liver, 10.0, seg.spacing)
+    assert np.array_equal(unchanged, grown) and not none.any()
