@@ -1,0 +1,109 @@
+"""The whole crop-dataset path with stock nnU-Net on CPU: raw dataset (patients A, B, phantoms) -> crop-dataset ->
+nnUNetv2_plan_and_preprocess --verify_dataset_integrity -> a few iterations of nnUNetv2_train (a short trainer
+subclass, tiny plans) -> nnUNetv2_predict -> uncrop: label maps on the source grids with the source label values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_datasets import ORGANS, write_raw_dataset
+from nnunet_ape.io import read_volume
+
+TRAINER = '''
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainerAPETestTiny(nnUNetTrainer):
+    """Four training iterations and one validation iteration, no mirroring: every stage of nnU-Net, quickly."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 4
+        self.num_val_iterations_per_epoch = 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None  # validation: one pass per tile instead of 8
+        return rotation, dummy_2d, initial_patch_size, None
+'''
+
+
+def _tiny_plans(plans_file: Path) -> None:
+    """Shrink the planned 3d_fullres network and patch so that CPU training takes seconds."""
+    plans = json.loads(plans_file.read_text())
+    config = plans["configurations"]["3d_fullres"]
+    config.update({"patch_size": [48, 48, 48], "batch_size": 2})
+    config["architecture"]["arch_kwargs"].update({
+        "n_stages": 3, "features_per_stage": [8, 16, 32], "kernel_sizes": [[3, 3, 3]] * 3,
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1]})
+    plans_file.write_text(json.dumps(plans, indent=1))
+
+
+def _nnunet(env: dict, *args: str, timeout: int = 600) -> str:
+    bindir = Path(sys.executable).parent
+    began = time.perf_counter()
+    done = subprocess.run([str(bindir / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"[end-to-end] {' '.join(args[:3])}: {time.perf_counter() - began:.0f} s", flush=True)
+    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrained_run, tmp_path):
+    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+
+    roots = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for p in roots.values():
+        p.mkdir()
+    ext = tmp_path / "ext_trainers"
+    ext.mkdir()
+    (ext / "nnunet_ape_test_tiny_trainer.py").write_text(TRAINER)
+    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, "nnUNet_extTrainer": str(ext),
+           "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2", "OMP_NUM_THREADS": "2"}
+    source = write_raw_dataset(roots["nnUNet_raw"] / "Dataset501_Abd", phantom_seeds=(1, 2), test_phantoms=(3,))
+    shots = [c for c in cases_from_nnunet(str(source)) if c.name in ("A", "B")]
+    fitted = fit_localizer(shots, {o: i for i, o in enumerate(ORGANS, 1)}, pretrained_run / "checkpoint_final.pt")
+    for entry in fitted["organs"].values():
+        entry["alpha"] = 1.0  # tight boxes: small crops (and training boxes that must grow to hold their labels)
+    localizer = save_localizer(fitted, tmp_path / "localizer.json")
+
+    # spleen first: target labels spleen 1, liver 2 are the source's liver 1, spleen 2 swapped
+    _nnunet(env, "nnunet-ape", "crop-dataset", "-d", "501", "-l", str(localizer), "--organs", "spleen", "liver", "-o", "601",
+            "--channels", "ape", "--device", "cpu")
+    crops = roots["nnUNet_raw"] / "Dataset601_AbdSpleenLiverCrop"
+    manifest = json.loads((crops / "crops.json").read_text())
+    assert manifest["target_to_source_label"] == {"1": 2, "2": 1}
+
+    out = _nnunet(env, "nnUNetv2_plan_and_preprocess", "-d", "601", "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "2")
+    assert "verify_dataset_integrity Done" in out
+    preprocessed = roots["nnUNet_preprocessed"] / crops.name
+    _tiny_plans(preprocessed / "nnUNetPlans.json")
+    (preprocessed / "splits_final.json").write_text(json.dumps([{"train": ["A", "B", "phantom001"], "val": ["phantom002"]}]))
+    _nnunet(env, "nnUNetv2_train", "601", "3d_fullres", "0", "-tr", "nnUNetTrainerAPETestTiny", "-device", "cpu")
+    run = roots["nnUNet_results"] / crops.name / "nnUNetTrainerAPETestTiny__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (run / "checkpoint_final.pth").is_file() and (run / "validation" / "summary.json").is_file()
+
+    pred = tmp_path / "pred601"
+    _nnunet(env, "nnUNetv2_predict", "-i", str(crops / "imagesTs"), "-o", str(pred), "-d", "601", "-c", "3d_fullres", "-f", "0",
+            "-tr", "nnUNetTrainerAPETestTiny", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
+    _nnunet(env, "nnunet-ape", "uncrop", "-i", str(pred), "-o", str(tmp_path / "seg"))
+
+    entry = next(c for c in manifest["cases"] if c["case"] == "phantom003")
+    ct = read_volume(entry["source_images"][0])
+    seg = read_volume(tmp_path / "seg" / "phantom003.nii.gz")
+    assert seg.same_geometry(ct, atol=1e-4)  # overlays the source CT
+    predicted = read_volume(pred / "phantom003.nii.gz").array
+    box = tuple(slice(a, b) for a, b in zip(*entry["box_voxels"]))
+    assert np.array_equal(seg.array[box], np.array([0, 2, 1])[predicted])  # source values
+    outside = np.ones(ct.shape, bool)
+    outside[box] = False
+    assert not seg.array[outside].any()
