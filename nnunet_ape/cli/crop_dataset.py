@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
         "channels-dataset",
         help="write a new nnU-Net raw dataset: whole images plus APE/BPR channels",
         description="Copy every case of an nnU-Net raw dataset and add the embedding channels (noNorm): 3 APE channels "
-        "with -m, 1 BPR channel with --bpr-model. Labels and geometry unchanged. Writes $nnUNet_raw/DatasetYYY_NAME.",
+        "with -m, 1 BPR channel with --bpr-model (--channels defaults to the models given). Labels and geometry unchanged. "
+        "Writes $nnUNet_raw/DatasetYYY_NAME.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_common(channels)
@@ -60,8 +61,10 @@ def _run_crop(args) -> None:
 
 
 def _run_channels(args) -> None:
+    if not args.channels:  # the channels of the models given
+        args.channels = [c for c, model in (("ape", args.model), ("bpr", args.bpr_model)) if model]
     if not args.channels:
-        raise InputError("channels-dataset: give --channels ape and/or bpr (with -m / --bpr-model)")
+        raise InputError("channels-dataset: give an APE model (-m) and/or a BPR model (--bpr-model) for the channels")
     _run(args, None, None, 0.0, True, "APE" if "ape" in args.channels else "BPR")
 
 
