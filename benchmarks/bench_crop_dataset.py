@@ -109,7 +109,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, seconds, mem in rows:
         print(f"| {name} | {seconds:.1f} | {seconds / rows[0][1]:.2f} | {mem:.2f} |")
-    print(f"\nvoxel ratio source/crop per case: {', '.join(f'{c['case']} {c['voxel_ratio']:.1f}x' for c in crops['cases'])}")
+    ratios = ", ".join(f"{c['case']} {c['voxel_ratio']:.1f}x" for c in crops["cases"])
+    print(f"\nvoxel ratio source/crop per case: {ratios}")
 
 
 if __name__ == "__main__":
