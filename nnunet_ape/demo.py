@@ -1,8 +1,10 @@
-"""``nnunet-ape demo``: the whole APE pipeline on built-in synthetic phantoms, no user data and no downloads."""
+"""``nnunet-ape demo``: the whole APE pipeline on built-in synthetic phantoms, no user data and no downloads: pretrain,
+embed, localize, and an nnU-Net crop dataset with the commands that train stock nnU-Net on it and paste back."""
 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def run_demo(
     began = time.monotonic()
     cohort = out / "cohort"
     if not (cohort / "dataset.json").exists():
-        print(f"[1/3] writing {cases + 1} synthetic CT phantoms to {cohort}")
+        print(f"[1/4] writing {cases + 1} synthetic CT phantoms to {cohort}")
         write_cohort(cohort, cases + 1, seed=seed)
     images = nnunet_images(cohort)
     train, heldout = images[:-1], images[-1]
@@ -52,9 +54,9 @@ def run_demo(
         iterations=1_000_000, lr=DEMO_LR, lr_schedule="cosine", model=model, batch=BatchConfig(**DEMO_BATCH), device=device,
         workers=workers, checkpoint_every=200, max_minutes=minutes, seed=seed,
     )
-    print(f"[2/3] pretraining APE ({model}) for {minutes:g} min on {len(train)} phantoms")
+    print(f"[2/4] pretraining APE ({model}) for {minutes:g} min on {len(train)} phantoms")
     checkpoint = pretrain_ape(train, run, cfg, resume=(run / LAST).exists())
-    print(f"[3/3] embedding held-out phantom {heldout.name}")
+    print(f"[3/4] embedding held-out phantom {heldout.name}")
     net, state = load_ape_model(checkpoint)
     ct = read_volume(heldout)
     t0 = time.perf_counter()
@@ -65,12 +67,38 @@ def run_demo(
     body = ct.array > -500
     r2 = position_r2(embedding, body)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "labelsTr" / heldout.name.replace("_0000", ""))))
-    report = _report(out, run, state, r2, embed_seconds, ct.shape, len(np.unique(labels)) - 1, time.monotonic() - began)
+    print("[4/4] nnU-Net organ crops: 3-shot liver localizer, crop-dataset of the cohort")
+    crops = demo_crop_dataset(out, cohort, checkpoint, str(resolve_device(device)))
+    report = _report(out, run, state, r2, embed_seconds, ct.shape, len(np.unique(labels)) - 1, time.monotonic() - began, crops)
     print(report)
     return out / "report.md"
 
 
-def _report(out: Path, run: Path, state: dict, r2: float, embed_seconds: float, shape, n_labels: int, seconds: float) -> str:
+def demo_crop_dataset(out: Path, cohort: Path, checkpoint: Path, device: str, organ: str = "liver", shots: int = 3) -> dict:
+    """Fit a ``shots``-shot localizer for ``organ`` on the first phantoms and write the cohort as an nnU-Net crop
+    dataset ``out/nnUNet_raw/Dataset900_DemoLiverCrop`` (what ``nnunet-ape crop-dataset`` writes); returns its
+    manifest."""
+    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.nnunet.crop_dataset import CropJob, run_job
+    from nnunet_ape.nnunet.raw_dataset import open_raw_dataset
+
+    target = out / "nnUNet_raw" / "Dataset900_DemoLiverCrop"
+    localizer_path = out / f"{organ}_localizer.json"
+    cases = cases_from_nnunet(str(cohort))
+    if not localizer_path.exists():
+        localizer = fit_localizer(cases[:shots], {organ: cases[0].labels[organ]}, checkpoint, device)
+        save_localizer(localizer, localizer_path)
+    if target.exists():  # a resumed demo that got this far
+        return json.loads((target / "crops.json").read_text())
+    models_args = {"localizer_path": localizer_path, "organs": [organ], "channels": (), "ape_path": None, "bpr_path": None, "device": device}
+    job = CropJob(open_raw_dataset(str(cohort)), target, [organ], False, 10.0, models_args, 1, localizer_path,
+                  {"source": str(cohort.resolve()), "organs": [organ]})
+    return run_job(job)
+
+
+def _report(out: Path, run: Path, state: dict, r2: float, embed_seconds: float, shape, n_labels: int, seconds: float,
+            crops: dict) -> str:
     with open(run / "log.csv", newline="") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     first, last = np.mean(losses[:50]), np.mean(losses[-50:])
@@ -83,9 +111,29 @@ def _report(out: Path, run: Path, state: dict, r2: float, embed_seconds: float, 
             f"- position encoded by the map: R^2 = {r2:.3f} of a linear fit embedding -> position (mm) over the body",
             "  (1 = position is an affine function of the embedding; 0 = no information)",
             "- files: `heldout_ape.nii.gz` (3-channel map in the phantom's geometry), `heldout_ape.png` (overlay), `ape/checkpoint_final.pt`",
+            *_crop_lines(out, crops),
             f"- total time {seconds / 60:.1f} min",
             "",
         ]
     )
     (out / "report.md").write_text(text)
     return text
+
+
+def _crop_lines(out: Path, crops: dict) -> list[str]:
+    s = crops["summary"]
+    liver = s["organ_fraction_in_predicted_box"].get("liver", {})
+    raw = (out / "nnUNet_raw").resolve()
+    return [
+        f"- nnU-Net crop dataset `nnUNet_raw/{crops['dataset']}`: {s['training_cases']} phantoms cropped to the liver "
+        f"(3-shot localizer `liver_localizer.json`); voxels source / crop median {s['voxel_ratio']['median']:.1f}x; the localizer's "
+        f"box held {liver.get('mean', float('nan')):.3f} of the liver on average (min {liver.get('min', float('nan')):.3f}); "
+        f"{s['training_boxes_grown']} training box(es) grown to hold the whole liver; boxes per case in `crops.json`",
+        "- train stock nnU-Net on it and paste predictions back onto the phantoms:",
+        "",
+        "  ```",
+        f"  export nnUNet_raw={raw} nnUNet_preprocessed={raw.parent / 'nnUNet_preprocessed'} nnUNet_results={raw.parent / 'nnUNet_results'}",
+        "  nnUNetv2_plan_and_preprocess -d 900 -c 3d_fullres --verify_dataset_integrity && nnUNetv2_train 900 3d_fullres 0",
+        f"  nnUNetv2_predict -i $nnUNet_raw/{crops['dataset']}/imagesTr -o pred900 -d 900 -c 3d_fullres -f 0 && nnunet-ape uncrop -i pred900 -o seg/",
+        "  ```",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from nnunet_ape.demo import run_demo
 @pytest.mark.parametrize(
     "command",
     [[], ["demo"], ["pretrain"], ["pretrain", "ape"], ["embed"], ["localize"], ["localize", "fit"], ["localize", "predict"],
-     ["evaluate"], ["evaluate", "localization"], ["evaluate", "bpr"], ["pretrain", "bpr"], ["score"], ["calibrate"]],
+     ["evaluate"], ["evaluate", "localization"], ["evaluate", "bpr"], ["pretrain", "bpr"], ["score"], ["calibrate"],
+     ["crop-dataset"], ["channels-dataset"], ["uncrop"]],
 )
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
@@ -37,5 +39,10 @@ def test_demo_end_to_end_and_refuses_to_overwrite(tmp_path, capsys):
     assert -1.0 <= r2 <= 1.0
     for name in ("heldout_ape.nii.gz", "heldout_ape.png", "ape/loss.png", "ape/checkpoint_final.pt", "cohort/dataset.json"):
         assert (out / name).exists(), name
+    crops = out / "nnUNet_raw" / "Dataset900_DemoLiverCrop"  # the nnU-Net crop dataset of the cohort
+    manifest = json.loads((crops / "crops.json").read_text())
+    assert json.loads((crops / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1}
+    assert len(list((crops / "imagesTr").iterdir())) == len(manifest["cases"]) == 4
+    assert "nnU-Net crop dataset" in text and "nnunet-ape uncrop" in text
     assert main(["demo", "-o", str(out), "--cases", "3", "--minutes", "0.1", "--model", "tiny", "--device", "cpu"]) == 2
     assert "already exists" in capsys.readouterr().err
