@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="APE checkpoint for the 1-shot localizer columns")
     args = parser.parse_args()
     read = {k: read_case(case(k)) for k in PATIENTS}
+    model = load_ape_model(args.model)[0] if args.model else None
     rows = []
     for test, shot in (("A", "B"), ("B", "A")):
         ct, label = read[test]
@@ -53,7 +54,6 @@ def main() -> None:
         if args.model:
             shared = [o for o in present if o in case(shot).labels and (read[shot][1] == case(shot).labels[o]).any()]
             localizer = fit_localizer([case(shot)], {o: case(shot).labels[o] for o in shared}, args.model)
-            model = load_ape_model(args.model)[0]
             boxes = localize_volume(localizer, ct, model, organs=shared)
         for organ in present:
             mask = label == labels[organ]

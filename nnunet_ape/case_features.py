@@ -50,10 +50,10 @@ class FeatureModels:
     ape_path: Path | None = None
     bpr_path: Path | None = None
 
-    @property
-    def channel_names(self) -> list[str]:
-        """Names of the added channels, in file order (``APE_x``, ``APE_y``, ``APE_z``, ``BPR``)."""
-        return [name for c in self.channels for name in CHANNEL_NAMES[c]]
+
+def added_channel_names(channels: tuple[str, ...] | list[str]) -> list[str]:
+    """Names of the channels of the kinds ``channels`` in file order (``APE_x``, ``APE_y``, ``APE_z``, ``BPR``)."""
+    return [name for c in channels for name in CHANNEL_NAMES[c]]
 
 
 def check_channels(channels: list[str] | None) -> tuple[str, ...]:
@@ -72,8 +72,8 @@ def load_feature_models(localizer_path: Path | None, organs: list[str] | None, c
     ``channels`` need. InputError for an organ the localizer was not fitted for, or a channel without its model."""
     localizer = None
     if localizer_path is not None:
-        localizer, loc_ape, loc_bpr = load_localizer(localizer_path, ape_path if _has(localizer_path, "ape") else None,
-                                                     bpr_path if _has(localizer_path, "bpr") else None)
+        # load_localizer checks an override only for the models the localizer has; the others stay for channels
+        localizer, loc_ape, loc_bpr = load_localizer(localizer_path, ape_path, bpr_path)
         ape_path, bpr_path = loc_ape or ape_path, loc_bpr or bpr_path
         fitted = list(localizer["organs"])
         organs = organs or fitted
@@ -96,15 +96,6 @@ def load_feature_models(localizer_path: Path | None, organs: list[str] | None, c
         calibration = Calibration.from_dict(state["calibration"]) if state.get("calibration") else None
     return FeatureModels(localizer, list(organs or []), channels, ape, bpr, settings, calibration, device,
                          Path(ape_path) if needs_ape else None, Path(bpr_path) if needs_bpr else None)
-
-
-def _has(localizer_path: Path, kind: str) -> bool:
-    import json
-
-    try:
-        return kind in json.loads(Path(localizer_path).read_text()).get("method", "").split("+")
-    except (OSError, ValueError):
-        return False  # load_localizer reports the unreadable file
 
 
 @dataclass

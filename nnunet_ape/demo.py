@@ -80,7 +80,7 @@ def demo_crop_dataset(out: Path, cohort: Path, checkpoint: Path, device: str, or
     manifest."""
     from nnunet_ape.localize.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
-    from nnunet_ape.nnunet.crop_dataset import CropJob, run_job
+    from nnunet_ape.nnunet.crop_dataset import DEFAULT_MARGIN_MM, CropJob, run_job
     from nnunet_ape.nnunet.raw_dataset import open_raw_dataset
 
     target = out / "nnUNet_raw" / "Dataset900_DemoLiverCrop"
@@ -92,7 +92,7 @@ def demo_crop_dataset(out: Path, cohort: Path, checkpoint: Path, device: str, or
     if target.exists():  # a resumed demo that got this far
         return json.loads((target / "crops.json").read_text())
     models_args = {"localizer_path": localizer_path, "organs": [organ], "channels": (), "ape_path": None, "bpr_path": None, "device": device}
-    job = CropJob(open_raw_dataset(str(cohort)), target, [organ], False, 10.0, models_args, 1, localizer_path,
+    job = CropJob(open_raw_dataset(str(cohort)), target, [organ], False, DEFAULT_MARGIN_MM, models_args, 1,
                   {"source": str(cohort.resolve()), "organs": [organ]})
     return run_job(job)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from nnunet_ape.errors import InputError
 
+DEFAULT_MARGIN_MM = 10.0  # = nnunet_ape.nnunet.crop_dataset.DEFAULT_MARGIN_MM; not imported, so --help needs no torch
+
 
 def add_parser(sub) -> None:
     crop = sub.add_parser(
@@ -24,7 +26,7 @@ def add_parser(sub) -> None:
     _add_common(crop)
     crop.add_argument("-l", "--localizer", required=True, type=Path, help="localizer JSON from 'nnunet-ape localize fit'")
     crop.add_argument("--organs", nargs="+", help="organs to crop for (one box per case: the union of theirs) and to keep as labels 1..K, in this order; default: the localizer's")
-    crop.add_argument("--margin-mm", type=float, default=10.0, help="how far a training case's box reaches beyond its label")
+    crop.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM, help="how far a training case's box reaches beyond its label")
     crop.add_argument("--keep-labels", action="store_true", help="keep every source label inside the crop (source values) instead of the chosen organs only")
     crop.set_defaults(func=_run_crop)
     channels = sub.add_parser(
@@ -93,7 +95,7 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
     provenance = model_provenance(models, localizer)
     settings = {"source": str(source.folder.resolve()), "organs": organs, "channels": list(channels), "margin_mm": margin_mm,
                 "keep_labels": keep_labels, "models": provenance}
-    job = CropJob(source, target, organs, keep_labels, margin_mm, models_args, args.num_processes, localizer, settings)
-    manifest = run_job(job)
+    job = CropJob(source, target, organs, keep_labels, margin_mm, models_args, args.num_processes, settings)
+    manifest = run_job(job, models)
     print(describe(manifest))
     print(f"-> {target}\nnext: nnUNetv2_plan_and_preprocess -d {args.output} -c 3d_fullres --verify_dataset_integrity")

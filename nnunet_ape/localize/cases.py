@@ -93,10 +93,26 @@ def resolve_organs(requested: list[str] | None, labels: dict[str, int]) -> dict[
 def read_case(case: LabeledCase, min_size: int = 8) -> tuple[Volume, np.ndarray]:
     """CT and label array of a case; the label map must share the CT's grid."""
     ct = read_volume(case.image, min_size=min_size)
-    label = read_volume(case.label, check_finite=False)
+    return ct, read_label(case.label, ct, case.image)
+
+
+def read_label(path: Path, ct: Volume, image: Path) -> np.ndarray:
+    """The label map at ``path`` as :func:`label_values` ``(X, Y, Z)``; InputError unless it shares the grid of
+    ``ct`` (read from ``image``)."""
+    label = read_volume(path, check_finite=False)
     if not ct.same_geometry(label, atol=1e-3):
-        raise InputError(f"{case.label}: label map does not share the grid of {case.image} (size, spacing, origin, direction)")
-    return ct, label_values(label.array, case.label)
+        raise InputError(f"{path}: label map does not share the grid of {image} (size, spacing, origin, direction)")
+    return label_values(label.array, path)
+
+
+def remap_labels(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """Label map ``array`` with each value ``v`` in ``mapping`` replaced by ``mapping[v]`` and every other value by
+    0 (background); uint8, or uint16 when a new value needs it."""
+    top = max(mapping.values(), default=0)
+    lut = np.zeros(max(int(array.max(initial=0)), max(mapping, default=0)) + 1, dtype=np.uint8 if top < 256 else np.uint16)
+    for old, new in mapping.items():
+        lut[int(old)] = new
+    return lut[array]
 
 
 def label_values(array: np.ndarray, source: Path | str) -> np.ndarray:

@@ -22,12 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path
-from nnunet_ape.case_features import CHANNEL_NAMES, FeatureModels, case_features, load_feature_models
+from nnunet_ape.case_features import FeatureModels, added_channel_names, case_features, load_feature_models
 from nnunet_ape.checkpoint import file_hash
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop, fraction_inside, grow_to_contain
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, read_volume, write_volume
-from nnunet_ape.localize.cases import label_values
+from nnunet_ape.localize.cases import read_label, remap_labels
 from nnunet_ape.nnunet.raw_dataset import RawCase, RawDataset, dataset_json_for
 
 MANIFEST = "crops.json"
@@ -50,12 +50,15 @@ class CropJob:
     margin_mm: float
     models_args: dict
     num_processes: int = 1
-    localizer_path: Path | None = None
     settings: dict = field(default_factory=dict)
 
     @property
     def partial(self) -> Path:
         return self.target.parent / f".{self.target.name}.partial"
+
+    @property
+    def localizer_path(self) -> Path | None:
+        return self.models_args["localizer_path"]
 
     @property
     def cropped(self) -> bool:
@@ -75,16 +78,6 @@ def target_labels(job: CropJob) -> tuple[dict[str, int], dict[int, int]]:
     labels = {"background": 0}
     labels.update({organ: i + 1 for i, organ in enumerate(job.organs)})
     return labels, {i + 1: source[organ] for i, organ in enumerate(job.organs)}
-
-
-def _relabel(label: np.ndarray, to_source: dict[int, int], keep: bool) -> np.ndarray:
-    if keep:
-        return label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16)
-    lut = np.zeros(int(label.max(initial=0)) + 1, dtype=np.uint8)
-    for target, source in to_source.items():
-        if source < len(lut):
-            lut[source] = target
-    return lut[label]
 
 
 def _read_channels(case: RawCase) -> list[Volume]:
@@ -109,10 +102,7 @@ def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels)
                    "source": _geometry(ct), "predicted_box_voxels": predicted.tolist()}
     label = None
     if case.label is not None:
-        label_volume = read_volume(case.label, check_finite=False)
-        if not label_volume.same_geometry(ct, atol=1e-3):
-            raise InputError(f"{case.label}: label map does not share the grid of {case.images[0]}")
-        label = label_values(label_volume.array, case.label)
+        label = read_label(case.label, ct, case.images[0])
         entry["source_label"] = str(case.label)
         if job.cropped:
             values = [job.source.labels[o] for o in job.organs]
@@ -129,13 +119,13 @@ def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels)
     for k, volume in enumerate(channels):
         write_volume(crop(volume, box) if job.cropped else volume, images / f"{case.case_id}_{k:04d}{ending}")
     if features.channels is not None:
-        extra = ct.with_array(features.channels)
         for j in range(features.channels.shape[3]):
-            channel = Volume(extra.array[..., j], ct.spacing, ct.origin, np.array(ct.direction))
+            channel = ct.with_array(features.channels[..., j])
             write_volume(crop(channel, box) if job.cropped else channel, images / f"{case.case_id}_{len(channels) + j:04d}{ending}")
     if label is not None:
-        _, to_source = target_labels(job)
-        relabeled = ct.with_array(_relabel(label, to_source, job.keep_labels or not job.organs))
+        if not (job.keep_labels or not job.organs):  # the chosen organs, renumbered 1..K
+            label = remap_labels(label, {source: target for target, source in target_labels(job)[1].items()})
+        relabeled = ct.with_array(label)
         write_volume(crop(relabeled, box) if job.cropped else relabeled, job.partial / "labelsTr" / f"{case.case_id}{ending}")
     with atomic_path(job.partial / ".nnunet_ape" / "cases" / f"{case.case_id}.json") as tmp:
         Path(tmp).write_text(json.dumps(entry))
@@ -177,15 +167,15 @@ def _start_or_resume(job: CropJob) -> dict[str, dict]:
     return done
 
 
-def run_job(job: CropJob) -> dict:
+def run_job(job: CropJob, models: FeatureModels | None = None) -> dict:
     """Write the whole target dataset (skipping cases a killed run finished) and rename it into place; returns
-    the manifest."""
+    the manifest. ``models``: already loaded from ``job.models_args`` (used when cases run in this process)."""
     done = _start_or_resume(job)
     todo = [(c, "train") for c in job.source.training] + [(c, "test") for c in job.source.test]
     todo = [(c, s) for c, s in todo if c.case_id not in done]
     bar = tqdm(total=len(todo) + len(done), initial=len(done), desc="crop-dataset" if job.cropped else "channels-dataset", unit="case")
     if job.num_processes <= 1 or len(todo) <= 1:
-        models = load_feature_models(**job.models_args)
+        models = models or load_feature_models(**job.models_args)
         for case, split in todo:
             done[case.case_id] = process_case(case, split, job, models)
             bar.update()
@@ -208,7 +198,7 @@ def _finish(job: CropJob, done: dict[str, dict]) -> dict:
     labels, to_source = target_labels(job)
     source_channels = list(job.source.dataset_json["channel_names"].values())
     models = job.models_args
-    added = [n for c in models["channels"] for n in CHANNEL_NAMES[c]]
+    added = added_channel_names(models["channels"])
     manifest = {
         "format": MANIFEST_FORMAT,
         "kind": "crops" if job.cropped else "channels",
@@ -283,9 +273,4 @@ def describe(manifest: dict) -> str:
         if s["voxel_ratio"]:
             lines.append(f"voxels: source / crop median {s['voxel_ratio']['median']:.1f}x (min {s['voxel_ratio']['min']:.1f}x, max {s['voxel_ratio']['max']:.1f}x)")
     return "\n".join(lines)
-
-
-def as_settings(job_fields: dict) -> dict:
-    """JSON-able form of the settings that decide a dataset's content (compared when a run resumes)."""
-    return json.loads(json.dumps(job_fields, default=str))
 

@@ -24,6 +24,7 @@ from nnunet_ape.atomic import atomic_path
 from nnunet_ape.crop_geometry import box_shape, paste
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, read_volume, write_volume
+from nnunet_ape.localize.cases import remap_labels
 from nnunet_ape.nnunet.crop_dataset import MANIFEST, MANIFEST_FORMAT
 
 
@@ -33,7 +34,10 @@ class PredictionSet:
 
     folder: Path
     manifest: dict
-    file_ending: str
+
+    @property
+    def file_ending(self) -> str:
+        return self.manifest["file_ending"]
 
     def prediction(self, case: str) -> Path:
         return self.folder / f"{case}{self.file_ending}"
@@ -70,7 +74,7 @@ def open_predictions(folders: list[Path], manifests: list[Path] | None = None) -
         if not Path(folder).is_dir():
             raise InputError(f"{folder}: no such prediction folder")
         manifest = find_manifest(Path(folder), manifests[i] if manifests else None)
-        sets.append(PredictionSet(Path(folder), manifest, manifest["file_ending"]))
+        sets.append(PredictionSet(Path(folder), manifest))
     sources = {s.manifest["source_dataset"] for s in sets}
     if len(sources) > 1:
         raise InputError(f"the inputs come from different source datasets ({', '.join(sorted(sources))}); paste each source on its own")
@@ -97,12 +101,7 @@ def paste_case(entry: dict, prediction: Path, to_source: dict[str, int]) -> np.n
         raise InputError(f"{prediction}: origin {np.round(predicted.origin, 2).tolist()} is not where the crop of case "
                          f"'{entry['case']}' starts {np.round(expected_origin, 2).tolist()}")
     values = np.rint(predicted.array).astype(np.int64)
-    top = max([int(v) for v in to_source.values()] + [0])
-    lut = np.zeros(max(int(values.max(initial=0)), max(int(k) for k in to_source) if to_source else 0) + 1,
-                   dtype=np.uint8 if top < 256 else np.uint16)
-    for target, value in to_source.items():
-        lut[int(target)] = value
-    return paste(lut[values], box, tuple(entry["source"]["size"]))
+    return paste(remap_labels(values, {int(t): int(v) for t, v in to_source.items()}), box, tuple(entry["source"]["size"]))
 
 
 def uncrop(sets: list[PredictionSet], output: Path, overwrite: bool = False) -> list[Path]:
