@@ -1,0 +1,247 @@
+"""APE configurations in a dataset's nnU-Net plans file: organ crops and/or embedding channels on top of a planned
+configuration (``3d_fullres`` by default).
+
+Each configuration ``inherits_from`` its base and adds:
+
+- ``data_identifier`` of its own (its preprocessed data differ: cropped and/or with channels);
+- ``preprocessor_name`` ``nnUNetAPEPreprocessor`` (run by ``nnunet-ape preprocess``; stock ``nnUNetv2_preprocess``
+  cannot find it, and fails loudly instead of writing uncropped data);
+- ``normalization_schemes`` / ``use_mask_for_norm`` with ``NoNormalization`` / False for each added channel;
+- for crops, ``patch_size``, ``batch_size``, ``architecture`` and ``median_image_size_in_voxels`` re-planned by
+  nnU-Net's own planner for the crops' median shape (by ``nnunet-ape preprocess``, once the crops exist);
+- our settings under ``nnunet_ape`` (:class:`APESettings`), which nnU-Net carries through untouched.
+
+Names: ``{base}_ape_{organ}`` (crop), ``{base}_{channels}`` such as ``3d_fullres_ape`` or ``3d_fullres_ape_bpr``
+(channels on whole images), ``{base}_ape_{organ}_{channels}`` (crop + channels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_ape.atomic import atomic_path
+from nnunet_ape.case_features import added_channel_names
+from nnunet_ape.errors import InputError
+
+SETTINGS_KEY = "nnunet_ape"
+PLANS_FORMAT = "nnunet-ape/plans-v1"
+PREPROCESSOR_NAME = "nnUNetAPEPreprocessor"
+TRAINER_FOR_KIND = {"crop": "nnUNetTrainerAPECrop", "channels": "nnUNetTrainerAPEChannels",
+                    "crop+channels": "nnUNetTrainerAPECropChannels"}
+
+
+@dataclass
+class APESettings:
+    """One APE configuration's settings (stored in the plans under ``nnunet_ape``).
+
+    ``organs``: the organs whose union box each case is cropped to (empty: whole images); ``labels``: their label
+    values in ``dataset.json`` (the other labels become background); ``channels``: added channel kinds (``ape``,
+    ``bpr``); ``margin_mm``: how far a training case's box reaches beyond its label; ``models``: localizer and
+    checkpoints with their SHA-256; ``crop_plan``: what ``nnunet-ape preprocess`` planned the patch size from."""
+
+    base: str
+    organs: list[str]
+    labels: dict[str, int]
+    channels: list[str]
+    margin_mm: float
+    models: dict
+    crop_plan: dict | None = None
+    format: str = PLANS_FORMAT
+    channel_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.channel_names = added_channel_names(self.channels)
+
+    @property
+    def kind(self) -> str:
+        return "+".join(k for k, on in (("crop", bool(self.organs)), ("channels", bool(self.channels))) if on)
+
+    @property
+    def trainer(self) -> str:
+        return TRAINER_FOR_KIND[self.kind]
+
+    @property
+    def localizer_path(self) -> Path | None:
+        return Path(self.models["localizer"]) if "localizer" in self.models else None
+
+    def feature_model_args(self) -> dict:
+        """Keyword arguments of :func:`nnunet_ape.case_features.load_feature_models` (device excluded)."""
+        return {"localizer_path": self.localizer_path, "organs": self.organs or None, "channels": tuple(self.channels),
+                "ape_path": Path(self.models["ape_checkpoint"]) if "ape_checkpoint" in self.models else None,
+                "bpr_path": Path(self.models["bpr_checkpoint"]) if "bpr_checkpoint" in self.models else None}
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.update({"kind": self.kind, "trainer": self.trainer})
+        return out
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "APESettings":
+        keys = ("base", "organs", "labels", "channels", "margin_mm", "models", "crop_plan", "format")
+        return cls(**{k: entry[k] for k in keys if k in entry})
+
+
+def settings_of(configuration: dict) -> APESettings | None:
+    """The APE settings of a (resolved) plans configuration dict, or None for a stock configuration."""
+    entry = configuration.get(SETTINGS_KEY)
+    return APESettings.from_json(entry) if entry else None
+
+
+def configuration_name(base: str, organs: list[str], channels: list[str]) -> str:
+    """The configuration name for a base, an organ group (empty: whole images) and channel kinds."""
+    parts = [base]
+    if organs:
+        parts += ["ape", *organs]
+    parts += list(channels)
+    return "_".join(parts)
+
+
+def plans_path(preprocessed: Path, plans_identifier: str) -> Path:
+    return preprocessed / f"{plans_identifier}.json"
+
+
+def preprocessed_dataset(spec: str) -> Path:
+    """``$nnUNet_preprocessed/DatasetXXX_Name`` for an id, name or folder; InputError when it is not there."""
+    path = Path(spec)
+    if path.is_dir() and (path / "dataset.json").is_file() and any(path.glob("*Plans*.json")):
+        return path
+    root = os.environ.get("nnUNet_preprocessed")
+    if not root:
+        raise InputError("nnUNet_preprocessed is not set; export nnUNet_preprocessed=/path/to/nnUNet_preprocessed")
+    prefix = f"Dataset{int(spec):03d}_" if spec.isdigit() else spec.split("/")[-1]
+    matches = sorted(p for p in Path(root).glob(f"{prefix}*") if p.is_dir() and (spec.isdigit() or p.name == prefix))
+    if not matches:
+        raise InputError(f"-d {spec}: no such dataset in nnUNet_preprocessed={root}; run "
+                         f"'nnUNetv2_plan_and_preprocess -d {spec} -c 3d_fullres' first")
+    return matches[0]
+
+
+def read_plans(preprocessed: Path, plans_identifier: str) -> dict:
+    path = plans_path(preprocessed, plans_identifier)
+    if not path.is_file():
+        raise InputError(f"{path}: no plans; run 'nnUNetv2_plan_experiment -d {preprocessed.name}' "
+                         f"(or nnUNetv2_plan_and_preprocess) first, or name them with -p")
+    return json.loads(path.read_text())
+
+
+def write_plans(preprocessed: Path, plans_identifier: str, plans: dict, backup: bool = True) -> Path | None:
+    """Replace the plans file atomically, after copying the current one to ``<plans>.json.bak-<timestamp>``
+    unless ``backup`` is False; returns the backup's path."""
+    path = plans_path(preprocessed, plans_identifier)
+    copy = None
+    if backup:
+        copy = path.with_name(f"{path.name}.bak-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
+        shutil.copy2(path, copy)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(plans, indent=4))
+    return copy
+
+
+def resolved_configuration(plans: dict, name: str) -> dict:
+    """A configuration with its ``inherits_from`` chain merged (as nnU-Net's PlansManager does)."""
+    configurations = plans["configurations"]
+    if name not in configurations:
+        raise InputError(f"configuration '{name}' is not in the plans (it has: {', '.join(configurations)})")
+    entry = configurations[name]
+    if "inherits_from" in entry:
+        merged = resolved_configuration(plans, entry["inherits_from"])
+        merged.update({k: v for k, v in entry.items() if k != "inherits_from"})
+        return merged
+    return dict(entry)
+
+
+def ape_configuration(plans: dict, plans_identifier: str, name: str, settings: APESettings) -> dict:
+    """The plans entry of a new APE configuration (see the module docstring)."""
+    base = resolved_configuration(plans, settings.base)
+    if SETTINGS_KEY in base:
+        raise InputError(f"configuration '{settings.base}' is itself an APE configuration; give a stock one with -c")
+    n = len(settings.channel_names)
+    return {
+        "inherits_from": settings.base,
+        "data_identifier": f"{plans_identifier}_{name}",
+        "preprocessor_name": PREPROCESSOR_NAME,
+        "normalization_schemes": list(base["normalization_schemes"]) + ["NoNormalization"] * n,
+        "use_mask_for_norm": list(base["use_mask_for_norm"]) + [False] * n,
+        SETTINGS_KEY: settings.to_json(),
+    }
+
+
+def add_configurations(preprocessed: Path, plans_identifier: str, entries: dict[str, APESettings],
+                       overwrite: bool = False) -> tuple[list[str], Path | None]:
+    """Add APE configurations to the plans file (other configurations untouched, a backup kept). A name that
+    exists with the same settings is left as it is; with other settings it is an InputError unless
+    ``overwrite``. Returns the names added or replaced and the backup path (None when nothing changed)."""
+    plans = read_plans(preprocessed, plans_identifier)
+    changed = []
+    for name, settings in entries.items():
+        entry = ape_configuration(plans, plans_identifier, name, settings)
+        old = plans["configurations"].get(name)
+        if old is not None:
+            same = old.get(SETTINGS_KEY) and _same_settings(old[SETTINGS_KEY], entry[SETTINGS_KEY])
+            if same:
+                continue
+            if not overwrite:
+                raise InputError(f"configuration '{name}' already exists in {plans_identifier}.json with other settings; "
+                                 f"rerun with --overwrite to replace it (then preprocess it again)")
+        plans["configurations"][name] = entry
+        changed.append(name)
+    if not changed:
+        return [], None
+    return changed, write_plans(preprocessed, plans_identifier, plans)
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    strip = lambda d: {k: v for k, v in d.items() if k != "crop_plan"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def planner_for(plans: dict, plans_identifier: str, dataset_name: str):
+    """nnU-Net's experiment planner that made these plans (ResEnc M/L/XL by plans name or network class, else the
+    default planner), built for ``dataset_name``."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as resenc
+
+    by_name = {"nnUNetResEncUNetMPlans": resenc.nnUNetPlannerResEncM, "nnUNetResEncUNetLPlans": resenc.nnUNetPlannerResEncL,
+               "nnUNetResEncUNetXLPlans": resenc.nnUNetPlannerResEncXL}
+    cls = by_name.get(plans_identifier)
+    if cls is None:
+        network = json.dumps(plans["configurations"])
+        cls = resenc.ResEncUNetPlanner if "ResidualEncoderUNet" in network else ExperimentPlanner
+    return cls(dataset_name, plans_name=plans_identifier)
+
+
+def plan_for_crops(preprocessed: Path, plans_identifier: str, name: str, crop_shapes: list[tuple[int, ...]]) -> dict:
+    """Re-plan patch size, batch size and network of configuration ``name`` with nnU-Net's own planner for the
+    median of ``crop_shapes`` (preprocessed crops, transposed axes, target spacing), write the plans and return
+    what changed (only that configuration changes; no backup)."""
+    plans = read_plans(preprocessed, plans_identifier)
+    config = resolved_configuration(plans, name)
+    median = np.median(np.asarray(crop_shapes, dtype=np.float64), axis=0)
+    n_voxels = float(np.prod(median) * len(crop_shapes))
+    planner = planner_for(plans, plans_identifier, preprocessed.name)
+    planned = planner.get_plans_for_configuration(np.asarray(config["spacing"]), median, config["data_identifier"], n_voxels, {})
+    entry = plans["configurations"][name]
+    update = {"patch_size": [int(i) for i in planned["patch_size"]], "batch_size": int(planned["batch_size"]),
+              "median_image_size_in_voxels": [float(i) for i in median], "architecture": planned["architecture"]}
+    entry.update(json.loads(json.dumps(update, default=_jsonable)))
+    entry[SETTINGS_KEY]["crop_plan"] = {"cases": len(crop_shapes), "median_crop_shape": [float(i) for i in median],
+                                        "base_patch_size": resolved_configuration(plans, entry["inherits_from"])["patch_size"]}
+    write_plans(preprocessed, plans_identifier, plans, backup=False)
+    return update
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (np.ndarray, tuple)):
+        return list(value)
+    raise TypeError(f"not JSON serializable: {type(value)}")

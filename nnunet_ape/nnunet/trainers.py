@@ -1,0 +1,192 @@
+"""nnU-Net trainers for APE configurations (``nnunet-ape plan``): ``nnUNetTrainerAPECrop`` (organ crops),
+``nnUNetTrainerAPEChannels`` (embedding channels on whole images), ``nnUNetTrainerAPECropChannels`` (both), each
+with short variants ``_1epoch``, ``_5epochs`` (nnU-Net's naming) and ``_smoke`` (5 iterations, for a first check).
+
+nnU-Net finds them through ``nnUNet_extTrainer`` pointing at the repository's ``trainers/`` folder (``nnunet-ape
+trainers-path``), whose module only re-exports this one, so nnU-Net's spawned workers can pickle them.
+
+What they change in nnU-Net's trainer, and nothing else:
+
+- the data are the configuration's own preprocessed crops/channels (``nnunet-ape preprocess``); the trainer checks
+  that the configuration is one of its kind;
+- input channels: the dataset's plus the added ones (``dataset.json`` of the results lists them, so nnU-Net counts
+  them everywhere), and nnU-Net's intensity augmentations touch the source channels only;
+- validation (nnU-Net's ``perform_actual_validation``): crop models predict each validation case on the
+  localizer's box, not on its label-grown training box, nnU-Net pastes the prediction into the full image, and
+  ``summary.json`` scores the chosen organs against the full ground truth (all labels: ``summary_all_labels.json``);
+- ``-pretrained_weights`` from a model with fewer input channels works (new channels start at zero weight);
+- stock ``nnUNetv2_predict`` cannot make crops or channels, so on these models it stops with one line naming
+  ``nnunet-ape predict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from copy import deepcopy
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ape.nnunet import pretrained_weights
+from nnunet_ape.nnunet.ape_plans import TRAINER_FOR_KIND, APESettings, resolved_configuration, settings_of
+from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
+from nnunet_ape.nnunet.validation_boxes import predicted_box_dataset_class
+
+_PLUGIN_PREDICTION = False
+
+
+@contextlib.contextmanager
+def plugin_prediction():
+    """Inside this block nnU-Net's predictor may build APE networks (``nnunet-ape predict`` makes the inputs)."""
+    global _PLUGIN_PREDICTION
+    previous, _PLUGIN_PREDICTION = _PLUGIN_PREDICTION, True
+    try:
+        yield
+    finally:
+        _PLUGIN_PREDICTION = previous
+
+
+def _called_by_stock_predictor() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "initialize_from_trained_model_folder" and frame.f_code.co_filename.endswith("predict_from_raw_data.py"):
+            return not _PLUGIN_PREDICTION
+        frame = frame.f_back
+    return False
+
+
+def with_added_channels(dataset_json: dict, settings: APESettings) -> dict:
+    """``dataset_json`` with the added channels appended to ``channel_names`` (values ``noNorm``, as nnU-Net reads
+    them) and our settings' summary under ``nnunet_ape``."""
+    out = deepcopy(dataset_json)
+    names = out["channel_names"]
+    n = len(names)
+    names.update({str(n + i): "noNorm" for i in range(len(settings.channel_names))})
+    out.setdefault("nnunet_ape", {}).update({"configuration_kind": settings.kind, "added_channels": settings.channel_names,
+                                             "organs": settings.organs})
+    return out
+
+
+def configuration_settings(plans: dict, configuration: str, trainer: type) -> APESettings:
+    """The APE settings of ``configuration``; SystemExit with one line when it has none or is of another kind
+    than ``trainer`` trains (``nnUNetTrainerAPE`` itself trains every kind)."""
+    settings = settings_of(resolved_configuration(plans, configuration))
+    if settings is None:
+        raise SystemExit(f"nnunet-ape: configuration '{configuration}' is a stock nnU-Net configuration; add APE "
+                         f"configurations with 'nnunet-ape plan' and train those with -tr {trainer.__name__}")
+    expected = globals()[settings.trainer]
+    if trainer is not nnUNetTrainerAPE and not issubclass(trainer, expected):
+        raise SystemExit(f"nnunet-ape: configuration '{configuration}' is a {settings.kind} configuration; train it "
+                         f"with -tr {settings.trainer}")
+    return settings
+
+
+class nnUNetTrainerAPE(nnUNetTrainer):
+    """The shared implementation; train with one of the named subclasses (they check the configuration's kind)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        settings = configuration_settings(plans, configuration, type(self))
+        n_source = len(dataset_json["channel_names"])
+        dataset_json = with_added_channels(dataset_json, settings)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ape_settings = settings
+        self.num_image_channels = n_source
+
+    def initialize(self) -> None:
+        pretrained_weights.install_in_nnunet()  # run_training loads -pretrained_weights right after this
+        super().initialize()
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """nnU-Net's network; refused (one line) when stock nnUNetv2_predict builds it for prediction."""
+        if _called_by_stock_predictor():
+            raise SystemExit("nnunet-ape: this model was trained on APE crops/channels, which nnUNetv2_predict does not "
+                             "make; predict with 'nnunet-ape predict' (it localizes, crops, adds the channels and pastes back)")
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+                                use_mask_for_norm=None, is_cascaded=False, foreground_labels=None, regions=None, ignore_label=None):
+        """nnU-Net's training transforms; with added channels its intensity augmentations touch the source channels only."""
+        transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                                           do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded,
+                                                           foreground_labels, regions, ignore_label)
+        if self.ape_settings.channels:
+            transforms = intensity_on_image_channels(transforms, self.num_image_channels)
+        return transforms
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's validation; crop models on the localizer's boxes, scored on the chosen organs (see module doc)."""
+        if not self.ape_settings.organs:
+            return super().perform_actual_validation(save_probabilities)
+        if self.dataset_class is None:
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        training_class = self.dataset_class
+        self.dataset_class = predicted_box_dataset_class(training_class)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = training_class
+        if self.local_rank == 0:
+            self._score_chosen_organs()
+
+    def _score_chosen_organs(self) -> None:
+        from nnunetv2.configuration import default_num_processes
+        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+
+        folder = os.path.join(self.output_folder, "validation")
+        summary = os.path.join(folder, "summary.json")
+        os.replace(summary, os.path.join(folder, "summary_all_labels.json"))
+        labels = [self.ape_settings.labels[o] for o in self.ape_settings.organs]
+        metrics = compute_metrics_on_folder(os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"), folder,
+                                            summary, self.plans_manager.image_reader_writer_class(),
+                                            self.dataset_json["file_ending"], labels, self.label_manager.ignore_label,
+                                            chill=True, num_processes=default_num_processes)
+        self.print_to_log_file(f"Mean validation Dice of {', '.join(self.ape_settings.organs)} on the full images "
+                               f"(localizer boxes, pasted back): {metrics['foreground_mean']['Dice']}", also_print_to_console=True)
+
+
+class nnUNetTrainerAPECrop(nnUNetTrainerAPE):
+    """Organ crops: each case is its organ box (localizer box; training cases grown to hold the label)."""
+
+
+class nnUNetTrainerAPEChannels(nnUNetTrainerAPE):
+    """Whole images + 3 APE (and 1 BPR) input channels."""
+
+
+class nnUNetTrainerAPECropChannels(nnUNetTrainerAPE):
+    """Organ crops + embedding channels (the embeddings of the whole CT, cropped)."""
+
+
+def _short_variant(base: type, suffix: str, epochs: int, iterations: int | None = None, validation_mirroring: bool = True) -> type:
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = max(1, iterations // 2)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
+        if not validation_mirroring:
+            self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    name = base.__name__ + suffix
+    what = f"{epochs} epoch(s)" + (f" of {iterations} iterations, validation without mirroring" if iterations else "")
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "__doc__": f"{base.__name__}, {what}.",
+                                "configure_rotation_dummyDA_mirroring_and_inital_patch_size": configure_rotation_dummyDA_mirroring_and_inital_patch_size})
+
+
+__all__ = ["nnUNetTrainerAPECrop", "nnUNetTrainerAPEChannels", "nnUNetTrainerAPECropChannels"]
+for _base in (nnUNetTrainerAPECrop, nnUNetTrainerAPEChannels, nnUNetTrainerAPECropChannels):
+    for _variant in (_short_variant(_base, "_1epoch", 1), _short_variant(_base, "_5epochs", 5),
+                     _short_variant(_base, "_smoke", 1, iterations=5, validation_mirroring=False)):
+        globals()[_variant.__name__] = _variant
+        __all__.append(_variant.__name__)
+assert set(TRAINER_FOR_KIND.values()) <= set(__all__)
