@@ -22,6 +22,7 @@ What they change in nnU-Net's trainer, and nothing else:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from copy import deepcopy
@@ -32,6 +33,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_ape.nnunet import pretrained_weights
 from nnunet_ape.nnunet.ape_plans import TRAINER_FOR_KIND, APESettings, resolved_configuration, settings_of
 from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
+from nnunet_ape.nnunet.organ_summary import organ_summary
 from nnunet_ape.nnunet.validation_boxes import predicted_box_dataset_class
 
 _PLUGIN_PREDICTION = False
@@ -136,19 +138,16 @@ class nnUNetTrainerAPE(nnUNetTrainer):
             self._score_chosen_organs()
 
     def _score_chosen_organs(self) -> None:
-        from nnunetv2.configuration import default_num_processes
-        from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-
         folder = os.path.join(self.output_folder, "validation")
         summary = os.path.join(folder, "summary.json")
+        with open(summary) as f:
+            everything = json.load(f)
         os.replace(summary, os.path.join(folder, "summary_all_labels.json"))
-        labels = [self.ape_settings.labels[o] for o in self.ape_settings.organs]
-        metrics = compute_metrics_on_folder(os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"), folder,
-                                            summary, self.plans_manager.image_reader_writer_class(),
-                                            self.dataset_json["file_ending"], labels, self.label_manager.ignore_label,
-                                            chill=True, num_processes=default_num_processes)
+        organs = organ_summary(everything, [self.ape_settings.labels[o] for o in self.ape_settings.organs])
+        with open(summary, "w") as f:
+            json.dump(organs, f, indent=4)
         self.print_to_log_file(f"Mean validation Dice of {', '.join(self.ape_settings.organs)} on the full images "
-                               f"(localizer boxes, pasted back): {metrics['foreground_mean']['Dice']}", also_print_to_console=True)
+                               f"(localizer boxes, pasted back): {organs['foreground_mean']['Dice']}", also_print_to_console=True)
 
 
 class nnUNetTrainerAPECrop(nnUNetTrainerAPE):
