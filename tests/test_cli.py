@@ -17,7 +17,7 @@ from nnunet_ape.demo import run_demo
     "command",
     [[], ["demo"], ["pretrain"], ["pretrain", "ape"], ["embed"], ["localize"], ["localize", "fit"], ["localize", "predict"],
      ["evaluate"], ["evaluate", "localization"], ["evaluate", "bpr"], ["pretrain", "bpr"], ["score"], ["calibrate"],
-     ["crop-dataset"], ["channels-dataset"], ["uncrop"]],
+     ["crop-dataset"], ["channels-dataset"], ["uncrop"], ["plan"], ["preprocess"], ["trainers-path"]],
 )
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:

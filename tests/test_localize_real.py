@@ -99,7 +99,7 @@ def test_two_shots_calibrate_alpha_leave_one_out(pretrained_run, tmp_path):
     for organ in ("liver", "spleen"):
         assert len(content["organs"][organ]["shots"]) == 2
         assert 0 < content["organs"][organ]["alpha"] <= 20  # found by leave-one-shot-out, not the 1-shot default
-        assert content["organs"][organ]["alpha"] != 1.5
+        assert content["organs"][organ]["alpha"] != 1.5 and content["organs"][organ]["alpha_calibrated"] is True
 
 
 def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path):
@@ -115,6 +115,11 @@ def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path):
     assert not (tmp_path / "u.json").exists() and not (tmp_path / "m.json").exists()
     ok = _cli(*base, "--organs", "liver", "-o", str(tmp_path / "ok.json"))
     assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "uncalibrated default" in ok.stderr  # 1 shot: nothing to hold out
+    assert json.loads((tmp_path / "ok.json").read_text())["organs"]["liver"]["alpha_calibrated"] is False
+    nameless = _cli("localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--organs", "liver",
+                    "--shots", "1", "--device", "cpu", "-o", str(tmp_path / "n.json"))
+    assert nameless.returncode == 2 and "--label-names" in nameless.stderr
     bad = _cli("localize", "predict", "-l", str(tmp_path / "ok.json"), "-i", str(patient("A")), "-o", str(tmp_path / "p"),
                "--organs", "spleen", "--device", "cpu")
     assert bad.returncode == 2 and "unknown organ 'spleen'" in bad.stderr and not (tmp_path / "p").exists()

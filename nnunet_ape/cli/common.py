@@ -8,6 +8,17 @@ from pathlib import Path
 from nnunet_ape.errors import InputError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for required options, flags, unset (None) or empty
+    defaults, nor where the help text already names the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def triple(kind):
     """argparse type for three numbers written ``a,b,c`` or ``axbxc``."""
 
@@ -49,3 +60,11 @@ def labeled_cases(args):
     if args.images and args.labels:
         return cases_from_folders(args.images, args.labels, read_label_names(args.label_names) if args.label_names else None)
     raise InputError("give the labeled cases with -d DATASET or with --images DIR --labels DIR")
+
+
+def add_channel_args(parser: argparse.ArgumentParser) -> None:
+    """``--channels`` and the APE/BPR checkpoints they (or a moved localizer) need."""
+    parser.add_argument("--channels", nargs="+", default=[], metavar="{ape,bpr}",
+                        help="add embedding channels as noNorm inputs: ape (3: APE x, y, z of the whole CT), bpr (1: slice score)")
+    parser.add_argument("-m", "--model", type=Path, help="APE checkpoint: for --channels ape, or if the localizer's moved")
+    parser.add_argument("--bpr-model", type=Path, help="BPR checkpoint: for --channels bpr, or if the localizer's moved")

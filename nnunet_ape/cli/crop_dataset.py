@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ape.cli.common import HelpFormatter, add_channel_args
 from nnunet_ape.errors import InputError
 
 DEFAULT_MARGIN_MM = 10.0  # = nnunet_ape.nnunet.crop_dataset.DEFAULT_MARGIN_MM; not imported, so --help needs no torch
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
         "never learns a cut organ). Crops keep the source's voxel grid (no resampling; origin moved to the box corner). "
         "Labels: the chosen organs, renumbered 1..K in the order given. crops.json records each case's box and source "
         "geometry for 'nnunet-ape uncrop'. A killed run resumes where it stopped when started again with the same options.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_common(crop)
     crop.add_argument("-l", "--localizer", required=True, type=Path, help="localizer JSON from 'nnunet-ape localize fit'")
@@ -35,7 +36,7 @@ def add_parser(sub) -> None:
         description="Copy every case of an nnU-Net raw dataset and add the embedding channels (noNorm): 3 APE channels "
         "with -m, 1 BPR channel with --bpr-model (--channels defaults to the models given). Labels and geometry unchanged. "
         "Writes $nnUNet_raw/DatasetYYY_NAME.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_common(channels)
     channels.set_defaults(func=_run_channels)
@@ -45,10 +46,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="source nnU-Net raw dataset: id, DatasetXXX_Name or folder")
     parser.add_argument("-o", "--output", required=True, type=int, help="id of the new dataset (unused in nnUNet_raw, nnUNet_preprocessed and nnUNet_results)")
     parser.add_argument("--name", help="name of the new dataset (DatasetYYY_NAME); default: from the source and organs")
-    parser.add_argument("--channels", nargs="+", default=[], metavar="{ape,bpr}",
-                        help="add embedding channels as noNorm inputs: ape (3: APE x, y, z of the whole CT), bpr (1: slice score)")
-    parser.add_argument("-m", "--model", type=Path, help="APE checkpoint: for --channels ape, or if the localizer's moved")
-    parser.add_argument("--bpr-model", type=Path, help="BPR checkpoint: for --channels bpr, or if the localizer's moved")
+    add_channel_args(parser)
     parser.add_argument("--num-processes", type=int, default=1, help="cases processed in parallel (each process loads the models)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

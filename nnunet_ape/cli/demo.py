@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ape.cli.common import HelpFormatter
 
 
 def add_parser(sub) -> None:
@@ -13,7 +14,7 @@ def add_parser(sub) -> None:
         help="end-to-end run on built-in synthetic CT phantoms (no data needed)",
         description="Generate a small synthetic CT cohort, pretrain a tiny APE model on it for a few minutes, embed a "
         "held-out phantom and write an overlay PNG and a report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("-o", "--output", type=Path, default=Path("nnunet_ape_demo"), help="demo folder (must not exist yet, unless --resume)")
     p.add_argument("--cases", type=int, default=12, help="phantoms to pretrain on (one more is held out)")
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="tiny", choices=("tiny", "small", "base"), help="network size (tiny trains fastest on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="background data-loading processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms and the pretraining")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in the same folder")
     p.set_defaults(func=_run_demo)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_ape.cli.common import triple
+from nnunet_ape.cli.common import HelpFormatter, triple
 from nnunet_ape.errors import InputError
 
 
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
         help="APE map of whole CT volumes (3-component NIfTI in the input's geometry)",
         description="Embed CTs patch-wise with overlapping, Gaussian-blended windows. The output overlays the input "
         "exactly (same size, spacing, origin, direction) unless --stride 4 is given (every 4th voxel, spacing x4).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("-m", "--model", required=True, type=Path, help="checkpoint written by 'nnunet-ape pretrain ape'")
     p.add_argument("-i", "--input", required=True, help="CT file, DICOM folder, folder of CTs, list file or nnU-Net raw dataset")

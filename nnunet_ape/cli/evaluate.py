@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_ape.cli.common import add_case_source_args, add_labeled_case_args, labeled_cases
+from nnunet_ape.cli.common import HelpFormatter, add_case_source_args, add_labeled_case_args, labeled_cases
 from nnunet_ape.errors import InputError
 
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
         "organ at its average fraction of the body's bounding box, measured in the same run; with --bpr-model also BPR "
         "z-ranges (full x/y) and APE x/y with BPR z. Writes OUT/localization.md "
         "and OUT/localization.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_labeled_case_args(p, "k: labeled cases per fold")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         "_centre) the slice whose score is closest to the landmark's mean score on the other cases (leave one case out) "
         "against the true slice, as MAE in slices and mm; and how monotonic the scores are. Writes "
         "OUT/bpr_evaluation.md and .json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     b.add_argument("--bpr-model", nargs="+", required=True, type=Path, help="BPR checkpoints to compare (e.g. one per trunk)")
     add_case_source_args(b)

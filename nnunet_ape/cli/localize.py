@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_ape.cli.common import add_labeled_case_args, labeled_cases
+from nnunet_ape.cli.common import HelpFormatter, add_labeled_case_args, labeled_cases
 from nnunet_ape.errors import InputError
 
 
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
         "leave-one-shot-out so that the crop keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
         "a z margin calibrated the same way (boxes crop along z only). With both: x/y from APE, z from BPR. Writes a "
         "human-readable JSON localizer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_labeled_case_args(fit, "K: number of labeled cases used (the first K)")
     fit.add_argument("-o", "--output", required=True, type=Path, help="localizer JSON to write")
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
         help="predict organ boxes with a localizer",
         description="Embed and/or score each CT and write CASE_boxes.json: per organ the APE box and its enlargement, the "
         "BPR z-range box, and crop_box (the one to crop with), in voxel indices (x, y, z of the input file) and in mm (LPS).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     pred.add_argument("-l", "--localizer", required=True, type=Path, help="JSON written by 'localize fit'")
     pred.add_argument("-i", "--input", required=True, help="CT file, DICOM folder, folder of CTs, list file or nnU-Net raw dataset")
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     pred.add_argument("--bpr-model", type=Path, help="BPR checkpoint, if it moved since fitting")
     pred.add_argument("--organs", nargs="+", help="subset of the localizer's organs")
     pred.add_argument("--png", action="store_true", help="also write CASE_boxes.png with the boxes drawn on the CT")
-    pred.add_argument("--device", default="auto")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pred.set_defaults(func=_run_localize_predict)
 
 
@@ -74,6 +74,9 @@ def _run_localize_fit(args) -> None:
         for o, e in localizer["organs"].items()
     )
     print(f"{localizer['method']} localizer for {len(organs)} organ(s) from {args.shots} shot(s) -> {args.output}; {settings}")
+    if any(e.get("alpha_calibrated") is False for e in localizer["organs"].values()):
+        print("nnunet-ape: warning: alpha is the uncalibrated default: calibration holds out one shot at a time and needs "
+              "at least 2 shots (--shots 2 or more)", file=sys.stderr)
 
 
 def _run_localize_predict(args) -> None:

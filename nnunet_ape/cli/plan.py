@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ape.cli.common import HelpFormatter, add_channel_args
 from nnunet_ape.errors import InputError
 
 DEFAULT_MARGIN_MM = 10.0  # = nnunet_ape.nnunet.crop_dataset.DEFAULT_MARGIN_MM; not imported, so --help needs no torch
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
         "together: crops with channels (CONFIG_ape_ORGAN_ape; -tr nnUNetTrainerAPECropChannels). Other "
         "configurations are left untouched and the old plans file is kept as PLANS.json.bak-TIMESTAMP. Then run "
         "'nnunet-ape preprocess' for the new configurations (it also plans the crops' patch size).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset id, DatasetXXX_Name or its nnUNet_preprocessed folder")
     parser.add_argument("-c", "--configuration", default="3d_fullres", help="planned configuration to build on")
@@ -29,10 +30,7 @@ def add_parser(sub) -> None:
     parser.add_argument("-l", "--localizer", type=Path, help="localizer JSON from 'nnunet-ape localize fit': adds organ-crop configurations")
     parser.add_argument("--organs", nargs="+", help="organs to crop for (dataset.json label names); default: the localizer's")
     parser.add_argument("--union", action="store_true", help="one configuration cropping to the union box of all --organs, instead of one per organ")
-    parser.add_argument("--channels", nargs="+", default=[], metavar="{ape,bpr}",
-                        help="add embedding input channels: ape (3: APE x, y, z of the whole CT), bpr (1: slice score)")
-    parser.add_argument("-m", "--model", type=Path, help="APE checkpoint: for --channels ape, or if the localizer's moved")
-    parser.add_argument("--bpr-model", type=Path, help="BPR checkpoint: for --channels bpr, or if the localizer's moved")
+    add_channel_args(parser)
     parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM, help="how far a training case's box reaches beyond its label")
     parser.add_argument("--overwrite", action="store_true", help="replace configurations of the same name that have other settings")
     parser.set_defaults(func=_run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from nnunet_ape.cli.common import HelpFormatter
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
         "nnU-Net's files into $nnUNet_preprocessed/DatasetXXX/<data_identifier> and the full label maps into "
         "gt_segmentations; for crops, nnU-Net's planner then plans patch size, batch size and network for the crops' "
         "median shape. A killed run skips the cases it finished when started again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset id, DatasetXXX_Name or its nnUNet_preprocessed folder")
     parser.add_argument("-c", "--configurations", nargs="+", required=True, help="APE configurations (from 'nnunet-ape plan')")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ape.cli.common import HelpFormatter
+
 from nnunet_ape.errors import InputError
 
 INPUT_HELP = ("folder of CT files (NIfTI, NRRD, MHA, DICOM folders), a list file (one path per line), "
@@ -25,7 +27,7 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--workers", type=int, default=4, help="background data-loading processes per GPU/process")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints (a killed run loses at most this many)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the views, augmentations and initial weights")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint_last.pt (optimizer, iteration count, log)")
 
 
@@ -49,7 +51,7 @@ def add_parser(sub) -> None:
         description="Pretrain an Anatomical Positional Embedding model on unlabeled CT (labels are ignored). "
         "Defaults follow the paper: AdamW lr 3e-4, weight decay 1e-6, clipping 1.0, n=8 view pairs, N=8000 voxel "
         "pairs, 150k iterations. Launch with 'torchrun --nproc_per_node G -m nnunet_ape pretrain ape ...' for data-parallel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_loop_args(p, lr=3e-4)
     p.add_argument("--variant", choices=VARIANTS, default="equiv", help="naive: single views; aug: pairs of augmented overlapping views; equiv: aug + equivariance loss")
@@ -73,7 +75,7 @@ def add_parser(sub) -> None:
         description="Pretrain a slice scorer whose score rises from feet to head (Yan et al. 2018): m equidistant axial "
         "slices per CT at a random gap, resampled to 3.5 mm and 128x128 pixels, HU clipped to [-1000, 1500] (as the "
         "reference implementation bpreg); order and distance losses, and bpreg's heuristic order loss, weighted by flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _add_loop_args(b, lr=1e-4)
     b.add_argument("--trunk", choices=sorted(TRUNKS), default="efficientnet", help="2D trunk (timm); vgg16 is the reference's, tiny is ours for tests")

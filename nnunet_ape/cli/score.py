@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_ape.cli.common import add_case_source_args, labeled_cases
+from nnunet_ape.cli.common import HelpFormatter, add_case_source_args, labeled_cases
 from nnunet_ape.errors import InputError
 
 
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         "'z' (LPS mm), and with a calibrated model (see 'nnunet-ape calibrate') 'body part examined', 'body part "
         "examined tag', 'look-up table' and the slope check 'valid z-spacing'. Lists follow the file's slice order. "
         "Warns when the scores contradict the header's z order or spacing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     score.add_argument("-m", "--model", required=True, type=Path, help="BPR checkpoint ('nnunet-ape pretrain bpr' or 'calibrate')")
     score.add_argument("-i", "--input", required=True, help="CT file, DICOM folder, folder of CTs, list file or nnU-Net raw dataset")
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
         "femur_*, vertebrae_L5 ... vertebrae_C1, eye_*, or any STRUCTURE_top/_bottom/_centre) and map raw scores "
         "linearly so the two anchor landmarks get their values (bpreg: pelvis_start=0, eyes_end=100). Writes a new "
         "checkpoint holding the calibration: the look-up table of landmark scores and the expected score slope.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     cal.add_argument("-m", "--model", required=True, type=Path, help="BPR checkpoint to calibrate")
     add_case_source_args(cal)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_ape.cli.common import HelpFormatter
+
 
 def add_parser(sub) -> None:
     parser = sub.add_parser(
@@ -15,7 +17,7 @@ def add_parser(sub) -> None:
         "geometry. Writes one label map per case with the source CT's exact size, spacing, origin and direction and "
         "the source dataset's label values, background outside the boxes. Several inputs are merged into one map: "
         "where their labels overlap, the first input given wins.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-i", "--input", nargs="+", required=True, type=Path, help="prediction folder(s), in priority order")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")

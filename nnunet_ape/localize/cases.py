@@ -85,7 +85,10 @@ def resolve_organs(requested: list[str] | None, labels: dict[str, int]) -> dict[
         elif organ.isdigit() and not labels:
             out[organ] = int(organ)
         else:
-            known = ", ".join(sorted(k for k, v in labels.items() if v)) or "none"
+            known = ", ".join(sorted(k for k, v in labels.items() if v))
+            if not known:
+                raise InputError(f"unknown organ '{organ}': the labels have no names; name them with --label-names "
+                                 f"NAMES.json ({{name: value}}), or give label values as organs")
             raise InputError(f"unknown organ '{organ}'; known organs: {known}")
     return out
 

@@ -125,6 +125,7 @@ def fit_localizer(
             entry: dict = {"label": int(value)}
             if ape_model is not None:
                 entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine, cuts[organ])
+                entry["alpha_calibrated"] = len(cases) > 1  # leave-one-shot-out needs a second shot
                 if transfer:
                     entry["edge_points_alpha"] = entry["alpha"]  # for the fallback to edge points
                     boxes = [b[value] if b[value] is not None else held_out_box(edges[organ], maps[i], i, combine, cuts[organ])

@@ -86,7 +86,7 @@ class nnUNetAPEPreprocessor(DefaultPreprocessor):
         preprocessed ``(data, seg, properties)`` of the crop (with the channels appended after the source's)."""
         settings = settings_of(configuration_manager.configuration)
         if settings is None:
-            raise InputError(f"configuration has no '{'nnunet_ape'}' settings; preprocess it with nnUNetv2_preprocess")
+            raise InputError("configuration has no 'nnunet_ape' settings; preprocess it with nnUNetv2_preprocess")
         ct = volume_from_nnunet(data[0], properties)
         features = case_features(self.models(settings), ct)
         full_shape = data.shape[1:]
