@@ -144,22 +144,39 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20, help="training iterations per configuration")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_trainers"))
+    parser.add_argument("--reuse", action="store_true", help="reuse the dataset, model and preprocessed data of an earlier run in --work")
+    parser.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA (data-loading worker processes)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    from nnunet_ape.localize.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
-
-    if args.work.exists():
+    reuse = args.reuse and (args.work / "preprocess_seconds.json").is_file()
+    if args.work.exists() and not reuse:
         shutil.rmtree(args.work)
     roots = {k: args.work / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    shutil.rmtree(roots["nnUNet_results"], ignore_errors=True)
     for p in roots.values():
-        p.mkdir(parents=True)
-    (args.work / "ext").mkdir()
+        p.mkdir(parents=True, exist_ok=True)
+    (args.work / "ext").mkdir(exist_ok=True)
     (args.work / "ext" / "bench_trainers.py").write_text(BENCH_TRAINERS)
     env = {**os.environ, **{k: str(v) for k, v in roots.items()}, "nnUNet_extTrainer": str(args.work / "ext"),
            "BENCH_ITERATIONS": str(args.iterations), "nnUNet_def_n_proc": str(os.cpu_count()),
-           "nnUNet_n_proc_DA": str(os.cpu_count())}
+           "nnUNet_n_proc_DA": str(args.loader_processes)}
     train, val = list(range(100, 100 + args.phantoms)), list(range(200, 203))
+    configurations = {"3d_fullres": "nnUNetTrainerBenchStock", "3d_fullres_ape_liver": "nnUNetTrainerAPECropBench",
+                      "3d_fullres_ape_kidney_left": "nnUNetTrainerAPECropBench", "3d_fullres_ape": "nnUNetTrainerAPEChannelsBench"}
+    if reuse:
+        print(f"reusing the preprocessed data in {args.work}")
+        preprocess = json.loads((args.work / "preprocess_seconds.json").read_text())
+    else:
+        preprocess = prepare(args, env, roots, train, val, list(configurations)[1:])
+    train_and_report(args, env, roots, configurations, preprocess, len(val))
+
+
+def prepare(args, env: dict, roots: dict, train: list[int], val: list[int], ape_configurations: list[str]) -> dict:
+    """Dataset, APE model, localizer, nnU-Net plans and preprocessed data of every configuration; returns the
+    seconds `nnunet-ape preprocess` took per APE configuration."""
+    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+
     write_dataset(roots["nnUNet_raw"] / DATASET, train + val)
     model = args.model or pretrain(args.work, train, args.pretrain_iterations)
     shots = [c for c in cases_from_nnunet(str(roots["nnUNet_raw"] / DATASET)) if int(c.name[7:10]) in train[:3]]
@@ -172,14 +189,17 @@ def main() -> None:
                                                                   "val": [f"phantom{s:03d}" for s in val]}]))
     _run(env, "nnunet-ape", "plan", "-d", "950", "-l", str(localizer), "--organs", *ORGANS)
     _run(env, "nnunet-ape", "plan", "-d", "950", "-m", str(model), "--channels", "ape")
-    configurations = {"3d_fullres": "nnUNetTrainerBenchStock", "3d_fullres_ape_liver": "nnUNetTrainerAPECropBench",
-                      "3d_fullres_ape_kidney_left": "nnUNetTrainerAPECropBench", "3d_fullres_ape": "nnUNetTrainerAPEChannelsBench"}
     preprocess = {}
-    for name in list(configurations)[1:]:
+    for name in ape_configurations:
         began = time.perf_counter()
         _run(env, "nnunet-ape", "preprocess", "-d", "950", "-c", name, "-np", str(os.cpu_count()), "--device", args.device)
         preprocess[name] = time.perf_counter() - began
+    (args.work / "preprocess_seconds.json").write_text(json.dumps(preprocess))
+    return preprocess
 
+
+def train_and_report(args, env: dict, roots: dict, configurations: dict, preprocess: dict, n_val: int) -> None:
+    """Train every configuration for ``args.iterations`` iterations and print the table."""
     print(f"training, {args.iterations} iterations each:")
     rows = []
     for name, trainer in configurations.items():
@@ -192,7 +212,7 @@ def main() -> None:
             organ_dice = {o: d for o, d in organ_dice.items() if name.endswith(o)}
         rows.append((name, trainer, timing, organ_dice))
     stock_step = float(np.median(rows[0][2]["step_seconds"][1:] or rows[0][2]["step_seconds"]))
-    print(f"\n{args.phantoms} training and {len(val)} validation phantoms, {args.iterations} training iterations per "
+    print(f"\n{args.phantoms} training and {n_val} validation phantoms, {args.iterations} training iterations per "
           f"configuration, device {args.device}\n")
     print("| configuration | trainer | patch | batch | s / train step | x stock | s / iteration | peak RSS GiB | liver Dice | kidney_left Dice | preprocess s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
