@@ -120,6 +120,14 @@ def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path):
     nameless = _cli("localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--organs", "liver",
                     "--shots", "1", "--device", "cpu", "-o", str(tmp_path / "n.json"))
     assert nameless.returncode == 2 and "--label-names" in nameless.stderr
+    pair = _cli("localize", "fit", "-m", model, "--images", str(patient("B")), "--labels", str(DATA / "ts_b_upper_abdomen_seg.nii.gz"),
+                "--label-names", str(DATA / "ts_b_labels.json"), "--organs", "liver", "--shots", "1", "--device", "cpu",
+                "-o", str(tmp_path / "pair.json"))  # one CT file and its label file, names that differ
+    assert pair.returncode == 0, pair.stderr[-2000:]
+    assert json.loads((tmp_path / "pair.json").read_text())["organs"]["liver"]["shots"][0]["case"] == "ts_b_upper_abdomen"
+    mixed = _cli("localize", "fit", "-m", model, "--images", str(patient("B")), "--labels", str(labels), "--organs", "liver",
+                 "--device", "cpu", "-o", str(tmp_path / "mixed.json"))
+    assert mixed.returncode == 2 and len(mixed.stderr.strip().splitlines()) == 1 and "a CT file and its label file" in mixed.stderr
     bad = _cli("localize", "predict", "-l", str(tmp_path / "ok.json"), "-i", str(patient("A")), "-o", str(tmp_path / "p"),
                "--organs", "spleen", "--device", "cpu")
     assert bad.returncode == 2 and "unknown organ 'spleen'" in bad.stderr and not (tmp_path / "p").exists()

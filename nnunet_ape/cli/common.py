@@ -34,8 +34,8 @@ def triple(kind):
 def add_case_source_args(parser: argparse.ArgumentParser) -> None:
     """Options naming labeled cases: an nnU-Net raw dataset, or image and label folders."""
     parser.add_argument("-d", "--dataset", help="nnU-Net raw dataset (folder, name or id): imagesTr + labelsTr + dataset.json")
-    parser.add_argument("--images", type=Path, help="folder of CTs (instead of -d)")
-    parser.add_argument("--labels", type=Path, help="folder of label maps named like the CTs (with --images)")
+    parser.add_argument("--images", type=Path, help="folder of CTs (instead of -d), or one CT file")
+    parser.add_argument("--labels", type=Path, help="folder of label maps named like the CTs (with --images), or the CT file's label file")
     parser.add_argument("--label-names", type=Path, help="JSON naming the label values ({name: value} or {value: name}), with --images")
 
 

@@ -55,7 +55,17 @@ def cases_from_nnunet(spec: str) -> list[LabeledCase]:
 
 
 def cases_from_folders(images: Path, labels: Path, names: dict[str, int] | None = None) -> list[LabeledCase]:
-    """Pair ``images/CASE[_0000].ext`` with ``labels/CASE.ext``; organs named by ``names`` or by label value."""
+    """Pair ``images/CASE[_0000].ext`` with ``labels/CASE.ext``; organs named by ``names`` or by label value. Two
+    files (a CT and its label map, names free, e.g. TotalSegmentator's ``*_ct`` / ``*_seg``) make one case."""
+    images, labels = Path(images), Path(labels)
+    if images.is_file() or labels.is_file():
+        if not (images.is_file() and labels.is_file()):
+            raise InputError(f"--images {images} --labels {labels}: give two folders, or a CT file and its label file")
+        name = output_name(images)
+        return [LabeledCase(name[:-3] if name.endswith("_ct") else name, images, labels, names or {})]
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no such folder or file")
     found = {output_name(p): p for p in list_images(labels)}
     cases = []
     for image in list_images(images):
