@@ -7,6 +7,9 @@ relabeled by organ name into one scheme, as a user building a dataset would.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +59,28 @@ def write_raw_dataset(folder: Path, phantom_seeds: tuple[int, ...] = (), test_ph
                "numTraining": 2 + len(phantom_seeds), "file_ending": ".nii.gz"}
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
     return folder
+
+
+def run_tool(env: dict, tag: str, *args: str, expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a console script of this environment (``nnUNetv2_*``, ``nnunet-ape``) with ``env``; print its time under
+    ``tag``; unless ``expect_ok`` is False, fail the test with its output tail when it fails."""
+    began = time.perf_counter()
+    done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"[{tag}] {' '.join(args[:4])}: {time.perf_counter() - began:.0f} s", flush=True)
+    if expect_ok:
+        assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def tiny_plans(plans_file: Path, *configurations: str) -> None:
+    """Shrink the networks and patches of ``configurations`` so that CPU training takes seconds (everything else as
+    nnU-Net planned it; a configuration without its own architecture gets a copy of 3d_fullres's)."""
+    plans = json.loads(plans_file.read_text())
+    for name in configurations:
+        config = plans["configurations"][name]
+        config.update({"patch_size": [48, 48, 48], "batch_size": 2})
+        arch = config.setdefault("architecture", json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"])))
+        arch["arch_kwargs"].update({"n_stages": 3, "features_per_stage": [8, 16, 32], "kernel_sizes": [[3, 3, 3]] * 3,
+                                    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1],
+                                    "n_conv_per_stage_decoder": [1, 1]})
+    plans_file.write_text(json.dumps(plans, indent=1))

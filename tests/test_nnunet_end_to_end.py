@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from nnunet_datasets import ORGANS, write_raw_dataset
+from nnunet_datasets import ORGANS, run_tool, tiny_plans, write_raw_dataset
 from nnunet_ape.io import read_volume
 
 TRAINER = '''
@@ -37,24 +34,8 @@ class nnUNetTrainerAPETestTiny(nnUNetTrainer):
 '''
 
 
-def _tiny_plans(plans_file: Path) -> None:
-    """Shrink the planned 3d_fullres network and patch so that CPU training takes seconds."""
-    plans = json.loads(plans_file.read_text())
-    config = plans["configurations"]["3d_fullres"]
-    config.update({"patch_size": [48, 48, 48], "batch_size": 2})
-    config["architecture"]["arch_kwargs"].update({
-        "n_stages": 3, "features_per_stage": [8, 16, 32], "kernel_sizes": [[3, 3, 3]] * 3,
-        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1]})
-    plans_file.write_text(json.dumps(plans, indent=1))
-
-
-def _nnunet(env: dict, *args: str, timeout: int = 600) -> str:
-    bindir = Path(sys.executable).parent
-    began = time.perf_counter()
-    done = subprocess.run([str(bindir / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
-    print(f"[end-to-end] {' '.join(args[:3])}: {time.perf_counter() - began:.0f} s", flush=True)
-    assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
+def _nnunet(env: dict, *args: str) -> str:
+    return run_tool(env, "end-to-end", *args).stdout
 
 
 def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrained_run, tmp_path):
@@ -86,7 +67,7 @@ def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrain
     out = _nnunet(env, "nnUNetv2_plan_and_preprocess", "-d", "601", "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "2")
     assert "verify_dataset_integrity Done" in out
     preprocessed = roots["nnUNet_preprocessed"] / crops.name
-    _tiny_plans(preprocessed / "nnUNetPlans.json")
+    tiny_plans(preprocessed / "nnUNetPlans.json", "3d_fullres")
     (preprocessed / "splits_final.json").write_text(json.dumps([{"train": ["A", "B", "phantom001"], "val": ["phantom002"]}]))
     _nnunet(env, "nnUNetv2_train", "601", "3d_fullres", "0", "-tr", "nnUNetTrainerAPETestTiny", "-device", "cpu")
     run = roots["nnUNet_results"] / crops.name / "nnUNetTrainerAPETestTiny__nnUNetPlans__3d_fullres" / "fold_0"

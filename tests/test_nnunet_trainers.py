@@ -7,42 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_datasets import ORGANS, write_raw_dataset
+from nnunet_datasets import ORGANS, run_tool, tiny_plans, write_raw_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "Dataset501_Abd"
 
 
-def _run(env: dict, *args: str, expect_ok: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    began = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
-    print(f"[trainers] {' '.join(args[:4])}: {time.perf_counter() - began:.0f} s", flush=True)
-    if expect_ok:
-        assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
-
-
-def _tiny(plans_file: Path, *configurations: str) -> None:
-    """Shrink networks and patches so that CPU training takes seconds (keeps everything else nnU-Net planned)."""
-    plans = json.loads(plans_file.read_text())
-    for name in configurations:
-        config = plans["configurations"][name]
-        config.update({"patch_size": [48, 48, 48], "batch_size": 2})
-        arch = config.setdefault("architecture", json.loads(json.dumps(plans["configurations"]["3d_fullres"]["architecture"])))
-        arch["arch_kwargs"].update({"n_stages": 3, "features_per_stage": [8, 16, 32], "kernel_sizes": [[3, 3, 3]] * 3,
-                                    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1],
-                                    "n_conv_per_stage_decoder": [1, 1]})
-    plans_file.write_text(json.dumps(plans, indent=1))
+def _run(env: dict, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    return run_tool(env, "trainers", *args, expect_ok=expect_ok)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +63,7 @@ def planned(pretrained_run, tmp_path_factory):
     # nnU-Net's planner, for the crops' median shape: the patch fits the crops, not the full images
     assert all(p <= 2 * m for p, m in zip(planned_crop["patch_size"], planned_crop["median_image_size_in_voxels"]))
     assert np.prod(planned_crop["patch_size"]) < np.prod(stock_plans["configurations"]["3d_fullres"]["patch_size"])
-    _tiny(preprocessed / "nnUNetPlans.json", "3d_fullres", "3d_fullres_ape_liver", "3d_fullres_ape_liver_ape", "3d_fullres_ape")
+    tiny_plans(preprocessed / "nnUNetPlans.json", "3d_fullres", "3d_fullres_ape_liver", "3d_fullres_ape_liver_ape", "3d_fullres_ape")
     (preprocessed / "splits_final.json").write_text(json.dumps([{"train": ["A", "phantom001", "phantom002"], "val": ["B"]}]))
     return env, root
 

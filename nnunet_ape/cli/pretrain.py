@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from nnunet_ape.cli.common import HelpFormatter
-
 from nnunet_ape.errors import InputError
 
 INPUT_HELP = ("folder of CT files (NIfTI, NRRD, MHA, DICOM folders), a list file (one path per line), "

@@ -221,6 +221,8 @@ def plan_for_crops(preprocessed: Path, plans_identifier: str, name: str, crop_sh
     """Re-plan patch size, batch size and network of configuration ``name`` with nnU-Net's own planner for the
     median of ``crop_shapes`` (preprocessed crops, transposed axes, target spacing), write the plans and return
     what changed (only that configuration changes; no backup)."""
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
     plans = read_plans(preprocessed, plans_identifier)
     config = resolved_configuration(plans, name)
     median = np.median(np.asarray(crop_shapes, dtype=np.float64), axis=0)
@@ -230,18 +232,10 @@ def plan_for_crops(preprocessed: Path, plans_identifier: str, name: str, crop_sh
     entry = plans["configurations"][name]
     update = {"patch_size": [int(i) for i in planned["patch_size"]], "batch_size": int(planned["batch_size"]),
               "median_image_size_in_voxels": [float(i) for i in median], "architecture": planned["architecture"]}
-    entry.update(json.loads(json.dumps(update, default=_jsonable)))
+    recursive_fix_for_json_export(update)  # numpy numbers from the planner, as nnU-Net does before saving plans
+    entry.update(update)
     entry[SETTINGS_KEY]["crop_plan"] = {"cases": len(crop_shapes), "median_crop_shape": [float(i) for i in median],
                                         "base_patch_size": resolved_configuration(plans, entry["inherits_from"])["patch_size"]}
     write_plans(preprocessed, plans_identifier, plans, backup=False)
     return update
 
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (np.ndarray, tuple)):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value)}")

@@ -16,6 +16,7 @@ import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ class PreprocessJob:
     num_processes: int = 1
     device: str = "cpu"
 
-    @property
+    @cached_property
     def data_identifier(self) -> str:
         return resolved_configuration(read_plans(self.preprocessed, self.plans_identifier), self.configuration)["data_identifier"]
 
@@ -96,9 +97,10 @@ def _case_record(folder: Path, case: str) -> dict:
     properties = load_pickle(str(folder / f"{case}.pkl"))
     shape = blosc2.open(urlpath=str(folder / f"{case}.b2nd"), mode="r").shape
     record = {"case": case, "split": "train", "preprocessed_shape": [int(s) for s in shape[1:]], **properties.get("nnunet_ape", {})}
+    # the fields crop-dataset's summary reads
     box = np.asarray(record.get("box_voxels", [[0, 0, 0], properties["shape_before_cropping"]]))
-    record["voxel_ratio"] = float(np.prod(properties["shape_before_cropping"]) / np.prod(box[1] - box[0]))  # fields
-    record["grown"] = bool(np.max(record.get("grown_mm", 0)) > 0)  # crop-dataset's summary reads
+    record["voxel_ratio"] = float(np.prod(properties["shape_before_cropping"]) / np.prod(box[1] - box[0]))
+    record["grown"] = bool(np.max(record.get("grown_mm", 0)) > 0)
     return record
 
 
@@ -162,11 +164,11 @@ def preprocess_configuration(job: PreprocessJob) -> dict:
                 bar.update()
     bar.close()
     records = [done[c] for c in cases]
+    shapes = [r["preprocessed_shape"] for r in records]
     summary = crop_summary(records)
-    summary["median_preprocessed_shape"] = np.median([r["preprocessed_shape"] for r in records], axis=0).tolist()
+    summary["median_preprocessed_shape"] = np.median(shapes, axis=0).tolist()
     if settings.organs:
-        summary["plan"] = plan_for_crops(job.preprocessed, job.plans_identifier, job.configuration,
-                                         [r["preprocessed_shape"] for r in records])
+        summary["plan"] = plan_for_crops(job.preprocessed, job.plans_identifier, job.configuration, shapes)
     with atomic_path(job.summary) as tmp:
         Path(tmp).write_text(json.dumps({**summary, "cases": records}, indent=1))
     return summary

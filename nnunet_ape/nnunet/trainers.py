@@ -124,11 +124,7 @@ class nnUNetTrainerAPE(nnUNetTrainer):
         """nnU-Net's validation; crop models on the localizer's boxes, scored on the chosen organs (see module doc)."""
         if not self.ape_settings.organs:
             return super().perform_actual_validation(save_probabilities)
-        if self.dataset_class is None:
-            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        training_class = self.dataset_class
+        training_class = self.dataset_class  # set by initialize()
         self.dataset_class = predicted_box_dataset_class(training_class)
         try:
             super().perform_actual_validation(save_probabilities)
