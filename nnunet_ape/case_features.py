@@ -110,16 +110,24 @@ class CaseFeatures:
 
 
 @torch.no_grad()
-def case_features(models: FeatureModels, ct: Volume) -> CaseFeatures:
+def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None) -> CaseFeatures:
     """Localize the organs of ``models`` on ``ct`` (HU, any orientation) and compute its channels, with one APE
-    and one BPR pass."""
+    and one BPR pass. ``passes``: a dict shared by the calls for several ``models`` on the same CT (several
+    localizers, one per model), so that each checkpoint runs once per CT; it holds the APE maps and BPR scores."""
+    passes = {} if passes is None else passes
     embedding = scored = None
     canon = None
     if models.ape is not None:
-        embedding = embed_volume(models.ape, ct, models.embed_settings, device=models.device, progress=False)
+        key = ("ape", str(models.ape_path), repr(models.embed_settings))
+        if key not in passes:
+            passes[key] = embed_volume(models.ape, ct, models.embed_settings, device=models.device, progress=False)
+        embedding = passes[key]
     if models.bpr is not None:
-        canon, orientation = to_canonical(ct)
-        scored = score_ct(models.bpr, canon, models.device)
+        key = ("bpr", str(models.bpr_path))
+        if key not in passes:
+            canon, orientation = to_canonical(ct)
+            passes[key] = (canon, orientation, score_ct(models.bpr, canon, models.device))
+        canon, orientation, scored = passes[key]
     boxes, box = {}, None
     if models.localizer is not None:
         boxes = predict_organ_boxes(models.localizer, ct, embedding, scored, models.organs)

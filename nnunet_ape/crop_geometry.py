@@ -49,6 +49,13 @@ def crop_box(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.stack([lo, hi])
 
 
+def overlaps_image(box: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """True when a float box (inclusive, ``(2, 3)``) is finite, not inverted, and reaches into an image of ``shape``."""
+    box = np.asarray(box, dtype=np.float64)
+    size = np.asarray(shape[:3], dtype=np.float64)
+    return bool(np.isfinite(box).all() and (box[1] >= box[0]).all() and (box[1] >= 0).all() and (box[0] <= size - 1).all())
+
+
 def union_box(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Smallest crop box holding the crop boxes ``a`` and ``b``."""
     return np.stack([np.minimum(a[0], b[0]), np.maximum(a[1], b[1])])

@@ -26,7 +26,7 @@ from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, to_canonical
 from nnunet_ape.localize.body import body_box
-from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical
+from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
 from nnunet_ape.localize.boxes import enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
 from nnunet_ape.localize.fewshot import (
@@ -50,7 +50,7 @@ from nnunet_ape.localize.label_transfer import (
 )
 from nnunet_ape.localize.masks import CroppedMask
 from nnunet_ape.localize.store import spill
-from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
+from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, in_range, score_ct, z_box, z_range
 
 LOCALIZER_FORMAT = "nnunet-ape/localizer-v1"
 
@@ -234,7 +234,9 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
     """Boxes per organ on a CT, in its voxel indices and in mm. APE (with ``embedding``, the map on the CT's grid):
     ``box`` (retrieved) and ``enlarged_box``; BPR (with ``scored``, the canonical slice scores): ``bpr_z_range``
     (slices) and ``bpr_box`` (full x/y); both: ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the
-    box to crop with: the combined one when both are there, else the enlarged APE or the BPR box."""
+    box to crop with: the combined one when both are there, else the enlarged APE or the BPR box. ``placed``: False
+    when the localizer could not place the organ on this CT (no slice scores in its range, or a crop box wholly
+    outside the image); its boxes are then only the nearest guess."""
     names = check_organs(localizer, organs)
     orientation = canonical_orientation(ct.direction)
     perm, flip = orientation.perm, orientation.flip
@@ -249,6 +251,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
         entry = localizer["organs"][organ]
         result: dict = {"label": entry["label"]}
         crop = None
+        placed = True
         if canon_map is not None and "shots" in entry:
             found = _ape_boxes(entry, canon_map, localizer["combine"], neighbours, localizer.get("label_transfer", {}).get("threshold", 0))
             box, big = native(found["box"]), native(found["enlarged"])
@@ -260,6 +263,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
         if scored is not None and "bpr" in entry:
             interval = combine_intervals([np.asarray(iv) for iv in entry["bpr"]["intervals"]], localizer["combine"])
             low, high = z_range(scored.scores, interval, entry["bpr"]["margin"])
+            placed = placed and bool(in_range(scored.scores, interval, entry["bpr"]["margin"]).any())
             canon_z = z_box(canon_shape, low, high)
             bpr_box = box_from_canonical(canon_z, perm, flip, ct.shape)
             result.update({"bpr_margin": entry["bpr"]["margin"], "bpr_z_range": [low, high],
@@ -271,7 +275,8 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
                 result.update({"combined_box_voxels": crop.round(2).tolist(), "combined_box": _corners_mm(ct, crop)})
             else:
                 crop = bpr_box
-        result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop)})
+        placed = placed and overlaps_image(crop, ct.shape)
+        result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop), "placed": placed})
         out[organ] = result
     return out
 

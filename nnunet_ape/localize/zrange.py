@@ -48,10 +48,15 @@ def combine_intervals(intervals: list[np.ndarray], how: str = "mean") -> np.ndar
     return stack.mean(0) if how == "mean" else np.median(stack, axis=0)
 
 
+def in_range(scores: np.ndarray, interval: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """Per slice ``(Z,)`` bool: its score lies in ``interval`` widened by ``margin`` (False for NaN scores)."""
+    return (scores >= interval[0] - margin) & (scores <= interval[1] + margin)
+
+
 def z_range(scores: np.ndarray, interval: np.ndarray, margin: float = 0.0) -> tuple[int, int]:
     """First and last slice whose score lies in ``interval`` widened by ``margin``; when none does, the one slice
     closest to the interval (a z-range never comes back empty)."""
-    inside = np.flatnonzero((scores >= interval[0] - margin) & (scores <= interval[1] + margin))
+    inside = np.flatnonzero(in_range(scores, interval, margin))
     if inside.size:
         return int(inside[0]), int(inside[-1])
     distance = np.where(np.isfinite(scores), np.minimum(np.abs(scores - interval[0]), np.abs(scores - interval[1])), np.inf)

@@ -46,7 +46,19 @@ def compose_crop(properties: dict, box: np.ndarray, full_shape_zyx: tuple[int, .
     properties["shape_before_cropping"] = tuple(int(full_shape_zyx[i]) for i in transpose_forward)
 
 
-class nnUNetAPEPreprocessor(DefaultPreprocessor):
+class SourceChannelsPreprocessor(DefaultPreprocessor):
+    """DefaultPreprocessor whose normalization skips channels the dataset fingerprint has no intensities for: the
+    channels an APE configuration adds (``noNorm``; nnU-Net's own ``_normalize`` looks up every channel's
+    intensities and fails on them). Also used as is by ``nnunet-ape predict`` on crops it cut itself."""
+
+    def _normalize(self, data: np.ndarray, seg: np.ndarray, configuration_manager, intensity_properties: dict) -> np.ndarray:
+        """nnU-Net's normalization of the channels with fingerprint intensities (the first ones); the rest unchanged."""
+        n_source = sum(1 for c in range(data.shape[0]) if str(c) in intensity_properties)
+        super()._normalize(data[:n_source], seg, configuration_manager, intensity_properties)  # in place on the view
+        return data
+
+
+class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
     """DefaultPreprocessor + organ crop and/or embedding channels. nnU-Net builds it as ``cls(verbose=...)``;
     ``device`` (an attribute) says where the APE/BPR models run. Models load once per process, on first use."""
 
@@ -73,12 +85,6 @@ class nnUNetAPEPreprocessor(DefaultPreprocessor):
             self._models = load_feature_models(**args, device=self.device)
             self._models_for = args
         return self._models
-
-    def _normalize(self, data: np.ndarray, seg: np.ndarray, configuration_manager, intensity_properties: dict) -> np.ndarray:
-        """nnU-Net's normalization of the source channels; the added channels stay as they are (``noNorm``)."""
-        n_source = data.shape[0] - len(settings_of(configuration_manager.configuration).channel_names)
-        super()._normalize(data[:n_source], seg, configuration_manager, intensity_properties)  # in place on the view
-        return data
 
     def run_case_npy(self, data: np.ndarray, seg: np.ndarray | None, properties: dict, plans_manager,
                      configuration_manager, dataset_json: dict | str):

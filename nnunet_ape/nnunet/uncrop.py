@@ -43,15 +43,16 @@ class PredictionSet:
         return self.folder / f"{case}{self.file_ending}"
 
 
-def find_manifest(folder: Path, manifest: Path | None = None) -> dict:
-    """The crop manifest of a prediction folder: ``manifest`` if given, else the one its ``dataset.json`` names
-    (the dataset in ``$nnUNet_raw``). InputError when none can be found."""
+def find_manifest(folder: Path, manifest: Path | None = None, kinds: tuple[str, ...] = ("crops",)) -> dict:
+    """The manifest of a prediction (or results) folder's dataset: ``manifest`` if given, else the one its
+    ``dataset.json`` names (the dataset in ``$nnUNet_raw``), for datasets of ``kinds`` (``crops``, ``channels``).
+    InputError when none can be found."""
     if manifest is None:
         dataset_json = folder / "dataset.json"
         if not dataset_json.is_file():
             raise InputError(f"{folder}: no dataset.json (nnUNetv2_predict writes one); pass the crop dataset's crops.json with --manifest")
         info = json.loads(dataset_json.read_text()).get("nnunet_ape")
-        if not info or info.get("kind") != "crops":
+        if not info or info.get("kind") not in kinds:
             raise InputError(f"{folder}: predictions of a model not trained on an nnunet-ape crop dataset; nothing to paste back")
         raw = os.environ.get("nnUNet_raw")
         if not raw:
