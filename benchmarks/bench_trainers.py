@@ -100,8 +100,8 @@ def _run(env: dict, *args: str) -> str:
     return done.stdout
 
 
-def write_dataset(raw: Path, seeds: list[int]) -> None:
-    """Phantoms as an nnU-Net raw dataset with labels liver 1, kidney_left 2."""
+def write_dataset(raw: Path, seeds: list[int], organs: dict[str, int] = ORGANS) -> None:
+    """Phantoms as an nnU-Net raw dataset with labels ``organs`` (default liver 1, kidney_left 2)."""
     import SimpleITK as sitk
 
     from nnunet_ape.phantoms import ORGAN_LABELS, make_phantom
@@ -112,27 +112,25 @@ def write_dataset(raw: Path, seeds: list[int]) -> None:
         ct, seg = make_phantom(seed)
         array = sitk.GetArrayFromImage(seg)
         out = np.zeros(array.shape, np.uint8)
-        for organ, value in ORGANS.items():
+        for organ, value in organs.items():
             out[array == ORGAN_LABELS[organ]] = value
         label = sitk.GetImageFromArray(out)
         label.CopyInformation(seg)
         sitk.WriteImage(ct, str(raw / "imagesTr" / f"phantom{seed:03d}_0000.nii.gz"), useCompression=True)
         sitk.WriteImage(label, str(raw / "labelsTr" / f"phantom{seed:03d}.nii.gz"), useCompression=True)
-    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, **ORGANS},
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, **organs},
                                                   "numTraining": len(seeds), "file_ending": ".nii.gz"}))
 
 
-def pretrain(work: Path, seeds: list[int], iterations: int) -> Path:
-    """A tiny APE model on the training phantoms (coarse views, as the demo)."""
+def pretrain(work: Path, images: list[Path], iterations: int) -> Path:
+    """A tiny APE model on ``images`` (coarse views, as the demo); returns its checkpoint."""
     from nnunet_ape.pretrain.batches import BatchConfig
     from nnunet_ape.pretrain.train_ape import COARSE_SPACING_RANGE, PretrainConfig, pretrain_ape
 
-    images = sorted((work / "nnUNet_raw" / DATASET / "imagesTr").glob("*_0000.nii.gz"))
-    keep = [p for p in images if int(p.name[7:10]) in seeds]
     cfg = PretrainConfig(iterations=iterations, lr=2e-3, lr_schedule="cosine", model="tiny", device="cpu", workers=1,
                          batch=BatchConfig(variant="naive", pairs=4, voxels=1024, patch_volume=300_000,
                                            spacing_range=COARSE_SPACING_RANGE))
-    pretrain_ape(keep, work / "ape", cfg)
+    pretrain_ape(images, work / "ape", cfg)
     return work / "ape" / "checkpoint_final.pt"
 
 
@@ -178,7 +176,8 @@ def prepare(args, env: dict, roots: dict, train: list[int], val: list[int], ape_
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     write_dataset(roots["nnUNet_raw"] / DATASET, train + val)
-    model = args.model or pretrain(args.work, train, args.pretrain_iterations)
+    images = sorted((roots["nnUNet_raw"] / DATASET / "imagesTr").glob("*_0000.nii.gz"))
+    model = args.model or pretrain(args.work, [p for p in images if int(p.name[7:10]) in train], args.pretrain_iterations)
     shots = [c for c in cases_from_nnunet(str(roots["nnUNet_raw"] / DATASET)) if int(c.name[7:10]) in train[:3]]
     localizer = save_localizer(fit_localizer(shots, ORGANS, model), args.work / "localizer.json")
 

@@ -148,7 +148,7 @@ def test_keep_labels_and_bpr_channel_in_a_channels_dataset(env, tight_localizer,
     assert abs(np.corrcoef(per_slice[0], np.arange(bpr.shape[2]))[0, 1]) > 0.5  # scores follow z
 
 
-def test_a_killed_run_resumes_and_skips_finished_cases(env, tight_localizer, monkeypatch):
+def test_a_killed_run_resumes_in_parts_and_skips_finished_cases(env, tight_localizer, monkeypatch):
     import nnunet_ape.nnunet.crop_dataset as job_module
 
     original, calls = job_module.process_case, []
@@ -165,11 +165,19 @@ def test_a_killed_run_resumes_and_skips_finished_cases(env, tight_localizer, mon
         _run(*args)
     assert "Dataset604_AbdLiverCrop" not in _datasets(env["nnUNet_raw"])  # nnU-Net never sees half a dataset
     first = list(calls)
+    assert first == ["A", "B"]
     calls.clear()
     monkeypatch.setattr(job_module, "process_case", lambda *a: (calls.append(a[0].case_id), original(*a))[1])
-    assert _run(*args) == 0
-    assert not set(first) & set(calls) and len(first) + len(calls) == 4
+    # resumed as two parts (cases A, B, phantom001, phantom003; part 1 owns B and phantom003): each skips what is done,
+    # and the dataset appears only when the last part finishes
+    assert _run(*args, "--num-parts", "2", "--part-id", "1") == 0
+    assert calls == ["phantom003"] and "Dataset604_AbdLiverCrop" not in _datasets(env["nnUNet_raw"])
+    assert _run(*args, "--num-parts", "2", "--part-id", "0") == 0
+    assert calls == ["phantom003", "phantom001"]
+    assert "Dataset604_AbdLiverCrop" in _datasets(env["nnUNet_raw"])
     assert not any(n.startswith(".") for n in _datasets(env["nnUNet_raw"]))
+    manifest = json.loads((env["nnUNet_raw"] / "Dataset604_AbdLiverCrop" / "crops.json").read_text())
+    assert [c["case"] for c in manifest["cases"]] == ["A", "B", "phantom001", "phantom003"]
 
 
 @pytest.mark.parametrize("problem", ["id_taken_in_results", "unknown_organ", "organ_not_fitted", "missing_label",

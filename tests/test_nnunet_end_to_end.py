@@ -88,3 +88,16 @@ def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrain
     outside = np.ones(ct.shape, bool)
     outside[box] = False
     assert not seg.array[outside].any()
+
+    # nnunet-ape predict on the source CT, with the crop dataset's model: the localizer comes from crops.json, and
+    # without regrowth its result is exactly what nnUNetv2_predict + uncrop gave (same crop, channels, network)
+    localized = tmp_path / "localized"
+    out = _nnunet(env, "nnunet-ape", "predict", "-i", str(source / "imagesTs"), "-o", str(localized), "-d", "601", "-c",
+                  "3d_fullres", "-device", "cpu", "--disable_tta", "--max-regrow", "0")
+    assert "1 case(s) predicted" in out and "(crop+channels)" in out
+    ours = read_volume(localized / "phantom003.nii.gz")
+    assert ours.same_geometry(ct, atol=1e-4)
+    assert np.mean(ours.array == seg.array) > 0.999
+    report = json.loads((localized / "phantom003_boxes.json").read_text())
+    assert report["models"][0]["box_voxels"] == entry["box_voxels"]
+    assert report["models"][0]["kind"] == "crop+channels" and report["labels"] == {"background": 0, "liver": 1, "spleen": 2}

@@ -82,14 +82,21 @@ def _check_full_geometry_validation(root: Path, run: Path, case: str = "B") -> n
     return sitk.GetArrayFromImage(prediction)
 
 
-def test_crop_trainer_validates_on_full_images_and_stock_predict_stops(planned):
+@pytest.fixture(scope="module")
+def crop_run(planned):
+    """nnUNetTrainerAPECrop_smoke trained on 3d_fullres_ape_liver (fold 0); returns (training output, results folder)."""
+    env, root = planned
+    out = _run(env, "nnUNetv2_train", "501", "3d_fullres_ape_liver", "0", "-tr", "nnUNetTrainerAPECrop_smoke", "-device", "cpu").stdout
+    return out, _results(root, "nnUNetTrainerAPECrop_smoke", "3d_fullres_ape_liver")
+
+
+def test_crop_trainer_validates_on_full_images_and_stock_predict_stops(planned, crop_run):
     from batchgenerators.utilities.file_and_folder_operations import load_pickle
 
     env, root = planned
     trainer = "nnUNetTrainerAPECrop_smoke"
-    out = _run(env, "nnUNetv2_train", "501", "3d_fullres_ape_liver", "0", "-tr", trainer, "-device", "cpu").stdout
+    out, run = crop_run
     assert "Using trainer 'nnUNetTrainerAPECrop_smoke' from:" in out and "on the full images" in out
-    run = _results(root, trainer, "3d_fullres_ape_liver")
     assert (run / "checkpoint_final.pth").is_file()
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert list(summary["mean"]) == ["1"]  # the chosen organ (liver), scored against the full ground truth
@@ -170,3 +177,121 @@ def test_trainers_pickle_by_reference_after_ext_lookup(planned):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "nnunet_ape.nnunet.trainers True"
+
+
+def _constant_logits(state: dict, logits: list[float]) -> dict:
+    """Network weights whose output is ``logits`` at every voxel (segmentation heads: zero weights, these biases)."""
+    import torch
+
+    out = dict(state)
+    for key, value in state.items():
+        if ".seg_layers." in key:
+            out[key] = torch.zeros_like(value) if key.endswith("weight") else torch.tensor(logits, dtype=value.dtype)
+    return out
+
+
+def _crafted_fold(run: Path, fold: str, logits: list[float]) -> None:
+    """A fold of the trained crop model whose network predicts ``logits`` everywhere (a model that is sure of itself)."""
+    import torch
+
+    checkpoint = torch.load(run / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["network_weights"] = _constant_logits(checkpoint["network_weights"], logits)
+    (run.parent / f"fold_{fold}").mkdir(exist_ok=True)
+    torch.save(checkpoint, run.parent / f"fold_{fold}" / "checkpoint_final.pth")
+
+
+def _channels_model(root: Path, logits: list[float]) -> Path:
+    """A results folder of the 3d_fullres_ape configuration (whole images + APE channels), as nnUNetv2_train with
+    nnUNetTrainerAPEChannels writes it, whose network predicts ``logits`` everywhere."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnunet_ape.nnunet.ape_plans import resolved_configuration, settings_of
+    from nnunet_ape.nnunet.trainers import with_added_channels
+
+    plans = json.loads((root / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    configuration = resolved_configuration(plans, "3d_fullres_ape")
+    folder = root / "nnUNet_results" / DATASET / "nnUNetTrainerAPEChannels__nnUNetPlans__3d_fullres_ape"
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    dataset_json = with_added_channels(json.loads((root / "nnUNet_raw" / DATASET / "dataset.json").read_text()), settings_of(configuration))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    arch = configuration["architecture"]
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 4, 3, deep_supervision=False)
+    torch.save({"network_weights": _constant_logits(network.state_dict(), logits), "trainer_name": "nnUNetTrainerAPEChannels",
+                "init_args": {"configuration": "3d_fullres_ape"}, "inference_allowed_mirroring_axes": None},
+               folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+
+def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(planned, crop_run, monkeypatch):
+    from nnunet_ape import case_features as features_module
+    from nnunet_ape.io import read_volume
+    from nnunet_ape.nnunet.localized_predict import LocalizedPredictor, PredictOptions
+    from nnunet_ape.nnunet.trained_model import PredictorOptions, open_model
+
+    _, root = planned
+    _, run = crop_run
+    _crafted_fold(run, "1", [0.0, 4.0, 0.0])  # liver everywhere in its crop, probability 0.96
+    options = PredictorOptions(use_mirroring=False, device="cpu")
+    ct = read_volume(root / "nnUNet_raw" / DATASET / "imagesTr" / "B_0000.nii.gz")
+    liver = open_model(run.parent, ["1"], "checkpoint_final.pth", options)
+    assert liver.kind == "crop" and liver.organs == ["liver"] and liver.to_output == {1: 1}
+
+    # a crop whose organ touches its faces grows there and is predicted again (here: once); nothing stays cut silently
+    result = LocalizedPredictor([liver], "cpu", PredictOptions(max_regrow=1)).predict_case([ct])
+    entry = result.report["models"][0]
+    first, final = (np.asarray(a["box_voxels"]) for a in entry["attempts"])
+    assert entry["regrown"] == 1 and (final[0] <= first[0]).all() and (final[1] >= first[1]).all() and (final != first).any()
+    inside_faces = [f"{'xyz'[a]}-{side}" for a in range(3) for side, at_border in (("low", final[0][a] == 0), ("high", final[1][a] == ct.shape[a])) if not at_border]
+    assert entry["still_touched_faces"] == inside_faces  # liver everywhere: every face inside the image, and said so
+    expected = np.zeros(ct.shape, np.uint8)
+    expected[tuple(slice(a, b) for a, b in zip(*final))] = 1
+    assert np.array_equal(result.labels.array, expected) and result.labels.same_geometry(ct)
+
+    # merged with a whole-image model: a voxel goes to the model that is surer of its label; one APE pass for both
+    calls = []
+    embed = features_module.embed_volume
+    monkeypatch.setattr(features_module, "embed_volume", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    for spleen_logit, liver_wins in ((2.0, True), (6.0, False)):  # spleen probability 0.79 / 0.995 against liver's 0.96
+        spleen = open_model(_channels_model(root, [0.0, 0.0, spleen_logit]), None, "checkpoint_final.pth", options)
+        assert spleen.kind == "channels" and spleen.to_output == {1: 1, 2: 2}
+        calls.clear()
+        merged = LocalizedPredictor([liver, spleen], "cpu", PredictOptions(max_regrow=0)).predict_case([ct])
+        assert len(calls) == 1
+        box = np.asarray(merged.report["models"][0]["box_voxels"])
+        crop = tuple(slice(a, b) for a, b in zip(*box))
+        outside = np.ones(ct.shape, bool)
+        outside[crop] = False
+        assert (merged.labels.array[crop] == (1 if liver_wins else 2)).all() and (merged.labels.array[outside] == 2).all()
+
+
+def test_predict_command_writes_full_geometry_splits_parts_and_resumes(planned, crop_run, tmp_path):
+    env, root = planned
+    _, run = crop_run
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("B_0000.nii.gz", "phantom002_0000.nii.gz"):
+        (cases / name).symlink_to(root / "nnUNet_raw" / DATASET / "imagesTr" / name)
+    out = tmp_path / "seg"
+    common = ("nnunet-ape", "predict", "-i", str(cases), "-o", str(out), "-d", "501", "-c", "3d_fullres_ape_liver", "-f", "0", "-device", "cpu",
+              "--disable_tta", "--max-regrow", "0")
+    done = _run(env, *common, "--num-parts", "2", "--part-id", "1").stdout  # the second of the two cases
+    assert "1 case(s) predicted" in done and "part 1 of 2" in done
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["phantom002.nii.gz"]
+    first = (out / "phantom002.nii.gz").stat().st_mtime_ns
+    done = _run(env, *common).stdout  # all cases: the finished one is kept
+    assert "1 case(s) predicted, 1 already done" in done and (out / "phantom002.nii.gz").stat().st_mtime_ns == first
+    source = sitk.ReadImage(str(cases / "B_0000.nii.gz"))
+    predicted = sitk.ReadImage(str(out / "B.nii.gz"))
+    assert predicted.GetSize() == source.GetSize() and np.allclose(predicted.GetOrigin(), source.GetOrigin())
+    assert np.allclose(predicted.GetDirection(), source.GetDirection()) and np.allclose(predicted.GetSpacing(), source.GetSpacing())
+    assert set(np.unique(sitk.GetArrayFromImage(predicted))) <= {0, 1}  # the model's organ only, source label value
+    report = json.loads((out / "B_boxes.json").read_text())
+    assert report["models"][0]["kind"] == "crop" and report["models"][0]["localizer"]["liver"]["placed"]
+    assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1}
+
+    bad = _run(env, "nnunet-ape", "predict", "-i", str(cases), "-o", str(tmp_path / "none"), "-d", "501", "-c", "3d_fullres",
+               expect_ok=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "-tr" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "none").exists()

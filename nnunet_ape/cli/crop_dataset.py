@@ -48,6 +48,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="name of the new dataset (DatasetYYY_NAME); default: from the source and organs")
     add_channel_args(parser)
     parser.add_argument("--num-processes", type=int, default=1, help="cases processed in parallel (each process loads the models)")
+    parser.add_argument("-num_parts", "--num-parts", type=int, default=1, help="split the cases into this many parts, run "
+                        "as separate jobs (SLURM arrays, several GPUs); the last part to finish assembles the dataset")
+    parser.add_argument("-part_id", "--part-id", type=int, default=0, help="which part this job writes (0 .. num-parts - 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -76,6 +79,8 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
 
     if args.num_processes < 1:
         raise InputError(f"--num-processes {args.num_processes}: must be at least 1")
+    if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
+        raise InputError(f"--part-id {args.part_id} --num-parts {args.num_parts}: need num-parts >= 1 and 0 <= part-id < num-parts")
     if margin_mm < 0:
         raise InputError(f"--margin-mm {margin_mm}: must not be negative")
     channels = check_channels(args.channels)
@@ -89,11 +94,17 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
     if unknown:
         raise InputError(f"unknown organ '{unknown[0]}': not a label of {source.folder.name} (labels: {', '.join(k for k in source.labels if k != 'background')})")
     models_args["organs"] = organs
-    target = target_dataset_folder(args.output, args.name or _default_name(source.folder, organs, suffix))
+    name = args.name or _default_name(source.folder, organs, suffix)
+    target = target_dataset_folder(args.output, name)
     provenance = model_provenance(models, localizer)
     settings = {"source": str(source.folder.resolve()), "organs": organs, "channels": list(channels), "margin_mm": margin_mm,
                 "keep_labels": keep_labels, "models": provenance}
-    job = CropJob(source, target, organs, keep_labels, margin_mm, models_args, args.num_processes, settings)
+    job = CropJob(source, target, organs, keep_labels, margin_mm, models_args, args.num_processes, settings,
+                  args.num_parts, args.part_id)
     manifest = run_job(job, models)
+    if manifest is None:
+        print(f"part {args.part_id} of {args.num_parts} done; other parts still have cases to write. The last part to "
+              f"finish moves the dataset to {target} (rerun any part to finish it)")
+        return
     print(describe(manifest))
     print(f"-> {target}\nnext: nnUNetv2_plan_and_preprocess -d {args.output} -c 3d_fullres --verify_dataset_integrity")

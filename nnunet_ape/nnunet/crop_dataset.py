@@ -51,6 +51,8 @@ class CropJob:
     models_args: dict
     num_processes: int = 1
     settings: dict = field(default_factory=dict)
+    num_parts: int = 1
+    part_id: int = 0
 
     @property
     def partial(self) -> Path:
@@ -160,20 +162,18 @@ def _start_or_resume(job: CropJob) -> dict[str, dict]:
             raise InputError(f"{others[0]}: an unfinished run for this dataset id under another name; resume it with that --name or remove it")
         with atomic_path(marker) as tmp:
             Path(tmp).write_text(json.dumps(job.settings, indent=1))
-    done = {}
-    for path in (job.partial / ".nnunet_ape" / "cases").glob("*.json"):
-        entry = json.loads(path.read_text())
-        done[entry["case"]] = entry
-    return done
+    return _finished_cases(job)
 
 
-def run_job(job: CropJob, models: FeatureModels | None = None) -> dict:
-    """Write the whole target dataset (skipping cases a killed run finished) and rename it into place; returns
-    the manifest. ``models``: already loaded from ``job.models_args`` (used when cases run in this process)."""
+def run_job(job: CropJob, models: FeatureModels | None = None) -> dict | None:
+    """Write this part's cases of the target dataset (every ``num_parts``-th case from ``part_id``; skipping cases
+    a killed run finished); when no case of any part is left, rename the dataset into place and return the manifest,
+    else return None (another part finishes it). ``models``: already loaded from ``job.models_args``."""
     done = _start_or_resume(job)
-    todo = [(c, "train") for c in job.source.training] + [(c, "test") for c in job.source.test]
-    todo = [(c, s) for c, s in todo if c.case_id not in done]
-    bar = tqdm(total=len(todo) + len(done), initial=len(done), desc="crop-dataset" if job.cropped else "channels-dataset", unit="case")
+    every = [(c, "train") for c in job.source.training] + [(c, "test") for c in job.source.test]
+    mine = every[job.part_id::job.num_parts]
+    todo = [(c, s) for c, s in mine if c.case_id not in done]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="crop-dataset" if job.cropped else "channels-dataset", unit="case")
     if job.num_processes <= 1 or len(todo) <= 1:
         models = models or load_feature_models(**job.models_args)
         for case, split in todo:
@@ -189,7 +189,22 @@ def run_job(job: CropJob, models: FeatureModels | None = None) -> dict:
                 done[entry["case"]] = entry
                 bar.update()
     bar.close()
+    done.update(_finished_cases(job))  # other parts' cases
+    if any(c.case_id not in done for c, _ in every):
+        return None
+    try:
+        (job.partial / ".nnunet_ape" / "finishing").mkdir()  # one part assembles the dataset
+    except FileExistsError:
+        return None
     return _finish(job, done)
+
+
+def _finished_cases(job: CropJob) -> dict[str, dict]:
+    done = {}
+    for path in (job.partial / ".nnunet_ape" / "cases").glob("*.json"):
+        entry = json.loads(path.read_text())
+        done[entry["case"]] = entry
+    return done
 
 
 def _finish(job: CropJob, done: dict[str, dict]) -> dict:

@@ -257,8 +257,10 @@ def predict_files(predictor: LocalizedPredictor, images: list[Path], output: Pat
     bar = tqdm(todo, desc="predict", unit="case", disable=not todo)
     for case, case_files in bar:
         bar.set_postfix_str(f"{case}: read")
+        began = time.perf_counter()
         channels = read_channels(case_files)
         result = predictor.predict_case(channels, stage=lambda s, c=case: bar.set_postfix_str(f"{c}: {s}"))
+        result.report["seconds"]["case"] = round(time.perf_counter() - began, 3)  # read + localize + predict + paste
         bar.set_postfix_str(f"{case}: write")
         write_case(result, output, case, ending, case_files)
     bar.close()
