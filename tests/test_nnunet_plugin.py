@@ -235,3 +235,59 @@ def test_preprocess_refuses_a_stock_configuration(tmp_path, monkeypatch, capsys)
     (tmp_path / "pre" / "Dataset501_Abd" / "nnUNetPlans.json").write_text(json.dumps(PLANS))
     assert main(["preprocess", "-d", "501", "-c", "3d_fullres", "--device", "cpu"]) == 2
     assert "nnUNetv2_preprocess -d Dataset501_Abd -c 3d_fullres" in capsys.readouterr().err
+
+
+def test_touched_faces_ignore_the_image_border_and_growth_is_clipped():
+    from nnunet_ape.nnunet.region_prediction import grow_faces, touched_faces
+
+    shape = (100, 80, 60)
+    box = np.array([[0, 10, 20], [50, 80, 40]])  # x starts at the image border, y ends at it
+    mask = np.zeros((50, 70, 20), bool)
+    mask[0, 30, 10] = mask[10, 0, 10] = mask[10, 69, 10] = mask[49, 30, 10] = True  # on x-low, y-low, y-high, x-high
+    assert touched_faces(mask, box, shape) == [(0, 1), (1, 0)]  # x-high and y-low; x-low and y-high are the border
+    grown = grow_faces(box, [(0, 1), (1, 0)], grow_mm=20.0, fraction=0.25, spacing=(1.0, 2.0, 3.0), shape=shape)
+    # x-high: max(20 mm, 25% of 50 mm) = 20 voxels of 1 mm; y-low: max(20 mm, 25% of 140 mm) = 35 mm -> 18 voxels, clipped at 0
+    assert grown.tolist() == [[0, 0, 20], [70, 80, 40]]
+    assert touched_faces(np.zeros((50, 70, 20), bool), box, shape) == []
+
+
+def test_predict_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+    ct = tmp_path / "ct.nii.gz"
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(16, 16, 16, sitk.sitkInt16), str(ct))
+    out = tmp_path / "seg"
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    assert main(["predict", "-i", str(ct), "-o", str(out), "-d", "501"]) == 2
+    assert "nnUNet_results is not set" in capsys.readouterr().err
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    model = tmp_path / "results" / "Dataset501_Abd" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    model.mkdir(parents=True)
+    (model / "plans.json").write_text(json.dumps(PLANS))
+    (model / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}, "channel_names": {"0": "CT"},
+                                                    "file_ending": ".nii.gz", "numTraining": 1}))
+    assert main(["predict", "-i", str(ct), "-o", str(out), "-d", "502"]) == 2
+    assert "-d 502: no such dataset" in capsys.readouterr().err
+    assert main(["predict", "-i", str(ct), "-o", str(out), "-d", "501", "-c", "3d_lowres"]) == 2
+    assert "-c 3d_lowres: no model trained" in capsys.readouterr().err
+    assert main(["predict", "-i", str(ct), "-o", str(out), "-d", "501", "-f", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint_final.pth for fold 0" in err
+    assert main(["predict", "-i", str(ct), "-o", str(out), "-d", "501", "--num-parts", "2", "--part-id", "2"]) == 2
+    assert "--part-id 2 --num-parts 2" in capsys.readouterr().err
+    assert main(["predict", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(out), "-d", "501"]) == 2
+    assert "no such file, folder or nnU-Net dataset" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_multichannel_inputs_are_found_by_nnunet_naming(tmp_path):
+    from nnunet_ape.errors import InputError
+    from nnunet_ape.nnunet.localized_predict import source_channel_files
+
+    for name in ("case_0000.nii.gz", "case_0001.nii.gz", "ct.nii.gz"):
+        (tmp_path / name).touch()
+    assert source_channel_files(tmp_path / "case_0000.nii.gz", 2) == [tmp_path / "case_0000.nii.gz", tmp_path / "case_0001.nii.gz"]
+    with pytest.raises(InputError, match="case_0002.nii.gz: missing channel file"):
+        source_channel_files(tmp_path / "case_0000.nii.gz", 3)
+    with pytest.raises(InputError, match="name the files CASE_0000.nii.gz"):
+        source_channel_files(tmp_path / "ct.nii.gz", 2)

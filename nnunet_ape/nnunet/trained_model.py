@@ -91,6 +91,9 @@ def results_folder(dataset: str, trainer: str, plans: str, configuration: str) -
         trained = sorted(p.name for p in root.iterdir() if p.is_dir() and "__" in p.name)
         raise InputError(f"{folder.name}: not trained in {root} (trained: {', '.join(trained) or 'nothing'}); "
                          f"check -c, -tr and -p")
+    missing = [name for name in ("dataset.json", "plans.json") if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"{folder}: no {missing[0]} (nnUNetv2_train writes it when training starts); is training started?")
     return folder
 
 
