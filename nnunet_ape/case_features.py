@@ -12,7 +12,7 @@ whole CT, so a crop of them keeps each voxel's global position:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from nnunet_ape.crop_geometry import crop_box, union_box
 from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, from_canonical, to_canonical
-from nnunet_ape.localize.localizer import load_localizer, predict_organ_boxes
+from nnunet_ape.localize.localizer import load_localizer, map_stride, predict_organ_boxes
 from nnunet_ape.localize.zrange import score_ct
 
 CHANNELS = ("ape", "bpr")
@@ -113,14 +113,21 @@ class CaseFeatures:
 def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None) -> CaseFeatures:
     """Localize the organs of ``models`` on ``ct`` (HU, any orientation) and compute its channels, with one APE
     and one BPR pass. ``passes``: a dict shared by the calls for several ``models`` on the same CT (several
-    localizers, one per model), so that each checkpoint runs once per CT; it holds the APE maps and BPR scores."""
+    localizers, one per model), so that each checkpoint runs once per CT; it holds the APE maps and BPR scores.
+    Without APE channels the map is computed on every few voxels only (:func:`map_stride`): boxes need no more,
+    and resampling a map back to every voxel of a large CT costs more than the network pass."""
     passes = {} if passes is None else passes
     embedding = scored = None
     canon = None
     if models.ape is not None:
-        key = ("ape", str(models.ape_path), repr(models.embed_settings))
+        settings = models.embed_settings
+        key = ("ape", str(models.ape_path), repr(settings))
+        boxes_only = "ape" not in models.channels and (models.localizer or {}).get("ape_boxes") != "all-voxels"
+        if boxes_only and key not in passes:  # boxes need the map at the model's coarse spacing only
+            settings = replace(settings, stride=map_stride(ct.spacing, settings.spacing))
+            key = ("ape", str(models.ape_path), repr(settings))
         if key not in passes:
-            passes[key] = embed_volume(models.ape, ct, models.embed_settings, device=models.device, progress=False)
+            passes[key] = embed_volume(models.ape, ct, settings, device=models.device, progress=False)
         embedding = passes[key]
     if models.bpr is not None:
         key = ("bpr", str(models.bpr_path))

@@ -229,12 +229,27 @@ def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Nei
     return {"box": box, "enlarged": enlarge_box(box, alpha, canon_map.shape[:3]), "per_shot": per_shot, "how": how, "alpha": alpha}
 
 
+def map_stride(ct_spacing: tuple[float, ...], model_spacing: tuple[float, ...], most: int = 4) -> int:
+    """The coarsest stride (1..``most``) at which a map sampled on every stride-th CT voxel is still no coarser than
+    the model's own grid along any axis: boxes need no finer map than that (and it is many times cheaper)."""
+    return int(max(1, min(most, np.floor(min(m / c for m, c in zip(model_spacing, ct_spacing)) + 1e-6))))
+
+
+def strided_to_full(box: np.ndarray, embedding: Volume, ct: Volume) -> np.ndarray:
+    """A float box in the voxels of a strided map (voxel j on CT voxel step * j, per axis) -> CT voxels, the high
+    corner widened to the last CT voxel of its map cell (so that the box is not cut by the sampling)."""
+    steps = np.rint(np.asarray(embedding.spacing) / np.asarray(ct.spacing))
+    return np.stack([box[0] * steps, box[1] * steps + steps - 1])
+
+
 def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
                         organs: list[str] | None = None) -> dict:
     """Boxes per organ on a CT, in its voxel indices and in mm. APE (with ``embedding``, the map on the CT's grid):
     ``box`` (retrieved) and ``enlarged_box``; BPR (with ``scored``, the canonical slice scores): ``bpr_z_range``
     (slices) and ``bpr_box`` (full x/y); both: ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the
-    box to crop with: the combined one when both are there, else the enlarged APE or the BPR box. ``placed``: False
+    box to crop with: the combined one when both are there, else the enlarged APE or the BPR box. ``embedding`` may
+    be a map on every step-th voxel (``embed_volume`` with a stride; edge-point localizers only): boxes are still in
+    the CT's voxels. ``placed``: False
     when the localizer could not place the organ on this CT (no slice scores in its range, or a crop box wholly
     outside the image); its boxes are then only the nearest guess."""
     names = check_organs(localizer, organs)
@@ -244,8 +259,12 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
     canon_map = to_canonical(embedding)[0].array if embedding is not None else None
     neighbours = None
     if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
+        if embedding.shape != ct.shape:
+            raise ValueError("the all-voxels localizer needs the APE map on the CT's own grid (stride 1)")
         neighbours = _transfer_neighbours(localizer, ct, canon_map)
     native = lambda b: box_from_canonical(b, perm, flip, ct.shape)  # noqa: E731
+    if embedding is not None and embedding.shape != ct.shape:  # a map on every step-th voxel: boxes in CT voxels
+        native = lambda b: strided_to_full(box_from_canonical(b, perm, flip, embedding.shape), embedding, ct)  # noqa: E731
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]

@@ -114,7 +114,9 @@ class LocalizedPredictor:
         passes: dict = {}
         seconds: dict[str, float] = {}
         entries = []
-        for model, feature_models in zip(self.models, self.feature_models):
+        # models with APE channels first: their full-resolution map then also gives the others' boxes (one pass)
+        order = sorted(range(len(self.models)), key=lambda i: "ape" not in self.models[i].added_channels)
+        for model, feature_models in ((self.models[i], self.feature_models[i]) for i in order):
             features = None
             if feature_models is not None:
                 stage("localize")
@@ -138,6 +140,7 @@ class LocalizedPredictor:
                     full = probabilities.setdefault(value, np.zeros(ct.shape, dtype=np.float32))
                     np.maximum(full[cut], p, out=full[cut])
         dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
+        entries = [entries[order.index(i)] for i in range(len(order))]  # back in the order the models were given
         report = {"models": entries, "merge_rule": MERGE_RULE if len(self.models) > 1 else "one model",
                   "image": {"size": list(ct.shape), "spacing": list(ct.spacing), "origin": list(ct.origin),
                             "direction": np.asarray(ct.direction).ravel().tolist()},

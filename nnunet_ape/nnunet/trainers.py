@@ -21,7 +21,6 @@ What they change in nnU-Net's trainer, and nothing else:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -36,25 +35,13 @@ from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
 from nnunet_ape.nnunet.organ_summary import organ_summary
 from nnunet_ape.nnunet.validation_boxes import predicted_box_dataset_class
 
-_PLUGIN_PREDICTION = False
-
-
-@contextlib.contextmanager
-def plugin_prediction():
-    """Inside this block nnU-Net's predictor may build APE networks (``nnunet-ape predict`` makes the inputs)."""
-    global _PLUGIN_PREDICTION
-    previous, _PLUGIN_PREDICTION = _PLUGIN_PREDICTION, True
-    try:
-        yield
-    finally:
-        _PLUGIN_PREDICTION = previous
-
-
 def _called_by_stock_predictor() -> bool:
+    """True inside nnU-Net's ``initialize_from_trained_model_folder`` (stock ``nnUNetv2_predict``); ``nnunet-ape
+    predict`` builds the network itself (:mod:`nnunet_ape.nnunet.trained_model`)."""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "initialize_from_trained_model_folder" and frame.f_code.co_filename.endswith("predict_from_raw_data.py"):
-            return not _PLUGIN_PREDICTION
+            return True
         frame = frame.f_back
     return False
 
