@@ -224,10 +224,10 @@ def _channels_model(root: Path, logits: list[float]) -> Path:
     return folder
 
 
-def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(planned, crop_run, monkeypatch):
+def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(planned, crop_run, monkeypatch, tmp_path):
     from nnunet_ape import case_features as features_module
     from nnunet_ape.io import read_volume
-    from nnunet_ape.nnunet.localized_predict import LocalizedPredictor, PredictOptions
+    from nnunet_ape.nnunet.localized_predict import LocalizedPredictor, PredictOptions, write_case
     from nnunet_ape.nnunet.trained_model import PredictorOptions, open_model
 
     _, root = planned
@@ -257,8 +257,12 @@ def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(
         spleen = open_model(_channels_model(root, [0.0, 0.0, spleen_logit]), None, "checkpoint_final.pth", options)
         assert spleen.kind == "channels" and spleen.to_output == {1: 1, 2: 2}
         calls.clear()
-        merged = LocalizedPredictor([liver, spleen], "cpu", PredictOptions(max_regrow=0)).predict_case([ct])
+        merged = LocalizedPredictor([liver, spleen], "cpu", PredictOptions(max_regrow=0, save_probabilities=True)).predict_case([ct])
         assert len(calls) == 1
+        write_case(merged, tmp_path, "B", ".nii.gz", [])
+        with np.load(tmp_path / "B.npz") as saved:
+            assert saved["labels"].tolist() == [0, 1, 2] and saved["probabilities"].shape == (3, *ct.shape[::-1])
+            assert np.allclose(saved["probabilities"][2], np.exp(spleen_logit) / (2 + np.exp(spleen_logit)), atol=2e-3)
         box = np.asarray(merged.report["models"][0]["box_voxels"])
         crop = tuple(slice(a, b) for a, b in zip(*box))
         outside = np.ones(ct.shape, bool)
