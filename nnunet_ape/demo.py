@@ -135,5 +135,6 @@ def _crop_lines(out: Path, crops: dict) -> list[str]:
         f"  export nnUNet_raw={raw} nnUNet_preprocessed={raw.parent / 'nnUNet_preprocessed'} nnUNet_results={raw.parent / 'nnUNet_results'}",
         "  nnUNetv2_plan_and_preprocess -d 900 -c 3d_fullres --verify_dataset_integrity && nnUNetv2_train 900 3d_fullres 0",
         f"  nnUNetv2_predict -i $nnUNet_raw/{crops['dataset']}/imagesTr -o pred900 -d 900 -c 3d_fullres -f 0 && nnunet-ape uncrop -i pred900 -o seg/",
+        f"  nnunet-ape predict -i {(out / 'cohort' / 'imagesTr').resolve()} -o seg_localized/ -d 900 -c 3d_fullres -f 0   # or all in one: localize, crop, nnU-Net, paste back",
         "  ```",
     ]

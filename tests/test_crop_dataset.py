@@ -224,24 +224,3 @@ def test_bad_input_is_one_line_and_writes_nothing(problem, env, tight_localizer,
         assert "650" in err and "exists" in err
         (env["nnUNet_results"] / "Dataset650_Old").rmdir()
 
-
-@pytest.mark.parametrize("key", ["A", "B"])  # RAS-like (flipped axes) and LPS
-def test_boxes_from_a_strided_map_match_the_full_map(key, tight_localizer, pretrained_run):
-    """Boxes only need the map on every few voxels (what crop-only configurations and predict compute): the boxes
-    from a map on every 3rd voxel lie within a few voxels of those from the full map, in the CT's own voxels."""
-    from dataclasses import replace
-
-    from conftest import patient
-    from nnunet_ape.case_features import load_feature_models
-    from nnunet_ape.embed import embed_volume
-    from nnunet_ape.localize.localizer import map_stride, predict_organ_boxes
-
-    models = load_feature_models(tight_localizer, None, ())
-    ct = read_volume(patient(key))
-    full = predict_organ_boxes(models.localizer, ct, embed_volume(models.ape, ct, models.embed_settings, progress=False))
-    strided_map = embed_volume(models.ape, ct, replace(models.embed_settings, stride=3), progress=False)
-    strided = predict_organ_boxes(models.localizer, ct, strided_map)
-    for organ in ORGANS:
-        a, b = np.asarray(full[organ]["crop_box_voxels"]), np.asarray(strided[organ]["crop_box_voxels"])
-        assert np.abs(a - b).max() <= 6, (organ, a.tolist(), b.tolist())
-    assert map_stride((0.8, 0.8, 1.5), (4.5, 4.5, 6.75)) == 4 and map_stride((3.0, 3.0, 3.0), (1.5, 1.5, 2.25)) == 1

@@ -57,3 +57,32 @@ def test_training_box_grows_to_hold_the_label_plus_margin():
     assert moved[1, 2] == pytest.approx((expected_hi[2] - cut[1, 2]) * seg.spacing[2])
     unchanged, none = grow_to_contain(grown, liver, 10.0, seg.spacing)
     assert np.array_equal(unchanged, grown) and not none.any()
+
+
+@pytest.mark.parametrize("key", ["A", "B"])  # RAS-like (flipped axes) and LPS
+def test_boxes_from_a_strided_map_are_in_ct_voxels(key):
+    """Crop-only localization uses an APE map on every few voxels; its boxes must come back in the CT's own voxels.
+    With a map that is the physical position itself (retrieval exact on the full map) the full map finds the box the
+    edge points span, and a map on every 3rd voxel finds it within one map cell."""
+    from nnunet_ape.io import Volume
+    from nnunet_ape.localize.localizer import map_stride, predict_organ_boxes
+
+    ct = read_volume(patient(key))
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in ct.shape], indexing="ij"), axis=-1)
+    full = ct.with_array((ct.index_to_physical(index) / 100).astype(np.float32))
+    strided = Volume(full.array[::3, ::3, ::3], tuple(3 * s for s in ct.spacing), ct.origin, ct.direction)
+    lo, hi = np.array([10, 12, 5]), np.minimum(np.array([60, 70, 15]), np.array(ct.shape) - 1)
+    centre = (lo + hi) / 2
+    points = []
+    for axis in range(3):
+        for end in (lo, hi):
+            p = centre.copy()
+            p[axis] = end[axis]
+            points.append(np.round(p))
+    edges = ct.index_to_physical(np.array(points)) / 100
+    localizer = {"organs": {"liver": {"label": 1, "alpha": 1.0, "shots": [{"edge_embeddings": edges.tolist()}]}}, "combine": "mean"}
+    exact = np.asarray(predict_organ_boxes(localizer, ct, full)["liver"]["crop_box_voxels"])
+    assert np.allclose(exact, [lo, hi], atol=0.51)
+    coarse = np.asarray(predict_organ_boxes(localizer, ct, strided)["liver"]["crop_box_voxels"])
+    assert np.abs(coarse[0] - lo).max() <= 1.5 + 0.51 and np.abs(coarse[1] - hi).max() <= 3.5 + 0.51
+    assert map_stride((0.8, 0.8, 1.5), (4.5, 4.5, 6.75)) == 4 and map_stride((3.0, 3.0, 3.0), (1.5, 1.5, 2.25)) == 1

@@ -299,3 +299,52 @@ def test_predict_command_writes_full_geometry_splits_parts_and_resumes(planned, 
                expect_ok=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "-tr" in bad.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "none").exists()
+
+
+def test_predict_with_a_stock_model_is_nnunet_prediction_and_unplaced_organs_fall_back(planned, crop_run, monkeypatch):
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnunet_ape.io import read_volume
+    from nnunet_ape.nnunet import localized_predict
+    from nnunet_ape.nnunet.localized_predict import LocalizedPredictor, PredictOptions
+    from nnunet_ape.nnunet.trained_model import PredictorOptions, open_model
+
+    _, root = planned
+    _, run = crop_run
+    ct = read_volume(root / "nnUNet_raw" / DATASET / "imagesTr" / "B_0000.nii.gz")
+    options = PredictorOptions(use_mirroring=False, device="cpu")
+
+    # a stock 3d_fullres model (random weights: a non-trivial output): predict gives exactly nnU-Net's own prediction
+    plans = json.loads((root / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    folder = root / "nnUNet_results" / DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text((root / "nnUNet_raw" / DATASET / "dataset.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    torch.manual_seed(0)
+    network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1, 3, deep_supervision=False)
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer", "init_args": {"configuration": "3d_fullres"},
+                "inference_allowed_mirroring_axes": None}, folder / "fold_0" / "checkpoint_final.pth")
+    stock = open_model(folder, None, "checkpoint_final.pth", options)
+    assert stock.kind == "full" and stock.feature_args is None
+    ours = LocalizedPredictor([stock], "cpu").predict_case([ct])
+    theirs = stock.predictor.predict_single_npy_array(ct.array.transpose(2, 1, 0)[None].astype(np.float32),
+                                                      {"spacing": list(ct.spacing[::-1])})
+    assert np.array_equal(ours.labels.array, theirs.transpose(2, 1, 0)) and len(np.unique(theirs)) > 1
+
+    # an organ the localizer cannot place: a warning, and empty, or with --fallback-full the whole image
+    liver = open_model(run.parent, ["0"], "checkpoint_final.pth", options)
+    real = localized_predict.case_features
+
+    def unplaced(*args, **kwargs):
+        features = real(*args, **kwargs)
+        features.boxes["liver"]["placed"] = False
+        return features
+
+    monkeypatch.setattr(localized_predict, "case_features", unplaced)
+    empty = LocalizedPredictor([liver], "cpu").predict_case([ct])
+    assert empty.report["models"][0]["skipped"] == "no organ placed" and not empty.labels.array.any()
+    whole = LocalizedPredictor([liver], "cpu", PredictOptions(fallback_full=True)).predict_case([ct])
+    entry = whole.report["models"][0]
+    assert entry["fallback"] == "whole image" and entry["box_voxels"] == [[0, 0, 0], list(ct.shape)]
