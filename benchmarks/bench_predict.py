@@ -27,14 +27,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import DATA, machine  # noqa: E402
-from bench_trainers import pretrain, write_dataset  # noqa: E402
+from bench_trainers import _run, pretrain, write_dataset  # noqa: E402
 
 DATASET_ID = 951
 DATASET = f"Dataset{DATASET_ID}_BenchPredict"
@@ -83,15 +81,6 @@ sys.exit(code)
 SMALL = {"n_stages": 4, "features_per_stage": [16, 32, 64, 128], "kernel_sizes": [[3, 3, 3]] * 4,
          "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [2, 2, 2, 2],
          "n_conv_per_stage_decoder": [2, 2, 2]}
-
-
-def _run(env: dict, *args: str) -> str:
-    began = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], env=env, capture_output=True, text=True)
-    print(f"  {' '.join(args[:5])}: {time.perf_counter() - began:.0f} s", flush=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def same_architecture(plans_file: Path, configurations: list[str], architecture: str) -> tuple[list[int], dict]:

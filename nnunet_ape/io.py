@@ -151,6 +151,24 @@ def read_volume(path: str | os.PathLike, min_size: int = 1, check_finite: bool =
     return volume
 
 
+def read_channels(files: list[Path], min_size: int = 1) -> list[Volume]:
+    """Read one case's channel files (channel 0 the CT, checked like :func:`read_volume` with ``min_size``; the
+    others may hold any values). InputError (one line) when a channel does not share channel 0's grid."""
+    volumes = [read_volume(files[0], min_size=min_size)]
+    for path in files[1:]:
+        volume = read_volume(path, check_finite=False)
+        if not volume.same_geometry(volumes[0], atol=1e-3):
+            raise InputError(f"{path}: channel does not share the grid of {files[0]} (size, spacing, origin, direction)")
+        volumes.append(volume)
+    return volumes
+
+
+def geometry(volume: Volume) -> dict:
+    """A volume's grid as plain JSON values: ``size``, ``spacing``, ``origin`` (x, y, z) and ``direction`` (9, row-major)."""
+    return {"size": list(volume.shape), "spacing": [float(s) for s in volume.spacing],
+            "origin": [float(o) for o in volume.origin], "direction": np.asarray(volume.direction).ravel().tolist()}
+
+
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     useful = [line for line in lines if "ERROR" in line.upper() or "unable" in line.lower()]

@@ -26,7 +26,7 @@ from nnunet_ape.case_features import FeatureModels, added_channel_names, case_fe
 from nnunet_ape.checkpoint import file_hash
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop, fraction_inside, grow_to_contain
 from nnunet_ape.errors import InputError
-from nnunet_ape.io import Volume, read_volume, write_volume
+from nnunet_ape.io import Volume, geometry, read_channels, write_volume
 from nnunet_ape.localize.cases import read_label, remap_labels
 from nnunet_ape.nnunet.raw_dataset import RawCase, RawDataset, dataset_json_for
 
@@ -67,11 +67,6 @@ class CropJob:
         return self.localizer_path is not None
 
 
-def _geometry(volume: Volume) -> dict:
-    return {"size": list(volume.shape), "spacing": [float(s) for s in volume.spacing],
-            "origin": [float(o) for o in volume.origin], "direction": np.asarray(volume.direction).ravel().tolist()}
-
-
 def target_labels(job: CropJob) -> tuple[dict[str, int], dict[int, int]]:
     """The target's ``labels`` (name -> value, background 0) and the map target value -> source value."""
     source = job.source.labels
@@ -82,26 +77,16 @@ def target_labels(job: CropJob) -> tuple[dict[str, int], dict[int, int]]:
     return labels, {i + 1: source[organ] for i, organ in enumerate(job.organs)}
 
 
-def _read_channels(case: RawCase) -> list[Volume]:
-    volumes = [read_volume(case.images[0], min_size=MIN_VOXELS)]
-    for path in case.images[1:]:
-        volume = read_volume(path, check_finite=False)
-        if not volume.same_geometry(volumes[0], atol=1e-3):
-            raise InputError(f"{path}: channel does not share the grid of {case.images[0]} (size, spacing, origin, direction)")
-        volumes.append(volume)
-    return volumes
-
-
 def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels) -> dict:
     """Crop (or keep whole) one case with its channels, write its files into the partial dataset, and return its
     manifest entry (also written, last, as the case's completion mark)."""
-    channels = _read_channels(case)
+    channels = read_channels(case.images, min_size=MIN_VOXELS)
     ct = channels[0]
     features = case_features(models, ct)
     predicted = features.crop_box if features.crop_box is not None else np.array([[0, 0, 0], list(ct.shape)])
     box = predicted
     entry: dict = {"case": case.case_id, "split": split, "source_images": [str(p) for p in case.images],
-                   "source": _geometry(ct), "predicted_box_voxels": predicted.tolist()}
+                   "source": geometry(ct), "predicted_box_voxels": predicted.tolist()}
     label = None
     if case.label is not None:
         label = read_label(case.label, ct, case.images[0])

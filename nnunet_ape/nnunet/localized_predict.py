@@ -33,7 +33,7 @@ from nnunet_ape.atomic import atomic_path
 from nnunet_ape.case_features import FeatureModels, case_features, load_feature_models
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop_box, slices, union_box
 from nnunet_ape.errors import InputError
-from nnunet_ape.io import IMAGE_SUFFIXES, Volume, output_name, read_volume, write_volume
+from nnunet_ape.io import IMAGE_SUFFIXES, Volume, geometry, output_name, read_channels, write_volume
 from nnunet_ape.nnunet.region_prediction import RegionPrediction, grow_faces, predict_region, touched_faces
 from nnunet_ape.nnunet.trained_model import TrainedModel
 
@@ -142,8 +142,7 @@ class LocalizedPredictor:
         dtype = np.uint8 if labels.max(initial=0) < 256 else np.uint16
         entries = [entries[order.index(i)] for i in range(len(order))]  # back in the order the models were given
         report = {"models": entries, "merge_rule": MERGE_RULE if len(self.models) > 1 else "one model",
-                  "image": {"size": list(ct.shape), "spacing": list(ct.spacing), "origin": list(ct.origin),
-                            "direction": np.asarray(ct.direction).ravel().tolist()},
+                  "image": geometry(ct),
                   "labels": self.output_labels, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
         return CaseResult(ct.with_array(labels.astype(dtype)), report, probabilities)
 
@@ -210,17 +209,6 @@ def source_channel_files(image: Path, n: int) -> list[Path]:
     return files
 
 
-def read_channels(files: list[Path]) -> list[Volume]:
-    """Read a case's channel files; InputError when they do not share one grid."""
-    volumes = [read_volume(files[0], min_size=MIN_VOXELS)]
-    for path in files[1:]:
-        volume = read_volume(path, check_finite=False)
-        if not volume.same_geometry(volumes[0], atol=1e-3):
-            raise InputError(f"{path}: channel does not share the grid of {files[0]} (size, spacing, origin, direction)")
-        volumes.append(volume)
-    return volumes
-
-
 def write_case(result: CaseResult, output: Path, case: str, ending: str, inputs: list[Path]) -> None:
     """Write ``CASE<ending>`` (label map), ``CASE.npz`` (probabilities, when present) and ``CASE_boxes.json`` last,
     each atomically; the JSON marks the case done."""
@@ -261,7 +249,7 @@ def predict_files(predictor: LocalizedPredictor, images: list[Path], output: Pat
     for case, case_files in bar:
         bar.set_postfix_str(f"{case}: read")
         began = time.perf_counter()
-        channels = read_channels(case_files)
+        channels = read_channels(case_files, min_size=MIN_VOXELS)
         result = predictor.predict_case(channels, stage=lambda s, c=case: bar.set_postfix_str(f"{c}: {s}"))
         result.report["seconds"]["case"] = round(time.perf_counter() - began, 3)  # read + localize + predict + paste
         bar.set_postfix_str(f"{case}: write")
