@@ -145,3 +145,27 @@ def test_bad_max_scan_fraction_is_refused_before_any_work(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--max-scan-fraction 1.5: must lie in [0, 1]" in result.stderr
     assert not run.exists()
+
+
+def test_training_threads_leave_cores_to_the_data_workers(monkeypatch):
+    from nnunet_ape.pretrain import loop
+
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert loop.training_threads(workers=2) == 6
+    assert loop.training_threads(workers=2, processes_per_machine=2) == 2  # torchrun: 2 processes share 8 cores
+    assert loop.training_threads(workers=16) == 1
+
+
+def test_run_trains_with_its_threads_and_gives_the_caller_its_own_back(tmp_path, monkeypatch, capsys):
+    from nnunet_ape.pretrain import loop
+
+    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)
+    session_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's own setting, unlike the run's
+    cfg = PretrainConfig(iterations=3, model="tiny", device="cpu", workers=1, checkpoint_every=10,
+                         batch=BatchConfig(variant="naive", pairs=2, voxels=256, patch_volume=20_000))
+    pretrain_ape(real_patients()[:1], tmp_path / "run", cfg)
+    assert "4 torch thread(s) + 1 data worker(s)" in capsys.readouterr().out  # 5 cores, 1 worker
+    after = torch.get_num_threads()
+    torch.set_num_threads(session_threads)
+    assert after == 1

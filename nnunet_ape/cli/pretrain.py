@@ -24,6 +24,8 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--workers", type=int, default=4, help="background data-loading processes per GPU/process")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the training process (default: the "
+                   "cores this process may use, less --workers, at least 1; 0: torch's own choice, one per core)")
     p.add_argument("--checkpoint-every", type=int, default=1000, help="iterations between checkpoints (a killed run loses at most this many)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--seed", type=int, default=0, help="random seed of the views, augmentations and initial weights")
@@ -33,7 +35,7 @@ def _add_loop_args(p: argparse.ArgumentParser, lr: float) -> None:
 def _loop_kwargs(args) -> dict:
     return dict(
         iterations=args.iterations, lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, device=args.device, amp=not args.no_amp, workers=args.workers,
+        grad_clip=args.grad_clip, device=args.device, amp=not args.no_amp, workers=args.workers, threads=args.threads,
         checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes, seed=args.seed,
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ class LoopConfig:
     device: str = "auto"
     amp: bool = True
     workers: int = 4
+    threads: int | None = None  # torch threads of the training process: None = cores left after the workers; 0 = torch's own
     checkpoint_every: int = 1000
     max_minutes: float | None = None
     seed: int = 0
@@ -85,6 +87,22 @@ def autocast(device: torch.device, enabled: bool):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a SLURM or taskset allocation, not the machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def training_threads(workers: int, processes_per_machine: int = 1) -> int:
+    """Torch intra-op threads for a training process: the cores left after its ``workers`` data-loading processes
+    (one thread each, as torch's DataLoader sets them), shared among ``processes_per_machine`` training processes;
+    at least 1. Torch's own default, one thread per core, oversubscribes the cores as soon as the workers are busy,
+    and its OpenMP threads then wait on each other for whole scheduler slices."""
+    return max(1, available_cores() // max(processes_per_machine, 1) - workers)
 
 
 def _checkpoint_state(task: Task, model, optimizer, scaler, iteration: int, cfg: LoopConfig) -> dict:
@@ -145,9 +163,11 @@ def run_training(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig,
         raise InputError(f"--lr-schedule {cfg.lr_schedule}: unknown; choose one of {', '.join(LR_SCHEDULES)}")
     out_dir = Path(out_dir)
     runtime = distributed.setup(cfg.device)
+    threads = torch.get_num_threads()
     try:
         return _train(task, images, out_dir, cfg, resume, runtime)
     finally:
+        torch.set_num_threads(threads)  # a caller (the demo, a test session) goes on with its own setting
         distributed.teardown(runtime)
 
 
@@ -159,6 +179,8 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
     if not runtime.is_main:
         cached = prepare_cache(images, out_dir / "cache")  # all entries exist now: only reads metadata
     device = runtime.device
+    if cfg.threads != 0:
+        torch.set_num_threads(cfg.threads or training_threads(cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     torch.manual_seed(cfg.seed + runtime.rank)
     state = load_checkpoint(out_dir / LAST, task.format) if resume else None
     # a resumed run keeps the architecture it was started with
@@ -192,7 +214,8 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
     if runtime.is_main:
         print(
             f"{task.name} pretraining: {len(cached)} CTs, model {task.model_config(unwrap(model))} ({count_parameters(model):,} "
-            f"parameters), device {device}, {runtime.world_size} process(es), iterations {start}->{cfg.iterations}"
+            f"parameters), device {device}, {runtime.world_size} process(es), {torch.get_num_threads()} torch thread(s) + "
+            f"{cfg.workers} data worker(s), iterations {start}->{cfg.iterations}"
         )
     progress = tqdm(total=cfg.iterations, initial=start, desc=f"pretrain {task.name.lower()}", disable=not runtime.is_main, dynamic_ncols=True)
     began = time.monotonic()
