@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,25 @@ def _planes(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]
     coronal = np.swapaxes(array[:, y, :], 0, 1)[::-1]
     sagittal = np.swapaxes(array[x, :, :], 0, 1)[::-1]
     return [axial, coronal, sagittal]
+
+
+# patient directions at the (top, bottom, left, right) edges of each plane as _planes displays it (canonical LPS:
+# x grows to the patient's left, y to posterior, z to superior; radiological convention: patient's right on the left)
+EDGE_LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+
+RGB_KEY = ("colour = the map's 3 channels as red, green, blue, each stretched between its 1st and 99th percentile in "
+           "this image; the channels are learned coordinates (not L/R, A/P, S/I one to one): smooth gradients across "
+           "the body mean the map encodes position")
+
+
+def orientation_letters(ax, plane: str) -> None:
+    """Write the patient direction at the middle of each edge of ``ax`` showing ``plane`` (axial/coronal/sagittal)."""
+    top, bottom, left, right = EDGE_LETTERS[plane]
+    style = dict(transform=ax.transAxes, color="yellow", fontsize=11, fontweight="bold", ha="center", va="center")
+    ax.text(0.5, 0.96, top, **style)
+    ax.text(0.5, 0.04, bottom, **style)
+    ax.text(0.03, 0.5, left, **style)
+    ax.text(0.97, 0.5, right, **style)
 
 
 def _aspects(spacing: tuple[float, float, float]) -> list[float]:
@@ -49,7 +69,8 @@ def embedding_overlay_png(
     ct: Volume, embedding: Volume, path: str | os.PathLike, title: str = "", window: tuple[float, float] = (-1000, 1000)
 ) -> Path:
     """PNG: top row the CT, bottom row the APE channels as RGB over it, in axial, coronal, sagittal planes
-    through the image centre. ``embedding`` must be on the CT's grid (array ``(X, Y, Z, 3)``)."""
+    through the image centre, with patient directions on every edge and a key to the colours under the panels;
+    ``title`` (e.g. the file name) heads it. ``embedding`` must be on the CT's grid (array ``(X, Y, Z, 3)``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,17 +87,52 @@ def embedding_overlay_png(
         axes[0, col].imshow(g, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         axes[1, col].imshow(g, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         axes[1, col].imshow(c, alpha=0.55, aspect=aspect, interpolation="nearest")
-        axes[0, col].set_title(names[col])
+        axes[0, col].set_title(f"{names[col]} (CT)")
+        axes[1, col].set_title(f"{names[col]} (APE map over the CT)")
         for row in range(2):
+            orientation_letters(axes[row, col], names[col])
             axes[row, col].axis("off")
-    fig.suptitle(title or "APE map: channels 1-3 as red, green, blue")
-    fig.tight_layout()
+    fig.suptitle(title or "APE map")
+    fig.text(0.5, 0.01, textwrap.fill(RGB_KEY, 150), ha="center", va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, path)
 
 
+def slice_through_boxes(boxes: list[np.ndarray], axis: int, size: int) -> int:
+    """Index along ``axis`` that the most of ``boxes`` (``(2, 3)`` inclusive voxel boxes) reach; ties go to the one
+    nearest the centre of their union; the image centre when there are no boxes."""
+    if not boxes:
+        return size // 2
+    index = np.arange(size)
+    covered = sum(((index >= b[0, axis] - 0.5) & (index <= b[1, axis] + 0.5)).astype(int) for b in boxes)
+    lo, hi = min(b[0, axis] for b in boxes), max(b[1, axis] for b in boxes)
+    centre = np.clip((lo + hi) / 2, 0, size - 1)
+    best = np.flatnonzero(covered == covered.max())
+    return int(best[np.argmin(np.abs(best - centre))])
+
+
+# a scan whose z extent is under this fraction of its width is "short": its coronal and sagittal panels get
+# the full figure width (rows) instead of a third of it, so they are not thin strips
+SHORT_SCAN = 0.35
+
+
+def _box_panels(fig, extent_mm: np.ndarray, short: bool):
+    """Axes for the axial, coronal and sagittal panel: side by side, or for a short scan axial on top and the
+    two others below it at the full figure width."""
+    if not short:
+        return list(fig.subplots(1, 3))
+    x_mm, y_mm, z_mm = extent_mm
+    width = max(x_mm, y_mm)
+    heights = [y_mm / x_mm * 0.45 * 12, z_mm / width * 12, z_mm / width * 12]
+    grid = fig.add_gridspec(3, 1, height_ratios=heights)
+    return [fig.add_subplot(grid[i]) for i in range(3)]
+
+
 def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title: str = "", window=(-200, 300)) -> Path:
-    """PNG: CT in axial, coronal, sagittal planes through the image centre with every organ's predicted box
-    (dashed, APE only) and crop box (solid), one colour per organ. ``boxes`` as from ``predict_organ_boxes``."""
+    """PNG: CT in axial, coronal, sagittal planes through the boxes (each plane at the slice most crop boxes reach,
+    named in its title) with every organ's predicted box (dashed, APE only) and crop box (solid), one colour per
+    organ (faint where the slice does not reach the box), at physical aspect; a short scan gets its coronal and sagittal panels at full width. ``boxes`` as from
+    ``predict_organ_boxes`` (voxel boxes in the CT's own index order)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,13 +141,26 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
 
     canon, orientation = to_canonical(ct)
     shape = canon.shape
-    centre = tuple(s // 2 for s in shape)
+
+    def canonical(box) -> np.ndarray:
+        return box_to_canonical(np.asarray(box), orientation.perm, orientation.flip, ct.shape)
+
+    drawn = [canonical(e.get("crop_box_voxels", e.get("box_voxels"))) for e in boxes.values()
+             if "crop_box_voxels" in e or "box_voxels" in e]
+    centre = tuple(slice_through_boxes(drawn, axis, shape[axis]) for axis in range(3))
     gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+    extent_mm = np.asarray(shape) * np.asarray(canon.spacing)
+    short = extent_mm[2] < SHORT_SCAN * max(extent_mm[0], extent_mm[1])
+    if short:
+        heights = extent_mm[1] / extent_mm[0] * 0.45 * 12 + 2 * extent_mm[2] / max(extent_mm[:2]) * 12
+        fig = plt.figure(figsize=(12, heights + 2.2))
+    else:
+        fig = plt.figure(figsize=(15, 5.5))
+    axes = _box_panels(fig, extent_mm, short)
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(boxes), 1)))
-    # (column axis, row axis, rows reversed?) of each displayed plane, as in _planes
-    layout = [(0, 1, False), (0, 2, True), (1, 2, True)]
-    for ax, plane, aspect, (col, row, flip_rows), name in zip(
+    # (column axis, row axis, rows reversed?, axis the plane cuts) of each displayed plane, as in _planes
+    layout = [(0, 1, False, 2), (0, 2, True, 1), (1, 2, True, 0)]
+    for ax, plane, aspect, (col, row, flip_rows, cut), name in zip(
         axes, _planes(gray, centre), _aspects(canon.spacing), layout, ["axial", "coronal", "sagittal"]
     ):
         ax.imshow(plane, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
@@ -99,18 +168,23 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
             for key, style in (("box_voxels", "--"), ("crop_box_voxels", "-")):
                 if key not in entry:
                     continue
-                b = box_to_canonical(np.asarray(entry[key]), orientation.perm, orientation.flip, ct.shape)
+                b = canonical(entry[key])
+                cuts = b[0, cut] - 0.5 <= centre[cut] <= b[1, cut] + 0.5  # faint: a box this slice does not reach
                 r0, r1 = b[0, row], b[1, row]
                 if flip_rows:
                     r0, r1 = shape[row] - 1 - r1, shape[row] - 1 - r0
                 ax.add_patch(Rectangle((b[0, col] - 0.5, r0 - 0.5), b[1, col] - b[0, col] + 1, r1 - r0 + 1,
-                                       fill=False, ec=colour, ls=style, lw=1.2, label=organ if style == "-" else None))
-        ax.set_title(name)
+                                       fill=False, ec=colour, ls=style, lw=1.2, alpha=1.0 if cuts else 0.35,
+                                       label=organ if style == "-" and name == "axial" else None))
+        where = canon.index_to_physical(np.asarray(centre, dtype=np.float64))[cut]
+        ax.set_title(f"{name} at {'xyz'[cut]} = {where:.1f} mm (LPS; slice {centre[cut] + 1} of {shape[cut]} from "
+                     f"{('right', 'anterior', 'inferior')[cut]})", fontsize=10)
+        orientation_letters(ax, name)
         ax.axis("off")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
     fig.suptitle((title + ": " if title else "") + "dashed = retrieved (APE), solid = crop box")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if not short else 0.8 / fig.get_figheight(), 1, 1))
     return save_figure(fig, path)
 
 

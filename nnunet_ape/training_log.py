@@ -50,8 +50,31 @@ class CsvLog:
             return list(csv.DictReader(f))
 
 
+# what each logged column is, for the plot's legend
+LOSS_NAMES = {
+    "loss": "total loss", "dist": "distance loss (APE positions)", "equiv": "equivariance loss",
+    "order": "order loss (BPR)", "distance": "distance loss (BPR)", "heuristic": "heuristic loss (BPR)",
+}
+
+
+def loss_curves(rows: list[dict], columns: list[str]) -> list[tuple[str, np.ndarray]]:
+    """(legend label, values per row) of each loss column of a log's ``rows``; a column equal to one before it (the
+    total of a loss with one term) joins that curve's label (``total loss = distance loss``) instead of its own."""
+    curves: list[tuple[list[str], np.ndarray]] = []
+    for column in [c for c in columns if c not in ("iteration", "lr", "seconds")]:
+        values = np.array([float(r[column]) if r.get(column) else np.nan for r in rows])
+        if np.all(np.isnan(values)):
+            continue
+        same = next((names for names, drawn in curves if np.allclose(drawn, values, rtol=1e-5, equal_nan=True)), None)
+        if same is not None:
+            same.append(column)
+        else:
+            curves.append(([column], values))
+    return [(" = ".join(LOSS_NAMES.get(n, n) for n in names), values) for names, values in curves]
+
+
 def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> Path | None:
-    """Plot every numeric loss column (raw and a moving average) against iteration; None if the log is empty."""
+    """Plot the log's :func:`loss_curves` (raw and a moving average) against iteration; None if the log is empty."""
     rows = log.read()
     if not rows:
         return None
@@ -62,14 +85,11 @@ def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> P
 
     iterations = np.array([int(r["iteration"]) for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
-    for column in [c for c in log.columns if c not in ("iteration", "lr", "seconds")]:
-        values = np.array([float(r[column]) if r.get(column) else np.nan for r in rows])
-        if np.all(np.isnan(values)):
-            continue
+    for label, values in loss_curves(rows, log.columns):
         (line,) = ax.plot(iterations, values, alpha=0.25, lw=0.8)
         window = max(1, len(values) // 50)
         smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
-        ax.plot(iterations[window - 1 :], smooth, color=line.get_color(), label=f"{column} (moving avg {window})")
+        ax.plot(iterations[window - 1 :], smooth, color=line.get_color(), label=f"{label} (moving average of {window})")
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")

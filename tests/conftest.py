@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,34 @@ PATIENTS = {
     "D": "radiomics_lung1_ct.nrrd",
     "E": "radiomics_lung2_ct.nrrd",
 }
+
+
+_TERMINAL: list = []  # pytest's terminal reporter, once pytest has configured itself
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        _TERMINAL.append(reporter)
+
+
+def say(line: str) -> None:
+    """Write ``line`` on the terminal past pytest's output capture (plain print outside pytest)."""
+    if not _TERMINAL:
+        print(line, flush=True)
+        return
+    _TERMINAL[0].ensure_newline()
+    _TERMINAL[0].write_line(line)
+    _TERMINAL[0].flush()
+
+
+@contextlib.contextmanager
+def announced(text: str):
+    """Say what a slow fixture is doing, and when it is done: a user must not take minutes of silence for a hang."""
+    began = time.monotonic()
+    say(f"[fixture] {text} ...")
+    yield
+    say(f"[fixture] {text}: done in {time.monotonic() - began:.0f} s")
 
 
 def patient(key: str) -> Path:
@@ -55,7 +85,8 @@ def pretrained_run(tmp_path_factory) -> Path:
         workers=2,
         checkpoint_every=250,
     )
-    pretrain_ape(real_patients(), run, cfg)
+    with announced("pretraining the tiny APE on patients A-E for 1000 iterations (shared by the APE tests)"):
+        pretrain_ape(real_patients(), run, cfg)
     return run
 
 
@@ -76,5 +107,6 @@ def bpr_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bpr") / "run"
     # augmentations off: they slow down the first few hundred iterations (tests/test_bpr_augment.py covers them)
     cfg = BPRConfig(iterations=300, lr=1e-3, trunk="tiny", device="cpu", workers=2, checkpoint_every=100, augment="none")
-    pretrain_bpr(real_patients(), run, cfg)
+    with announced("pretraining the tiny BPR trunk on patients A-E for 300 iterations (shared by the BPR tests)"):
+        pretrain_bpr(real_patients(), run, cfg)
     return run

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import DATA, patient
+from conftest import DATA, patient, say
 
 ORGANS = ["liver", "spleen"]  # labeled in A, B and the phantoms
 
@@ -66,7 +66,12 @@ def run_tool(env: dict, tag: str, *args: str, expect_ok: bool = True, timeout: i
     ``tag``; unless ``expect_ok`` is False, fail the test with its output tail when it fails."""
     began = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout)
-    print(f"[{tag}] {' '.join(args[:4])}: {time.perf_counter() - began:.0f} s", flush=True)
+    seconds = time.perf_counter() - began
+    line = f"[{tag}] {' '.join(args[:4])}: {seconds:.0f} s"
+    if seconds > 10:  # the long steps of a minutes-long test show on the terminal, not only in its captured output
+        say(line)
+    else:
+        print(line, flush=True)
     if expect_ok:
         assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import announced
 from nnunet_datasets import ORGANS, write_raw_dataset
 from nnunet_ape.cli import main
 from nnunet_ape.io import read_volume
@@ -57,7 +58,7 @@ def _datasets(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def liver_crops(roots, tight_localizer, pretrained_run) -> tuple[Path, int]:
     """Dataset601: liver crops of Dataset501 with APE channels (written once for the tests of this module)."""
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, announced("crop-dataset: liver crops with APE channels of 4 cases"):
         for key, path in roots.items():
             mp.setenv(key, str(path))
         code = _run("crop-dataset", "-d", "501", "-l", tight_localizer, "--organs", "liver", "-o", "601", "--channels", "ape",

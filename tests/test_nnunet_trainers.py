@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import announced
 from nnunet_datasets import ORGANS, run_tool, tiny_plans, write_raw_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +29,11 @@ def _run(env: dict, *args: str, expect_ok: bool = True) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def planned(pretrained_run, tmp_path_factory):
     """A raw dataset planned by nnU-Net, with APE configurations added and preprocessed; returns (env, root)."""
+    with announced("nnU-Net fingerprint and plans, nnunet-ape plan and preprocess of patients A, B and 3 phantoms"):
+        return _planned(pretrained_run, tmp_path_factory)
+
+
+def _planned(pretrained_run, tmp_path_factory):
     from nnunet_ape.localize.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
@@ -86,7 +92,8 @@ def _check_full_geometry_validation(root: Path, run: Path, case: str = "B") -> n
 def crop_run(planned):
     """nnUNetTrainerAPECrop_smoke trained on 3d_fullres_ape_liver (fold 0); returns (training output, results folder)."""
     env, root = planned
-    out = _run(env, "nnUNetv2_train", "501", "3d_fullres_ape_liver", "0", "-tr", "nnUNetTrainerAPECrop_smoke", "-device", "cpu").stdout
+    with announced("nnUNetv2_train with nnUNetTrainerAPECrop_smoke on the liver crops"):
+        out = _run(env, "nnUNetv2_train", "501", "3d_fullres_ape_liver", "0", "-tr", "nnUNetTrainerAPECrop_smoke", "-device", "cpu").stdout
     return out, _results(root, "nnUNetTrainerAPECrop_smoke", "3d_fullres_ape_liver")
 
 

@@ -20,6 +20,7 @@ from nnunet_ape.checkpoint import load_checkpoint
 from nnunet_ape.errors import InputError
 from nnunet_ape.pretrain.batches import BatchConfig
 from nnunet_ape.pretrain.train_ape import PretrainConfig, pretrain_ape
+from nnunet_ape.training_log import CsvLog, loss_curves
 
 SMALL_RUN = ["--model", "tiny", "--pairs", "2", "--voxels", "256", "--patch-volume", "20000", "--device", "cpu"]
 
@@ -39,6 +40,9 @@ def test_loss_falls_on_real_patients(pretrained_run):
     assert (pretrained_run / "loss.png").stat().st_size > 10_000
     state = load_checkpoint(pretrained_run / "checkpoint_final.pt")
     assert state["iteration"] == 1000 and "optimizer" not in state
+    # the naive variant's total is its distance loss: one curve that says so, not two identical ones
+    log = CsvLog(pretrained_run / "log.csv", ["iteration", "loss", "dist", "equiv", "lr", "seconds"])
+    assert [label for label, _ in loss_curves(log.read(), log.columns)] == ["total loss = distance loss (APE positions)"]
 
 
 def test_equiv_variant_loss_falls_on_real_patients(tmp_path):
@@ -51,6 +55,9 @@ def test_equiv_variant_loss_falls_on_real_patients(tmp_path):
     first, last = np.mean(losses[:50]), np.mean(losses[-50:])
     print(f"equiv variant, patients A-E: loss {first:.3f} (first 50) -> {last:.3f} (last 50)")
     assert last < 0.85 * first
+    log = CsvLog(tmp_path / "run" / "log.csv", ["iteration", "loss", "dist", "equiv", "lr", "seconds"])
+    labels = [label for label, _ in loss_curves(log.read(), log.columns)]
+    assert labels == ["total loss", "distance loss (APE positions)", "equivariance loss"]
 
 
 def _cli(*args: str) -> list[str]:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,11 @@ def autocast(device: torch.device, enabled: bool):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def _minutes_left(budget_minutes: float, elapsed_seconds: float) -> str:
+    left = max(0.0, 60 * budget_minutes - elapsed_seconds)
+    return f"{int(left // 60)}:{int(left % 60):02d}"
 
 
 def available_cores() -> int:
@@ -244,18 +250,24 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
         if runtime.is_main:
             log.append({"iteration": iteration, **parts, "lr": lr, "seconds": round(time.monotonic() - began, 3)})
             progress.update(1)
-            progress.set_postfix(loss=f"{parts['loss']:.4f}")
+            postfix = {"loss": f"{parts['loss']:.4f}"}
+            if cfg.max_minutes is not None:  # the run may end by the clock before the bar is full
+                postfix["time left"] = _minutes_left(cfg.max_minutes, time.monotonic() - began)
+            progress.set_postfix(postfix)
             if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations or out_of_time:
                 save_atomic(_checkpoint_state(task, model, optimizer, scaler, iteration, cfg), out_dir / LAST)
-                plot_loss_curve(log, out_dir / "loss.png")
+                plot_loss_curve(log, out_dir / "loss.png", title=f"{task.name} pretraining")
         if out_of_time:
             break
     progress.close()
+    if runtime.is_main and iteration < cfg.iterations:
+        print(f"{task.name} pretraining: --max-minutes {cfg.max_minutes:g} ended the run after {iteration} of "
+              f"{cfg.iterations} iterations; --resume continues it", file=sys.stderr)
     final = out_dir / FINAL
     if runtime.is_main:
         state = _checkpoint_state(task, model, optimizer, scaler, iteration, cfg)
         del state["optimizer"], state["scaler"]
         save_atomic(state, final)
-        plot_loss_curve(log, out_dir / "loss.png")
+        plot_loss_curve(log, out_dir / "loss.png", title=f"{task.name} pretraining")
     distributed.barrier(runtime)
     return final
