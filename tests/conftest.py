@@ -22,23 +22,25 @@ PATIENTS = {
 }
 
 
-_TERMINAL: list = []  # pytest's terminal reporter, once pytest has configured itself
+_PYTEST: list = []  # pytest's config, once pytest has configured itself
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        _TERMINAL.append(reporter)
+    _PYTEST.append(config)
 
 
 def say(line: str) -> None:
     """Write ``line`` on the terminal past pytest's output capture (plain print outside pytest)."""
-    if not _TERMINAL:
+    config = _PYTEST[0] if _PYTEST else None
+    reporter = config.pluginmanager.get_plugin("terminalreporter") if config else None
+    capture = config.pluginmanager.get_plugin("capturemanager") if config else None
+    if reporter is None or capture is None:
         print(line, flush=True)
         return
-    _TERMINAL[0].ensure_newline()
-    _TERMINAL[0].write_line(line)
-    _TERMINAL[0].flush()
+    with capture.global_and_fixture_disabled():
+        reporter.ensure_newline()
+        reporter.write_line(line)
+        reporter.flush()
 
 
 @contextlib.contextmanager
