@@ -69,7 +69,8 @@ def embedding_overlay_png(
     ct: Volume, embedding: Volume, path: str | os.PathLike, title: str = "", window: tuple[float, float] = (-1000, 1000)
 ) -> Path:
     """PNG: top row the CT, bottom row the APE channels as RGB over it, in axial, coronal, sagittal planes
-    through the image centre, with patient directions on every edge and a key to the colours under the panels;
+    through the image centre, with patient directions on every edge and a key to the colours under the panels (a
+    short scan gets its coronal and sagittal panels as full-width rows);
     ``title`` (e.g. the file name) heads it. ``embedding`` must be on the CT's grid (array ``(X, Y, Z, 3)``)."""
     import matplotlib
 
@@ -81,20 +82,29 @@ def embedding_overlay_png(
     centre = tuple(s // 2 for s in canon_ct.shape)
     gray = np.clip((canon_ct.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
     rgb = rgb_from_embedding(canon_emb.array)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    extent_mm = np.asarray(canon_ct.shape) * np.asarray(canon_ct.spacing)
+    if is_short_scan(extent_mm):  # axial CT and map side by side on top, the other planes as full-width rows
+        x_mm, y_mm, z_mm = extent_mm
+        strip = z_mm / max(x_mm, y_mm) * 12
+        fig = plt.figure(figsize=(12, 6 * y_mm / x_mm + 4 * strip + 2.5))
+        grid = fig.add_gridspec(5, 2, height_ratios=[6 * y_mm / x_mm] + [strip] * 4)
+        axes = np.array([[fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, :]), fig.add_subplot(grid[3, :])],
+                         [fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[2, :]), fig.add_subplot(grid[4, :])]])
+    else:
+        fig, axes = plt.subplots(2, 3, figsize=(12, 8))
     names = ["axial", "coronal", "sagittal"]
     for col, (g, c, aspect) in enumerate(zip(_planes(gray, centre), _planes(rgb, centre), _aspects(canon_ct.spacing))):
         axes[0, col].imshow(g, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         axes[1, col].imshow(g, cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
         axes[1, col].imshow(c, alpha=0.55, aspect=aspect, interpolation="nearest")
-        axes[0, col].set_title(f"{names[col]} (CT)")
-        axes[1, col].set_title(f"{names[col]} (APE map over the CT)")
+        axes[0, col].set_title(f"{names[col]} (CT)", fontsize=10)
+        axes[1, col].set_title(f"{names[col]} (APE map over the CT)", fontsize=10)
         for row in range(2):
             orientation_letters(axes[row, col], names[col])
             axes[row, col].axis("off")
     fig.suptitle(title or "APE map")
     fig.text(0.5, 0.01, textwrap.fill(RGB_KEY, 150), ha="center", va="bottom", fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     return save_figure(fig, path)
 
 
@@ -114,6 +124,11 @@ def slice_through_boxes(boxes: list[np.ndarray], axis: int, size: int) -> int:
 # a scan whose z extent is under this fraction of its width is "short": its coronal and sagittal panels get
 # the full figure width (rows) instead of a third of it, so they are not thin strips
 SHORT_SCAN = 0.35
+
+
+def is_short_scan(extent_mm: np.ndarray) -> bool:
+    """Whether a canonical image of physical size ``extent_mm`` (x, y, z) is too short in z for side-by-side panels."""
+    return bool(extent_mm[2] < SHORT_SCAN * max(extent_mm[0], extent_mm[1]))
 
 
 def _box_panels(fig, extent_mm: np.ndarray, short: bool):
@@ -150,7 +165,7 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
     centre = tuple(slice_through_boxes(drawn, axis, shape[axis]) for axis in range(3))
     gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
     extent_mm = np.asarray(shape) * np.asarray(canon.spacing)
-    short = extent_mm[2] < SHORT_SCAN * max(extent_mm[0], extent_mm[1])
+    short = is_short_scan(extent_mm)
     if short:
         heights = extent_mm[1] / extent_mm[0] * 0.45 * 12 + 2 * extent_mm[2] / max(extent_mm[:2]) * 12
         fig = plt.figure(figsize=(12, heights + 2.2))

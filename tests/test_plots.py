@@ -7,7 +7,7 @@ import numpy as np
 
 from conftest import patient
 from nnunet_ape.io import read_volume, to_canonical
-from nnunet_ape.plots import EDGE_LETTERS, _planes, boxes_png, slice_through_boxes
+from nnunet_ape.plots import EDGE_LETTERS, _planes, boxes_png, embedding_overlay_png, slice_through_boxes
 
 
 def test_the_slice_reaches_the_most_boxes():
@@ -33,8 +33,11 @@ def test_edge_letters_name_the_patient_directions_of_real_ct():
             assert {top, bottom} in ({"A", "P"}, {"S", "I"}) and {left, right} in ({"R", "L"}, {"A", "P"})
 
 
-def test_a_short_scan_gets_full_width_coronal_and_sagittal_panels(tmp_path):
+def test_a_short_scan_gets_full_width_coronal_and_sagittal_panels_in_both_figures(tmp_path):
     ct = read_volume(patient("B"))  # 20 slices of 2 mm beside 500 mm
     boxes = {"liver": {"crop_box_voxels": [[100, 120, 5], [200, 220, 15]]}}
     height, width = matplotlib.image.imread(boxes_png(ct, boxes, tmp_path / "b.png")).shape[:2]
     assert height > 0.6 * width  # stacked; side by side a 3-panel row is 5.5 x 15 inches
+    embedding = ct.with_array(np.stack([ct.array] * 3, axis=-1).astype(np.float32))
+    height, width = matplotlib.image.imread(embedding_overlay_png(ct, embedding, tmp_path / "e.png")).shape[:2]
+    assert height > 0.8 * width  # 5 rows; side by side the 2 x 3 panels are 8 x 12 inches
