@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
 
-from nnunet_ape.pretrain.loop import training_threads  # noqa: E402
+from nnunet_ape.threads import threads_per_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NNUNET_APE_TEST_DATA", REPO.parent / "shared" / "data" / "ct"))
@@ -102,7 +102,7 @@ def main() -> None:
         alone = _measure(args, threads, 1, "alone")[0]
         pair = float(np.mean(_measure(args, threads, 2, "pair")))
         busy = _measure(args, threads, 1, "busy", busy=2)[0]
-        value = {"torch": torch_threads(), "auto": training_threads(args.workers)}.get(threads, threads)
+        value = {"torch": torch_threads(), "auto": threads_per_process(workers=args.workers)}.get(threads, threads)
         print(f"{threads:>8} {value:>6} {alone:>11.3f} {pair:>12.3f} {pair / alone:>8.1f}x {busy:>10.3f} {busy / alone:>8.1f}x"
               f"   ({time.monotonic() - began:.0f} s)", flush=True)
 

@@ -16,6 +16,7 @@ class Runtime:
     rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # processes of this run on this machine
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +47,7 @@ def setup(device_name: str) -> Runtime:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world_size, device)
+    return Runtime(rank, world_size, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def mean_across_ranks(values: dict[str, float], runtime: Runtime) -> dict[str, float]:

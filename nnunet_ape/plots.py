@@ -85,9 +85,9 @@ def embedding_overlay_png(
     extent_mm = np.asarray(canon_ct.shape) * np.asarray(canon_ct.spacing)
     if is_short_scan(extent_mm):  # axial CT and map side by side on top, the other planes as full-width rows
         x_mm, y_mm, z_mm = extent_mm
-        strip = z_mm / max(x_mm, y_mm) * 12
-        fig = plt.figure(figsize=(12, 6 * y_mm / x_mm + 4 * strip + 2.5))
-        grid = fig.add_gridspec(5, 2, height_ratios=[6 * y_mm / x_mm] + [strip] * 4)
+        heights = [6 * y_mm / x_mm] + [z_mm / max(x_mm, y_mm) * 12] * 4  # inches at 12 inches width
+        fig = plt.figure(figsize=(12, sum(heights) + 2.5))
+        grid = fig.add_gridspec(5, 2, height_ratios=heights)
         axes = np.array([[fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, :]), fig.add_subplot(grid[3, :])],
                          [fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[2, :]), fig.add_subplot(grid[4, :])]])
     else:
@@ -131,16 +131,20 @@ def is_short_scan(extent_mm: np.ndarray) -> bool:
     return bool(extent_mm[2] < SHORT_SCAN * max(extent_mm[0], extent_mm[1]))
 
 
-def _box_panels(fig, extent_mm: np.ndarray, short: bool):
-    """Axes for the axial, coronal and sagittal panel: side by side, or for a short scan axial on top and the
-    two others below it at the full figure width."""
-    if not short:
-        return list(fig.subplots(1, 3))
+def _box_figure(extent_mm: np.ndarray):
+    """Figure and axes for the axial, coronal and sagittal panel of a canonical image of physical size
+    ``extent_mm``: side by side, or for a short scan axial on top and the two others below it at the full figure
+    width; returns (figure, axes, short)."""
+    import matplotlib.pyplot as plt
+
+    if not is_short_scan(extent_mm):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+        return fig, list(axes), False
     x_mm, y_mm, z_mm = extent_mm
-    width = max(x_mm, y_mm)
-    heights = [y_mm / x_mm * 0.45 * 12, z_mm / width * 12, z_mm / width * 12]
+    heights = [y_mm / x_mm * 0.45 * 12] + [z_mm / max(x_mm, y_mm) * 12] * 2  # inches at 12 inches width
+    fig = plt.figure(figsize=(12, sum(heights) + 2.2))
     grid = fig.add_gridspec(3, 1, height_ratios=heights)
-    return [fig.add_subplot(grid[i]) for i in range(3)]
+    return fig, [fig.add_subplot(grid[i]) for i in range(3)], True
 
 
 def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title: str = "", window=(-200, 300)) -> Path:
@@ -164,14 +168,7 @@ def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title
              if "crop_box_voxels" in e or "box_voxels" in e]
     centre = tuple(slice_through_boxes(drawn, axis, shape[axis]) for axis in range(3))
     gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
-    extent_mm = np.asarray(shape) * np.asarray(canon.spacing)
-    short = is_short_scan(extent_mm)
-    if short:
-        heights = extent_mm[1] / extent_mm[0] * 0.45 * 12 + 2 * extent_mm[2] / max(extent_mm[:2]) * 12
-        fig = plt.figure(figsize=(12, heights + 2.2))
-    else:
-        fig = plt.figure(figsize=(15, 5.5))
-    axes = _box_panels(fig, extent_mm, short)
+    fig, axes, short = _box_figure(np.asarray(shape) * np.asarray(canon.spacing))
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(boxes), 1)))
     # (column axis, row axis, rows reversed?, axis the plane cuts) of each displayed plane, as in _planes
     layout = [(0, 1, False, 2), (0, 2, True, 1), (1, 2, True, 0)]

@@ -155,18 +155,18 @@ def test_bad_max_scan_fraction_is_refused_before_any_work(tmp_path):
 
 
 def test_training_threads_leave_cores_to_the_data_workers(monkeypatch):
-    from nnunet_ape.pretrain import loop
+    from nnunet_ape import threads
 
-    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    assert loop.training_threads(workers=2) == 6
-    assert loop.training_threads(workers=2, processes_per_machine=2) == 2  # torchrun: 2 processes share 8 cores
-    assert loop.training_threads(workers=16) == 1
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert threads.threads_per_process(workers=2) == 6
+    assert threads.threads_per_process(2, workers=2) == 2  # torchrun: 2 processes share 8 cores
+    assert threads.threads_per_process(workers=16) == 1
 
 
 def test_run_trains_with_its_threads_and_gives_the_caller_its_own_back(tmp_path, monkeypatch, capsys):
-    from nnunet_ape.pretrain import loop
+    from nnunet_ape import threads
 
-    monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(5)), raising=False)
     session_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the caller's own setting, unlike the run's
     cfg = PretrainConfig(iterations=3, model="tiny", device="cpu", workers=1, checkpoint_every=10,

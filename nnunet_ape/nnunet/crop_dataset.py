@@ -29,6 +29,7 @@ from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, geometry, read_channels, write_volume
 from nnunet_ape.localize.cases import read_label, remap_labels
 from nnunet_ape.nnunet.raw_dataset import RawCase, RawDataset, dataset_json_for
+from nnunet_ape.threads import threads_per_process
 
 MANIFEST = "crops.json"
 MANIFEST_FORMAT = "nnunet-ape/crops-v1"
@@ -165,7 +166,7 @@ def run_job(job: CropJob, models: FeatureModels | None = None) -> dict | None:
             done[case.case_id] = process_case(case, split, job, models)
             bar.update()
     else:
-        threads = max(1, (os.cpu_count() or 1) // job.num_processes)
+        threads = threads_per_process(job.num_processes)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(job.num_processes, mp_context=context, initializer=_init_worker, initargs=(job, threads)) as pool:
             futures = [pool.submit(_run_in_worker, case, split) for case, split in todo]

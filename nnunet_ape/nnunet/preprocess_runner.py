@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from nnunet_ape.errors import InputError
 from nnunet_ape.nnunet.ape_plans import SETTINGS_KEY, plan_for_crops, read_plans, resolved_configuration, settings_of
 from nnunet_ape.nnunet.crop_dataset import describe
 from nnunet_ape.nnunet.crop_dataset import summary as crop_summary
+from nnunet_ape.threads import threads_per_process
 
 STATE_FOLDER = "nnunet_ape"  # beside the data folders: nnU-Net infers the dataset class from the files inside them
 
@@ -148,7 +148,7 @@ def preprocess_configuration(job: PreprocessJob) -> dict:
     todo = [c for c in cases if c not in done]
     bar = tqdm(total=len(cases), initial=len(done), desc=f"preprocess {job.configuration}", unit="case")
     processes = max(1, min(job.num_processes, len(todo)))
-    threads = max(1, (os.cpu_count() or 1) // processes)
+    threads = threads_per_process(processes)
     if processes == 1:
         _init_worker(job, threads)
         for case in todo:

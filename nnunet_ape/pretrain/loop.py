@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from nnunet_ape.checkpoint import load_checkpoint, save_atomic, unwrap
 from nnunet_ape.errors import InputError
 from nnunet_ape.models.ape import count_parameters
 from nnunet_ape.pretrain.cache import CachedCT, prepare_cache
+from nnunet_ape.threads import threads_per_process
 from nnunet_ape.training_log import CsvLog, plot_loss_curve
 
 LAST = "checkpoint_last.pt"
@@ -93,22 +93,6 @@ def autocast(device: torch.device, enabled: bool):
 def _minutes_left(budget_minutes: float, elapsed_seconds: float) -> str:
     left = max(0.0, 60 * budget_minutes - elapsed_seconds)
     return f"{int(left // 60)}:{int(left % 60):02d}"
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a SLURM or taskset allocation, not the machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def training_threads(workers: int, processes_per_machine: int = 1) -> int:
-    """Torch intra-op threads for a training process: the cores left after its ``workers`` data-loading processes
-    (one thread each, as torch's DataLoader sets them), shared among ``processes_per_machine`` training processes;
-    at least 1. Torch's own default, one thread per core, oversubscribes the cores as soon as the workers are busy,
-    and its OpenMP threads then wait on each other for whole scheduler slices."""
-    return max(1, available_cores() // max(processes_per_machine, 1) - workers)
 
 
 def _checkpoint_state(task: Task, model, optimizer, scaler, iteration: int, cfg: LoopConfig) -> dict:
@@ -186,7 +170,7 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
         cached = prepare_cache(images, out_dir / "cache")  # all entries exist now: only reads metadata
     device = runtime.device
     if cfg.threads != 0:
-        torch.set_num_threads(cfg.threads or training_threads(cfg.workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        torch.set_num_threads(cfg.threads or threads_per_process(runtime.local_world_size, workers=cfg.workers))
     torch.manual_seed(cfg.seed + runtime.rank)
     state = load_checkpoint(out_dir / LAST, task.format) if resume else None
     # a resumed run keeps the architecture it was started with
