@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nnunet_ape.intensity import normalize_hu
 from nnunet_ape.io import Volume, from_canonical, to_canonical
 from nnunet_ape.resample import resample_grid, resample_spacing
 
@@ -108,7 +107,7 @@ def embed_volume(
     model = model.to(device).eval()
     canon, orientation = to_canonical(volume)
     # resampling runs where the network runs: on a GPU it would otherwise dominate the time
-    x = normalize_hu(canon.array)[None].to(device)
+    x = model.input_from_hu(canon.array)[None].to(device)  # each model normalizes HU its own way
     x, _ = resample_spacing(x, canon.spacing, settings.spacing)
     embedding = sliding_window(model, x, settings, device, progress)
     # back onto the input grid: canonical indices of input voxels 0, stride, 2*stride, ... along each axis

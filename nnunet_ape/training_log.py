@@ -98,3 +98,27 @@ def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> P
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+def plot_epoch_losses(curves: dict[str, list[float]], png: Path, title: str) -> Path | None:
+    """One line per named series of per-epoch values (``{"training loss": [...], ...}``, log scale); None while
+    there is no value yet. For trainers that log per epoch, as nnU-Net's do."""
+    curves = {name: np.asarray(values, dtype=float) for name, values in curves.items() if len(values)}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in curves.items():
+        ax.plot(np.arange(len(values)), values, marker="o" if len(values) < 30 else None, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, png)

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def _run_embed(args) -> None:
-    from nnunet_ape.checkpoint import load_checkpoint
+    from nnunet_ape.checkpoint import load_ape_settings
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.embed import stored_settings
     from nnunet_ape.embed_files import embed_files
@@ -42,7 +42,7 @@ def _run_embed(args) -> None:
         raise InputError(f"--overlap {args.overlap}: must be in [0, 0.95)")
     images = resolve_images(args.input)
     settings = stored_settings(
-        load_checkpoint(args.model), spacing=args.spacing, patch_size=args.patch_size, overlap=args.overlap,
+        load_ape_settings(args.model), spacing=args.spacing, patch_size=args.patch_size, overlap=args.overlap,
         batch_size=args.batch_size, stride=args.stride, half=args.float16,
     )
     embed_files(args.model, images, args.output, settings, str(resolve_device(args.device)), png=args.png)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path
-from nnunet_ape.checkpoint import file_hash, load_ape_model, load_checkpoint
+from nnunet_ape.checkpoint import file_hash, load_ape_model, load_ape_settings
 from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
@@ -57,7 +57,7 @@ LOCALIZER_FORMAT = "nnunet-ape/localizer-v1"
 
 def embed_settings_for(checkpoint: Path) -> EmbedSettings:
     """The embedding settings stored in an APE checkpoint (maps stored as float16: retrieval needs no more)."""
-    return stored_settings(load_checkpoint(checkpoint), half=True)
+    return stored_settings(load_ape_settings(checkpoint), half=True)
 
 
 METHODS = ("ape", "bpr", "ape+bpr")

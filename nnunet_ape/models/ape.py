@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_ape.intensity import AIR_VALUE
+from nnunet_ape.intensity import AIR_VALUE, normalize_hu
 
 
 @dataclass
@@ -87,6 +87,11 @@ class APENet(nn.Module):
         self.decoder = nn.ModuleList([_stage(2 * w[i - 1], w[i - 1], n) for i in range(1, len(w))])
         self.head = nn.Conv3d(w[0], self.config.embed_dim, kernel_size=1)
         self.norm = nn.BatchNorm3d(self.config.embed_dim, affine=False)
+
+    @staticmethod
+    def input_from_hu(hu) -> torch.Tensor:
+        """HU ``(X, Y, Z)`` -> network input (:func:`nnunet_ape.intensity.normalize_hu`)."""
+        return normalize_hu(hu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W, D)`` -> ``(B, embed_dim, H, W, D)``."""

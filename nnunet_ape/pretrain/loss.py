@@ -49,6 +49,22 @@ def sample_embeddings(embeddings: torch.Tensor, coords: torch.Tensor) -> torch.T
     return sampled[:, :, :, 0, 0].transpose(1, 2)
 
 
+def loss_from_points(
+    a: torch.Tensor, b: torch.Tensor, positions: torch.Tensor, variant: str, equiv_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The paper's loss of one batch from embeddings already read at its points, and its parts for logging.
+
+    a, b: ``(N, 3)`` embeddings of N points in the first and the second view of their pair (the same tensor for the
+    naive variant, which has no pairs); positions: ``(N, 3)`` their physical positions in mm, one frame per batch.
+    """
+    dist = distance_loss(a, b, positions)
+    if variant in ("naive", "aug"):
+        return dist, {"loss": dist.item(), "dist": dist.item()}
+    equiv = equivariance_loss(a, b)
+    loss = dist + equiv_weight * equiv
+    return loss, {"loss": loss.item(), "dist": dist.item(), "equiv": equiv.item()}
+
+
 def ape_loss(
     embeddings: torch.Tensor, coords: torch.Tensor, positions: torch.Tensor, variant: str, equiv_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -61,13 +77,7 @@ def ape_loss(
     flat_positions = positions.reshape(-1, 3)
     if variant == "naive":
         a = points.reshape(-1, points.shape[-1])
-        loss = distance_loss(a, a, flat_positions)
-        return loss, {"loss": loss.item(), "dist": loss.item()}
+        return loss_from_points(a, a, flat_positions, variant)
     a = points[0::2].reshape(-1, points.shape[-1])
     b = points[1::2].reshape(-1, points.shape[-1])
-    dist = distance_loss(a, b, flat_positions)
-    if variant == "aug":
-        return dist, {"loss": dist.item(), "dist": dist.item()}
-    equiv = equivariance_loss(a, b)
-    loss = dist + equiv_weight * equiv
-    return loss, {"loss": loss.item(), "dist": dist.item(), "equiv": equiv.item()}
+    return loss_from_points(a, b, flat_positions, variant, equiv_weight)

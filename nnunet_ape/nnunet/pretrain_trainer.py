@@ -1,0 +1,288 @@
+"""``nnUNetTrainerAPEPretrain``: APE pretraining inside nnU-Net, with the plans' own network and nnU-Net's data.
+
+``nnUNetv2_train DATASET CONFIG FOLD -tr nnUNetTrainerAPEPretrain`` trains the configuration's network (as planned:
+PlainConvUNet, ResEnc, ...) with a 3-channel head and no deep supervision on the paper's APE task: batches of
+overlapping view pairs of one preprocessed case (:mod:`nnunet_ape.nnunet.view_pairs`), each voxel's position in mm
+along the preprocessed axes, and the losses of ``nnunet-ape pretrain ape`` (the same functions; ``equiv`` variant by
+default). Labels are not used. The head's output passes a non-affine BatchNorm (as the standalone APE network's
+last layer), kept outside the network so that its weights are exactly nnU-Net's architecture: ``nnUNetv2_train
+-pretrained_weights .../checkpoint_final.pth`` then loads everything but the segmentation head.
+
+What the checkpoints add under ``nnunet_ape`` (``nnunet-ape embed -m checkpoint_final.pth`` reads it): the output
+norm's statistics, and which patient axis (LPS) and direction each preprocessed array axis runs along in the
+training cases. nnU-Net's logging, ``--c`` and checkpoints work as usual; ``progress.png`` shows the APE losses, and
+the end-of-training segmentation validation is skipped (there is nothing to segment).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from os.path import join
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_ape.checkpoint import save_atomic
+from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
+from nnunet_ape.nnunet.trainers import _called_by_stock_predictor
+from nnunet_ape.nnunet.view_pairs import ViewPairDataLoader
+from nnunet_ape.pretrain.batches import BatchConfig
+from nnunet_ape.pretrain.position_channels import position_channel_loss
+from nnunet_ape.training_log import plot_epoch_losses
+
+NNUNET_APE_FORMAT = "nnunet-ape/ape-nnunet-v1"
+EMBED_DIM = 3
+
+
+def network_axes(direction: np.ndarray, transpose_forward: list[int]) -> list[tuple[int, bool]]:
+    """For each axis of nnU-Net's preprocessed array, ``(patient axis, flipped)``: the LPS axis (0 L, 1 P, 2 S) it
+    runs along most and whether it runs against it.
+
+    direction: the image's 3x3 direction matrix (columns: image index axes i, j, k, in LPS, as SimpleITK);
+    transpose_forward: the plans' permutation of SimpleITK's array axes (k, j, i).
+    """
+    direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    out = []
+    for array_axis in transpose_forward:
+        column = direction[:, 2 - array_axis]  # SimpleITK array axis 0 is image index axis k
+        patient = int(np.argmax(np.abs(column)))
+        out.append((patient, bool(column[patient] < 0)))
+    return out
+
+
+class nnUNetTrainerAPEPretrain(nnUNetTrainer):
+    """APE pretraining with the plans' network (module docstring). Class attributes set the task: ``variant`` and
+    ``equiv_weight`` as ``pretrain ape``, ``points`` (N: points per batch), ``max_shift`` (pair offset, fraction of the
+    patch), ``max_scan_fraction`` (each view's share of the scan along its slice axis; 0: no limit)."""
+
+    variant = BatchConfig.variant
+    equiv_weight = 1.0
+    points = BatchConfig.voxels
+    max_shift = BatchConfig.max_shift
+    max_scan_fraction = BatchConfig.max_scan_fraction
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.output_norm = nn.BatchNorm3d(EMBED_DIM, affine=False)
+        self.patient_axes: list[tuple[int, bool]] | None = None
+        self._best_val_loss: float | None = None
+
+    def initialize(self) -> None:
+        super().initialize()
+        self.output_norm.to(self.device)
+        # batch elements come in pairs of views of one case
+        self.batch_size = 2 * max(1, (self.batch_size + 1) // 2)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """The configuration's network with an APE head (3 outputs, no deep supervision); refused (one line) when
+        stock nnUNetv2_predict builds it: there is nothing to segment."""
+        if _called_by_stock_predictor():
+            raise SystemExit("nnunet-ape: this is an APE pretraining model, not a segmentation model; fine-tune from it "
+                             "with nnUNetv2_train ... -pretrained_weights checkpoint_final.pth, or map positions with "
+                             "nnunet-ape embed -m checkpoint_final.pth")
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        EMBED_DIM, False)
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """nnU-Net's rotation and scaling, no mirroring: a mirrored body would put left organs on the right."""
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+                                use_mask_for_norm=None, is_cascaded=False, foreground_labels=None, regions=None, ignore_label=None):
+        """nnU-Net's training transforms; intensity augmentations on the image channels only (not the positions)."""
+        transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                                           do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded,
+                                                           foreground_labels, regions, ignore_label)
+        return intensity_on_image_channels(transforms, self.num_input_channels)
+
+    def get_dataloaders(self):
+        """nnU-Net's pipeline (datasets, transforms, augmenter processes) around :class:`ViewPairDataLoader`."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        rotation, dummy_2d, initial_patch_size, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        labels = self.label_manager
+        train_transforms = self.get_training_transforms(
+            patch_size, rotation, None, mirror_axes, dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
+            is_cascaded=self.is_cascaded, foreground_labels=labels.foreground_labels,
+            regions=labels.foreground_regions if labels.has_regions else None, ignore_label=labels.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            None, is_cascaded=self.is_cascaded, foreground_labels=labels.foreground_labels,
+            regions=labels.foreground_regions if labels.has_regions else None, ignore_label=labels.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        views = {"spacing": self.configuration_manager.spacing, "scan_axis": self.plans_manager.transpose_forward.index(0),
+                 "max_shift": self.max_shift, "max_scan_fraction": self.max_scan_fraction}
+        loaders = [ViewPairDataLoader(dataset, self.batch_size, first_patch, patch_size, labels, transforms=transforms, **views)
+                   for dataset, first_patch, transforms in ((dataset_tr, initial_patch_size, train_transforms),
+                                                            (dataset_val, patch_size, val_transforms))]
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            generators = [SingleThreadedAugmenter(loader, None) for loader in loaders]
+        else:
+            generators = [NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=n, num_cached=cached,
+                                                       seeds=None, pin_memory=self.device.type == "cuda", wait_time=0.002)
+                          for loader, n, cached in ((loaders[0], processes, max(6, processes // 2)),
+                                                    (loaders[1], max(1, processes // 2), max(3, processes // 4)))]
+        for generator in generators:
+            next(generator)
+        return generators[0], generators[1]
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.patient_axes = self._training_case_axes()
+
+    def _training_case_axes(self) -> list[tuple[int, bool]]:
+        """:func:`network_axes` of the training cases (the most common one; the log says when cases differ)."""
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        found = Counter()
+        for key in dataset_tr.identifiers:
+            properties = dataset_tr.load_case(key)[3]
+            direction = properties.get("sitk_stuff", {}).get("direction", np.eye(3).ravel())
+            found[tuple(network_axes(direction, list(self.plans_manager.transpose_forward)))] += 1
+        axes, count = found.most_common(1)[0]
+        if count < sum(found.values()):
+            self.print_to_log_file(f"nnunet-ape: {sum(found.values()) - count} of {sum(found.values())} training cases are "
+                                   f"stored in another orientation than the others; the network learns positions along "
+                                   f"array axes, so embed uses the orientation of the {count} others")
+        return [tuple(a) for a in axes]
+
+    def _ape_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        self.output_norm.train(self.network.training)
+        embeddings = self.output_norm(output.float())
+        return position_channel_loss(embeddings, target.float(), self.variant, self.points, self.equiv_weight)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+        loss, parts = self._ape_loss(output, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": np.float32(parts["loss"])}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+        return {"loss": np.float32(self._ape_loss(output, target)[1]["loss"])}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        losses = [float(o["loss"]) for o in val_outputs]
+        if self.is_ddp:
+            import torch.distributed as dist
+
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, losses)
+            losses = [value for part in gathered for value in part]
+        self.logger.log("val_losses", float(np.mean(losses)), self.current_epoch)
+
+    def on_epoch_end(self) -> None:
+        """nnU-Net's epoch end with the APE losses: log, periodic and best (lowest validation loss) checkpoints, PNG."""
+        from time import time
+
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        train_loss, val_loss = (self.logger.get_value(k, step=-1) for k in ("train_losses", "val_losses"))
+        seconds = self.logger.get_value("epoch_end_timestamps", step=-1) - self.logger.get_value("epoch_start_timestamps", step=-1)
+        self.print_to_log_file(f"APE train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  epoch time {seconds:.1f} s")
+        if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        if self._best_val_loss is None or val_loss < self._best_val_loss:
+            self._best_val_loss = float(val_loss)
+            self.print_to_log_file(f"New best APE validation loss: {val_loss:.4f}")
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            curves = {"training loss": self.logger.get_value("train_losses", step=None),
+                      "validation loss": self.logger.get_value("val_losses", step=None)}
+            plot_epoch_losses(curves, join(self.output_folder, "progress.png"),
+                              f"APE pretraining ({self.variant}), {self.configuration_name}, fold {self.fold}")
+        self.current_epoch += 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        self.print_to_log_file("APE pretraining: no segmentation to validate (validation losses are in progress.png)")
+
+    def ape_state(self) -> dict:
+        """What ``embed`` needs beyond nnU-Net's checkpoint (module docstring)."""
+        return {"format": NNUNET_APE_FORMAT, "variant": self.variant, "patient_axes": self.patient_axes,
+                "output_mean": self.output_norm.running_mean.detach().cpu(),
+                "output_var": self.output_norm.running_var.detach().cpu()}
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (same keys) plus ``nnunet_ape``; written atomically."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        module = self.network.module if self.is_ddp else self.network
+        if isinstance(module, OptimizedModule):
+            module = module._orig_mod
+        save_atomic({
+            "network_weights": module.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": None if self._best_val_loss is None else -self._best_val_loss,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "nnunet_ape": self.ape_state(),
+        }, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's resume (``--c``), plus the output norm and axes."""
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        state = checkpoint.get("nnunet_ape", {})
+        if "output_mean" in state:
+            self.output_norm.running_mean.copy_(state["output_mean"].to(self.device))
+            self.output_norm.running_var.copy_(state["output_var"].to(self.device))
+        self.patient_axes = state.get("patient_axes", self.patient_axes)
+        if checkpoint.get("_best_ema") is not None:
+            self._best_val_loss = -float(checkpoint["_best_ema"])
+
+
+def _short_variant(epochs: int, iterations: int | None = None) -> type:
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        nnUNetTrainerAPEPretrain.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = max(1, iterations // 2)
+
+    suffix = f"_{epochs}epoch" + ("s" if epochs > 1 else "") if iterations is None else "_smoke"
+    name = nnUNetTrainerAPEPretrain.__name__ + suffix
+    what = f"{epochs} epoch(s)" + (f" of {iterations} iterations" if iterations else "")
+    return type(name, (nnUNetTrainerAPEPretrain,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+                                                    "__doc__": f"nnUNetTrainerAPEPretrain, {what}."})
+
+
+__all__ = ["nnUNetTrainerAPEPretrain"]
+for _variant in (_short_variant(1), _short_variant(5), _short_variant(50), _short_variant(1, iterations=5)):
+    globals()[_variant.__name__] = _variant
+    __all__.append(_variant.__name__)
