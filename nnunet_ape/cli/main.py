@@ -1,5 +1,5 @@
 """``nnunet-ape`` command line: ``demo``, ``pretrain``, ``embed``, ``localize``, ``score``, ``calibrate``, ``evaluate``,
-``crop-dataset``, ``channels-dataset``, ``uncrop``, ``plan``, ``preprocess``, ``predict``, ``trainers-path``;
+``crop-dataset``, ``channels-dataset``, ``uncrop``, ``unlabeled-dataset``, ``plan``, ``preprocess``, ``predict``, ``trainers-path``;
 each has ``--help``.
 
 Each subcommand lives in its own module of this package; this one assembles them and turns InputError into a one-line
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_ape.cli import crop_dataset, demo, embed, evaluate, localize, plan, predict, preprocess, pretrain, score, trainers_path, uncrop
+from nnunet_ape.cli import crop_dataset, demo, embed, evaluate, localize, plan, predict, preprocess, pretrain, score, trainers_path, uncrop, unlabeled_dataset
 from nnunet_ape.errors import InputError
 
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     crop_dataset.add_parser(sub)
     uncrop.add_parser(sub)
+    unlabeled_dataset.add_parser(sub)
     plan.add_parser(sub)
     preprocess.add_parser(sub)
     predict.add_parser(sub)

@@ -9,6 +9,21 @@ from nnunet_ape.localize.boxes import mask_box
 from nnunet_ape.pretrain.cache import FOREGROUND_HU
 
 
+def body_mask(hu: np.ndarray, slice_axis: int = 2) -> np.ndarray:
+    """Body voxels ``(X, Y, Z)`` bool of a CT in HU: the largest connected component above -500 HU with its holes
+    filled slice by slice along ``slice_axis`` (lungs and bowel gas are body; air and padding values such as -3024
+    outside the scan circle are not). All False when nothing is above -500 HU."""
+    labels, n = ndimage.label(hu > FOREGROUND_HU)
+    if n == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    filled = np.moveaxis(largest, slice_axis, 0).copy()
+    for i, plane in enumerate(filled):
+        if plane.any():
+            filled[i] = ndimage.binary_fill_holes(plane)
+    return np.moveaxis(filled, 0, slice_axis)
+
+
 def body_box(hu: np.ndarray) -> np.ndarray:
     """Box ``(2, 3)`` (inclusive voxel indices, same axes as ``hu``) of the largest connected component above
     -500 HU; the whole image when nothing is."""
