@@ -169,6 +169,15 @@ def test_pretrain_resume_finetune_and_embed(planned, tmp_path):
         maps = sitk.GetArrayFromImage(image)
         assert np.isfinite(maps).all() and maps.reshape(-1, 3).std(0).min() > 0.01
 
+    # ... and for localize: fit on the dataset's labeled cases, boxes for a CT
+    localizer = tmp_path / "liver.json"
+    run_tool(env, "pretrain-trainer", "nnunet-ape", "localize", "fit", "-m", str(run / "checkpoint_final.pth"), "-d", "501",
+             "--organs", "liver", "--shots", "3", "-o", str(localizer), "--device", "cpu")
+    run_tool(env, "pretrain-trainer", "nnunet-ape", "localize", "predict", "-l", str(localizer), "-i", str(patient("B")),
+             "-o", str(tmp_path / "boxes"), "--device", "cpu")
+    boxes = json.loads(next((tmp_path / "boxes").glob("*_boxes.json")).read_text())
+    assert "liver" in json.dumps(boxes)
+
     # stock nnUNetv2_predict refuses the pretraining model with one line
     done = run_tool(env, "pretrain-trainer", "nnUNetv2_predict", "-i", str(tmp_path / "maps"), "-o", str(tmp_path / "pred"),
                     "-d", "501", "-c", "3d_fullres", "-f", "all", "-tr", "nnUNetTrainerAPEPretrainTest", "-device", "cpu",

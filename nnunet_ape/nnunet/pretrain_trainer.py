@@ -257,7 +257,8 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's resume (``--c``), plus the output norm and axes."""
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         state = checkpoint.get("nnunet_ape", {})
         if "output_mean" in state:
             self.output_norm.running_mean.copy_(state["output_mean"].to(self.device))
