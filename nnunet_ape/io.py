@@ -146,9 +146,21 @@ def read_volume(path: str | os.PathLike, min_size: int = 1, check_finite: bool =
         raise InputError(
             f"{path}: size {volume.shape} is too small, at least {min_size} voxels per axis are needed"
         )
-    if check_finite and np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
+    if check_finite and np.issubdtype(volume.array.dtype, np.floating) and (
+            not np.isfinite(volume.array).all() or _nifti_has_nan(path)):
         raise InputError(f"{path}: contains NaN or infinite values; fix or mask them before use")
     return volume
+
+
+def _nifti_has_nan(path: Path) -> bool:
+    """True for a float NIfTI file holding NaN: SimpleITK's NIfTI reader returns those voxels as 0 without a word,
+    so the file's own data are checked (with nibabel, which nnU-Net brings)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return False
+    import nibabel
+
+    data = nibabel.load(str(path)).dataobj
+    return np.issubdtype(data.dtype, np.floating) and bool(np.isnan(np.asarray(data)).any())
 
 
 def read_channels(files: list[Path], min_size: int = 1) -> list[Volume]:

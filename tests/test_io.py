@@ -87,6 +87,7 @@ def _write(tmp_path, array, name, spacing=None):
         (lambda t: _write(t, np.zeros((64, 64), np.int16), "slice.nii.gz"), "2D"),
         (lambda t: _write(t, np.zeros((4, 64, 64), np.int16), "thin.nii.gz"), "too small"),
         (lambda t: _write(t, _with_nan(), "nan.mha"), "NaN"),
+        (lambda t: _write(t, _with_nan(), "nan.nii.gz"), "NaN"),  # SimpleITK itself reads NIfTI NaN as 0
         (lambda t: _text_file(t / "fake.nii.gz"), "not a readable image"),
         (lambda t: (t / "empty").mkdir() or t / "empty", "empty"),
         (lambda t: t / "missing.nii.gz", "no such file"),
