@@ -215,6 +215,10 @@ def main() -> None:
     print(f"APE pretraining loss: train {log['train_losses'][0]:.3f} -> {log['train_losses'][-1]:.3f}, "
           f"validation {log['val_losses'][0]:.3f} -> {log['val_losses'][-1]:.3f}", flush=True)
 
+    r2 = position_r2_of(pretrained, [roots["nnUNet_raw"] / name / "imagesTr" / f"{case}_0000.nii.gz" for case in evaluation])
+    print(f"R^2 of a linear fit embedding -> position over the body of the evaluation cases: pretrained "
+          f"{r2['pretrained']:.3f}, same network untrained {r2['untrained']:.3f}", flush=True)
+
     table = {}
     for fold, k in enumerate(args.shots, start=1):
         for init, trainer, extra in (("scratch", "nnUNetTrainerBenchScratch", []),
@@ -236,6 +240,35 @@ def main() -> None:
         print(f"| {k} | {init} | {dice['mean']:.3f} | " + " | ".join(f"{dice.get(o, float('nan')):.3f}" for o in organs) + " |")
     plot(table, args.shots, work / "dice.png", f"{args.cohort}: {args.finetune_iterations} fine-tuning iterations")
     print(f"\nplot: {work / 'dice.png'}")
+
+
+def position_r2_of(checkpoint: Path, images: list[Path]) -> dict[str, float]:
+    """Mean R^2 (:func:`nnunet_ape.position_fit.position_r2` over each CT's body) of the pretrained checkpoint's maps
+    and of the same network freshly initialised, on ``images``."""
+    import torch
+
+    from nnunet_ape.checkpoint import load_ape_model
+    from nnunet_ape.embed import embed_volume, stored_settings
+    from nnunet_ape.io import read_volume, to_canonical, from_canonical
+    from nnunet_ape.localize.body import body_mask
+    from nnunet_ape.position_fit import position_r2
+
+    model, state = load_ape_model(checkpoint)
+    untrained, _ = load_ape_model(checkpoint)
+    torch.manual_seed(0)
+    for module in untrained.network.modules():
+        if hasattr(module, "reset_parameters") and module is not untrained.network:
+            module.reset_parameters()
+    untrained.output_mean.zero_()
+    untrained.output_std.fill_(1.0)
+    scores = {"pretrained": [], "untrained": []}
+    for image in images:
+        ct = read_volume(image)
+        canon, orientation = to_canonical(ct)
+        body = from_canonical(body_mask(canon.array), orientation, ct).array
+        for key, net in (("pretrained", model), ("untrained", untrained)):
+            scores[key].append(position_r2(embed_volume(net, ct, stored_settings(state), progress=False), body))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
 def plot(table: dict, shots: list[int], png: Path, title: str) -> None:
