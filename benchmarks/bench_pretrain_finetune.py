@@ -249,8 +249,8 @@ def position_r2_of(checkpoint: Path, images: list[Path]) -> dict[str, float]:
 
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.embed import embed_volume, stored_settings
-    from nnunet_ape.io import read_volume, to_canonical, from_canonical
-    from nnunet_ape.localize.body import body_mask
+    from nnunet_ape.io import read_volume
+    from nnunet_ape.nnunet.unlabeled_dataset import body_label
     from nnunet_ape.position_fit import position_r2
 
     model, state = load_ape_model(checkpoint)
@@ -264,8 +264,7 @@ def position_r2_of(checkpoint: Path, images: list[Path]) -> dict[str, float]:
     scores = {"pretrained": [], "untrained": []}
     for image in images:
         ct = read_volume(image)
-        canon, orientation = to_canonical(ct)
-        body = from_canonical(body_mask(canon.array), orientation, ct).array
+        body = body_label(ct).array.astype(bool)
         for key, net in (("pretrained", model), ("untrained", untrained)):
             scores[key].append(position_r2(embed_volume(net, ct, stored_settings(state), progress=False), body))
     return {k: float(np.mean(v)) for k, v in scores.items()}

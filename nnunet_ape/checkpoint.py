@@ -40,7 +40,10 @@ def _read(path: Path) -> dict:
 def load_checkpoint(path: str | os.PathLike, expected_format: str = APE_FORMAT) -> dict:
     """Load a checkpoint safely (tensors and plain containers only) and check its format tag."""
     path = Path(path)
-    state = _read(path)
+    return _checked(_read(path), path, expected_format)
+
+
+def _checked(state, path: Path, expected_format: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != expected_format:
         raise InputError(f"{path}: not an {expected_format} checkpoint")
     return state
@@ -68,7 +71,7 @@ def load_ape_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         from nnunet_ape.nnunet.ape_checkpoint import ape_model_from_nnunet
 
         return ape_model_from_nnunet(state, str(path))
-    state = load_checkpoint(path)
+    state = _checked(state, path, APE_FORMAT)
     model = APENet(APEConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval(), state
@@ -79,7 +82,7 @@ def load_ape_settings(path: str | os.PathLike) -> dict:
     file says it all (our ``.pt``); an nnU-Net checkpoint is read through :func:`load_ape_model`."""
     path = Path(path)
     state = _read(path)
-    return load_ape_model(path)[1] if _is_nnunet(state) else load_checkpoint(path)
+    return load_ape_model(path)[1] if _is_nnunet(state) else _checked(state, path, APE_FORMAT)
 
 
 def file_hash(path: str | os.PathLike) -> str:

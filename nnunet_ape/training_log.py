@@ -90,14 +90,7 @@ def plot_loss_curve(log: CsvLog, png: Path, title: str = "APE pretraining") -> P
         window = max(1, len(values) // 50)
         smooth = np.convolve(np.nan_to_num(values), np.ones(window) / window, mode="valid")
         ax.plot(iterations[window - 1 :], smooth, color=line.get_color(), label=f"{label} (moving average of {window})")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, png)
+    return _save_loss_axes(fig, ax, "iteration", title, png)
 
 
 def plot_epoch_losses(curves: dict[str, list[float]], png: Path, title: str) -> Path | None:
@@ -114,8 +107,13 @@ def plot_epoch_losses(curves: dict[str, list[float]], png: Path, title: str) -> 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
         ax.plot(np.arange(len(values)), values, marker="o" if len(values) < 30 else None, label=name)
+    return _save_loss_axes(fig, ax, "epoch", title, png)
+
+
+def _save_loss_axes(fig, ax, x_label: str, title: str, png: Path) -> Path:
+    """The look every loss plot shares (log loss, legend, grid), then the PNG."""
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()

@@ -73,11 +73,6 @@ class NNUNetAPE(nn.Module):
         return out[:, inverse]  # channel c = the array axis that runs along patient axis c
 
 
-def is_nnunet_checkpoint(state: dict) -> bool:
-    """True for a checkpoint written by an nnU-Net trainer (stock or ours)."""
-    return isinstance(state, dict) and "network_weights" in state and "init_args" in state
-
-
 def ape_model_from_nnunet(state: dict, path: str) -> tuple[NNUNetAPE, dict]:
     """An ``nnUNetTrainerAPEPretrain`` checkpoint dict -> (:class:`NNUNetAPE` in eval mode on CPU, state with the
     ``embed`` settings in canonical axes: the configuration's spacing and patch size). InputError for an nnU-Net

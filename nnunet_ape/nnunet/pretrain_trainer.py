@@ -32,7 +32,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_ape.checkpoint import save_atomic
 from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
-from nnunet_ape.nnunet.trainers import _called_by_stock_predictor
+from nnunet_ape.nnunet.trainers import _called_by_stock_predictor, short_variant
 from nnunet_ape.nnunet.view_pairs import ViewPairDataLoader
 from nnunet_ape.pretrain.batches import BatchConfig
 from nnunet_ape.pretrain.position_channels import position_channel_loss
@@ -268,22 +268,8 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
             self._best_val_loss = -float(checkpoint["_best_ema"])
 
 
-def _short_variant(epochs: int, iterations: int | None = None) -> type:
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        nnUNetTrainerAPEPretrain.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = epochs
-        if iterations is not None:
-            self.num_iterations_per_epoch = iterations
-            self.num_val_iterations_per_epoch = max(1, iterations // 2)
-
-    suffix = f"_{epochs}epoch" + ("s" if epochs > 1 else "") if iterations is None else "_smoke"
-    name = nnUNetTrainerAPEPretrain.__name__ + suffix
-    what = f"{epochs} epoch(s)" + (f" of {iterations} iterations" if iterations else "")
-    return type(name, (nnUNetTrainerAPEPretrain,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
-                                                    "__doc__": f"nnUNetTrainerAPEPretrain, {what}."})
-
-
 __all__ = ["nnUNetTrainerAPEPretrain"]
-for _variant in (_short_variant(1), _short_variant(5), _short_variant(50), _short_variant(1, iterations=5)):
+for _suffix, _epochs, _iterations in (("_1epoch", 1, None), ("_5epochs", 5, None), ("_50epochs", 50, None), ("_smoke", 1, 5)):
+    _variant = short_variant(nnUNetTrainerAPEPretrain, _suffix, _epochs, _iterations, module=__name__)
     globals()[_variant.__name__] = _variant
     __all__.append(_variant.__name__)

@@ -145,7 +145,10 @@ class nnUNetTrainerAPECropChannels(nnUNetTrainerAPE):
     """Organ crops + embedding channels (the embeddings of the whole CT, cropped)."""
 
 
-def _short_variant(base: type, suffix: str, epochs: int, iterations: int | None = None, validation_mirroring: bool = True) -> type:
+def short_variant(base: type, suffix: str, epochs: int, iterations: int | None = None, validation_mirroring: bool = True,
+                  module: str = __name__) -> type:
+    """``base`` trained for ``epochs`` epochs (of ``iterations`` iterations, validation ``iterations // 2``), named
+    ``base.__name__ + suffix`` and placed in ``module`` (whose globals must then hold it, for pickling)."""
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = epochs
@@ -153,22 +156,25 @@ def _short_variant(base: type, suffix: str, epochs: int, iterations: int | None 
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = max(1, iterations // 2)
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, mirror_axes = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
-        if not validation_mirroring:
+    attributes = {"__init__": __init__}
+    if not validation_mirroring:
+        def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+            rotation, dummy_2d, initial_patch_size, mirror_axes = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
             self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, mirror_axes
+            return rotation, dummy_2d, initial_patch_size, mirror_axes
 
+        attributes["configure_rotation_dummyDA_mirroring_and_inital_patch_size"] = configure_rotation_dummyDA_mirroring_and_inital_patch_size
     name = base.__name__ + suffix
-    what = f"{epochs} epoch(s)" + (f" of {iterations} iterations, validation without mirroring" if iterations else "")
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "__doc__": f"{base.__name__}, {what}.",
-                                "configure_rotation_dummyDA_mirroring_and_inital_patch_size": configure_rotation_dummyDA_mirroring_and_inital_patch_size})
+    what = f"{epochs} epoch(s)" + (f" of {iterations} iterations" if iterations else "") + \
+        ("" if validation_mirroring else ", validation without mirroring")
+    attributes.update({"__module__": module, "__qualname__": name, "__doc__": f"{base.__name__}, {what}."})
+    return type(name, (base,), attributes)
 
 
 __all__ = ["nnUNetTrainerAPECrop", "nnUNetTrainerAPEChannels", "nnUNetTrainerAPECropChannels"]
 for _base in (nnUNetTrainerAPECrop, nnUNetTrainerAPEChannels, nnUNetTrainerAPECropChannels):
-    for _variant in (_short_variant(_base, "_1epoch", 1), _short_variant(_base, "_5epochs", 5),
-                     _short_variant(_base, "_smoke", 1, iterations=5, validation_mirroring=False)):
+    for _variant in (short_variant(_base, "_1epoch", 1), short_variant(_base, "_5epochs", 5),
+                     short_variant(_base, "_smoke", 1, iterations=5, validation_mirroring=False)):
         globals()[_variant.__name__] = _variant
         __all__.append(_variant.__name__)
 assert set(TRAINER_FOR_KIND.values()) <= set(__all__)

@@ -50,7 +50,8 @@ def body_label(ct: Volume) -> Volume:
 def write_case(image: Path, name: str, folder: Path) -> None:
     """``imagesTr/NAME_0000.nii.gz`` (link or conversion) and ``labelsTr/NAME.nii.gz`` (body) of one CT."""
     ct = read_volume(image, min_size=MIN_SIZE)
-    if not body_mask(to_canonical(ct)[0].array).any():
+    label = body_label(ct)
+    if not label.array.any():
         raise InputError(f"{image}: no voxel above -500 HU; is it a CT in HU?")
     target = folder / "imagesTr" / f"{name}_0000{ENDING}"
     if image.is_file() and image.name.endswith(ENDING):
@@ -58,7 +59,7 @@ def write_case(image: Path, name: str, folder: Path) -> None:
         target.symlink_to(image.resolve())
     else:
         write_volume(ct, target)
-    write_volume(body_label(ct), folder / "labelsTr" / f"{name}{ENDING}")  # written last: marks the case done
+    write_volume(label, folder / "labelsTr" / f"{name}{ENDING}")  # written last: marks the case done
 
 
 def build_unlabeled_dataset(images: list[Path], dataset_id: int, name: str) -> Path:
