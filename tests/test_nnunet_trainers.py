@@ -125,8 +125,17 @@ def test_crop_trainer_validates_on_full_images_and_stock_predict_stops(planned, 
     cut, _ = predicted_box_in_preprocessed(props, data.shape[1:])
     log = next(run.glob("training_log_*.txt")).read_text()
     assert f"B, shape torch.Size([1, {', '.join(str(c.stop - c.start) for c in cut)}])" in log
+    # the cut is whole preprocessed voxels (2.35 source voxels in-plane for B), so it reaches up to one preprocessed
+    # voxel beyond the localizer box; nothing is predicted outside the cut mapped back onto the source grid
+    crop = props["shape_after_cropping_and_before_resampling"]
+    inside = []
+    for axis, (c, (low, _)) in enumerate(zip(cut, props["bbox_used_for_cropping"])):
+        factor = crop[axis] / data.shape[1 + axis]
+        inside.append(slice(int(np.floor(low + c.start * factor)), int(np.ceil(low + c.stop * factor))))
+        box_low, box_high = predicted[0][2 - axis], predicted[1][2 - axis]  # predicted box is x, y, z; arrays z, y, x
+        assert box_low - factor - 1 <= inside[-1].start <= box_low and box_high <= inside[-1].stop <= box_high + factor + 1
     outside = np.ones(prediction.shape, bool)
-    outside[tuple(slice(max(0, a - 1), b + 1) for a, b in zip(predicted[0][::-1], predicted[1][::-1]))] = False
+    outside[tuple(inside)] = False
     assert not prediction[outside].any()
 
     # stock nnUNetv2_predict cannot make the crops: one line naming nnunet-ape predict, no output
