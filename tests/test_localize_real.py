@@ -111,7 +111,7 @@ def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path):
     assert unknown.returncode == 2 and "unknown organ 'unicorn_gland'" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
     missing = _cli(*base, "--organs", "liver", "kidney_left", "-o", str(tmp_path / "m.json"))  # B shows no kidneys
-    assert missing.returncode == 2 and "kidney_left" in missing.stderr and "missing" in missing.stderr
+    assert missing.returncode == 2 and "kidney_left" in missing.stderr and "contoured in none" in missing.stderr
     assert not (tmp_path / "u.json").exists() and not (tmp_path / "m.json").exists()
     ok = _cli(*base, "--organs", "liver", "-o", str(tmp_path / "ok.json"))
     assert ok.returncode == 0, ok.stderr[-2000:]

@@ -22,11 +22,13 @@ def add_parser(sub) -> None:
         "(all-voxels; falls back to the edge points for an organ it does not find; measured against edge points by "
         "'nnunet-ape evaluate localization'). Each organ's box enlargement is calibrated "
         "leave-one-shot-out so that the crop keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
-        "a z margin calibrated the same way (boxes crop along z only). With both: x/y from APE, z from BPR. Writes a "
-        "human-readable JSON localizer.",
+        "a z margin calibrated the same way (boxes crop along z only). Always: the organ's average place in the body's "
+        "bounding box (no model needed). Per organ, the method (body box, APE, BPR z, APE or body box x/y with BPR z) "
+        "is chosen leave-one-shot-out: the smallest crops that kept --target-recall of every held-out shot's organ. "
+        "A case whose label map does not contour an organ is no shot for that organ. Writes a human-readable JSON localizer.",
         formatter_class=HelpFormatter,
     )
-    add_labeled_case_args(fit, "K: number of labeled cases used (the first K)")
+    add_labeled_case_args(fit, "K: shots per organ, the first K cases that contour it")
     fit.add_argument("-o", "--output", required=True, type=Path, help="localizer JSON to write")
     fit.add_argument("--ape-boxes", choices=("edge-points", "all-voxels"), default="edge-points",
                      help="how APE finds an organ: the paper's 6 edge points, or label transfer from all shot voxels")
@@ -64,16 +66,17 @@ def _run_localize_fit(args) -> None:
     if not 0 < args.target_recall <= 1:
         raise InputError(f"--target-recall {args.target_recall}: must be in (0, 1]")
     organs = resolve_organs(args.organs, cases[0].labels)
-    localizer = fit_localizer(cases[: args.shots], organs, args.model, str(resolve_device(args.device)), args.target_recall,
-                              args.combine, args.bpr_model, args.ape_boxes)
+    localizer = fit_localizer(cases, organs, args.model, str(resolve_device(args.device)), args.target_recall,
+                              args.combine, args.bpr_model, args.ape_boxes, shots=args.shots)
     save_localizer(localizer, args.output)
     for note in localizer["warnings"]:
         print(f"nnunet-ape: warning: {note}", file=sys.stderr)
-    settings = ", ".join(
-        f"{o} " + " ".join(f"{k} {v:.2f}" for k, v in (("alpha", e.get("alpha")), ("margin", e.get("bpr", {}).get("margin"))) if v is not None)
-        for o, e in localizer["organs"].items()
-    )
-    print(f"{localizer['method']} localizer for {len(organs)} organ(s) from {args.shots} shot(s) -> {args.output}; {settings}")
+    print(f"{localizer['method']} localizer for {len(organs)} organ(s) from {len(localizer['shots'])} case(s) -> {args.output}")
+    for organ, e in localizer["organs"].items():
+        chosen = e["selection"][e["method"]] if e["selection"] else None
+        why = (f"held-out recall {chosen['recall_min']:.3f} (min), crop {100 * chosen['crop_fraction']:.1f}% of the image"
+               if chosen else "one shot: nothing to hold out, so no choice")
+        print(f"  {organ}: {len(e['shot_cases'])} shot(s), method {e['method']} ({why})")
     if any(e.get("alpha_calibrated") is False for e in localizer["organs"].values()):
         print("nnunet-ape: warning: alpha is the uncalibrated default: calibration holds out one shot at a time and needs "
               "at least 2 shots (--shots 2 or more)", file=sys.stderr)

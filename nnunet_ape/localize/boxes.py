@@ -59,13 +59,25 @@ def clip_box(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.stack([np.clip(box[0], 0, high), np.clip(box[1], 0, high)])
 
 
+MIN_HALF_EXTENT = 0.5  # voxels: a flat box (one slice thick, or a point) still grows when enlarged
+
+
 def enlarge_box(box: np.ndarray, alpha: float, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Scale each side of a box by ``alpha`` about its centre (alpha = 1: unchanged); clipped when ``shape``
-    is given."""
+    is given. A side shorter than one voxel counts as one voxel (half-extent :data:`MIN_HALF_EXTENT`), so that a
+    flat or collapsed box grows with alpha too."""
     centre = box.mean(0)
-    half = (box[1] - box[0]) / 2 * alpha
+    half = np.maximum((box[1] - box[0]) / 2, MIN_HALF_EXTENT) * alpha
     out = np.stack([centre - half, centre + half])
     return clip_box(out, shape) if shape is not None else out
+
+
+def covering_alpha(box: np.ndarray, shape: tuple[int, ...]) -> float:
+    """The smallest ``alpha`` at which :func:`enlarge_box` covers the whole image of ``shape`` (at least 1)."""
+    centre = box.mean(0)
+    half = np.maximum((box[1] - box[0]) / 2, MIN_HALF_EXTENT)
+    reach = np.maximum(centre, np.asarray(shape[:3], dtype=np.float64) - 1 - centre)
+    return float(max(1.0, np.max(reach / half)))
 
 
 def box_slices(box: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
@@ -89,15 +101,18 @@ def volume_ratio(shape: tuple[int, ...], box: np.ndarray) -> float:
     return float(np.prod(shape[:3]) / max(crop, 1))
 
 
-def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, max_alpha: float = 20.0) -> float:
+def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, max_alpha: float | None = None) -> float:
     """Smallest enlargement ``alpha`` (to 0.01) with ``box_recall(mask, enlarge_box(box, alpha)) >= target``.
 
-    Boxes are clipped to the image, so ``max_alpha`` is returned when the target cannot be reached.
+    Without ``max_alpha`` the search goes up to the alpha that covers the whole image (:func:`covering_alpha`), so
+    a target is always reached: a box far off the organ gets the alpha of a crop that keeps nearly everything.
+    With ``max_alpha``, that is returned when the target cannot be reached below it.
     """
     recall = lambda a: box_recall(mask, enlarge_box(box, a, mask.shape))  # noqa: E731
-    if recall(max_alpha) < target:
-        return max_alpha
-    low, high = 0.0, max_alpha  # recall grows with alpha: bisection
+    high = covering_alpha(box, mask.shape) if max_alpha is None else max_alpha
+    if recall(high) < target:
+        return high
+    low = 0.0  # recall grows with alpha: bisection
     while high - low > 0.005:
         mid = (low + high) / 2
         if recall(mid) >= target:
@@ -105,3 +120,12 @@ def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, ma
         else:
             low = mid
     return float(np.ceil(high * 100) / 100)
+
+
+def alpha_over_shots(boxes: list[np.ndarray], masks: list, target: float, default: float) -> float:
+    """Leave-one-shot-out enlargement: the smallest alpha that brings every held-out box ``(2, 3)`` to ``target``
+    recall of its shot's mask (the largest of the per-shot alphas); ``default`` when there are no held-out boxes
+    (one shot). A mask needs only ``shape`` and indexing by a box (a CroppedMask will do)."""
+    if not boxes:
+        return default
+    return float(max(alpha_for_recall(mask, box, target) for box, mask in zip(boxes, masks)))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nnunet_ape.localize.boxes import alpha_for_recall, edge_points, mask_box, points_box
+from nnunet_ape.localize.boxes import alpha_over_shots, edge_points, mask_box, points_box
 from nnunet_ape.localize.retrieval import nearest_voxels
 
 COMBINE = ("mean", "median")
@@ -100,10 +100,8 @@ def calibrate_alpha(
     reaches ``target`` recall of its mask; return the largest (so every shot reaches the target). With a single
     shot there is nothing to hold out and :data:`DEFAULT_ALPHA` is returned. ``cuts`` as in :func:`predict_box`;
     maps, masks and edge points must share one index space (canonical, when shots differ in orientation)."""
-    if len(edges) < 2:
-        return DEFAULT_ALPHA
-    return float(max(alpha_for_recall(masks[held], held_out_box(edges, maps[held], held, how, cuts), target)
-                     for held in range(len(edges))))
+    held_out = [held_out_box(edges, maps[held], held, how, cuts) for held in range(len(edges))] if len(edges) > 1 else []
+    return alpha_over_shots(held_out, masks, target, DEFAULT_ALPHA)
 
 
 def held_out_box(

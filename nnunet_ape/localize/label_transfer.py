@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from nnunet_ape.localize.boxes import alpha_for_recall, mask_box
+from nnunet_ape.localize.boxes import alpha_over_shots, mask_box
 
 DEFAULT_K = 10
 DEFAULT_THRESHOLD = 0.3
@@ -142,6 +142,4 @@ def calibrate_transfer_alpha(boxes: list[np.ndarray], masks: list, target: float
     :func:`held_out_boxes`, with the caller's fallback where it found none) to ``target`` recall of that shot's
     mask. None when there are no held-out boxes. A mask needs only ``shape`` and indexing by a box (a CroppedMask
     will do)."""
-    if not boxes:
-        return None
-    return float(max(alpha_for_recall(mask, box, target) for box, mask in zip(boxes, masks)))
+    return alpha_over_shots(boxes, masks, target, None) if boxes else None

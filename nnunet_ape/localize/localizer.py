@@ -27,11 +27,21 @@ from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, to_canonical
 from nnunet_ape.localize.body import body_box
 from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
-from nnunet_ape.localize.boxes import enlarge_box
+from nnunet_ape.localize.boxes import alpha_over_shots, enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, read_case
+from nnunet_ape.localize.choice import (
+    box_in_body,
+    choose,
+    crop_scores,
+    default_method,
+    held_out_body_boxes,
+    held_out_crops,
+    held_out_z_ranges,
+    mean_relative_box,
+    with_z,
+)
 from nnunet_ape.localize.fewshot import (
     DEFAULT_ALPHA,
-    calibrate_alpha,
     cut_sides,
     held_out_box,
     predict_box,
@@ -45,7 +55,6 @@ from nnunet_ape.localize.label_transfer import (
     LabelTransfer,
     Neighbours,
     body_grid,
-    calibrate_transfer_alpha,
     held_out_boxes,
 )
 from nnunet_ape.localize.masks import CroppedMask
@@ -60,85 +69,103 @@ def embed_settings_for(checkpoint: Path) -> EmbedSettings:
     return stored_settings(load_ape_settings(checkpoint), half=True)
 
 
-METHODS = ("ape", "bpr", "ape+bpr")
+METHODS = ("ape", "bpr", "ape+bpr", "body")
 APE_BOXES = ("all-voxels", "edge-points")
 
 
 def _method(ape: Path | None, bpr: Path | None) -> str:
-    if ape is None and bpr is None:
-        raise InputError("give an APE checkpoint (-m), a BPR checkpoint (--bpr-model) or both")
-    return "ape+bpr" if ape and bpr else ("ape" if ape else "bpr")
+    """The models a localizer uses: ``ape``, ``bpr``, ``ape+bpr``, or ``body`` (none: body boxes only)."""
+    return "ape+bpr" if ape and bpr else ("ape" if ape else ("bpr" if bpr else "body"))
+
+
+def organ_values(case: LabeledCase) -> set[int]:
+    """The label values present in a case's label map (read without the CT)."""
+    from nnunet_ape.io import read_volume
+    from nnunet_ape.localize.cases import label_values
+
+    return {int(v) for v in np.unique(label_values(read_volume(case.label, check_finite=False).array, case.label))}
+
+
+def select_shots(cases: list[LabeledCase], organs: dict[str, int], shots: int | None = None) -> tuple[dict[str, list[int]], list[str]]:
+    """Per organ, the indices of the first ``shots`` cases (all when None) whose label map contours it: a case that
+    does not contour an organ is no shot for it (partially contoured data sets label an uncontoured organ 0).
+    Label files are read in order until every organ has its shots. Returns (indices per organ, warnings);
+    InputError for an organ no case contours."""
+    chosen: dict[str, list[int]] = {o: [] for o in organs}
+    want = len(cases) if shots is None else shots
+    for i, case in enumerate(cases):
+        if all(len(c) >= want for c in chosen.values()):
+            break
+        present = organ_values(case)
+        for organ, value in organs.items():
+            if value in present and len(chosen[organ]) < want:
+                chosen[organ].append(i)
+    missing = [o for o, c in chosen.items() if not c]
+    if missing:
+        raise InputError(f"organ '{missing[0]}' (label {organs[missing[0]]}) is contoured in none of the {len(cases)} "
+                         "labeled cases; drop it from --organs")
+    notes = [f"{o} is contoured in only {len(c)} of the {len(cases)} labeled cases; fitted on those {len(c)} shot(s)"
+             for o, c in chosen.items() if shots is not None and len(c) < shots]
+    return chosen, notes
 
 
 def fit_localizer(
     cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path | None, device: str = "cpu",
     target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None, ape_boxes: str = "edge-points",
+    shots: int | None = None,
 ) -> dict:
-    """Fit a localizer on labeled shots: APE queries (``checkpoint``; ``ape_boxes`` edge-points: the paper's 6
-    points, or all-voxels: label transfer from every shot voxel), BPR score intervals (``bpr_checkpoint``) or both.
-    Every organ must be present in every case (InputError otherwise)."""
+    """Fit a localizer on labeled shots: per organ the first ``shots`` of ``cases`` that contour it (all of them when
+    None). Always the organ's place in the body box; with ``checkpoint`` APE queries (``ape_boxes`` edge-points:
+    the paper's 6 points, or all-voxels: label transfer from every shot voxel, which needs shots that contour every
+    organ); with ``bpr_checkpoint`` BPR score intervals. Each organ's method is chosen leave-one-shot-out among
+    these and their combinations (:mod:`nnunet_ape.localize.choice`)."""
     method = _method(checkpoint, bpr_checkpoint)
     if ape_boxes not in APE_BOXES:
         raise InputError(f"--ape-boxes {ape_boxes}: choose one of {', '.join(APE_BOXES)}")
+    per_organ, notes = select_shots(cases, organs, shots)
+    used = sorted({i for indices in per_organ.values() for i in indices})
+    transfer = checkpoint is not None and ape_boxes == "all-voxels"
+    if transfer:
+        partial = [o for o, indices in per_organ.items() if indices != used]
+        if partial:
+            raise InputError(f"--ape-boxes all-voxels needs shots that contour every organ, and '{partial[0]}' is not "
+                             "contoured in all of them; fit it in a localizer of its own, or use --ape-boxes edge-points")
     ape_model = load_ape_model(checkpoint)[0] if checkpoint else None
     bpr_model = load_bpr_model(bpr_checkpoint)[0] if bpr_checkpoint else None
     settings = embed_settings_for(checkpoint) if checkpoint else None
-    edges: dict[str, list[np.ndarray]] = {o: [] for o in organs}
-    intervals: dict[str, list[np.ndarray]] = {o: [] for o in organs}
-    cuts: dict[str, list[np.ndarray]] = {o: [] for o in organs}
-    maps, scored, masks = [], [], {o: [] for o in organs}  # masks: canonical, cropped to their boxes
-    samples, grids = [], []  # label transfer: each shot's labeled samples and its sampling grid
-    notes: list[str] = []
+    fits = {o: _OrganShots() for o in organs}
+    maps, samples, grids = [], [], []  # per used case: APE map (spilled), label-transfer samples and grid
     with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
-        for case in tqdm(cases, desc="reading shots", unit="case"):
+        for position, index in enumerate(tqdm(used, desc="reading shots", unit="case")):
+            case = cases[index]
             ct, label = read_case(case)
             canon_ct = to_canonical(ct)[0]
             canon_label = to_canonical(ct.with_array(label))[0].array  # shots may differ in orientation
-            canon_masks = {organ: canon_label == value for organ, value in organs.items()}
-            for organ, mask in canon_masks.items():
-                if not mask.any():
-                    raise InputError(f"{case.label}: organ '{organ}' (label {organs[organ]}) is missing from case '{case.name}'; drop the case or the organ")
-            embedding = None
+            body = body_box(canon_ct.array)
+            embedding = scored = None
             if ape_model is not None:
                 embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
-                maps.append(spill(embedding, Path(store), str(len(maps))))  # disk, not memory
-                grids.append(body_grid(body_box(canon_ct.array), canon_ct.spacing, canon_ct.shape))
-                samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values())))
+                maps.append(spill(embedding, Path(store), str(position)))  # disk, not memory
+                if transfer:
+                    grids.append(body_grid(body, canon_ct.spacing, canon_ct.shape))
+                    samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values())))
             if bpr_model is not None:
-                scored.append(score_ct(bpr_model, canon_ct, device))
-            for organ, mask in canon_masks.items():
-                cut = cut_sides(mask)
-                if embedding is not None:
-                    edges[organ].append(shot_queries(embedding, mask))
-                    cuts[organ].append(cut)
-                if bpr_model is not None:
-                    intervals[organ].append(organ_interval(scored[-1].scores, mask))
-                masks[organ].append(CroppedMask(mask))
-                if cut[:, 2].any():
+                scored = score_ct(bpr_model, canon_ct, device)
+            for organ, value in organs.items():
+                if index not in per_organ[organ]:
+                    continue
+                mask = canon_label == value
+                fits[organ].add(case.name, mask, body, embedding, maps[-1] if maps else None, scored)
+                if fits[organ].cuts[-1][:, 2].any():
                     notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so that "
                                  "end is not a landmark and the box reaches the image border there; prefer shots that show "
                                  "the whole organ")
-        transfer = ape_model is not None and ape_boxes == "all-voxels"
         held = held_out_boxes(samples, maps, grids, list(organs.values())) if transfer else []
-        organ_entries = {}
-        for organ, value in organs.items():
-            entry: dict = {"label": int(value)}
-            if ape_model is not None:
-                entry["alpha"] = calibrate_alpha(edges[organ], maps, masks[organ], target_recall, combine, cuts[organ])
-                entry["alpha_calibrated"] = len(cases) > 1  # leave-one-shot-out needs a second shot
-                if transfer:
-                    entry["edge_points_alpha"] = entry["alpha"]  # for the fallback to edge points
-                    boxes = [b[value] if b[value] is not None else held_out_box(edges[organ], maps[i], i, combine, cuts[organ])
-                             for i, b in enumerate(held)]
-                    entry["alpha"] = calibrate_transfer_alpha(boxes, masks[organ], target_recall) or DEFAULT_ALPHA
-                entry["shots"] = [{"case": c.name, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
-                                  for c, e, cut in zip(cases, edges[organ], cuts[organ])]
-            if bpr_model is not None:
-                entry["bpr"] = {
-                    "margin": calibrate_margin(intervals[organ], scored, masks[organ], target_recall, combine),
-                    "intervals": [iv.round(5).tolist() for iv in intervals[organ]],
-                }
-            organ_entries[organ] = entry
+        organ_entries = {organ: fits[organ].entry(value, held, target_recall, combine, ape_model is not None,
+                                                  bpr_model is not None, transfer)
+                         for organ, value in organs.items()}
+        for fit in fits.values():
+            fit.maps.clear()
         maps.clear()  # memory maps close before their folder goes
     localizer = {"format": LOCALIZER_FORMAT, "method": method}
     if checkpoint:
@@ -149,15 +176,71 @@ def fit_localizer(
         })
     if bpr_checkpoint:
         localizer.update({"bpr_checkpoint": str(Path(bpr_checkpoint).resolve()), "bpr_sha256": file_hash(bpr_checkpoint)})
-    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [c.name for c in cases], "warnings": notes})
+    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [cases[i].name for i in used],
+                      "warnings": notes})
     if checkpoint:
         localizer["ape_boxes"] = ape_boxes
-    if checkpoint and ape_boxes == "all-voxels":
+    if transfer:
         pooled = LabelSamples.pooled(samples)
         localizer["label_transfer"] = {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD, "step_mm": DEFAULT_STEP_MM,
                                        "labels": pooled.labels.tolist(), "embeddings": pooled.embeddings.round(4).tolist()}
     localizer["organs"] = organ_entries
     return localizer
+
+
+class _OrganShots:
+    """What one organ's shots give a localizer: names, masks (cropped), body boxes, APE edge queries and maps, cut
+    sides, BPR intervals and scores, all canonical."""
+
+    def __init__(self) -> None:
+        self.names, self.masks, self.bodies, self.edges, self.cuts = [], [], [], [], []
+        self.maps, self.intervals, self.scored = [], [], []
+
+    def add(self, name: str, mask: np.ndarray, body: np.ndarray, embedding: np.ndarray | None, stored_map, scored) -> None:
+        self.names.append(name)
+        self.masks.append(CroppedMask(mask))
+        self.bodies.append(body)
+        self.cuts.append(cut_sides(mask))
+        if embedding is not None:
+            self.edges.append(shot_queries(embedding, mask))
+            self.maps.append(stored_map)
+        if scored is not None:
+            self.intervals.append(organ_interval(scored.scores, mask))
+            self.scored.append(scored)
+
+    def entry(self, value: int, transfer_held: list, target: float, combine: str, ape: bool, bpr: bool, transfer: bool) -> dict:
+        """The organ's localizer entry: label, shots, body box, APE / BPR settings, and the method chosen
+        leave-one-shot-out with each candidate's held-out scores (``selection``; None with one shot)."""
+        k = len(self.masks)
+        entry: dict = {"label": int(value), "shot_cases": self.names}
+        held: dict[str, list[np.ndarray]] = {"body_box": held_out_body_boxes(self.masks, self.bodies)}
+        alphas = {"body_box": alpha_over_shots(held["body_box"], self.masks, target, DEFAULT_ALPHA)}
+        entry["body_box"] = {"relative": mean_relative_box(self.masks, self.bodies).round(5).tolist(), "alpha": alphas["body_box"]}
+        if ape:
+            held["ape"] = [held_out_box(self.edges, self.maps[i], i, combine, self.cuts) for i in range(k)] if k > 1 else []
+            alphas["ape"] = alpha_over_shots(held["ape"], self.masks, target, DEFAULT_ALPHA)
+            entry["alpha"] = alphas["ape"]
+            entry["alpha_calibrated"] = k > 1  # leave-one-shot-out needs a second shot
+            if transfer:
+                entry["edge_points_alpha"] = alphas["ape"]  # for the fallback to edge points
+                held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer_held, held["ape"])]
+                alphas["ape_all"] = alpha_over_shots(held["ape_all"], self.masks, target, DEFAULT_ALPHA)
+                entry["alpha"] = alphas["ape_all"]
+            entry["shots"] = [{"case": n, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
+                              for n, e, cut in zip(self.names, self.edges, self.cuts)]
+        z_ranges = None
+        if bpr:
+            margin = calibrate_margin(self.intervals, self.scored, self.masks, target, combine)
+            entry["bpr"] = {"margin": margin, "intervals": [iv.round(5).tolist() for iv in self.intervals]}
+            z_ranges = held_out_z_ranges(self.intervals, self.scored, margin, lambda ivs: combine_intervals(ivs, combine))
+        if k > 1:
+            crops = held_out_crops(self.masks, held, alphas, z_ranges, ape_xy="ape_all" if transfer else "ape")
+            entry["selection"] = {m: crop_scores(self.masks, c, target) for m, c in crops.items()}
+            entry["method"] = choose(entry["selection"])
+        else:
+            entry["selection"] = None
+            entry["method"] = default_method(ape, bpr, transfer)
+        return entry
 
 
 def save_localizer(localizer: dict, path: Path) -> Path:
@@ -218,15 +301,19 @@ def _transfer_neighbours(localizer: dict, ct: Volume, canon_map: np.ndarray) -> 
 
 def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Neighbours | None, threshold: float) -> dict:
     """Canonical boxes of one organ: ``box`` (label transfer with ``neighbours``, else or where it finds nothing the
-    edge points), ``enlarged`` and the edge points' ``per_shot`` boxes; ``how`` says which method gave the box."""
+    edge points), ``enlarged``, the edge points' own ``edge_enlarged`` and ``per_shot`` boxes; ``how`` says which
+    method gave the box."""
     edges = [np.asarray(s["edge_embeddings"], dtype=np.float64) for s in entry["shots"]]
     cuts = [np.asarray(s.get("cut_sides", np.zeros((2, 3))), dtype=bool) for s in entry["shots"]]
     box, per_shot = predict_box(edges, canon_map, combine, cuts)
-    how, alpha = "edge-points", entry.get("edge_points_alpha", entry["alpha"])
+    edge_alpha = entry.get("edge_points_alpha", entry["alpha"])
+    edge_enlarged = enlarge_box(box, edge_alpha, canon_map.shape[:3])
+    how, alpha = "edge-points", edge_alpha
     found = neighbours.organ_box(entry["label"], threshold) if neighbours is not None else None
     if found is not None:
         box, how, alpha = found, "all-voxels", entry["alpha"]
-    return {"box": box, "enlarged": enlarge_box(box, alpha, canon_map.shape[:3]), "per_shot": per_shot, "how": how, "alpha": alpha}
+    return {"box": box, "enlarged": enlarge_box(box, alpha, canon_map.shape[:3]), "edge_enlarged": edge_enlarged,
+            "per_shot": per_shot, "how": how, "alpha": alpha}
 
 
 def map_stride(ct_spacing: tuple[float, ...], model_spacing: tuple[float, ...], most: int = 4) -> int:
@@ -263,41 +350,62 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
             raise ValueError("the all-voxels localizer needs the APE map on the CT's own grid (stride 1)")
         neighbours = _transfer_neighbours(localizer, ct, canon_map)
     native = lambda b: box_from_canonical(b, perm, flip, ct.shape)  # noqa: E731
+    from_map = native
     if embedding is not None and embedding.shape != ct.shape:  # a map on every step-th voxel: boxes in CT voxels
-        native = lambda b: strided_to_full(box_from_canonical(b, perm, flip, embedding.shape), embedding, ct)  # noqa: E731
+        from_map = lambda b: strided_to_full(box_from_canonical(b, perm, flip, embedding.shape), embedding, ct)  # noqa: E731
+    methods = {organ: localizer["organs"][organ].get("method") or _legacy_method(localizer["organs"][organ], localizer)
+               for organ in names}
+    body = None
+    if any(m in ("body_box", "body_bpr") for m in methods.values()):
+        body = body_box(to_canonical(ct)[0].array)
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]
-        result: dict = {"label": entry["label"]}
-        crop = None
+        result: dict = {"label": entry["label"], "method": methods[organ]}
+        crops: dict[str, np.ndarray] = {}  # native (CT voxel) crop box of each method this CT allows
         placed = True
         if canon_map is not None and "shots" in entry:
             found = _ape_boxes(entry, canon_map, localizer["combine"], neighbours, localizer.get("label_transfer", {}).get("threshold", 0))
-            box, big = native(found["box"]), native(found["enlarged"])
+            box, big = from_map(found["box"]), from_map(found["enlarged"])
             result.update({"ape_boxes": found["how"], "alpha": found["alpha"], "box_voxels": box.round(2).tolist(),
                            "box": _corners_mm(ct, box), "enlarged_box_voxels": big.round(2).tolist(),
                            "enlarged_box": _corners_mm(ct, big),
-                           "edge_points_per_shot_box_voxels": [native(b).tolist() for b in found["per_shot"]]})
-            crop = big
+                           "edge_points_per_shot_box_voxels": [from_map(b).tolist() for b in found["per_shot"]]})
+            crops["ape"] = from_map(found["edge_enlarged"])
+            crops["ape_all"] = big
+            ape_xy = big
+        if body is not None and "body_box" in entry:
+            canon_body = enlarge_box(box_in_body(entry["body_box"]["relative"], body), entry["body_box"]["alpha"], canon_shape)
+            crops["body_box"] = native(canon_body)
+            result.update({"body_box_voxels": crops["body_box"].round(2).tolist(), "body_box": _corners_mm(ct, crops["body_box"])})
         if scored is not None and "bpr" in entry:
             interval = combine_intervals([np.asarray(iv) for iv in entry["bpr"]["intervals"]], localizer["combine"])
             low, high = z_range(scored.scores, interval, entry["bpr"]["margin"])
-            placed = placed and bool(in_range(scored.scores, interval, entry["bpr"]["margin"]).any())
+            bpr_placed = bool(in_range(scored.scores, interval, entry["bpr"]["margin"]).any())
             canon_z = z_box(canon_shape, low, high)
-            bpr_box = box_from_canonical(canon_z, perm, flip, ct.shape)
+            crops["bpr_z"] = native(canon_z)
             result.update({"bpr_margin": entry["bpr"]["margin"], "bpr_z_range": [low, high],
-                           "bpr_box_voxels": bpr_box.round(2).tolist(), "bpr_box": _corners_mm(ct, bpr_box)})
-            if crop is not None:
-                combined = box_to_canonical(crop, perm, flip, ct.shape)
-                combined[:, 2] = canon_z[:, 2]
-                crop = box_from_canonical(combined, perm, flip, ct.shape)
-                result.update({"combined_box_voxels": crop.round(2).tolist(), "combined_box": _corners_mm(ct, crop)})
-            else:
-                crop = bpr_box
+                           "bpr_box_voxels": crops["bpr_z"].round(2).tolist(), "bpr_box": _corners_mm(ct, crops["bpr_z"])})
+            for combined, xy in (("ape_bpr", "ape_all"), ("body_bpr", "body_box")):
+                if xy in crops:
+                    crops[combined] = native(with_z(box_to_canonical(crops[xy], perm, flip, ct.shape), low, high))
+            if "ape_bpr" in crops:
+                result.update({"combined_box_voxels": crops["ape_bpr"].round(2).tolist(), "combined_box": _corners_mm(ct, crops["ape_bpr"])})
+            placed = bpr_placed or "bpr" not in methods[organ]
+        if methods[organ] not in crops:
+            raise InputError(f"organ '{organ}': its method {methods[organ]} needs a model this localization was not given")
+        crop = crops[methods[organ]]
         placed = placed and overlaps_image(crop, ct.shape)
         result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop), "placed": placed})
         out[organ] = result
     return out
+
+
+def _legacy_method(entry: dict, localizer: dict) -> str:
+    """The crop method of a localizer entry written before methods were chosen per organ (no ``method``): the
+    combination of its models, APE's box being label transfer where the localizer has it."""
+    has_ape, has_bpr = "shots" in entry, "bpr" in entry
+    return "ape_bpr" if has_ape and has_bpr else ("ape_all" if has_ape else "bpr_z")
 
 
 def localize_volume(localizer: dict, ct: Volume, ape_model: nn.Module | None = None, bpr_model: nn.Module | None = None,

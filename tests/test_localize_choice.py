@@ -1,0 +1,113 @@
+"""Per-organ method choice (leave-one-shot-out on the shots), body-box localizers and partially contoured data sets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from test_localize_evaluate import _case
+from nnunet_ape.io import read_volume
+from nnunet_ape.localize.boxes import box_recall, mask_box
+from nnunet_ape.localize.choice import box_in_body, choose, held_out_body_boxes, mean_relative_box, relative_box
+from nnunet_ape.localize.evaluate import evaluate_organ
+
+HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
+
+
+def _scores(recalls: list[float], fraction: float, target: float = 0.99) -> dict:
+    return {"recall_min": min(recalls), "recall_mean": float(np.mean(recalls)), "crop_fraction": fraction,
+            "reached": min(recalls) >= target}
+
+
+def test_choose_takes_the_smallest_crop_that_kept_the_target():
+    scores = {"body_box": _scores([1.0, 0.995], 0.30), "ape": _scores([1.0, 0.999], 0.10), "bpr_z": _scores([0.9, 1.0], 0.05)}
+    assert choose(scores) == "ape"  # bpr_z is smaller but lost 10 % of one shot's organ
+    scores["ape"]["crop_fraction"] = 0.30
+    assert choose(scores) == "body_box"  # a tie goes to the body box: a model must beat the trivial baseline
+    nothing = {"body_box": _scores([0.8, 0.9], 0.3), "ape": _scores([0.95, 0.97], 0.2)}
+    assert choose(nothing) == "ape"  # none reached the target: the highest mean recall
+
+
+def test_relative_body_boxes_follow_the_body():
+    body = np.array([[10.0, 20.0, 0.0], [50.0, 60.0, 99.0]])
+    organ = np.array([[20.0, 30.0, 33.0], [30.0, 40.0, 66.0]])
+    relative = relative_box(organ, body)
+    assert np.allclose(box_in_body(relative, body), organ)
+    moved = body + [5, -5, 10]
+    assert np.allclose(box_in_body(relative, moved), organ + [5, -5, 10])
+    masks = [np.zeros((60, 70, 100), bool) for _ in range(3)]
+    for m, shift in zip(masks, (0, 2, 4)):
+        m[20 + shift : 31 + shift, 30:41, 33:67] = True
+    bodies = [body + [s, 0, 0] for s in (0, 2, 4)]
+    assert np.allclose(mean_relative_box(masks, bodies), relative)  # the organ moves with the body: same place in it
+    held = held_out_body_boxes(masks, bodies)
+    assert len(held) == 3 and all(np.allclose(h, mask_box(m)) for h, m in zip(held, masks))
+    assert held_out_body_boxes(masks[:1], bodies[:1]) == []
+
+
+def test_fold_choice_prefers_ape_on_good_maps_and_the_body_box_on_useless_ones():
+    # the organ is fixed in the image while the body moves: a perfect map (APE) finds it exactly, the body box does not
+    shifts = (0, 3, -3, 2, -2, 1)
+    good = [_case(f"g{i}", (15, 15, 15), body_shift=s) for i, s in enumerate(shifts)]
+    result = evaluate_organ(good, value=1, shots=3)
+    assert set(result["chosen"]) <= {"ape", "ape_all"}, result["chosen"]
+    assert result["recall_calibrated_chosen"] >= 0.99
+    assert result["vr_calibrated_chosen"] > result["vr_calibrated_body_box"]
+    # the organ moves with the body and the maps say nothing (all zeros): the body box is exact, APE collapses
+    flat = [_case(f"f{i}", (15 + s, 15, 15), body_shift=s) for i, s in enumerate(shifts)]
+    for case in flat:
+        case.embedding[:] = 0.0
+    result = evaluate_organ(flat, value=1, shots=3)
+    assert result["chosen"] == {"body_box": 2}
+    assert result["recall_calibrated_chosen"] == result["recall_calibrated_body_box"] >= 0.99
+    assert result["vr_calibrated_chosen"] > 5 * result["vr_calibrated_ape"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnunet_ape", *args], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
+def test_body_box_localizer_on_a_partially_contoured_real_dataset(tmp_path):
+    """No model at all: per organ only the cases that contour it are shots, and the body box alone localizes."""
+    labels = json.loads((HEADNECK / "dataset.json").read_text())["labels"]
+    out = tmp_path / "body.json"
+    fit = _cli("localize", "fit", "-d", str(HEADNECK), "--organs", "esophagus", "parotid_left", "--shots", "4", "-o", str(out))
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    localizer = json.loads(out.read_text())
+    assert localizer["method"] == "body" and "ape_checkpoint" not in localizer
+    for organ in ("esophagus", "parotid_left"):
+        entry = localizer["organs"][organ]
+        assert len(entry["shot_cases"]) == 4 and entry["method"] == "body_box"
+        for case in entry["shot_cases"]:  # every shot contours the organ
+            assert (read_volume(HEADNECK / "labelsTr" / f"{case}.nii.gz").array == labels[organ]).any()
+        assert entry["selection"]["body_box"]["reached"] in (True, False) and entry["body_box"]["alpha"] >= 1
+        assert f"{organ}: 4 shot(s), method body_box" in fit.stdout
+    # the esophagus is contoured in fewer cases than the parotid: its shots reach further into the data set
+    assert localizer["organs"]["esophagus"]["shot_cases"] != localizer["organs"]["parotid_left"]["shot_cases"]
+    assert set(localizer["shots"]) == {c for o in localizer["organs"].values() for c in o["shot_cases"]}
+    # predict on a case that was no shot and contours both organs
+    test = next(c for c in sorted(p.name[:-7] for p in (HEADNECK / "labelsTr").glob("*.nii.gz"))[60:]
+                if {labels["esophagus"], labels["parotid_left"]} <= set(np.unique(read_volume(HEADNECK / "labelsTr" / f"{c}.nii.gz").array)))
+    boxes_dir = tmp_path / "boxes"
+    pred = _cli("localize", "predict", "-l", str(out), "-i", str(HEADNECK / "imagesTr" / f"{test}_0000.nii.gz"), "-o", str(boxes_dir))
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    result = json.loads((boxes_dir / f"{test}_boxes.json").read_text())
+    label = read_volume(HEADNECK / "labelsTr" / f"{test}.nii.gz").array
+    for organ in ("esophagus", "parotid_left"):
+        entry = result["organs"][organ]
+        assert entry["method"] == "body_box" and entry["crop_box_voxels"] == entry["body_box_voxels"]
+        assert box_recall(label == labels[organ], np.array(entry["crop_box_voxels"])) > 0.8
+        assert np.prod(np.diff(entry["crop_box_voxels"], axis=0) + 1) < 0.5 * label.size  # a crop, not the image
+    lacking = next(c for c in sorted(p.name[:-7] for p in (HEADNECK / "labelsTr").glob("*.nii.gz"))
+                   if labels["larynx"] not in np.unique(read_volume(HEADNECK / "labelsTr" / f"{c}.nii.gz").array))
+    nowhere = _cli("localize", "fit", "--images", str(HEADNECK / "imagesTr" / f"{lacking}_0000.nii.gz"), "--labels",
+                   str(HEADNECK / "labelsTr" / f"{lacking}.nii.gz"), "--label-names", str(HEADNECK / "dataset.json"),
+                   "--organs", "larynx", "--shots", "1", "-o", str(tmp_path / "none.json"))
+    assert nowhere.returncode == 2 and "contoured in none" in nowhere.stderr and not (tmp_path / "none.json").exists()
+    assert len(nowhere.stderr.strip().splitlines()) == 1
