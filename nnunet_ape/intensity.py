@@ -7,7 +7,18 @@ import torch
 
 HU_WINDOW: tuple[float, float] = (-1000.0, 1000.0)  # default clipping window at inference
 HU_SCALE = 1000.0
-AIR_VALUE = HU_WINDOW[0] / HU_SCALE  # network input value of air; used for padding
+AIR_HU = -1000.0
+AIR_VALUE = AIR_HU / HU_SCALE  # network input value of air; used for padding
+
+
+def floor_at_air(hu: np.ndarray) -> np.ndarray:
+    """``hu`` with every value below air (-1000 HU) raised to air, same dtype.
+
+    Nothing scanned is less dense than air: lower values are a scanner's padding outside the scan circle (-3024,
+    -2048, -2000 HU, ...). Interpolated, blurred or noised before an HU window clips them, they would drag the
+    voxels along the circle's edge far below air and draw the circle, an acquisition trait, into the input.
+    """
+    return np.maximum(hu, np.asarray(AIR_HU, dtype=hu.dtype))
 
 
 def normalize_hu(hu: torch.Tensor | np.ndarray, window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:

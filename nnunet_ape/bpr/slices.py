@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_ape.intensity import floor_at_air
 from nnunet_ape.io import Volume, to_canonical
 
 SLICE_MM = 3.5
@@ -45,11 +46,12 @@ def axial_slices(
     The CT is brought to canonical (LPS) order first, so ``z_indices`` count from the feet; each slice is
     resampled to ``pixel_mm`` in plane on a ``size`` x ``size`` grid (air outside) centred on the slice's body
     (:func:`slice_centre`), so a scan cropped or shifted in plane gives the same input; ``centre_on_body=False``
-    centres on the image, as bpreg does. Rows run along x (patient right to left), columns along y (anterior to
-    posterior).
+    centres on the image, as bpreg does. Values below air (scanner padding) are read as air before resampling.
+    Rows run along x (patient right to left), columns along y (anterior to posterior).
     """
     canon, _ = to_canonical(volume)
-    planes = torch.from_numpy(np.stack([np.asarray(canon.array[:, :, z], dtype=np.float32) for z in z_indices]))  # (B, X, Y)
+    planes = np.stack([np.asarray(canon.array[:, :, z], dtype=np.float32) for z in z_indices])  # (B, X, Y)
+    planes = torch.from_numpy(floor_at_air(planes))
     n_x, n_y = planes.shape[1:]
     if centre_on_body:
         centres = torch.tensor([slice_centre(p) for p in planes.numpy()], dtype=torch.float32)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from nnunet_ape.intensity import AIR_HU, floor_at_air
 from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
 from nnunet_ape.pretrain.cache import CachedCT
 from nnunet_ape.pretrain.views import (
@@ -59,7 +60,9 @@ class BatchConfig:
 
 
 def extract_view(volume: np.ndarray, spacing: np.ndarray, box: ViewBox) -> np.ndarray:
-    """Resample the part of ``volume`` (``(X, Y, Z)`` HU, voxel 0 at 0 mm) under ``box``; air (-1000) outside."""
+    """Resample the part of ``volume`` (``(X, Y, Z)`` HU, voxel 0 at 0 mm) under ``box``; air (-1000) outside.
+
+    Values below air (scanner padding) are read as air (:func:`nnunet_ape.intensity.floor_at_air`)."""
     coords = [axis_coords(n, s0 / sp, vs / sp) for n, s0, vs, sp in zip(box.shape, box.start, box.spacing, spacing)]
     # read only the source sub-block the view touches (the volume may be a memory map)
     slices, local = [], []
@@ -67,12 +70,12 @@ def extract_view(volume: np.ndarray, spacing: np.ndarray, box: ViewBox) -> np.nd
         lo = int(max(math.floor(float(c.min())), 0))
         hi = int(min(math.ceil(float(c.max())) + 1, size))
         if hi <= lo:  # view entirely outside along this axis
-            return np.full(box.shape, -1000.0, dtype=np.float32)
+            return np.full(box.shape, AIR_HU, dtype=np.float32)
         slices.append(slice(lo, hi))
         local.append(c - lo)
-    block = torch.from_numpy(np.asarray(volume[tuple(slices)], dtype=np.float32))
+    block = torch.from_numpy(floor_at_air(np.asarray(volume[tuple(slices)], dtype=np.float32)))
     # the block reaches the volume's border wherever the view does, so "outside the block" = outside the CT
-    return resample_grid(block, local, fill=-1000.0).numpy()
+    return resample_grid(block, local, fill=AIR_HU).numpy()
 
 
 def make_batch(volume: np.ndarray, spacing: tuple[float, ...], cfg: BatchConfig, rng: np.random.Generator) -> dict:

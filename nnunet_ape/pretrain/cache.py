@@ -1,5 +1,6 @@
-"""Training cache: each CT once read, reoriented to canonical order, cropped to its dense foreground and stored
-as an int16 ``.npy`` that background workers memory-map (so 8000 CTs need not fit in memory)."""
+"""Training cache: each CT once read, reoriented to canonical order, cropped to its dense foreground, values below
+air (scanner padding) raised to air, and stored as an int16 ``.npy`` that background workers memory-map (so 8000
+CTs need not fit in memory)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from nnunet_ape.intensity import floor_at_air
 from nnunet_ape.io import output_name, read_volume, to_canonical
 
 FOREGROUND_HU = -500.0
@@ -64,7 +66,7 @@ def prepare_cache(images: list[Path], cache_dir: Path, min_size: int = 8) -> lis
                 cached.append(CachedCT(array_path, tuple(meta["spacing"])))
                 continue
         canon, _ = to_canonical(read_volume(image, min_size=min_size))
-        hu = canon.array[foreground_box(canon.array)]
+        hu = floor_at_air(canon.array[foreground_box(canon.array)])
         hu = np.clip(hu, -32768, 32767).astype(np.int16)
         tmp = array_path.with_suffix(".tmp.npy")
         np.save(tmp, hu)
