@@ -33,8 +33,8 @@ RECIPE = ["--model", "small", "--spacing", "4,4,4:5,5,5", "--patch-volume", "300
           "--variant", "equiv", "--lr", "1e-3", "--lr-schedule", "cosine", "--workers", "1", "--checkpoint-every", "500"]
 
 
-def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reuse: bool) -> dict:
-    """Run ``nnunet-ape pretrain ape`` with :data:`RECIPE` on ``images`` into ``run``; returns what it reached."""
+def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reuse: bool, recipe: list[str] = RECIPE) -> dict:
+    """Run ``nnunet-ape pretrain ape`` with ``recipe`` (flags) on ``images`` into ``run``; returns what it reached."""
     import torch
 
     final = run / "checkpoint_final.pt"
@@ -45,14 +45,14 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
         listing.write_text("\n".join(str(p) for p in images) + "\n")
         t0 = time.perf_counter()
         resume = ["--resume"] if (run / "checkpoint_last.pt").exists() else []
-        subprocess.run([sys.executable, "-m", "nnunet_ape", "pretrain", "ape", "-i", str(listing), "-o", str(run), *RECIPE,
+        subprocess.run([sys.executable, "-m", "nnunet_ape", "pretrain", "ape", "-i", str(listing), "-o", str(run), *recipe,
                         "--iterations", str(iterations), "--max-minutes", str(minutes), *resume], check=True)
         seconds = time.perf_counter() - t0
     state = torch.load(final, map_location="cpu", weights_only=True)
     return {"checkpoint": str(final), "iterations": int(state.get("iteration", -1)), "seconds": seconds}
 
 
-def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str) -> dict:
+def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu") -> dict:
     """The protocol at each k in ``shots`` on ``cases`` (embedded once); ``{k: evaluate_localization-like result}``."""
     from tqdm import tqdm
 

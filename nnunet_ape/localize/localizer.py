@@ -24,11 +24,11 @@ from nnunet_ape.checkpoint import file_hash, load_ape_model, load_ape_settings
 from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
-from nnunet_ape.io import Volume, canonical_orientation, to_canonical
+from nnunet_ape.io import Volume, canonical_orientation, read_volume, to_canonical
 from nnunet_ape.localize.body import body_box
 from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
 from nnunet_ape.localize.boxes import alpha_over_shots, enlarge_box
-from nnunet_ape.localize.cases import LabeledCase, read_case
+from nnunet_ape.localize.cases import LabeledCase, label_values, read_case
 from nnunet_ape.localize.choice import (
     box_in_body,
     choose,
@@ -80,9 +80,6 @@ def _method(ape: Path | None, bpr: Path | None) -> str:
 
 def organ_values(case: LabeledCase) -> set[int]:
     """The label values present in a case's label map (read without the CT)."""
-    from nnunet_ape.io import read_volume
-    from nnunet_ape.localize.cases import label_values
-
     return {int(v) for v in np.unique(label_values(read_volume(case.label, check_finite=False).array, case.label))}
 
 

@@ -101,7 +101,7 @@ def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels)
     entry.update({"box_voxels": box.tolist(), "box": box_corners_mm(ct, box), "crop_shape": list(box_shape(box)),
                   "voxel_ratio": float(np.prod(ct.shape) / np.prod(box_shape(box)))})
     if features.boxes:
-        entry["localizer_boxes"] = {o: {k: b[k] for k in ("crop_box_voxels", "ape_boxes") if k in b} for o, b in features.boxes.items()}
+        entry["localizer_boxes"] = {o: {k: b[k] for k in ("crop_box_voxels", "method", "ape_boxes") if k in b} for o, b in features.boxes.items()}
     images = job.partial / ("imagesTr" if split == "train" else "imagesTs")
     ending = job.source.file_ending
     for k, volume in enumerate(channels):

@@ -154,7 +154,7 @@ class LocalizedPredictor:
         box = whole
         if model.crops:
             boxes = features.boxes
-            entry["localizer"] = {o: {k: boxes[o][k] for k in ("crop_box_voxels", "crop_box", "placed", "ape_boxes", "alpha", "bpr_z_range")
+            entry["localizer"] = {o: {k: boxes[o][k] for k in ("crop_box_voxels", "crop_box", "placed", "method", "ape_boxes", "alpha", "bpr_z_range")
                                       if k in boxes[o]} for o in model.organs}
             placed = [o for o in model.organs if boxes[o]["placed"]]
             unplaced = [o for o in model.organs if not boxes[o]["placed"]]
