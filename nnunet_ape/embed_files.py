@@ -45,24 +45,27 @@ def output_paths(images: list[Path], out: Path) -> list[Path]:
 
 
 def embed_files(
-    checkpoint: Path, images: list[Path], out: Path, settings: EmbedSettings, device: str, png: bool = False
+    checkpoint: Path, images: list[Path], out: Path, settings: EmbedSettings, device: str, png: bool = False,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Embed every image with the model in ``checkpoint``; returns the written map paths.
+    """Embed every image with the model in ``checkpoint``; returns the map paths (written now or kept).
 
-    Inputs are checked before anything is written; each output file is written atomically.
+    Inputs are checked before anything is written; each output file is written atomically, so a map that exists is
+    complete: it is kept (a restarted job goes on where it stopped) unless ``overwrite``.
     """
     model, _ = load_ape_model(checkpoint)
     for image in images:
         check_header(image)
     targets = output_paths(images, out)
-    written = []
-    for image, target in tqdm(list(zip(images, targets)), desc="cases", unit="ct", disable=len(images) == 1):
+    todo = [(i, t) for i, t in zip(images, targets) if overwrite or not t.exists()]
+    if len(todo) < len(images):
+        print(f"{len(images) - len(todo)} of {len(images)} maps exist already and are kept (--overwrite replaces them)")
+    for image, target in tqdm(todo, desc="cases", unit="ct", disable=len(todo) <= 1):
         volume = read_volume(image, min_size=MIN_VOXELS)
         began = time.perf_counter()
         embedding = embed_volume(model, volume, settings, device=device)
         seconds = time.perf_counter() - began
         write_volume(embedding, target)
-        written.append(target)
         if png:
             # a strided map overlays the CT subsampled on the same grid
             step = settings.stride
@@ -70,4 +73,4 @@ def embed_files(
             png_path = target.with_name(output_name(target) + ".png")
             embedding_overlay_png(ct, embedding, png_path, title=f"{image.name}: APE map ({seconds:.1f} s)")
         print(f"{image} -> {target} ({seconds:.2f} s)")
-    return written
+    return targets

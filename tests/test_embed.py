@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import patient
+from conftest import DATA, patient
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.embed import EmbedSettings, embed_volume, sliding_window, window_starts
 from nnunet_ape.intensity import normalize_hu
@@ -118,3 +118,24 @@ def test_bad_inputs_give_one_line_error_and_no_output(pretrained_run, tmp_path):
         assert not out.exists()
     result = _cli("embed", "-m", str(tmp_path / "nope.pt"), "-i", str(patient("A")), "-o", str(tmp_path / "o"))
     assert result.returncode == 2 and "checkpoint not found" in result.stderr
+
+
+def test_embed_over_a_folder_keeps_finished_maps_when_restarted(pretrained_run, tmp_path):
+    headneck = DATA.parent / "Dataset901_HeadNeckCT" / "imagesTr"
+    if not headneck.exists():
+        pytest.skip("head-and-neck dataset not available")
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    for name in ("hn_001_0000.nii.gz", "hn_002_0000.nii.gz"):
+        (folder / name).symlink_to(headneck / name)
+    model, out = str(pretrained_run / "checkpoint_final.pt"), tmp_path / "maps"
+    first = _cli("embed", "-m", model, "-i", str(folder), "-o", str(out), "--device", "cpu")
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept, redo = out / "hn_001_ape.nii.gz", out / "hn_002_ape.nii.gz"
+    stamp = kept.stat().st_mtime_ns
+    redo.unlink()  # as if the job had stopped before this case
+    again = _cli("embed", "-m", model, "-i", str(folder), "-o", str(out), "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 of 2 maps exist already" in again.stdout and redo.exists() and kept.stat().st_mtime_ns == stamp
+    forced = _cli("embed", "-m", model, "-i", str(folder), "-o", str(out), "--device", "cpu", "--overwrite")
+    assert forced.returncode == 0 and kept.stat().st_mtime_ns != stamp

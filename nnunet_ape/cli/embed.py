@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows (0-0.9)")
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
     p.add_argument("--png", action="store_true", help="also write CASE_ape.png: the three channels as RGB over the CT in three planes")
+    p.add_argument("--overwrite", action="store_true", help="replace maps that exist (default: keep them, so a restarted job "
+                   "skips the cases it finished)")
     p.set_defaults(func=_run_embed)
 
 
@@ -45,4 +47,5 @@ def _run_embed(args) -> None:
         load_ape_settings(args.model), spacing=args.spacing, patch_size=args.patch_size, overlap=args.overlap,
         batch_size=args.batch_size, stride=args.stride, half=args.float16,
     )
-    embed_files(args.model, images, args.output, settings, str(resolve_device(args.device)), png=args.png)
+    embed_files(args.model, images, args.output, settings, str(resolve_device(args.device)), png=args.png,
+                overwrite=args.overwrite)
