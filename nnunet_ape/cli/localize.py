@@ -48,6 +48,8 @@ def add_parser(sub) -> None:
     pred.add_argument("--organs", nargs="+", help="subset of the localizer's organs")
     pred.add_argument("--png", action="store_true", help="also write CASE_boxes.png with the boxes drawn on the CT")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pred.add_argument("--overwrite", action="store_true", help="redo cases whose CASE_boxes.json exists (default: keep "
+                      "them, so a restarted job skips the cases it finished)")
     pred.set_defaults(func=_run_localize_predict)
 
 
@@ -85,6 +87,8 @@ def _run_localize_fit(args) -> None:
 def _run_localize_predict(args) -> None:
     import json
 
+    from tqdm import tqdm
+
     from nnunet_ape.atomic import atomic_path
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.inputs import resolve_images
@@ -101,13 +105,16 @@ def _run_localize_predict(args) -> None:
     device = str(resolve_device(args.device))
     ape_model = load_ape_model(ape_path)[0] if ape_path else None
     bpr_model = load_bpr_model(bpr_path)[0] if bpr_path else None
-    for image in images:
+    todo = [i for i in images if args.overwrite or not (args.output / f"{output_name(i)}_boxes.json").exists()]
+    if len(todo) < len(images):
+        print(f"{len(images) - len(todo)} of {len(images)} cases have their boxes already and are kept (--overwrite redoes them)")
+    for image in tqdm(todo, desc="localizing", unit="case", disable=len(todo) <= 1):
         ct = read_volume(image, min_size=MIN_VOXELS)
         boxes = localize_volume(localizer, ct, ape_model, bpr_model, device, args.organs)
         name = output_name(image)
         result = {"image": str(image), "shape": list(ct.shape), "spacing": list(ct.spacing), "organs": boxes}
-        with atomic_path(args.output / f"{name}_boxes.json") as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=1))
         if args.png:
             boxes_png(ct, boxes, args.output / f"{name}_boxes.png", title=f"{image.name}: organ boxes")
-        print(f"{image} -> {args.output / (name + '_boxes.json')}")
+        with atomic_path(args.output / f"{name}_boxes.json") as tmp:  # last: the case's done mark
+            Path(tmp).write_text(json.dumps(result, indent=1))
+        tqdm.write(f"{image} -> {args.output / (name + '_boxes.json')}")
