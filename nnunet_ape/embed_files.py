@@ -13,6 +13,7 @@ from nnunet_ape.embed import EmbedSettings, embed_volume
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import IMAGE_SUFFIXES, output_name, read_volume, write_volume
 from nnunet_ape.plots import embedding_overlay_png
+from nnunet_ape.resume import unfinished
 
 MIN_VOXELS = 8  # per axis; smaller inputs carry too little anatomy for a positional embedding
 
@@ -57,9 +58,7 @@ def embed_files(
     for image in images:
         check_header(image)
     targets = output_paths(images, out)
-    todo = [(i, t) for i, t in zip(images, targets) if overwrite or not t.exists()]
-    if len(todo) < len(images):
-        print(f"{len(images) - len(todo)} of {len(images)} maps exist already and are kept (--overwrite replaces them)")
+    todo = unfinished(list(zip(images, targets)), lambda pair: pair[1], overwrite, "maps")
     for image, target in tqdm(todo, desc="cases", unit="ct", disable=len(todo) <= 1):
         volume = read_volume(image, min_size=MIN_VOXELS)
         began = time.perf_counter()

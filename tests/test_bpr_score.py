@@ -48,6 +48,12 @@ def test_score_cli_writes_bpreg_keys_and_png(bpr_run, tmp_path):
     assert result["body part examined tag"] == "NONE" and result["calibrated"] is False  # uncalibrated model
     expected_z = ct.index_to_physical(np.stack([np.zeros(n), np.zeros(n), np.arange(n)], 1))[:, 2]
     assert np.allclose(result["z"], expected_z, atol=1e-2)
+    stamp = (out / "ts_c_chest_cta_ct_bpr.json").stat().st_mtime_ns
+    assert main(["score", "-m", str(bpr_run / "checkpoint_final.pt"), "-i", str(patient("C")), "-o", str(out), "--device", "cpu"]) == 0
+    assert (out / "ts_c_chest_cta_ct_bpr.json").stat().st_mtime_ns == stamp  # a restarted job keeps finished cases
+    assert main(["score", "-m", str(bpr_run / "checkpoint_final.pt"), "-i", str(patient("C")), "-o", str(out), "--device", "cpu",
+                 "--overwrite"]) == 0
+    assert (out / "ts_c_chest_cta_ct_bpr.json").stat().st_mtime_ns != stamp
     cleaned = _finite(result["cleaned slice scores"])
     rho = spearmanr(np.arange(n)[np.isfinite(cleaned)], cleaned[np.isfinite(cleaned)]).correlation
     print(f"patient C: Spearman(cleaned score, z) = {rho:.3f}")

@@ -100,7 +100,7 @@ def test_body_box_localizer_on_a_partially_contoured_real_dataset(tmp_path):
     result = json.loads((boxes_dir / f"{test}_boxes.json").read_text())
     stamp = (boxes_dir / f"{test}_boxes.json").stat().st_mtime_ns
     again = _cli("localize", "predict", "-l", str(out), "-i", str(HEADNECK / "imagesTr" / f"{test}_0000.nii.gz"), "-o", str(boxes_dir))
-    assert again.returncode == 0 and "1 of 1 cases have their boxes already" in again.stdout
+    assert again.returncode == 0 and "1 of 1 box files exist already" in again.stdout
     assert (boxes_dir / f"{test}_boxes.json").stat().st_mtime_ns == stamp  # a restarted job skips finished cases
     label = read_volume(HEADNECK / "labelsTr" / f"{test}.nii.gz").array
     for organ in ("esophagus", "parotid_left"):

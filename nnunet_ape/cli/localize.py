@@ -98,6 +98,7 @@ def _run_localize_predict(args) -> None:
     from nnunet_ape.embed_files import MIN_VOXELS
     from nnunet_ape.localize.localizer import check_organs, load_localizer, localize_volume
     from nnunet_ape.plots import boxes_png
+    from nnunet_ape.resume import unfinished
 
     localizer, ape_path, bpr_path = load_localizer(args.localizer, args.model, args.bpr_model)
     check_organs(localizer, args.organs)  # before any work or output
@@ -105,9 +106,7 @@ def _run_localize_predict(args) -> None:
     device = str(resolve_device(args.device))
     ape_model = load_ape_model(ape_path)[0] if ape_path else None
     bpr_model = load_bpr_model(bpr_path)[0] if bpr_path else None
-    todo = [i for i in images if args.overwrite or not (args.output / f"{output_name(i)}_boxes.json").exists()]
-    if len(todo) < len(images):
-        print(f"{len(images) - len(todo)} of {len(images)} cases have their boxes already and are kept (--overwrite redoes them)")
+    todo = unfinished(images, lambda i: args.output / f"{output_name(i)}_boxes.json", args.overwrite, "box files")
     for image in tqdm(todo, desc="localizing", unit="case", disable=len(todo) <= 1):
         ct = read_volume(image, min_size=MIN_VOXELS)
         boxes = localize_volume(localizer, ct, ape_model, bpr_model, device, args.organs)

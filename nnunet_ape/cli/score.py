@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     score.add_argument("--png", action="store_true", help="also write CASE_bpr.png: score against z beside the coronal CT")
     score.add_argument("--smoothing-mm", type=float, default=10.0, help="Gaussian sigma along z for the cleaned scores (0: none)")
     score.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    score.add_argument("--overwrite", action="store_true", help="redo cases whose CASE_bpr.json exists (default: keep them, "
+                       "so a restarted job skips the cases it finished)")
     score.set_defaults(func=_run_score)
 
     cal = sub.add_parser(
@@ -61,6 +63,7 @@ def _run_score(args) -> None:
     from nnunet_ape.inputs import resolve_images
     from nnunet_ape.io import output_name, read_volume
     from nnunet_ape.plots import scores_png
+    from nnunet_ape.resume import unfinished
 
     if args.smoothing_mm < 0:
         raise InputError(f"--smoothing-mm {args.smoothing_mm}: must be >= 0 (0 turns smoothing off)")
@@ -72,14 +75,15 @@ def _run_score(args) -> None:
     if len({output_name(p) for p in images}) != len(images):
         raise InputError("input cases share names; give them unique file names")
     device = str(resolve_device(args.device))
-    for image in tqdm(images, desc="scoring", unit="ct", disable=len(images) == 1):
+    todo = unfinished(images, lambda i: args.output / f"{output_name(i)}_bpr.json", args.overwrite, "score files")
+    for image in tqdm(todo, desc="scoring", unit="ct", disable=len(todo) <= 1):
         ct = read_volume(image, min_size=MIN_SLICES)
         result = {"image": str(image), "model": str(args.model), **score_volume(model, ct, calibration, device, str(image), args.smoothing_mm)}
         target = args.output / f"{output_name(image)}_bpr.json"
-        with atomic_path(target) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=1))
         if args.png:
             scores_png(ct, result, target.with_suffix(".png"), title=f"{image.name}: BPR slice scores")
+        with atomic_path(target) as tmp:  # last: the case's done mark
+            Path(tmp).write_text(json.dumps(result, indent=1))
         for warning in result["warnings"]:
             print(f"nnunet-ape: warning: {image.name}: {warning}", file=sys.stderr)
         print(f"{image} -> {target} (tag {result['body part examined tag']})")
