@@ -52,20 +52,25 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
     return {"checkpoint": str(final), "iterations": int(state.get("iteration", -1)), "seconds": seconds}
 
 
-def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu") -> dict:
-    """The protocol at each k in ``shots`` on ``cases`` (embedded once); ``{k: evaluate_localization-like result}``."""
+def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu",
+             bpr_checkpoint: Path | None = None) -> dict:
+    """The protocol at each k in ``shots`` on ``cases`` (embedded, and scored with ``bpr_checkpoint``, once);
+    ``{"embed_seconds": s, "results": {k: evaluate_localization-like result}}``."""
     from tqdm import tqdm
 
+    from nnunet_ape.bpr.scoring import load_bpr_model
     from nnunet_ape.checkpoint import load_ape_model
-    from nnunet_ape.localize.evaluate import METHODS, TransferBoxes, evaluate_organ, mean_over_organs, prepare
+    from nnunet_ape.localize.evaluate import BPR_METHODS, METHODS, TransferBoxes, evaluate_organ, mean_over_organs, prepare
     from nnunet_ape.localize.localizer import embed_settings_for
 
     model, _ = load_ape_model(checkpoint)
     settings = embed_settings_for(checkpoint)
+    bpr_model = load_bpr_model(bpr_checkpoint)[0] if bpr_checkpoint else None
+    methods = [*METHODS, *(BPR_METHODS if bpr_model is not None else ())]
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-headneck-") as store:
         t0 = time.perf_counter()
-        prepared = [prepare(c, model, settings, device, None, Path(store)) for c in tqdm(cases, desc="embedding", unit="case")]
+        prepared = [prepare(c, model, settings, device, bpr_model, Path(store)) for c in tqdm(cases, desc="embedding", unit="case")]
         embed_s = time.perf_counter() - t0
         for k in shots:
             t0 = time.perf_counter()
@@ -74,22 +79,24 @@ def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[
                          for name, value in tqdm(organs.items(), desc=f"{k}-shot", unit="organ")}
             out[k] = {"organs": per_organ, "mean": mean_over_organs(per_organ), "seconds": time.perf_counter() - t0,
                       "settings": {"shots": k, "target_recall": 0.99, "combine": "mean", "cases": len(cases),
-                                   "methods": list(METHODS), "max_folds": folds}}
+                                   "methods": methods, "max_folds": folds}}
         del prepared
     return {"embed_seconds": embed_s, "results": out}
 
 
 def summary(results: dict) -> str:
     """One row per k: the mean over organs of IoU and of the calibrated crops per method, and the choice."""
-    methods = ("ape", "ape_all", "body_box", "chosen")
-    titles = {"ape": "APE 6 points", "ape_all": "APE all voxels", "body_box": "body box", "chosen": "chosen"}
-    head = ["shots", "MRE_c (mm)"] + [f"IoU {titles[m]}" for m in methods[:3]]
-    head += [f"recall / VR {titles[m]}" for m in methods]
+    from nnunet_ape.localize.evaluate import TITLES
+
+    first = next(iter(results.values()))["mean"]
+    boxes = [m for m in ("ape", "ape_all", "body_box", "bpr_z", "ape_bpr") if f"iou_{m}" in first]
+    crops = [m for m in ("ape", "ape_all", "body_box", "bpr_z", "ape_bpr", "body_bpr", "chosen") if f"recall_calibrated_{m}" in first]
+    head = ["shots", "MRE_c (mm)"] + [f"IoU {TITLES[m]}" for m in boxes] + [f"recall / VR {TITLES[m]}" for m in crops]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, r in results.items():
         m = r["mean"]
-        cells = [str(k), f"{m['mre_c']:.1f}"] + [f"{m[f'iou_{x}']:.3f}" for x in methods[:3]]
-        cells += [f"{m[f'recall_calibrated_{x}']:.3f} / {m[f'vr_calibrated_{x}']:.1f}" for x in methods]
+        cells = [str(k), f"{m['mre_c']:.1f}"] + [f"{m[f'iou_{x}']:.3f}" for x in boxes]
+        cells += [f"{m[f'recall_calibrated_{x}']:.3f} / {m[f'vr_calibrated_{x}']:.1f}" for x in crops]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=7500, help="pretraining iterations (cosine schedule length)")
     parser.add_argument("--minutes", type=float, default=58.0, help="pretraining time cap")
     parser.add_argument("--model", type=Path, help="evaluate this APE checkpoint instead of pretraining one")
+    parser.add_argument("--bpr-model", type=Path, help="a BPR checkpoint (bench_headneck_bpr.py): adds BPR z and APE x/y + BPR z")
     parser.add_argument("--reuse", action="store_true", help="keep WORK/ape's final checkpoint if it exists")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--folds", type=int, default=3, help="folds per k (each tests on every other evaluation case)")
@@ -121,11 +129,11 @@ def main() -> None:
     else:
         run = pretrain([c.image for c in train], args.work / "ape", args.iterations, args.minutes, args.reuse)
     print(f"APE pretraining: {run}; recipe: {' '.join(RECIPE)}")
-    evaluation = evaluate(Path(run["checkpoint"]), held_out, organs, args.shots, args.folds, args.device)
+    evaluation = evaluate(Path(run["checkpoint"]), held_out, organs, args.shots, args.folds, args.device, args.bpr_model)
     from nnunet_ape.localize.evaluate import markdown_tables
 
     report = [f"# Head-and-neck localization ({time.strftime('%Y-%m-%d')}, {machine()})", "",
-              f"Pretraining: {run}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
+              f"Pretraining: {run}", f"BPR: {args.bpr_model}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
               summary(evaluation["results"]), ""]
     for k, result in evaluation["results"].items():
         report += [f"({k}-shot evaluation: {result['seconds']:.0f} s)", "", markdown_tables(result), ""]
