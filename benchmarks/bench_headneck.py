@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="evaluate this APE checkpoint instead of pretraining one")
     parser.add_argument("--bpr-model", type=Path, help="a BPR checkpoint (bench_headneck_bpr.py): adds BPR z and APE x/y + BPR z")
     parser.add_argument("--reuse", action="store_true", help="keep WORK/ape's final checkpoint if it exists")
+    parser.add_argument("--eval-cases", type=int, default=None, help="evaluate on the first N held-out cases only")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--folds", type=int, default=3, help="folds per k (each tests on every other evaluation case)")
     parser.add_argument("--device", default="cpu")
@@ -119,7 +120,7 @@ def main() -> None:
     from nnunet_ape.localize.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
-    train, held_out = cases[: args.pretrain_cases], cases[args.pretrain_cases :]
+    train, held_out = cases[: args.pretrain_cases], cases[args.pretrain_cases :][: args.eval_cases]
     organs = {k: v for k, v in cases[0].labels.items() if v}
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}")
     print(f"cohort: {len(cases)} cases; pretraining on {len(train)} ({train[0].name}..{train[-1].name}), "
