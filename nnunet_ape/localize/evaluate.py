@@ -182,9 +182,10 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     else:
         chosen = default_method(True, use_bpr, True)
 
-    def predict(test: PreparedCase) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def predict(test: PreparedCase, found: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Raw and crop boxes on ``test``; ``found``: the voxels of the shots' edge queries on its map."""
         shape = test.label.shape
-        ape, _ = predict_box(edges, test.embedding, combine, cuts)
+        ape, _ = predict_box(edges, test.embedding, combine, cuts, found)
         found = transfer.boxes(train, test)[value]
         ape_all = ape if found is None else found
         body = box_in_body(relative, test.body)
@@ -222,17 +223,17 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
         edges, chosen, predict = _fold_boxes(train, value, target, combine, transfer)
         rows.setdefault("chosen", []).append(chosen)
         centres = [np.round(ndimage.center_of_mass(c.label == value)).astype(int) for c in train]
+        centre_queries = np.stack([shot.embedding[tuple(centre)] for shot, centre in zip(train, centres)]).astype(np.float64)
         for test in tests:
             mask = test.label == value
             truth = mask_box(mask)
             true_centre_mm = _mm(test, ndimage.center_of_mass(mask))
             true_edges_mm = _mm(test, edge_points(mask))
-            for shot, centre, shot_edges in zip(train, centres, edges):
-                query = shot.embedding[tuple(centre)][None].astype(np.float64)
-                rows["mre_c"].append(float(np.linalg.norm(_mm(test, nearest_voxels(query, test.embedding))[0] - true_centre_mm)))
-                found = _mm(test, nearest_voxels(shot_edges, test.embedding))
-                rows["mre_ep"] += np.linalg.norm(found - true_edges_mm, axis=1).tolist()
-            raw, crops = predict(test)
+            found = nearest_voxels(np.concatenate([centre_queries, *edges]), test.embedding)  # one search per test
+            found_centres, found_edges = found[: len(train)], found[len(train) :]
+            rows["mre_c"] += np.linalg.norm(_mm(test, found_centres) - true_centre_mm, axis=1).tolist()
+            rows["mre_ep"] += np.linalg.norm(_mm(test, found_edges).reshape(len(train), 6, 3) - true_edges_mm, axis=2).ravel().tolist()
+            raw, crops = predict(test, found_edges)
             for method, box in raw.items():
                 rows.setdefault(f"iou_{method}", []).append(box_iou(box, truth))
                 rows.setdefault(f"alpha_{method}", []).append(alpha_for_recall(mask, box, target))

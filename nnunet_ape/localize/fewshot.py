@@ -46,6 +46,7 @@ def cut_sides(mask: np.ndarray) -> np.ndarray:
 
 def predict_box(
     edges: list[np.ndarray], embedding: np.ndarray, how: str = "mean", cuts: list[np.ndarray] | None = None,
+    found: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Box ``(2, 3)`` on a test map ``(X, Y, Z, C)`` from the shots' edge queries, and the per-shot boxes.
 
@@ -53,11 +54,12 @@ def predict_box(
     of :func:`~nnunet_ape.localize.boxes.edge_points`). An edge the scan cut is no landmark: its retrieved point is
     ignored, and that side of the box comes from the shots that show it, or reaches the test image's border when
     none does (the organ goes on beyond every shot's field of view). Where sides from different shots cross, that
-    axis comes from the shots' whole boxes. All queries are retrieved in one pass.
+    axis comes from the shots' whole boxes. All queries are retrieved in one pass; ``found``: their voxels
+    ``(6 * shots, 3)`` when the caller retrieved them already.
     """
     cuts = cuts if cuts is not None else [np.zeros((2, 3), bool)] * len(edges)
     border = np.stack([np.zeros(3), np.asarray(embedding.shape[:3], dtype=np.float64) - 1])
-    found = nearest_voxels(np.concatenate(edges), embedding)
+    found = nearest_voxels(np.concatenate(edges), embedding) if found is None else found
     sides = []  # per shot, its box with NaN on the sides it cannot tell
     for i, cut in enumerate(cuts):
         point_cut = cut.T.ravel()  # edge point j lies on side j % 2 of axis j // 2
