@@ -142,9 +142,10 @@ def _crop_lines(out: Path, crops: dict) -> list[str]:
     s = crops["summary"]
     liver = s["organ_fraction_in_predicted_box"].get("liver", {})
     raw = (out / "nnUNet_raw").resolve()
+    chosen = json.loads((out / "liver_localizer.json").read_text())["organs"]["liver"]["method"]
     return [
         f"- nnU-Net crop dataset `nnUNet_raw/{crops['dataset']}`: {s['training_cases']} phantoms cropped to the liver "
-        f"(3-shot localizer `liver_localizer.json`); voxels source / crop median {s['voxel_ratio']['median']:.1f}x; the localizer's "
+        f"(3-shot localizer `liver_localizer.json`, method chosen on the shots: {chosen}); voxels source / crop median {s['voxel_ratio']['median']:.1f}x; the localizer's "
         f"box held {liver.get('mean', float('nan')):.3f} of the liver on average (min {liver.get('min', float('nan')):.3f}); "
         f"{s['training_boxes_grown']} training box(es) grown to hold the whole liver; boxes per case in `crops.json`",
         "- train stock nnU-Net on it and paste predictions back onto the phantoms:",

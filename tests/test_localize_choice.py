@@ -115,3 +115,15 @@ def test_body_box_localizer_on_a_partially_contoured_real_dataset(tmp_path):
                    "--organs", "larynx", "--shots", "1", "-o", str(tmp_path / "none.json"))
     assert nowhere.returncode == 2 and "contoured in none" in nowhere.stderr and not (tmp_path / "none.json").exists()
     assert len(nowhere.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
+def test_a_method_the_models_cannot_give_is_a_one_line_error(tmp_path):
+    out = tmp_path / "ape.json"
+    result = _cli("localize", "fit", "-d", str(HEADNECK), "--organs", "mandible", "--shots", "2", "--method", "ape", "-o", str(out))
+    assert result.returncode == 2 and "--method ape: not possible" in result.stderr and "body_box" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    forced = _cli("localize", "fit", "-d", str(HEADNECK), "--organs", "mandible", "--shots", "2", "--method", "body_box", "-o", str(out))
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    entry = json.loads(out.read_text())["organs"]["mandible"]
+    assert entry["method"] == "body_box" and set(entry["selection"]) == {"body_box"}

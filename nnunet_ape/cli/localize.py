@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nnunet_ape.cli.common import HelpFormatter, add_labeled_case_args, labeled_cases
 from nnunet_ape.errors import InputError
+from nnunet_ape.localize.choice import CANDIDATES
 
 
 def add_parser(sub) -> None:
@@ -32,6 +33,8 @@ def add_parser(sub) -> None:
     fit.add_argument("-o", "--output", required=True, type=Path, help="localizer JSON to write")
     fit.add_argument("--ape-boxes", choices=("edge-points", "all-voxels"), default="edge-points",
                      help="how APE finds an organ: the paper's 6 edge points, or label transfer from all shot voxels")
+    fit.add_argument("--method", default="auto", choices=("auto", *CANDIDATES),
+                     help="auto: each organ's method chosen leave-one-shot-out on its shots; or one method for every organ")
     fit.set_defaults(func=_run_localize_fit)
     pred = loc_sub.add_parser(
         "predict",
@@ -69,7 +72,7 @@ def _run_localize_fit(args) -> None:
         raise InputError(f"--target-recall {args.target_recall}: must be in (0, 1]")
     organs = resolve_organs(args.organs, cases[0].labels)
     localizer = fit_localizer(cases, organs, args.model, str(resolve_device(args.device)), args.target_recall,
-                              args.combine, args.bpr_model, args.ape_boxes, shots=args.shots)
+                              args.combine, args.bpr_model, args.ape_boxes, shots=args.shots, method=args.method)
     save_localizer(localizer, args.output)
     for note in localizer["warnings"]:
         print(f"nnunet-ape: warning: {note}", file=sys.stderr)
@@ -78,6 +81,7 @@ def _run_localize_fit(args) -> None:
         chosen = e["selection"][e["method"]] if e["selection"] else None
         why = (f"held-out recall {chosen['recall_min']:.3f} (min), crop {100 * chosen['crop_fraction']:.1f}% of the image"
                if chosen else "one shot: nothing to hold out, so no choice")
+        why = why if args.method == "auto" else f"--method; {why}"
         print(f"  {organ}: {len(e['shot_cases'])} shot(s), method {e['method']} ({why})")
     if any(e.get("alpha_calibrated") is False for e in localizer["organs"].values()):
         print("nnunet-ape: warning: alpha is the uncalibrated default: calibration holds out one shot at a time and needs "

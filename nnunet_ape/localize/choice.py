@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 
 from nnunet_ape.localize.boxes import alpha_over_shots, box_recall, enlarge_box, mask_box, volume_ratio
-from nnunet_ape.localize.zrange import z_box, z_range
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -71,6 +70,8 @@ def held_out_crops(
     boxes, enlarged here by ``alphas[method]``; ``z_ranges``: per shot the held-out BPR slice range with the
     calibrated margin (None without BPR), which gives ``bpr_z`` and replaces z for ``ape_bpr`` (x/y from
     ``ape_xy``: the localizer's APE box, label transfer where it has one) and ``body_bpr``."""
+    from nnunet_ape.localize.zrange import z_box  # here, not at the top: zrange needs torch, the CLI's --help does not
+
     crops = {m: [enlarge_box(b, alphas[m], mask.shape) for b, mask in zip(held, masks)] for m, held in boxes.items()}
     if z_ranges is not None:
         crops["bpr_z"] = [z_box(mask.shape, *z) for mask, z in zip(masks, z_ranges)]
@@ -84,6 +85,8 @@ def held_out_z_ranges(intervals: list[np.ndarray], scored: list, margin: float, 
     """Per shot, the slices whose score lies in the other shots' combined interval widened by ``margin``.
     ``combine``: the interval combination (:func:`nnunet_ape.localize.zrange.combine_intervals` with its ``how``).
     Empty for one shot."""
+    from nnunet_ape.localize.zrange import z_range
+
     if len(intervals) < 2:
         return []
     return [z_range(s.scores, combine([iv for j, iv in enumerate(intervals) if j != i]), margin)
@@ -106,6 +109,14 @@ def choose(scores: dict[str, dict]) -> str:
     if reached:
         return min(reached, key=lambda m: (scores[m]["crop_fraction"], order.index(m)))
     return max(order, key=lambda m: (scores[m]["recall_mean"], -order.index(m)))
+
+
+def available_methods(has_ape: bool, has_bpr: bool, transfer: bool) -> list[str]:
+    """The candidates a localizer with these models has, in :data:`CANDIDATES` order."""
+    have = {"body_box"} | ({"ape"} if has_ape else set()) | ({"ape_all"} if transfer else set())
+    if has_bpr:
+        have |= {"bpr_z", "body_bpr"} | ({"ape_bpr"} if has_ape else set())
+    return [m for m in CANDIDATES if m in have]
 
 
 def default_method(has_ape: bool, has_bpr: bool, transfer: bool) -> str:

@@ -30,6 +30,7 @@ from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overl
 from nnunet_ape.localize.boxes import alpha_over_shots, enlarge_box
 from nnunet_ape.localize.cases import LabeledCase, label_values, read_case
 from nnunet_ape.localize.choice import (
+    available_methods,
     box_in_body,
     choose,
     crop_scores,
@@ -109,19 +110,23 @@ def select_shots(cases: list[LabeledCase], organs: dict[str, int], shots: int | 
 def fit_localizer(
     cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path | None, device: str = "cpu",
     target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None, ape_boxes: str = "edge-points",
-    shots: int | None = None,
+    shots: int | None = None, method: str = "auto",
 ) -> dict:
     """Fit a localizer on labeled shots: per organ the first ``shots`` of ``cases`` that contour it (all of them when
     None). Always the organ's place in the body box; with ``checkpoint`` APE queries (``ape_boxes`` edge-points:
     the paper's 6 points, or all-voxels: label transfer from every shot voxel, which needs shots that contour every
     organ); with ``bpr_checkpoint`` BPR score intervals. Each organ's method is chosen leave-one-shot-out among
-    these and their combinations (:mod:`nnunet_ape.localize.choice`)."""
-    method = _method(checkpoint, bpr_checkpoint)
+    these and their combinations (:mod:`nnunet_ape.localize.choice`), or is ``method`` for every organ when that is
+    not ``auto``."""
+    models = _method(checkpoint, bpr_checkpoint)
     if ape_boxes not in APE_BOXES:
         raise InputError(f"--ape-boxes {ape_boxes}: choose one of {', '.join(APE_BOXES)}")
+    transfer = checkpoint is not None and ape_boxes == "all-voxels"
+    possible = available_methods(checkpoint is not None, bpr_checkpoint is not None, transfer)
+    if method != "auto" and method not in possible:
+        raise InputError(f"--method {method}: not possible with the models given; choose auto or one of {', '.join(possible)}")
     per_organ, notes = select_shots(cases, organs, shots)
     used = sorted({i for indices in per_organ.values() for i in indices})
-    transfer = checkpoint is not None and ape_boxes == "all-voxels"
     if transfer:
         partial = [o for o, indices in per_organ.items() if indices != used]
         if partial:
@@ -159,12 +164,12 @@ def fit_localizer(
                                  "the whole organ")
         held = held_out_boxes(samples, maps, grids, list(organs.values())) if transfer else []
         organ_entries = {organ: fits[organ].entry(value, held, target_recall, combine, ape_model is not None,
-                                                  bpr_model is not None, transfer)
+                                                  bpr_model is not None, transfer, method)
                          for organ, value in organs.items()}
         for fit in fits.values():
             fit.maps.clear()
         maps.clear()  # memory maps close before their folder goes
-    localizer = {"format": LOCALIZER_FORMAT, "method": method}
+    localizer = {"format": LOCALIZER_FORMAT, "method": models}
     if checkpoint:
         localizer.update({
             "ape_checkpoint": str(Path(checkpoint).resolve()),
@@ -205,9 +210,11 @@ class _OrganShots:
             self.intervals.append(organ_interval(scored.scores, mask))
             self.scored.append(scored)
 
-    def entry(self, value: int, transfer_held: list, target: float, combine: str, ape: bool, bpr: bool, transfer: bool) -> dict:
-        """The organ's localizer entry: label, shots, body box, APE / BPR settings, and the method chosen
-        leave-one-shot-out with each candidate's held-out scores (``selection``; None with one shot)."""
+    def entry(self, value: int, transfer_held: list, target: float, combine: str, ape: bool, bpr: bool, transfer: bool,
+              method: str = "auto") -> dict:
+        """The organ's localizer entry: label, shots, body box, APE / BPR settings, and the method (chosen
+        leave-one-shot-out unless ``method`` names one) with each candidate's held-out scores (``selection``; None
+        with one shot)."""
         k = len(self.masks)
         entry: dict = {"label": int(value), "shot_cases": self.names}
         held: dict[str, list[np.ndarray]] = {"body_box": held_out_body_boxes(self.masks, self.bodies)}
@@ -230,13 +237,14 @@ class _OrganShots:
             margin = calibrate_margin(self.intervals, self.scored, self.masks, target, combine)
             entry["bpr"] = {"margin": margin, "intervals": [iv.round(5).tolist() for iv in self.intervals]}
             z_ranges = held_out_z_ranges(self.intervals, self.scored, margin, lambda ivs: combine_intervals(ivs, combine))
+        entry["selection"] = None
         if k > 1:
             crops = held_out_crops(self.masks, held, alphas, z_ranges, ape_xy="ape_all" if transfer else "ape")
             entry["selection"] = {m: crop_scores(self.masks, c, target) for m, c in crops.items()}
-            entry["method"] = choose(entry["selection"])
+        if method != "auto":
+            entry["method"] = method
         else:
-            entry["selection"] = None
-            entry["method"] = default_method(ape, bpr, transfer)
+            entry["method"] = choose(entry["selection"]) if entry["selection"] else default_method(ape, bpr, transfer)
         return entry
 
 
