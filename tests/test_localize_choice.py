@@ -127,3 +127,39 @@ def test_a_method_the_models_cannot_give_is_a_one_line_error(tmp_path):
     assert forced.returncode == 0, forced.stderr[-2000:]
     entry = json.loads(out.read_text())["organs"]["mandible"]
     assert entry["method"] == "body_box" and set(entry["selection"]) == {"body_box"}
+
+
+@pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
+def test_crop_dataset_leaves_out_training_cases_that_do_not_contour_the_organ(tmp_path, monkeypatch):
+    """A body-box localizer (no model) and crop-dataset on 8 partially contoured real CTs: a case whose labels do not
+    contour the larynx would teach nnU-Net that the larynx is background, so it is left out."""
+    raw = tmp_path / "nnUNet_raw"
+    source = raw / "Dataset901_HN"
+    for sub in ("imagesTr", "labelsTr"):
+        (source / sub).mkdir(parents=True)
+    names = sorted(p.name[:-7] for p in (HEADNECK / "labelsTr").glob("*.nii.gz"))[:8]
+    for name in names:
+        (source / "imagesTr" / f"{name}_0000.nii.gz").symlink_to(HEADNECK / "imagesTr" / f"{name}_0000.nii.gz")
+        (source / "labelsTr" / f"{name}.nii.gz").symlink_to(HEADNECK / "labelsTr" / f"{name}.nii.gz")
+    dataset = json.loads((HEADNECK / "dataset.json").read_text())
+    (source / "dataset.json").write_text(json.dumps({**dataset, "numTraining": len(names)}))
+    larynx = dataset["labels"]["larynx"]
+    contoured = [n for n in names if larynx in np.unique(read_volume(source / "labelsTr" / f"{n}.nii.gz").array)]
+    assert 2 <= len(contoured) < len(names)  # the data set's partial contouring, in these 8 cases
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    localizer = tmp_path / "larynx.json"
+    assert _cli("localize", "fit", "-d", str(source), "--organs", "larynx", "--shots", "2", "-o", str(localizer)).returncode == 0
+    result = _cli("crop-dataset", "-d", str(source), "-l", str(localizer), "-o", "902")
+    assert result.returncode == 0, result.stderr[-2000:]
+    target = raw / "Dataset902_HNLarynxCrop"
+    manifest = json.loads((target / "crops.json").read_text())
+    assert sorted(c["case"] for c in manifest["cases"]) == contoured
+    assert sorted(c["case"] for c in manifest["skipped_cases"]) == sorted(set(names) - set(contoured))
+    assert all(c["skipped"] == "does not contour larynx" for c in manifest["skipped_cases"])
+    assert json.loads((target / "dataset.json").read_text())["numTraining"] == len(contoured)
+    assert sorted(p.name[:-7] for p in (target / "labelsTr").glob("*.nii.gz")) == contoured
+    assert f"{len(names) - len(contoured)} training case(s) left out" in result.stdout
+    for case in contoured:  # each crop holds the whole larynx (training boxes grow to their labels), as label 1
+        crop_label = read_volume(target / "labelsTr" / f"{case}.nii.gz").array
+        full = read_volume(source / "labelsTr" / f"{case}.nii.gz").array
+        assert (crop_label == 1).sum() == (full == larynx).sum()

@@ -83,14 +83,20 @@ def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels)
     manifest entry (also written, last, as the case's completion mark)."""
     channels = read_channels(case.images, min_size=MIN_VOXELS)
     ct = channels[0]
+    label = read_label(case.label, ct, case.images[0]) if case.label is not None else None
+    uncontoured = [o for o in job.organs if not (label == job.source.labels[o]).any()] if label is not None else []
+    if split == "train" and uncontoured:
+        # an uncontoured organ is label 0 although it is in the image: as training data it would teach background
+        entry = {"case": case.case_id, "split": split, "skipped": "does not contour " + ", ".join(uncontoured)}
+        with atomic_path(job.partial / ".nnunet_ape" / "cases" / f"{case.case_id}.json") as tmp:
+            Path(tmp).write_text(json.dumps(entry))
+        return entry
     features = case_features(models, ct)
     predicted = features.crop_box if features.crop_box is not None else np.array([[0, 0, 0], list(ct.shape)])
     box = predicted
     entry: dict = {"case": case.case_id, "split": split, "source_images": [str(p) for p in case.images],
                    "source": geometry(ct), "predicted_box_voxels": predicted.tolist()}
-    label = None
-    if case.label is not None:
-        label = read_label(case.label, ct, case.images[0])
+    if label is not None:
         entry["source_label"] = str(case.label)
         if job.cropped:
             values = [job.source.labels[o] for o in job.organs]
@@ -195,7 +201,12 @@ def _finished_cases(job: CropJob) -> dict[str, dict]:
 
 def _finish(job: CropJob, done: dict[str, dict]) -> dict:
     order = [c.case_id for c in job.source.training] + [c.case_id for c in job.source.test]
-    cases = [done[c] for c in order]
+    skipped = [done[c] for c in order if "skipped" in done[c]]
+    cases = [done[c] for c in order if "skipped" not in done[c]]
+    if not any(c["split"] == "train" for c in cases):
+        shutil.rmtree(job.partial)
+        raise InputError(f"no training case of {job.source.folder.name} contours {', '.join(job.organs)}: nothing to train on; "
+                         "choose organs the labels contour")
     labels, to_source = target_labels(job)
     source_channels = list(job.source.dataset_json["channel_names"].values())
     models = job.models_args
@@ -212,16 +223,17 @@ def _finish(job: CropJob, done: dict[str, dict]) -> dict:
         "target_to_source_label": {str(k): v for k, v in to_source.items()},
         "channels": source_channels + added,  # names; dataset.json's channel_names hold nnU-Net's normalization
         "margin_mm": job.margin_mm,
-        "summary": summary(cases),
+        "summary": {**summary(cases), "skipped_training_cases": len(skipped)},
         **job.settings.get("models", {}),
         "cases": cases,
+        "skipped_cases": skipped,
     }
     with atomic_path(job.partial / MANIFEST) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1))
     extra = {"kind": manifest["kind"], "manifest": MANIFEST, "dataset": job.target.name,
              "source_dataset": manifest["source_dataset"], "channels": manifest["channels"], "organs": job.organs}
     dataset_json = dataset_json_for(job.source.dataset_json, source_channels + ["noNorm"] * len(added), labels,
-                                    len(job.source.training), extra)
+                                    sum(c["split"] == "train" for c in cases), extra)
     with atomic_path(job.partial / "dataset.json") as tmp:
         Path(tmp).write_text(json.dumps(dataset_json, indent=1))
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -265,6 +277,9 @@ def describe(manifest: dict) -> str:
     """One paragraph for the terminal: where the dataset went and how its boxes came out."""
     s = manifest["summary"]
     lines = [f"{manifest['dataset']}: {s['training_cases']} training + {s['test_cases']} test case(s)"]
+    if s.get("skipped_training_cases"):
+        lines.append(f"{s['skipped_training_cases']} training case(s) left out: their labels do not contour every organ "
+                     "(an uncontoured organ is background there; see skipped_cases in the manifest)")
     if manifest["kind"] == "crops":
         lines.append(f"training boxes grown to hold their labels: {s['training_boxes_grown']} of {s['training_cases']}"
                      + (f" (largest growth median {s['largest_growth_mm']['median']:.1f} mm, max {s['largest_growth_mm']['max']:.1f} mm)"
