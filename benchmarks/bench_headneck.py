@@ -53,7 +53,7 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
 
 
 def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu",
-             bpr_checkpoint: Path | None = None) -> dict:
+             bpr_checkpoint: Path | None = None, all_voxels: bool = True) -> dict:
     """The protocol at each k in ``shots`` on ``cases`` (embedded, and scored with ``bpr_checkpoint``, once);
     ``{"embed_seconds": s, "results": {k: evaluate_localization-like result}}``."""
     from tqdm import tqdm
@@ -75,11 +75,11 @@ def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[
         for k in shots:
             t0 = time.perf_counter()
             transfer = TransferBoxes(list(organs.values()))
-            per_organ = {name: evaluate_organ(prepared, value, k, transfer=transfer, max_folds=folds)
+            per_organ = {name: evaluate_organ(prepared, value, k, transfer=transfer, max_folds=folds, all_voxels=all_voxels)
                          for name, value in tqdm(organs.items(), desc=f"{k}-shot", unit="organ")}
             out[k] = {"organs": per_organ, "mean": mean_over_organs(per_organ), "seconds": time.perf_counter() - t0,
                       "settings": {"shots": k, "target_recall": 0.99, "combine": "mean", "cases": len(cases),
-                                   "methods": methods, "max_folds": folds}}
+                                   "methods": [m for m in methods if all_voxels or m != "ape_all"], "max_folds": folds}}
         del prepared
     return {"embed_seconds": embed_s, "results": out}
 

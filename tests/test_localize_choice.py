@@ -66,6 +66,8 @@ def test_fold_choice_prefers_ape_on_good_maps_and_the_body_box_on_useless_ones()
     assert result["chosen"] == {"body_box": 2}
     assert result["recall_calibrated_chosen"] == result["recall_calibrated_body_box"] >= 0.99
     assert result["vr_calibrated_chosen"] > 5 * result["vr_calibrated_ape"]
+    quick = evaluate_organ(flat, value=1, shots=3, all_voxels=False)  # no label transfer: no all-voxels rows
+    assert "iou_ape_all" not in quick and "recall_calibrated_ape_all" not in quick and quick["chosen"] == {"body_box": 2}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -154,10 +154,10 @@ def _mm(case: PreparedCase, index: np.ndarray) -> np.ndarray:
     return case.ct.index_to_physical(np.asarray(index, dtype=np.float64))
 
 
-def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str, transfer: TransferBoxes):
+def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str, transfer: TransferBoxes | None):
     """Per-fold predictors: returns (edge queries per shot, the method chosen on the shots, and a function test ->
     ({method: raw box}, {method: calibrated crop box})). An organ label transfer does not find falls back to the
-    6-point box (as the localizer does). The choice is the localizer's (:mod:`nnunet_ape.localize.choice`), made
+    6-point box (as the localizer does); ``transfer`` None: no label transfer (no ``ape_all``). The choice is the localizer's (:mod:`nnunet_ape.localize.choice`), made
     leave-one-shot-out on this fold's shots; its crop is measured as ``chosen``."""
     masks = [c.label == value for c in train]
     bodies = [c.body for c in train]
@@ -166,7 +166,8 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     k = len(train)
     held = {"body_box": held_out_body_boxes(masks, bodies),
             "ape": [held_out_box(edges, c.embedding, i, combine, cuts) for i, c in enumerate(train)] if k > 1 else []}
-    held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer.held_out(train), held["ape"])]
+    if transfer is not None:
+        held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer.held_out(train), held["ape"])]
     alphas = {m: alpha_over_shots(boxes, masks, target, DEFAULT_ALPHA) for m, boxes in held.items()}
     relative = mean_relative_box(masks, bodies)
     use_bpr = all(c.scored is not None for c in train)
@@ -180,18 +181,19 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
         crops = held_out_crops(masks, held, alphas, z_ranges)
         chosen = choose({m: crop_scores(masks, c, target) for m, c in crops.items()})
     else:
-        chosen = default_method(True, use_bpr, True)
+        chosen = default_method(True, use_bpr, transfer is not None)
 
     def predict(test: PreparedCase, found: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Raw and crop boxes on ``test``; ``found``: the voxels of the shots' edge queries on its map."""
         shape = test.label.shape
         ape, _ = predict_box(edges, test.embedding, combine, cuts, found)
-        found = transfer.boxes(train, test)[value]
-        ape_all = ape if found is None else found
         body = box_in_body(relative, test.body)
-        raw = {"ape": ape, "ape_all": ape_all, "body_box": body}
-        crops = {"ape": enlarge_box(ape, alphas["ape"], shape), "ape_all": enlarge_box(ape_all, alphas["ape_all"], shape),
-                 "body_box": enlarge_box(body, alphas["body_box"], shape)}
+        raw = {"ape": ape, "body_box": body}
+        crops = {"ape": enlarge_box(ape, alphas["ape"], shape), "body_box": enlarge_box(body, alphas["body_box"], shape)}
+        if transfer is not None:
+            transferred = transfer.boxes(train, test)[value]
+            raw["ape_all"] = ape if transferred is None else transferred
+            crops["ape_all"] = enlarge_box(raw["ape_all"], alphas["ape_all"], shape)
         if use_bpr and test.scored is not None:
             z_raw, z_crop = z_range(test.scored.scores, interval), z_range(test.scored.scores, interval, margin)
             raw.update({"bpr_z": z_box(shape, *z_raw), "ape_bpr": with_z(ape, *z_raw)})
@@ -205,13 +207,14 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
 
 
 def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean",
-                   transfer: TransferBoxes | None = None, max_folds: int | None = None) -> dict:
+                   transfer: TransferBoxes | None = None, max_folds: int | None = None, all_voxels: bool = True) -> dict:
     """All metrics of one organ (label ``value``) over the folds; cases lacking the organ are left out. Methods:
     APE's 6 edge points (the paper), APE label transfer over all voxels, the body-box baseline, and with BPR scores
     the BPR z-range (full x/y) and APE x/y with BPR z. ``transfer``: shared by the organs of one data set, so the
     label transfer's neighbour search runs once per (shots, test) pair. ``max_folds``: evaluate the first this many
-    folds only (a large cohort has len/shots folds, each testing on every other case)."""
-    transfer = transfer if transfer is not None else TransferBoxes([value])
+    folds only (a large cohort has len/shots folds, each testing on every other case). ``all_voxels`` False: leave
+    out the label transfer (its neighbour searches are most of the time on large cohorts)."""
+    transfer = (transfer if transfer is not None else TransferBoxes([value])) if all_voxels else None
     present = [c for c in cases if (c.label == value).any()]
     folds = max(1, len(present) // shots) if len(present) > shots else 0
     folds = min(folds, max_folds) if max_folds else folds
