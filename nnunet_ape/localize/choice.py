@@ -3,11 +3,12 @@
 Candidates (as far as the localizer has the models): the body box (the organ's average place inside the body's
 bounding box, no model), APE 6 edge points (the paper), APE all voxels (label transfer), BPR z (full x/y), and the
 combinations APE x/y + BPR z and body box x/y + BPR z. For every candidate, each shot's box is predicted from the
-other shots and enlarged by the candidate's leave-one-shot-out calibration (box alpha, BPR score margin); the
-held-out crop is then measured on that shot: recall of its organ and the fraction of its image it covers.
+other shots and measured on that shot twice: its recall when enlarged by the calibration of the other shots alone
+(as a new case meets the localizer: its own organ did not take part in the calibration), and the fraction of the
+image it covers at the calibration of all shots (the enlargement the localizer stores).
 
-The rule: among the candidates whose held-out crops keep the target recall on every shot, the one with the smallest
-mean crop fraction; when none does, the one with the highest mean recall. Ties go to the earlier candidate in
+The rule: among the candidates whose mean recall so measured reaches the target, the one with the smallest mean
+crop fraction; when none does, the one with the highest mean recall. Ties go to the earlier candidate in
 :data:`CANDIDATES` (the body box first: a model must do better than the trivial baseline to be chosen). With one
 shot there is nothing to hold out, and :func:`default_method` keeps what the localizer's models give.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnunet_ape.localize.boxes import alpha_over_shots, box_recall, enlarge_box, mask_box, volume_ratio
+from typing import Callable
+
+from nnunet_ape.localize.boxes import box_recall, enlarge_box, mask_box, volume_ratio
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -63,16 +66,16 @@ def with_z(box: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def held_out_crops(
-    masks: list, boxes: dict[str, list[np.ndarray]], alphas: dict[str, float],
+    masks: list, boxes: dict[str, list[np.ndarray]], alphas: dict[str, list[float]],
     z_ranges: list[tuple[int, int]] | None = None, ape_xy: str = "ape",
 ) -> dict[str, list[np.ndarray]]:
     """Per candidate, each shot's held-out crop box (canonical voxels). ``boxes``: per box method its held-out raw
-    boxes, enlarged here by ``alphas[method]``; ``z_ranges``: per shot the held-out BPR slice range with the
-    calibrated margin (None without BPR), which gives ``bpr_z`` and replaces z for ``ape_bpr`` (x/y from
-    ``ape_xy``: the localizer's APE box, label transfer where it has one) and ``body_bpr``."""
+    boxes, enlarged here by ``alphas[method][shot]``; ``z_ranges``: per shot the held-out BPR slice range (None
+    without BPR), which gives ``bpr_z`` and replaces z for ``ape_bpr`` (x/y from ``ape_xy``: the localizer's APE box,
+    label transfer where it has one) and ``body_bpr``."""
     from nnunet_ape.localize.zrange import z_box  # here, not at the top: zrange needs torch, the CLI's --help does not
 
-    crops = {m: [enlarge_box(b, alphas[m], mask.shape) for b, mask in zip(held, masks)] for m, held in boxes.items()}
+    crops = {m: [enlarge_box(b, a, mask.shape) for b, a, mask in zip(held, alphas[m], masks)] for m, held in boxes.items()}
     if z_ranges is not None:
         crops["bpr_z"] = [z_box(mask.shape, *z) for mask, z in zip(masks, z_ranges)]
         for combined, xy in (("ape_bpr", ape_xy), ("body_bpr", "body_box")):
@@ -81,25 +84,45 @@ def held_out_crops(
     return crops
 
 
-def held_out_z_ranges(intervals: list[np.ndarray], scored: list, margin: float, combine) -> list[tuple[int, int]]:
-    """Per shot, the slices whose score lies in the other shots' combined interval widened by ``margin``.
-    ``combine``: the interval combination (:func:`nnunet_ape.localize.zrange.combine_intervals` with its ``how``).
-    Empty for one shot."""
-    from nnunet_ape.localize.zrange import z_range
-
-    if len(intervals) < 2:
-        return []
-    return [z_range(s.scores, combine([iv for j, iv in enumerate(intervals) if j != i]), margin)
-            for i, s in enumerate(scored)]
+def _max_of_others(values: list[float]) -> list[float]:
+    """For each position, the largest of the other values (the calibration without that shot)."""
+    return [max(v for j, v in enumerate(values) if j != i) for i in range(len(values))]
 
 
-def crop_scores(masks: list, crops: list[np.ndarray], target: float) -> dict:
-    """Held-out recall (min and mean over shots), mean fraction of the image the crops cover, and whether every
-    shot kept ``target`` of its organ."""
-    recalls = [box_recall(mask, crop) for mask, crop in zip(masks, crops)]
-    fractions = [1.0 / volume_ratio(mask.shape, crop) for mask, crop in zip(masks, crops)]
+def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: float, ape_xy: str = "ape",
+                     bpr: tuple[list[np.ndarray], list, Callable] | None = None) -> dict[str, dict]:
+    """Each candidate's leave-one-shot-out scores on two or more shots (:func:`crop_scores`).
+
+    ``held``: per box method (body_box, ape, ape_all) each shot's box predicted from the other shots; ``bpr``:
+    (each shot's organ score interval, its ScoredCT, the interval combination) or None. Recall is measured as a new
+    case would meet it: each shot's crop enlarged by the calibration of the *other* shots alone (the largest alpha
+    or score margin they need); the crop fraction at the calibration of all shots, which the localizer stores.
+    """
+    from nnunet_ape.localize.boxes import alpha_for_recall
+    from nnunet_ape.localize.zrange import margin_for_recall, z_range
+
+    needed = {m: [alpha_for_recall(mask, b, target) for b, mask in zip(boxes, masks)] for m, boxes in held.items()}
+    full = {m: [max(a)] * len(a) for m, a in needed.items()}
+    nested = {m: _max_of_others(a) for m, a in needed.items()}
+    z_full = z_nested = None
+    if bpr is not None:
+        intervals, scored, combine = bpr
+        others = [combine([iv for j, iv in enumerate(intervals) if j != i]) for i in range(len(intervals))]
+        margins = [margin_for_recall(mask, s.scores, iv, target) for mask, s, iv in zip(masks, scored, others)]
+        z_full = [z_range(s.scores, iv, max(margins)) for s, iv in zip(scored, others)]
+        z_nested = [z_range(s.scores, iv, m) for s, iv, m in zip(scored, others, _max_of_others(margins))]
+    crops_full = held_out_crops(masks, held, full, z_full, ape_xy)
+    crops_nested = held_out_crops(masks, held, nested, z_nested, ape_xy)
+    return {m: crop_scores(masks, crops_nested[m], crops_full[m], target) for m in crops_full}
+
+
+def crop_scores(masks: list, nested: list[np.ndarray], full: list[np.ndarray], target: float) -> dict:
+    """Recall of each shot's ``nested`` crop (min and mean over shots), the mean fraction of the image the ``full``
+    crops cover, and whether the mean recall reached ``target``."""
+    recalls = [box_recall(mask, crop) for mask, crop in zip(masks, nested)]
+    fractions = [1.0 / volume_ratio(mask.shape, crop) for mask, crop in zip(masks, full)]
     return {"recall_min": round(float(min(recalls)), 4), "recall_mean": round(float(np.mean(recalls)), 4),
-            "crop_fraction": round(float(np.mean(fractions)), 5), "reached": bool(min(recalls) >= target)}
+            "crop_fraction": round(float(np.mean(fractions)), 5), "reached": bool(np.mean(recalls) >= target)}
 
 
 def choose(scores: dict[str, dict]) -> str:
@@ -108,7 +131,7 @@ def choose(scores: dict[str, dict]) -> str:
     reached = [m for m in order if scores[m]["reached"]]
     if reached:
         return min(reached, key=lambda m: (scores[m]["crop_fraction"], order.index(m)))
-    return max(order, key=lambda m: (scores[m]["recall_mean"], -order.index(m)))
+    return max(order, key=lambda m: (scores[m]["recall_mean"], -scores[m]["crop_fraction"], -order.index(m)))
 
 
 def available_methods(has_ape: bool, has_bpr: bool, transfer: bool) -> list[str]:

@@ -37,12 +37,10 @@ from nnunet_ape.localize.choice import (
     TITLES as CHOICE_TITLES,
     box_in_body,
     choose,
-    crop_scores,
     default_method,
     held_out_body_boxes,
-    held_out_crops,
-    held_out_z_ranges,
     mean_relative_box,
+    selection_scores,
     with_z,
 )
 from nnunet_ape.localize.cases import LabeledCase, read_case
@@ -171,15 +169,13 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     alphas = {m: alpha_over_shots(boxes, masks, target, DEFAULT_ALPHA) for m, boxes in held.items()}
     relative = mean_relative_box(masks, bodies)
     use_bpr = all(c.scored is not None for c in train)
-    z_ranges = None
     if use_bpr:
         intervals = [organ_interval(c.scored.scores, m) for c, m in zip(train, masks)]
         interval = combine_intervals(intervals, combine)
         margin = calibrate_margin(intervals, [c.scored for c in train], masks, target, combine)
-        z_ranges = held_out_z_ranges(intervals, [c.scored for c in train], margin, lambda ivs: combine_intervals(ivs, combine))
     if k > 1:
-        crops = held_out_crops(masks, held, alphas, z_ranges)
-        chosen = choose({m: crop_scores(masks, c, target) for m, c in crops.items()})
+        scores = (intervals, [c.scored for c in train], lambda ivs: combine_intervals(ivs, combine)) if use_bpr else None
+        chosen = choose(selection_scores(masks, held, target, "ape", scores))
     else:
         chosen = default_method(True, use_bpr, transfer is not None)
 

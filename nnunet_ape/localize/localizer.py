@@ -33,12 +33,10 @@ from nnunet_ape.localize.choice import (
     available_methods,
     box_in_body,
     choose,
-    crop_scores,
     default_method,
     held_out_body_boxes,
-    held_out_crops,
-    held_out_z_ranges,
     mean_relative_box,
+    selection_scores,
     with_z,
 )
 from nnunet_ape.localize.fewshot import (
@@ -232,15 +230,13 @@ class _OrganShots:
                 entry["alpha"] = alphas["ape_all"]
             entry["shots"] = [{"case": n, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
                               for n, e, cut in zip(self.names, self.edges, self.cuts)]
-        z_ranges = None
         if bpr:
             margin = calibrate_margin(self.intervals, self.scored, self.masks, target, combine)
             entry["bpr"] = {"margin": margin, "intervals": [iv.round(5).tolist() for iv in self.intervals]}
-            z_ranges = held_out_z_ranges(self.intervals, self.scored, margin, lambda ivs: combine_intervals(ivs, combine))
         entry["selection"] = None
         if k > 1:
-            crops = held_out_crops(self.masks, held, alphas, z_ranges, ape_xy="ape_all" if transfer else "ape")
-            entry["selection"] = {m: crop_scores(self.masks, c, target) for m, c in crops.items()}
+            scores = (self.intervals, self.scored, lambda ivs: combine_intervals(ivs, combine)) if bpr else None
+            entry["selection"] = selection_scores(self.masks, held, target, "ape_all" if transfer else "ape", scores)
         if method != "auto":
             entry["method"] = method
         else:
