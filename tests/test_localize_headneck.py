@@ -1,0 +1,82 @@
+"""Real data at scale: pretrain APE on part of the head-and-neck cohort, localize its organs on other cases.
+
+The cohort (../shared/data/Dataset901_HeadNeckCT, 203 CTs) contours each organ in only some cases; per organ only
+those count. The pretraining is the tiny network with the short-run settings that `benchmarks/bench_headneck_levers.py`
+measures as its ``default`` row (same flags, same cases, same iterations); the margins below come from its runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA, announced, say
+
+HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
+PRETRAIN_CASES = 143  # hn_001..hn_143 pretrain; the others were never seen
+ITERATIONS = 800
+EVAL_CASES = 40  # hn_144..hn_183
+SHOTS, FOLDS = 5, 1
+PAROTIDS = ("parotid_left", "parotid_right")
+# Margins from the measured runs (2026-12-03, 2 CPU cores). This test's configuration: parotid IoU all voxels
+# 0.216 / 0.270 (right / left) against the body box's 0.150 / 0.133, i.e. ahead by 0.066 and 0.137; the 'small'
+# model of bench_headneck.py (58 CPU minutes): 0.37 / 0.43 against 0.14 / 0.12 at 5 shots. The chosen method's
+# calibrated recall on test cases was within 0.012 of the body box's for every organ in those runs.
+RECALL_SLACK, VR_SLACK, IOU_MARGIN = 0.02, 0.9, 0.03
+
+# about 4.5 minutes on 2 cores (3 of them pretraining): slow-marked to keep the default run under 20 minutes
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")]
+
+
+@pytest.fixture(scope="module")
+def headneck(tmp_path_factory) -> dict:
+    """The 5-shot protocol on held-out cases with a tiny APE pretrained on the first 143 cases: per organ results."""
+    from nnunet_ape.checkpoint import load_ape_model
+    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.localize.evaluate import evaluate_organ, prepare
+    from nnunet_ape.localize.localizer import embed_settings_for
+    from nnunet_ape.pretrain.batches import BatchConfig
+    from nnunet_ape.pretrain.train_ape import PretrainConfig, parse_spacing_range, pretrain_ape
+
+    cases = sorted(cases_from_nnunet(str(HEADNECK)), key=lambda c: c.name)
+    run = tmp_path_factory.mktemp("headneck") / "ape"
+    cfg = PretrainConfig(iterations=ITERATIONS, lr=2e-3, lr_schedule="cosine", model="tiny", workers=1, checkpoint_every=500,
+                         device="cpu", seed=0,
+                         batch=BatchConfig(variant="equiv", pairs=4, voxels=2048, patch_volume=300_000,
+                                           spacing_range=parse_spacing_range("4,4,4:5,5,5"), max_scan_fraction=0.6))
+    with announced(f"pretraining the tiny APE on {PRETRAIN_CASES} head-and-neck CTs for {ITERATIONS} iterations"):
+        checkpoint = pretrain_ape([c.image for c in cases[:PRETRAIN_CASES]], run, cfg)
+    model, _ = load_ape_model(checkpoint)
+    settings = embed_settings_for(checkpoint)
+    organs = {k: v for k, v in cases[0].labels.items() if v}
+    held_out = cases[PRETRAIN_CASES : PRETRAIN_CASES + EVAL_CASES]
+    with tempfile.TemporaryDirectory() as store, announced(f"{SHOTS}-shot localization of 7 organs on {EVAL_CASES} held-out CTs"):
+        prepared = [prepare(c, model, settings, "cpu", None, Path(store)) for c in held_out]
+        # label transfer (all voxels) only where the test asserts on it: its neighbour searches dominate the time
+        results = {o: evaluate_organ(prepared, v, SHOTS, max_folds=FOLDS, all_voxels=o in PAROTIDS) for o, v in organs.items()}
+        del prepared
+    for organ, r in results.items():
+        say(f"  {organ}: {r['evaluated']} tests, chosen {r.get('chosen')}, IoU APE {r.get('iou_ape', 0):.3f} / all voxels "
+            f"{r.get('iou_ape_all', float('nan')):.3f} / body {r.get('iou_body_box', 0):.3f}; recall/VR chosen "
+            f"{r.get('recall_calibrated_chosen', 0):.3f}/{r.get('vr_calibrated_chosen', 0):.1f}, body "
+            f"{r.get('recall_calibrated_body_box', 0):.3f}/{r.get('vr_calibrated_body_box', 0):.1f}")
+    return results
+
+
+def test_the_chosen_method_is_never_worse_than_the_body_box(headneck):
+    for organ, r in headneck.items():
+        if not r.get("evaluated"):
+            continue
+        # the choice is the body box itself or a method that kept as much of the organ and cropped no more
+        assert r["recall_calibrated_chosen"] >= r["recall_calibrated_body_box"] - RECALL_SLACK, organ
+        assert r["vr_calibrated_chosen"] >= r["vr_calibrated_body_box"] * VR_SLACK or \
+            r["recall_calibrated_chosen"] > r["recall_calibrated_body_box"] + RECALL_SLACK, organ
+
+
+def test_ape_beats_the_body_box_on_the_parotids(headneck):
+    for organ in PAROTIDS:
+        r = headneck[organ]
+        assert r["evaluated"] >= 20
+        assert r["iou_ape_all"] > r["iou_body_box"] + IOU_MARGIN, organ
