@@ -14,7 +14,7 @@ from conftest import DATA, patient
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.embed import EmbedSettings, embed_volume, sliding_window, window_starts
 from nnunet_ape.intensity import normalize_hu
-from nnunet_ape.io import read_volume, to_canonical
+from nnunet_ape.io import read_volume, to_canonical, write_volume
 from nnunet_ape.position_fit import position_r2
 from nnunet_ape.resample import resample_spacing
 
@@ -125,9 +125,11 @@ def test_embed_over_a_folder_keeps_finished_maps_when_restarted(pretrained_run, 
     if not headneck.exists():
         pytest.skip("head-and-neck dataset not available")
     folder = tmp_path / "cts"
-    folder.mkdir()
-    for name in ("hn_001_0000.nii.gz", "hn_002_0000.nii.gz"):
-        (folder / name).symlink_to(headneck / name)
+    for name in ("hn_001_0000.nii.gz", "hn_002_0000.nii.gz"):  # a 48^3 block of each: the resume logic needs no more
+        ct = read_volume(headneck / name)
+        corner = ct.index_to_physical(np.array([40.0, 40.0, 40.0]))
+        block = type(ct)(ct.array[40:88, 40:88, 40:88], ct.spacing, tuple(corner), ct.direction)
+        write_volume(block, folder / name)
     model, out = str(pretrained_run / "checkpoint_final.pt"), tmp_path / "maps"
     first = _cli("embed", "-m", model, "-i", str(folder), "-o", str(out), "--device", "cpu")
     assert first.returncode == 0, first.stderr[-2000:]
