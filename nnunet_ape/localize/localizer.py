@@ -374,7 +374,6 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
                            "edge_points_per_shot_box_voxels": [from_map(b).tolist() for b in found["per_shot"]]})
             crops["ape"] = from_map(found["edge_enlarged"])
             crops["ape_all"] = big
-            ape_xy = big
         if body is not None and "body_box" in entry:
             canon_body = enlarge_box(box_in_body(entry["body_box"]["relative"], body), entry["body_box"]["alpha"], canon_shape)
             crops["body_box"] = native(canon_body)
