@@ -15,11 +15,12 @@ shot there is nothing to hold out, and :func:`default_method` keeps what the loc
 
 from __future__ import annotations
 
-import numpy as np
-
 from typing import Callable
 
-from nnunet_ape.localize.boxes import box_recall, enlarge_box, mask_box, volume_ratio
+import numpy as np
+
+from nnunet_ape.localize.masks import CroppedMask
+from nnunet_ape.localize.boxes import alpha_for_recall, box_recall, enlarge_box, mask_box, volume_ratio
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -40,13 +41,7 @@ def box_in_body(relative: np.ndarray, body: np.ndarray) -> np.ndarray:
 def mean_relative_box(masks: list, bodies: list[np.ndarray]) -> np.ndarray:
     """The organ's average place ``(2, 3)`` in the body box over shots: ``masks`` (boolean or CroppedMask, canonical)
     and their CTs' body boxes."""
-    return np.mean([relative_box(_mask_box(m), b) for m, b in zip(masks, bodies)], axis=0)
-
-
-def _mask_box(mask) -> np.ndarray:
-    if hasattr(mask, "offset"):  # a CroppedMask: its box is its crop
-        return np.stack([mask.offset, mask.offset + np.asarray(mask.crop.shape) - 1]).astype(np.float64)
-    return mask_box(mask)
+    return np.mean([relative_box(m.box() if isinstance(m, CroppedMask) else mask_box(m), b) for m, b in zip(masks, bodies)], axis=0)
 
 
 def held_out_body_boxes(masks: list, bodies: list[np.ndarray]) -> list[np.ndarray]:
@@ -98,7 +93,6 @@ def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: flo
     case would meet it: each shot's crop enlarged by the calibration of the *other* shots alone (the largest alpha
     or score margin they need); the crop fraction at the calibration of all shots, which the localizer stores.
     """
-    from nnunet_ape.localize.boxes import alpha_for_recall
     from nnunet_ape.localize.zrange import margin_for_recall, z_range
 
     needed = {m: [alpha_for_recall(mask, b, target) for b, mask in zip(boxes, masks)] for m, boxes in held.items()}

@@ -46,6 +46,10 @@ class CroppedMask:
             local.append(slice(max(lo, 0), max(hi, 0)))
         return self.crop[tuple(local)]
 
+    def box(self) -> np.ndarray:
+        """The mask's tight box ``(2, 3)`` (inclusive voxel indices of the full image): its crop's extent."""
+        return np.stack([self.offset, self.offset + np.asarray(self.crop.shape) - 1]).astype(np.float64)
+
     def full(self) -> np.ndarray:
         """The full boolean mask ``(X, Y, Z)``."""
         out = np.zeros(self.shape, dtype=bool)
