@@ -115,7 +115,10 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--folds", type=int, default=3, help="folds per k (each tests on every other evaluation case)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--spacing", default=RECIPE[RECIPE.index("--spacing") + 1],
+                        help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
     args = parser.parse_args()
+    recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)]
 
     from nnunet_ape.localize.cases import cases_from_nnunet
 
@@ -128,13 +131,13 @@ def main() -> None:
     if args.model:
         run = {"checkpoint": str(args.model), "iterations": None, "seconds": None}
     else:
-        run = pretrain([c.image for c in train], args.work / "ape", args.iterations, args.minutes, args.reuse)
-    print(f"APE pretraining: {run}; recipe: {' '.join(RECIPE)}")
+        run = pretrain([c.image for c in train], args.work / "ape", args.iterations, args.minutes, args.reuse, recipe)
+    print(f"APE pretraining: {run}; recipe: {' '.join(recipe)}")
     evaluation = evaluate(Path(run["checkpoint"]), held_out, organs, args.shots, args.folds, args.device, args.bpr_model)
     from nnunet_ape.localize.evaluate import markdown_tables
 
     report = [f"# Head-and-neck localization ({time.strftime('%Y-%m-%d')}, {machine()})", "",
-              f"Pretraining: {run}", f"BPR: {args.bpr_model}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
+              f"Pretraining: {run}", f"Recipe: {' '.join(recipe)}", f"BPR: {args.bpr_model}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
               summary(evaluation["results"]), ""]
     for k, result in evaluation["results"].items():
         report += [f"({k}-shot evaluation: {result['seconds']:.0f} s)", "", markdown_tables(result), ""]

@@ -125,10 +125,14 @@ def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, ma
     return float(np.ceil(high * 100) / 100)
 
 
+def shot_alphas(boxes: list[np.ndarray], masks: list, target: float) -> list[float]:
+    """Per shot, the alpha its held-out box ``(2, 3)`` needs to reach ``target`` recall of its mask
+    (:func:`alpha_for_recall`). A mask needs only ``shape`` and indexing by a box (a CroppedMask will do)."""
+    return [alpha_for_recall(mask, box, target) for box, mask in zip(boxes, masks)]
+
+
 def alpha_over_shots(boxes: list[np.ndarray], masks: list, target: float, default: float) -> float:
     """Leave-one-shot-out enlargement: the smallest alpha that brings every held-out box ``(2, 3)`` to ``target``
-    recall of its shot's mask (the largest of the per-shot alphas); ``default`` when there are no held-out boxes
-    (one shot). A mask needs only ``shape`` and indexing by a box (a CroppedMask will do)."""
-    if not boxes:
-        return default
-    return float(max(alpha_for_recall(mask, box, target) for box, mask in zip(boxes, masks)))
+    recall of its shot's mask (the largest of :func:`shot_alphas`); ``default`` when there are no held-out boxes
+    (one shot)."""
+    return float(max(shot_alphas(boxes, masks, target), default=default))

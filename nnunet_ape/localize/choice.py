@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from nnunet_ape.localize.masks import CroppedMask
-from nnunet_ape.localize.boxes import alpha_for_recall, box_recall, enlarge_box, mask_box, volume_ratio
+from nnunet_ape.localize.boxes import box_recall, enlarge_box, mask_box, shot_alphas, volume_ratio
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -85,17 +85,20 @@ def _max_of_others(values: list[float]) -> list[float]:
 
 
 def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: float, ape_xy: str = "ape",
-                     bpr: tuple[list[np.ndarray], list, Callable] | None = None) -> dict[str, dict]:
+                     bpr: tuple[list[np.ndarray], list, Callable] | None = None,
+                     needed: dict[str, list[float]] | None = None) -> dict[str, dict]:
     """Each candidate's leave-one-shot-out scores on two or more shots (:func:`crop_scores`).
 
     ``held``: per box method (body_box, ape, ape_all) each shot's box predicted from the other shots; ``bpr``:
     (each shot's organ score interval, its ScoredCT, the interval combination) or None. Recall is measured as a new
     case would meet it: each shot's crop enlarged by the calibration of the *other* shots alone (the largest alpha
     or score margin they need); the crop fraction at the calibration of all shots, which the localizer stores.
+    ``needed``: each box method's per-shot alphas (:func:`~nnunet_ape.localize.boxes.shot_alphas`) when the caller
+    has them already.
     """
     from nnunet_ape.localize.zrange import margin_for_recall, z_range
 
-    needed = {m: [alpha_for_recall(mask, b, target) for b, mask in zip(boxes, masks)] for m, boxes in held.items()}
+    needed = {m: needed[m] if needed and m in needed else shot_alphas(boxes, masks, target) for m, boxes in held.items()}
     full = {m: [max(a)] * len(a) for m, a in needed.items()}
     nested = {m: _max_of_others(a) for m, a in needed.items()}
     z_full = z_nested = None

@@ -23,12 +23,12 @@ from nnunet_ape.embed import EmbedSettings, embed_volume
 from nnunet_ape.io import Volume, to_canonical
 from nnunet_ape.localize.boxes import (
     alpha_for_recall,
-    alpha_over_shots,
     box_iou,
     box_recall,
     edge_points,
     enlarge_box,
     mask_box,
+    shot_alphas,
     volume_ratio,
 )
 from nnunet_ape.localize.body import body_box
@@ -153,10 +153,12 @@ def _mm(case: PreparedCase, index: np.ndarray) -> np.ndarray:
 
 
 def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str, transfer: TransferBoxes | None):
-    """Per-fold predictors: returns (edge queries per shot, the method chosen on the shots, and a function test ->
-    ({method: raw box}, {method: calibrated crop box})). An organ label transfer does not find falls back to the
-    6-point box (as the localizer does); ``transfer`` None: no label transfer (no ``ape_all``). The choice is the localizer's (:mod:`nnunet_ape.localize.choice`), made
-    leave-one-shot-out on this fold's shots; its crop is measured as ``chosen``."""
+    """Per-fold predictors: returns (edge queries per shot, the held-out selection scores on the shots (None with
+    one shot), the method chosen on them, and a function test -> ({method: raw box}, {method: calibrated crop box})).
+    An organ label transfer does not find falls back to the 6-point box (as the localizer does); ``transfer`` None:
+    no label transfer (no ``ape_all``). The choice is the localizer's (:mod:`nnunet_ape.localize.choice`), made
+    leave-one-shot-out on this fold's shots; its crop is measured as ``chosen``. APE x/y with BPR z uses the
+    label-transfer box when there is one, as the localizer does."""
     masks = [c.label == value for c in train]
     bodies = [c.body for c in train]
     edges = [shot_queries(c.embedding, m) for c, m in zip(train, masks)]
@@ -166,7 +168,9 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
             "ape": [held_out_box(edges, c.embedding, i, combine, cuts) for i, c in enumerate(train)] if k > 1 else []}
     if transfer is not None:
         held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer.held_out(train), held["ape"])]
-    alphas = {m: alpha_over_shots(boxes, masks, target, DEFAULT_ALPHA) for m, boxes in held.items()}
+    needed = {m: shot_alphas(boxes, masks, target) for m, boxes in held.items()}
+    alphas = {m: float(max(a, default=DEFAULT_ALPHA)) for m, a in needed.items()}
+    xy = "ape" if transfer is None else "ape_all"
     relative = mean_relative_box(masks, bodies)
     use_bpr = all(c.scored is not None for c in train)
     if use_bpr:
@@ -175,9 +179,10 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
         margin = calibrate_margin(intervals, [c.scored for c in train], masks, target, combine)
     if k > 1:
         scores = (intervals, [c.scored for c in train], lambda ivs: combine_intervals(ivs, combine)) if use_bpr else None
-        chosen = choose(selection_scores(masks, held, target, "ape", scores))
+        selection = selection_scores(masks, held, target, xy, scores, needed)
+        chosen = choose(selection)
     else:
-        chosen = default_method(True, use_bpr, transfer is not None)
+        selection, chosen = None, default_method(True, use_bpr, transfer is not None)
 
     def predict(test: PreparedCase, found: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Raw and crop boxes on ``test``; ``found``: the voxels of the shots' edge queries on its map."""
@@ -192,14 +197,14 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
             crops["ape_all"] = enlarge_box(raw["ape_all"], alphas["ape_all"], shape)
         if use_bpr and test.scored is not None:
             z_raw, z_crop = z_range(test.scored.scores, interval), z_range(test.scored.scores, interval, margin)
-            raw.update({"bpr_z": z_box(shape, *z_raw), "ape_bpr": with_z(ape, *z_raw)})
-            crops.update({"bpr_z": z_box(shape, *z_crop), "ape_bpr": with_z(crops["ape"], *z_crop),
+            raw.update({"bpr_z": z_box(shape, *z_raw), "ape_bpr": with_z(raw[xy], *z_raw)})
+            crops.update({"bpr_z": z_box(shape, *z_crop), "ape_bpr": with_z(crops[xy], *z_crop),
                           "body_bpr": with_z(crops["body_box"], *z_crop)})
         if chosen in crops:
             crops["chosen"] = crops[chosen]
         return raw, crops
 
-    return edges, chosen, predict
+    return edges, selection, chosen, predict
 
 
 def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean",
@@ -219,8 +224,9 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
     for fold in range(folds):
         train = present[fold * shots : (fold + 1) * shots]
         tests = [c for c in present if all(c is not t for t in train)]
-        edges, chosen, predict = _fold_boxes(train, value, target, combine, transfer)
+        edges, selection, chosen, predict = _fold_boxes(train, value, target, combine, transfer)
         rows.setdefault("chosen", []).append(chosen)
+        fold_crops: dict[str, list] = {}
         centres = [np.round(ndimage.center_of_mass(c.label == value)).astype(int) for c in train]
         centre_queries = np.stack([shot.embedding[tuple(centre)] for shot, centre in zip(train, centres)]).astype(np.float64)
         for test in tests:
@@ -238,12 +244,19 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
                 rows.setdefault(f"alpha_{method}", []).append(alpha_for_recall(mask, box, target))
                 boxes.setdefault(method, []).append((mask, box))
             for method, box in crops.items():
-                rows.setdefault(f"recall_calibrated_{method}", []).append(box_recall(mask, box))
-                rows.setdefault(f"vr_calibrated_{method}", []).append(volume_ratio(mask.shape, box))
+                recall, vr = box_recall(mask, box), volume_ratio(mask.shape, box)
+                rows.setdefault(f"recall_calibrated_{method}", []).append(recall)
+                rows.setdefault(f"vr_calibrated_{method}", []).append(vr)
+                fold_crops.setdefault(method, []).append((recall, vr))
+        rows.setdefault("folds", []).append({
+            "shots": [c.name for c in train], "selection": selection, "chosen": chosen,
+            "tests": {m: {"recall": round(float(np.mean([r for r, _ in v])), 4), "vr": round(float(np.mean([x for _, x in v])), 2)}
+                      for m, v in fold_crops.items()}})
     if not boxes:
         return {"cases": len(present), "evaluated": 0}
     result = {"cases": len(present), "evaluated": len(boxes["ape"]), "folds": folds,
-              "chosen": {m: rows["chosen"].count(m) for m in CANDIDATES if m in rows["chosen"]}}
+              "chosen": {m: rows["chosen"].count(m) for m in CANDIDATES if m in rows["chosen"]},
+              "per_fold": rows["folds"]}
     for key in ("mre_c", "mre_ep"):
         result[key] = [float(np.mean(rows[key])), float(np.std(rows[key]))]
     for method, entries in boxes.items():

@@ -27,7 +27,7 @@ from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, read_volume, to_canonical
 from nnunet_ape.localize.body import body_box
 from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
-from nnunet_ape.localize.boxes import alpha_over_shots, enlarge_box
+from nnunet_ape.localize.boxes import enlarge_box, shot_alphas
 from nnunet_ape.localize.cases import LabeledCase, label_values, read_case
 from nnunet_ape.localize.choice import (
     available_methods,
@@ -216,18 +216,21 @@ class _OrganShots:
         k = len(self.masks)
         entry: dict = {"label": int(value), "shot_cases": self.names}
         held: dict[str, list[np.ndarray]] = {"body_box": held_out_body_boxes(self.masks, self.bodies)}
-        alphas = {"body_box": alpha_over_shots(held["body_box"], self.masks, target, DEFAULT_ALPHA)}
-        entry["body_box"] = {"relative": mean_relative_box(self.masks, self.bodies).round(5).tolist(), "alpha": alphas["body_box"]}
+        needed: dict[str, list[float]] = {}  # per method, each shot's alpha: calibration and selection share them
+
+        def alpha(method: str) -> float:
+            needed[method] = shot_alphas(held[method], self.masks, target)
+            return float(max(needed[method], default=DEFAULT_ALPHA))
+
+        entry["body_box"] = {"relative": mean_relative_box(self.masks, self.bodies).round(5).tolist(), "alpha": alpha("body_box")}
         if ape:
             held["ape"] = [held_out_box(self.edges, self.maps[i], i, combine, self.cuts) for i in range(k)] if k > 1 else []
-            alphas["ape"] = alpha_over_shots(held["ape"], self.masks, target, DEFAULT_ALPHA)
-            entry["alpha"] = alphas["ape"]
+            entry["alpha"] = alpha("ape")
             entry["alpha_calibrated"] = k > 1  # leave-one-shot-out needs a second shot
             if transfer:
-                entry["edge_points_alpha"] = alphas["ape"]  # for the fallback to edge points
+                entry["edge_points_alpha"] = entry["alpha"]  # for the fallback to edge points
                 held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer_held, held["ape"])]
-                alphas["ape_all"] = alpha_over_shots(held["ape_all"], self.masks, target, DEFAULT_ALPHA)
-                entry["alpha"] = alphas["ape_all"]
+                entry["alpha"] = alpha("ape_all")
             entry["shots"] = [{"case": n, "edge_embeddings": e.round(5).tolist(), "cut_sides": cut.tolist()}
                               for n, e, cut in zip(self.names, self.edges, self.cuts)]
         if bpr:
@@ -236,7 +239,7 @@ class _OrganShots:
         entry["selection"] = None
         if k > 1:
             scores = (self.intervals, self.scored, lambda ivs: combine_intervals(ivs, combine)) if bpr else None
-            entry["selection"] = selection_scores(self.masks, held, target, "ape_all" if transfer else "ape", scores)
+            entry["selection"] = selection_scores(self.masks, held, target, "ape_all" if transfer else "ape", scores, needed)
         if method != "auto":
             entry["method"] = method
         else:
