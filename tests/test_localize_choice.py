@@ -66,6 +66,11 @@ def test_fold_choice_prefers_ape_on_good_maps_and_the_body_box_on_useless_ones()
     assert result["chosen"] == {"body_box": 2}
     assert result["recall_calibrated_chosen"] == result["recall_calibrated_body_box"] >= 0.99
     assert result["vr_calibrated_chosen"] > 5 * result["vr_calibrated_ape"]
+    # each fold keeps its shots, the selection it chose on and every candidate's test crops (rules can be replayed)
+    assert [f["shots"] for f in result["per_fold"]] == [["f0", "f1", "f2"], ["f3", "f4", "f5"]]
+    for fold in result["per_fold"]:
+        assert fold["chosen"] == "body_box" and set(fold["selection"]) == {"body_box", "ape", "ape_all"}
+        assert fold["tests"]["chosen"] == fold["tests"]["body_box"] and fold["tests"]["body_box"]["recall"] >= 0.99
     quick = evaluate_organ(flat, value=1, shots=3, all_voxels=False)  # no label transfer: no all-voxels rows
     assert "iou_ape_all" not in quick and "recall_calibrated_ape_all" not in quick and quick["chosen"] == {"body_box": 2}
 
