@@ -170,3 +170,24 @@ def test_crop_dataset_leaves_out_training_cases_that_do_not_contour_the_organ(tm
         crop_label = read_volume(target / "labelsTr" / f"{case}.nii.gz").array
         full = read_volume(source / "labelsTr" / f"{case}.nii.gz").array
         assert (crop_label == 1).sum() == (full == larynx).sum()
+
+
+def test_preprocess_summary_warns_about_training_cases_that_do_not_contour_an_organ():
+    """``nnunet-ape preprocess`` keeps every training case (nnU-Net's splits name them all); where a case's labels do
+    not contour a chosen organ (the preprocessor records its fraction in the box as None), the summary lists the case
+    and the terminal report warns."""
+    from nnunet_ape.nnunet.crop_dataset import summary
+    from nnunet_ape.nnunet.preprocess_runner import describe_run
+
+    def record(case: str, fraction: float | None) -> dict:
+        return {"case": case, "split": "train", "grown_mm": [[0.0] * 3, [0.0] * 3], "grown": False, "voxel_ratio": 8.0,
+                "organ_fraction_in_predicted_box": {"larynx": fraction, "mandible": 0.97}}
+
+    s = summary([record("hn_001", 0.99), record("hn_002", None), record("hn_003", None)])
+    assert s["uncontoured"] == {"larynx": ["hn_002", "hn_003"]}
+    assert s["organ_fraction_in_predicted_box"]["larynx"]["cases"] == 1
+    text = describe_run("3d_fullres_ape", {**s, "median_preprocessed_shape": [40, 40, 40],
+                                           "plan": {"patch_size": [32, 32, 32], "batch_size": 2}})
+    assert "larynx is not contoured in 2 of 3 training case(s) (e.g. hn_002)" in text
+    assert "mandible is not contoured" not in text
+    assert "uncontoured" in summary([record("hn_001", 0.99)]) and not summary([record("hn_001", 0.99)])["uncontoured"]

@@ -244,15 +244,19 @@ def _finish(job: CropJob, done: dict[str, dict]) -> dict:
 
 
 def summary(cases: list[dict]) -> dict:
-    """How the boxes came out: training boxes that had to grow to hold their labels (count and mm), voxel ratio."""
+    """How the boxes came out: training boxes that had to grow to hold their labels (count and mm), voxel ratio, and
+    per organ the training cases whose labels do not contour it (``uncontoured``: case ids)."""
     train = [c for c in cases if c["split"] == "train" and "grown_mm" in c]
     grown = [float(np.max(c["grown_mm"])) for c in train if c["grown"]]
     ratios = [c["voxel_ratio"] for c in cases]
     fractions: dict[str, list[float]] = {}
+    uncontoured: dict[str, list[str]] = {}
     for c in train:
         for organ, f in c["organ_fraction_in_predicted_box"].items():
             if f is not None:
                 fractions.setdefault(organ, []).append(f)
+            else:
+                uncontoured.setdefault(organ, []).append(c["case"])
     return {
         "training_cases": len([c for c in cases if c["split"] == "train"]),
         "test_cases": len([c for c in cases if c["split"] == "test"]),
@@ -260,6 +264,7 @@ def summary(cases: list[dict]) -> dict:
         "largest_growth_mm": {"median": float(np.median(grown)) if grown else 0.0, "max": max(grown, default=0.0)},
         "organ_fraction_in_predicted_box": {o: {"mean": float(np.mean(f)), "min": float(np.min(f)), "cases": len(f)} for o, f in fractions.items()},
         "voxel_ratio": {"median": float(np.median(ratios)), "min": float(np.min(ratios)), "max": float(np.max(ratios))} if ratios else {},
+        "uncontoured": uncontoured,
     }
 
 
@@ -286,6 +291,10 @@ def describe(manifest: dict) -> str:
                         if s["training_boxes_grown"] else ""))
         for organ, f in s["organ_fraction_in_predicted_box"].items():
             lines.append(f"  {organ}: {f['mean']:.3f} of the organ inside the localizer's box on average (min {f['min']:.3f}, {f['cases']} cases)")
+        for organ, missing in s.get("uncontoured", {}).items():
+            lines.append(f"warning: {organ} is not contoured in {len(missing)} of {s['training_cases']} training case(s) "
+                         f"(e.g. {missing[0]}): nnU-Net learns it as background there; contour it, or use "
+                         "'nnunet-ape crop-dataset', which leaves such cases out")
         if s["voxel_ratio"]:
             lines.append(f"voxels: source / crop median {s['voxel_ratio']['median']:.1f}x (min {s['voxel_ratio']['min']:.1f}x, max {s['voxel_ratio']['max']:.1f}x)")
     return "\n".join(lines)
