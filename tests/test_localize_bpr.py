@@ -38,6 +38,20 @@ def test_interval_range_and_recall_by_hand():
     assert combine_intervals([np.array([0.0, 10.0]), np.array([2.0, 14.0]), np.array([100.0, 200.0])], "median").tolist() == [2.0, 14.0]
 
 
+def test_slices_without_a_score_never_collapse_a_z_range():
+    # Seen on the head-and-neck cohort: a spinal cord reaching the scan's last slice, which has no body and so no
+    # score, gave a NaN interval end, and every z-range of that organ collapsed to one slice (recall 0.01).
+    scores = np.arange(40) * 2.0
+    scores[:3] = np.nan
+    assert organ_interval(scores, _mask(0, 20)).tolist() == [6.0, 40.0]  # the organ's lowest slice with a score
+    assert np.isnan(organ_interval(scores, _mask(0, 2))).all()
+    intervals = [np.array([6.0, 40.0]), np.array([np.nan, np.nan]), np.array([10.0, 44.0])]
+    assert combine_intervals(intervals, "mean").tolist() == [8.0, 42.0]  # the shots that have one
+    assert np.isnan(combine_intervals(intervals[1:2], "median")).all()
+    assert z_range(scores, np.array([np.nan, np.nan])) == (0, 39)  # nothing to place by: the whole scan, no cut
+    assert margin_for_recall(_mask(0, 2), scores, np.array([np.nan, np.nan])) == 0.0
+
+
 def test_margin_reaches_the_target_recall():
     scores = np.arange(40) * 2.0
     mask = _mask(8, 22)  # the organ reaches 2 slices further than the interval on both sides

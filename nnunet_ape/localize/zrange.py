@@ -34,17 +34,25 @@ def score_ct(model, canon: Volume, device: str = "cpu") -> ScoredCT:
 
 
 def organ_interval(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Score interval ``[low, high]`` of an organ: scores at the lowest and highest slice of ``mask`` ``(X, Y, Z)``."""
+    """Score interval ``[low, high]`` of an organ: scores at the lowest and highest slice of ``mask`` ``(X, Y, Z)``
+    that have a score. Slices without body have none (NaN), and an organ can reach onto them (a spinal cord down to
+    a scan's last slice); NaN twice when none of the organ's slices has a score."""
     slices = np.flatnonzero(mask.any(axis=(0, 1)))
-    ends = sorted([score_at(scores, slices[0]), score_at(scores, slices[-1])])
-    return np.asarray(ends)
+    slices = slices[np.isfinite(scores[slices])]
+    if slices.size == 0:
+        return np.array([np.nan, np.nan])
+    return np.asarray(sorted([score_at(scores, slices[0]), score_at(scores, slices[-1])]))
 
 
 def combine_intervals(intervals: list[np.ndarray], how: str = "mean") -> np.ndarray:
-    """Combine the shots' intervals ``(2,)`` end by end (mean as the paper does for boxes, or median)."""
+    """Combine the shots' intervals ``(2,)`` end by end (mean as the paper does for boxes, or median), over the
+    shots whose interval is finite (:func:`organ_interval`); NaN twice when none is."""
     if how not in COMBINE:
         raise ValueError(f"unknown combination {how!r}; choose one of {COMBINE}")
     stack = np.stack(intervals)
+    stack = stack[np.isfinite(stack).all(axis=1)]
+    if len(stack) == 0:
+        return np.array([np.nan, np.nan])
     return stack.mean(0) if how == "mean" else np.median(stack, axis=0)
 
 
@@ -55,7 +63,10 @@ def in_range(scores: np.ndarray, interval: np.ndarray, margin: float = 0.0) -> n
 
 def z_range(scores: np.ndarray, interval: np.ndarray, margin: float = 0.0) -> tuple[int, int]:
     """First and last slice whose score lies in ``interval`` widened by ``margin``; when none does, the one slice
-    closest to the interval (a z-range never comes back empty)."""
+    closest to the interval (a z-range never comes back empty). A NaN interval (no shot's organ had a score) places
+    nothing: the whole scan, never a cut."""
+    if not np.all(np.isfinite(interval)):
+        return 0, len(scores) - 1
     inside = np.flatnonzero(in_range(scores, interval, margin))
     if inside.size:
         return int(inside[0]), int(inside[-1])
