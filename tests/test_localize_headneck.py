@@ -15,9 +15,9 @@ import pytest
 from conftest import DATA, announced, say
 
 HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
-PRETRAIN_CASES = 143  # hn_001..hn_143 pretrain; the others were never seen
+PRETRAIN_CASES = 143  # hn_001..hn_168 in name order pretrain; the others were never seen
 ITERATIONS = 800
-EVAL_CASES = 40  # hn_144..hn_183
+EVAL_CASES = 40  # hn_169..hn_214 (case numbers have gaps)
 SHOTS, FOLDS = 5, 1
 PAROTIDS = ("parotid_left", "parotid_right")
 # Margins from the measured runs (2026-12-03, 2 CPU cores). This test's configuration: parotid IoU all voxels
