@@ -6,16 +6,18 @@ with as many folds as the cases allow (``--folds``). Each fold records the leave
 every candidate on its shots and every candidate's calibrated crops on its test cases (``evaluate_organ``'s
 ``per_fold``), so any rule can be replayed on the same folds without measuring again. Rules replayed:
 
-- ``current``: the rule of :mod:`nnunet_ape.localize.choice` (smallest crop among the candidates whose mean held-out
-  recall reaches the target, else the highest recall; ties to the body box);
-- ``guard``: as ``current``, but a candidate other than the body box must also reach the body box's held-out
-  recall (mean and worst shot) on the shots;
-- ``worst shot``: a candidate reaches the target only when every shot's held-out recall does;
+- ``current``: the rule of :mod:`nnunet_ape.localize.choice` (the localizer's own model method, APE all voxels or
+  APE 6 points, when it matches the body box's held-out recall in crops no larger; else the body box);
+- ``smallest reached``: the rule until 2026-12-04: among all candidates, the smallest crop whose mean held-out recall
+  reaches the target, else the highest recall; ties to the body box;
+- ``smallest matching body box``: as ``smallest reached``, among the candidates that match the body box's held-out
+  recall in crops no larger;
 - ``body box``, ``APE 6 points``, ``APE all voxels``: one method for every organ.
 
     python benchmarks/bench_headneck_choice.py --models recipe=/tmp/hn/ape_small/checkpoint_final.pt \
         coarse=/tmp/hn/levers/spacing_coarse_4_4_6-5_5_7.5/checkpoint_final.pt [--all-voxels] [--bpr-model CKPT]
     python benchmarks/bench_headneck_choice.py --replay WORK/choice.json     # rules only, from a saved run
+    python benchmarks/bench_headneck_choice.py --replay BENCH_HEADNECK_WORK/headneck_localization.json
 
 Prints the machine, the date and per model and rule: the mean over organs of the test cases' recall and volume
 ratio (image / crop), and the organs where the rule kept less of the organ than the body box (by > 0.01).
@@ -34,7 +36,6 @@ import numpy as np
 from bench_embed import machine
 from bench_headneck import HEADNECK, evaluate
 
-TARGET = 0.99
 WORSE = 0.01  # recall below the body box's by more than this counts as worse
 
 
@@ -44,23 +45,24 @@ def _current(selection: dict) -> str:
     return choose(selection)
 
 
-def _guard(selection: dict) -> str:
-    from nnunet_ape.localize.choice import choose
+def _smallest_reached(selection: dict) -> str:
+    from nnunet_ape.localize.choice import CANDIDATES
 
-    body = selection["body_box"]
-    kept = {m: s for m, s in selection.items()
-            if m == "body_box" or (s["recall_mean"] >= body["recall_mean"] and s["recall_min"] >= body["recall_min"])}
-    return choose(kept)
+    order = [m for m in CANDIDATES if m in selection]
+    reached = [m for m in order if selection[m]["reached"]]
+    if reached:
+        return min(reached, key=lambda m: (selection[m]["crop_fraction"], order.index(m)))
+    return max(order, key=lambda m: (selection[m]["recall_mean"], -selection[m]["crop_fraction"], -order.index(m)))
 
 
-def _worst_shot(selection: dict) -> str:
-    from nnunet_ape.localize.choice import choose
+def _smallest_matching_body_box(selection: dict) -> str:
+    from nnunet_ape.localize.choice import at_least_body_box
 
-    return choose({m: {**s, "reached": s["recall_min"] >= TARGET} for m, s in selection.items()})
+    return _smallest_reached(at_least_body_box(selection))
 
 
 RULES: dict[str, Callable[[dict], str]] = {
-    "current": _current, "guard": _guard, "worst shot": _worst_shot,
+    "current": _current, "smallest reached": _smallest_reached, "smallest matching body box": _smallest_matching_body_box,
     "body box": lambda s: "body_box", "APE 6 points": lambda s: "ape", "APE all voxels": lambda s: "ape_all",
 }
 
@@ -106,12 +108,17 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=None, help="folds per organ (default: as many as the cases allow)")
     parser.add_argument("--all-voxels", action="store_true", help="include label transfer (slow: neighbour searches)")
     parser.add_argument("--bpr-model", type=Path, help="a BPR checkpoint: adds the BPR candidates")
-    parser.add_argument("--replay", type=Path, help="a choice.json of an earlier run: replay the rules only")
+    parser.add_argument("--replay", type=Path, help="a choice.json of an earlier run, or bench_headneck.py's "
+                        "headneck_localization.json (its 3- and 5-shot folds): replay the rules only")
     args = parser.parse_args()
 
     if args.replay:
         saved = json.loads(args.replay.read_text())
-        print(table({name: replay(organs) for name, organs in saved["organs"].items()}))
+        if "results" in saved:  # bench_headneck.py's headneck_localization.json: one entry per number of shots
+            runs = {f"{k} shots": r["organs"] for k, r in saved["results"].items() if int(k) > 1}
+        else:
+            runs = saved["organs"]
+        print(table({name: replay(organs) for name, organs in runs.items()}))
         return
     from nnunet_ape.localize.cases import cases_from_nnunet
 

@@ -24,13 +24,30 @@ def _scores(recalls: list[float], fraction: float, target: float = 0.99) -> dict
             "reached": float(np.mean(recalls)) >= target}
 
 
-def test_choose_takes_the_smallest_crop_that_kept_the_target():
+def test_choose_takes_the_model_when_it_matches_the_body_box():
     scores = {"body_box": _scores([1.0, 0.995], 0.30), "ape": _scores([1.0, 0.999], 0.10), "bpr_z": _scores([0.9, 1.0], 0.05)}
-    assert choose(scores) == "ape"  # bpr_z is smaller but lost 10 % of one shot's organ
-    scores["ape"]["crop_fraction"] = 0.30
-    assert choose(scores) == "body_box"  # a tie goes to the body box: a model must beat the trivial baseline
+    assert choose(scores) == "ape"  # bpr_z is smaller but lost 10 % of one shot's organ (and it is not APE)
+    scores["ape"]["crop_fraction"] = 0.31
+    assert choose(scores) == "body_box"  # more recall in a larger crop: no better than the trivial baseline
     nothing = {"body_box": _scores([0.8, 0.9], 0.3), "ape": _scores([0.95, 0.97], 0.2)}
     assert choose(nothing) == "ape"  # none reached the target: the highest mean recall
+
+
+def test_a_model_must_match_the_body_box_on_the_shots_to_replace_it():
+    # bpr_z reached the target with the smallest crop, but kept less of the organ than the body box on the shots
+    scores = {"body_box": _scores([1.0, 1.0, 1.0], 0.05), "ape": _scores([1.0, 1.0, 0.995], 0.02),
+              "bpr_z": _scores([1.0, 1.0, 1.0], 0.01)}
+    assert choose(scores) == "body_box"  # bpr_z matched it in a smaller crop, but only the model's own method competes
+    scores["ape"] = _scores([1.0, 1.0, 1.0], 0.02)  # as much as the body box kept, in a smaller crop
+    assert choose(scores) == "ape"
+    scores["ape"] = _scores([1.0, 1.0, 1.0], 0.08)  # as much, but a larger crop: no better than the baseline
+    assert choose(scores) == "body_box"
+    # below the target everywhere: a model that kept more in a smaller crop still replaces the body box
+    weak = {"body_box": _scores([0.5, 0.9], 0.10), "ape": _scores([0.8, 0.9], 0.05), "bpr_z": _scores([0.95, 0.95], 0.2)}
+    assert choose(weak) == "ape"
+    # with label transfer the model's method is APE all voxels; without APE it is BPR z
+    assert choose({**weak, "ape_all": _scores([0.4, 0.9], 0.05)}) == "body_box"
+    assert choose({"body_box": weak["body_box"], "bpr_z": _scores([0.7, 0.9], 0.09)}) == "bpr_z"
 
 
 def test_relative_body_boxes_follow_the_body():

@@ -24,8 +24,9 @@ def add_parser(sub) -> None:
         "'nnunet-ape evaluate localization'). Each organ's box enlargement is calibrated "
         "leave-one-shot-out so that the crop keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
         "a z margin calibrated the same way (boxes crop along z only). Always: the organ's average place in the body's "
-        "bounding box (no model needed). Per organ, the method (body box, APE, BPR z, APE or body box x/y with BPR z) "
-        "is chosen leave-one-shot-out: the smallest crops that kept --target-recall of every held-out shot's organ. "
+        "bounding box (no model needed). Per organ, every method (body box, APE, BPR z, APE or body box x/y with BPR z) "
+        "is measured leave-one-shot-out, and the model's own method (APE all voxels, else APE 6 points, else BPR z) is "
+        "chosen when it kept as much of the held-out shots' organs as the body box in crops no larger; else the body box. "
         "A case whose label map does not contour an organ is no shot for that organ. Writes a human-readable JSON localizer.",
         formatter_class=HelpFormatter,
     )

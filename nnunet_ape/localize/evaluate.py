@@ -353,7 +353,8 @@ def markdown_tables(result: dict) -> str:
               "A box thinner than one voxel counts as one voxel thick when enlarged. Calibrated: enlargement "
               "(APE alpha, BPR z margin) chosen on the shots only (leave-one-shot-out), "
               "as at inference. Chosen per organ: in each fold, the method `localize fit` would choose on that fold's shots "
-              "(the smallest leave-one-shot-out crops that kept the target recall; see Chosen methods), measured on the "
+              "(the model's own method when it matched the body box's leave-one-shot-out recall in crops no larger, else the "
+              "body box; see Chosen methods), measured on the "
               "test cases. APE 6 points: the paper's edge-point retrieval; APE all voxels: k-nearest-neighbour label "
               "transfer from every shot voxel. BPR z boxes span the full x/y extent.", ""]
     return "\n".join(lines)
