@@ -13,7 +13,7 @@ from conftest import DATA
 from test_localize_evaluate import _case
 from nnunet_ape.io import read_volume
 from nnunet_ape.localize.boxes import box_recall, mask_box
-from nnunet_ape.localize.choice import box_in_body, choose, held_out_body_boxes, mean_relative_box, relative_box
+from nnunet_ape.localize.choice import box_in_body, choose, default_method, held_out_body_boxes, mean_relative_box, relative_box
 from nnunet_ape.localize.evaluate import evaluate_organ
 
 HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
@@ -48,6 +48,9 @@ def test_a_model_must_match_the_body_box_on_the_shots_to_replace_it():
     # with label transfer the model's method is APE all voxels; without APE it is BPR z
     assert choose({**weak, "ape_all": _scores([0.4, 0.9], 0.05)}) == "body_box"
     assert choose({"body_box": weak["body_box"], "bpr_z": _scores([0.7, 0.9], 0.09)}) == "bpr_z"
+    # one shot (nothing held out): the model's own box; APE x/y + BPR z kept half the organs with a CPU-trained BPR
+    assert [default_method(True, True, True), default_method(True, True, False), default_method(False, True, False),
+            default_method(False, False, False)] == ["ape_all", "ape", "bpr_z", "body_box"]
 
 
 def test_relative_body_boxes_follow_the_body():

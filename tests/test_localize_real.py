@@ -139,10 +139,11 @@ def test_ape_and_bpr_combined_boxes_from_a_to_b(pretrained_run, bpr_run, tmp_pat
     localizer = tmp_path / "localizer.json"
     fit = _cli("localize", "fit", "-m", str(pretrained_run / "checkpoint_final.pt"), "--bpr-model", str(bpr_run / "checkpoint_final.pt"),
                "--images", str(images), "--labels", str(labels), "--label-names", str(names), "--organs", "liver", "spleen",
-               "--shots", "1", "-o", str(localizer), "--device", "cpu")
+               "--shots", "1", "--method", "ape_bpr", "-o", str(localizer), "--device", "cpu")
     assert fit.returncode == 0, fit.stderr[-2000:]
     content = json.loads(localizer.read_text())
     assert content["method"] == "ape+bpr" and len(content["bpr_sha256"]) == 64
+    assert all(entry["method"] == "ape_bpr" for entry in content["organs"].values())  # one shot's default is APE's own box
     assert "liver reaches the first or last slice" in fit.stderr  # A's liver is cut by the top of the scan
     out = tmp_path / "boxes"
     pred = _cli("localize", "predict", "-l", str(localizer), "-i", str(patient("B")), "-o", str(out), "--png", "--device", "cpu")
