@@ -138,10 +138,15 @@ def at_least_body_box(scores: dict[str, dict]) -> dict[str, dict]:
             if m == "body_box" or (s["recall_mean"] >= body["recall_mean"] and s["crop_fraction"] <= body["crop_fraction"])}
 
 
+def principal_method(have) -> str | None:
+    """The localizer's own model method: the first of :data:`PRINCIPAL` in ``have`` (method names), None if none."""
+    return next((m for m in PRINCIPAL if m in have), None)
+
+
 def choose(scores: dict[str, dict]) -> str:
     """The chosen candidate of :func:`crop_scores` results by name (the module's rule): the principal method when it
     is at least as good as the body box on the shots (:func:`at_least_body_box`), else the body box."""
-    principal = next((m for m in PRINCIPAL if m in scores), None)
+    principal = principal_method(scores)
     if principal is None:
         return "body_box"
     return principal if principal in at_least_body_box(scores) else "body_box"
@@ -159,6 +164,4 @@ def default_method(has_ape: bool, has_bpr: bool, transfer: bool) -> str:
     """The method used without held-out evidence (one shot): the principal method of the localizer's models (APE's
     own box where there is APE: at one shot on the head-and-neck cohort, APE x/y + BPR z with BPR's default 20 mm
     margin kept 0.50 of the organs against 0.81 for APE all voxels)."""
-    if has_ape:
-        return "ape_all" if transfer else "ape"
-    return "bpr_z" if has_bpr else "body_box"
+    return principal_method(available_methods(has_ape, has_bpr, transfer)) or "body_box"
