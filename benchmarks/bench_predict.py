@@ -1,8 +1,8 @@
 """Benchmark: `nnunet-ape predict` (APE + crop + nnU-Net on the crop + paste back) against full-image nnU-Net.
 
 One run, one machine. A phantom cohort (liver, spleen, both kidneys labeled) becomes an nnU-Net raw dataset; nnU-Net
-plans it (3d_fullres); `nnunet-ape plan` adds one crop configuration per organ (a 3-shot localizer from a tiny APE
-model pretrained on the training phantoms) and `nnunet-ape preprocess` writes their data. Every configuration gets
+plans it (3d_fullres); `nnunet-ape plan` adds one crop configuration per organ (a localizer fit on the labeled training
+phantoms, ``--shots``, with a tiny APE model pretrained on them) and `nnunet-ape preprocess` writes their data. Every configuration gets
 the *same* network architecture and patch size (``--architecture small``: a reduced U-Net that trains and predicts in
 minutes on a CPU; ``planned``: nnU-Net's planned 3d_fullres network) and trains for the same number of iterations.
 
@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -122,27 +123,33 @@ def prepare(args, env: dict, roots: dict, train: list[int], val: list[int]) -> d
     write_dataset(raw, train + val, ORGANS)
     images = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))
     model = args.model or pretrain(args.work, [p for p in images if int(p.name[7:10]) in train], args.pretrain_iterations)
-    shots = [c for c in cases_from_nnunet(str(raw)) if int(c.name[7:10]) in train[:3]]
+    shots = [c for c in cases_from_nnunet(str(raw)) if int(c.name[7:10]) in train[:args.shots]]
     localizer = save_localizer(fit_localizer(shots, ORGANS, model), args.work / "localizer.json")
+    methods = {o: e["method"] for o, e in json.loads(localizer.read_text())["organs"].items()}
+    print(f"localizer from {len(shots)} shots, method per organ: {methods}")
     print("nnU-Net planning and preprocessing:")
     _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", str(os.cpu_count()))
     preprocessed = roots["nnUNet_preprocessed"] / DATASET
     (preprocessed / "splits_final.json").write_text(json.dumps([{"train": [f"phantom{s:03d}" for s in train],
                                                                   "val": [f"phantom{s:03d}" for s in val]}]))
-    _run(env, "nnunet-ape", "plan", "-d", str(DATASET_ID), "-l", str(localizer), "--organs", *ORGANS)
-    crops = [f"3d_fullres_ape_{o}" for o in ORGANS]
+    _run(env, "nnunet-ape", "plan", "-d", str(DATASET_ID), "-l", str(localizer), "--organs", *args.crops)
+    crops = [f"3d_fullres_ape_{o}" for o in args.crops]
     _run(env, "nnunet-ape", "preprocess", "-d", str(DATASET_ID), "-c", *crops, "-np", str(os.cpu_count()), "--device", args.device)
     patch, arch = same_architecture(preprocessed / "nnUNetPlans.json", crops, args.architecture)
     print(f"training, {args.iterations} iterations each, patch {patch}, features {arch['features_per_stage']}:")
+    train_seconds = {}
     for name in ["3d_fullres", *crops]:
         trainer = "nnUNetTrainerPredictBenchStock" if name == "3d_fullres" else "nnUNetTrainerPredictBenchCrop"
+        began = time.perf_counter()
         _run(env, "nnUNetv2_train", str(DATASET_ID), name, "0", "-tr", trainer, "-device", args.device)
+        train_seconds[name] = round(time.perf_counter() - began, 1)
     dice = {}
     for name in ["3d_fullres", *crops]:
         trainer = "nnUNetTrainerPredictBenchStock" if name == "3d_fullres" else "nnUNetTrainerPredictBenchCrop"
         summary = json.loads((roots["nnUNet_results"] / DATASET / f"{trainer}__nnUNetPlans__{name}" / "fold_0" / "validation" / "summary.json").read_text())
         dice[name] = {o: summary["mean"][str(v)]["Dice"] for o, v in ORGANS.items() if str(v) in summary["mean"]}
-    info = {"dice": dice, "patch": patch, "features": arch["features_per_stage"], "iterations": args.iterations}
+    info = {"dice": dice, "patch": patch, "features": arch["features_per_stage"], "iterations": args.iterations,
+            "train_seconds": train_seconds, "methods": methods, "shots": len(shots)}
     (args.work / "prepared.json").write_text(json.dumps(info))
     return info
 
@@ -169,7 +176,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="APE checkpoint (default: pretrain a tiny one on the training phantoms)")
     parser.add_argument("--pretrain-iterations", type=int, default=600)
-    parser.add_argument("--phantoms", type=int, default=8, help="training phantoms (3 more are validation)")
+    parser.add_argument("--phantoms", type=int, default=8, help="training phantoms")
+    parser.add_argument("--validation", type=int, default=3, help="validation phantoms (nnU-Net's validation Dice)")
+    parser.add_argument("--crops", nargs="+", choices=list(ORGANS), default=list(ORGANS),
+                        help="organs that get a crop model (the full-image model always learns all four)")
+    parser.add_argument("--shots", type=int, default=8, help="labeled training phantoms the localizer is fit on")
     parser.add_argument("--iterations", type=int, default=30, help="training iterations per configuration")
     parser.add_argument("--architecture", choices=("small", "planned"), default="small",
                         help="small: a reduced U-Net for CPU runs; planned: nnU-Net's planned 3d_fullres network (needs a GPU)")
@@ -188,13 +199,15 @@ def main() -> None:
     (args.work / "ext" / "bench_predict_trainers.py").write_text(TRAINERS)
     env = {**os.environ, **{k: str(v) for k, v in roots.items()}, "nnUNet_extTrainer": str(args.work / "ext"),
            "BENCH_ITERATIONS": str(args.iterations), "nnUNet_def_n_proc": str(os.cpu_count()), "nnUNet_n_proc_DA": "1"}
-    train, val = list(range(100, 100 + args.phantoms)), list(range(200, 203))
+    train, val = list(range(100, 100 + args.phantoms)), list(range(200, 200 + args.validation))
     info = json.loads((args.work / "prepared.json").read_text()) if reuse else prepare(args, env, roots, train, val)
     large = args.work / "phantom200_512x512x300.nii.gz"
     if not large.is_file():
         large_phantom(large, val[0])
-    runs = {"full image (stock nnU-Net)": ["3d_fullres"], "kidney_left crop": ["3d_fullres_ape_kidney_left"],
-            "liver crop": ["3d_fullres_ape_liver"], "4 organs (4 crop models)": [f"3d_fullres_ape_{o}" for o in ORGANS]}
+    runs = {"full image (stock nnU-Net)": ["3d_fullres"]}
+    runs.update({f"{o} crop": [f"3d_fullres_ape_{o}"] for o in ("kidney_left", "liver") if o in args.crops})
+    if len(args.crops) > 1:
+        runs[f"{len(args.crops)} organs ({len(args.crops)} crop models)"] = [f"3d_fullres_ape_{o}" for o in args.crops]
     print("prediction, no TTA, each in its own process:")
     for image in (large, REAL_CT):
         rows = []
@@ -215,6 +228,7 @@ def main() -> None:
     print("|---|" + "---|" * len(ORGANS))
     for name, dice in info["dice"].items():
         print(f"| {name} | " + " | ".join(f"{dice[o]:.3f}" if o in dice else "-" for o in ORGANS) + " |")
+    print(f"\ntraining seconds per model: {info.get('train_seconds')}; localizer ({info.get('shots')} shots): {info.get('methods')}")
 
 
 if __name__ == "__main__":
