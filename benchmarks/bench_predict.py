@@ -16,7 +16,7 @@ It prints seconds per stage (localization = APE map + boxes; nnU-Net per model; 
 full-image prediction, peak memory of the process, and the validation Dice (nnU-Net's own validation on the
 held-out phantoms, crop models pasted back into the full images) after the training iterations.
 
-    python benchmarks/bench_predict.py [--iterations 30] [--architecture small] [--work /tmp/bench_predict] [--reuse]
+    python benchmarks/bench_predict.py [--iterations 250] [--architecture small] [--work /tmp/bench_predict] [--reuse]
 """
 
 from __future__ import annotations
@@ -175,13 +175,13 @@ def measure(env: dict, work: Path, image: Path, label: str, configurations: list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="APE checkpoint (default: pretrain a tiny one on the training phantoms)")
-    parser.add_argument("--pretrain-iterations", type=int, default=600)
+    parser.add_argument("--pretrain-iterations", type=int, default=2000)
     parser.add_argument("--phantoms", type=int, default=8, help="training phantoms")
     parser.add_argument("--validation", type=int, default=3, help="validation phantoms (nnU-Net's validation Dice)")
     parser.add_argument("--crops", nargs="+", choices=list(ORGANS), default=list(ORGANS),
                         help="organs that get a crop model (the full-image model always learns all four)")
     parser.add_argument("--shots", type=int, default=8, help="labeled training phantoms the localizer is fit on")
-    parser.add_argument("--iterations", type=int, default=30, help="training iterations per configuration")
+    parser.add_argument("--iterations", type=int, default=250, help="training iterations per configuration")
     parser.add_argument("--architecture", choices=("small", "planned"), default="small",
                         help="small: a reduced U-Net for CPU runs; planned: nnU-Net's planned 3d_fullres network (needs a GPU)")
     parser.add_argument("--device", default="cpu")
