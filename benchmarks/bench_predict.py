@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -124,8 +123,9 @@ def prepare(args, env: dict, roots: dict, train: list[int], val: list[int]) -> d
     images = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))
     model = args.model or pretrain(args.work, [p for p in images if int(p.name[7:10]) in train], args.pretrain_iterations)
     shots = [c for c in cases_from_nnunet(str(raw)) if int(c.name[7:10]) in train[:args.shots]]
-    localizer = save_localizer(fit_localizer(shots, ORGANS, model), args.work / "localizer.json")
-    methods = {o: e["method"] for o, e in json.loads(localizer.read_text())["organs"].items()}
+    fitted = fit_localizer(shots, ORGANS, model)
+    localizer = save_localizer(fitted, args.work / "localizer.json")
+    methods = {o: e["method"] for o, e in fitted["organs"].items()}
     print(f"localizer from {len(shots)} shots, method per organ: {methods}")
     print("nnU-Net planning and preprocessing:")
     _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", str(os.cpu_count()))
@@ -137,15 +137,13 @@ def prepare(args, env: dict, roots: dict, train: list[int], val: list[int]) -> d
     _run(env, "nnunet-ape", "preprocess", "-d", str(DATASET_ID), "-c", *crops, "-np", str(os.cpu_count()), "--device", args.device)
     patch, arch = same_architecture(preprocessed / "nnUNetPlans.json", crops, args.architecture)
     print(f"training, {args.iterations} iterations each, patch {patch}, features {arch['features_per_stage']}:")
+    trainers = {"3d_fullres": "nnUNetTrainerPredictBenchStock", **{name: "nnUNetTrainerPredictBenchCrop" for name in crops}}
     train_seconds = {}
-    for name in ["3d_fullres", *crops]:
-        trainer = "nnUNetTrainerPredictBenchStock" if name == "3d_fullres" else "nnUNetTrainerPredictBenchCrop"
-        began = time.perf_counter()
-        _run(env, "nnUNetv2_train", str(DATASET_ID), name, "0", "-tr", trainer, "-device", args.device)
-        train_seconds[name] = round(time.perf_counter() - began, 1)
+    for name, trainer in trainers.items():
+        _, seconds = _run(env, "nnUNetv2_train", str(DATASET_ID), name, "0", "-tr", trainer, "-device", args.device)
+        train_seconds[name] = round(seconds, 1)
     dice = {}
-    for name in ["3d_fullres", *crops]:
-        trainer = "nnUNetTrainerPredictBenchStock" if name == "3d_fullres" else "nnUNetTrainerPredictBenchCrop"
+    for name, trainer in trainers.items():
         summary = json.loads((roots["nnUNet_results"] / DATASET / f"{trainer}__nnUNetPlans__{name}" / "fold_0" / "validation" / "summary.json").read_text())
         dice[name] = {o: summary["mean"][str(v)]["Dice"] for o, v in ORGANS.items() if str(v) in summary["mean"]}
     info = {"dice": dice, "patch": patch, "features": arch["features_per_stage"], "iterations": args.iterations,

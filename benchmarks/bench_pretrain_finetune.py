@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
-from bench_trainers import write_dataset  # noqa: E402
+from bench_trainers import _run, write_dataset  # noqa: E402
 
 HEADNECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"
 PHANTOM_ORGANS = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4, "aorta": 5}
@@ -82,16 +81,6 @@ class nnUNetTrainerBenchScratch(_FineTune):
 class nnUNetTrainerBenchFromAPE(_FineTune):
     pass
 '''
-
-
-def _run(env: dict, *args: str) -> tuple[str, float]:
-    began = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - began
-    print(f"  {' '.join(args[:6])}: {seconds:.0f} s", flush=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout, seconds
 
 
 def headneck_dataset(raw: Path) -> tuple[str, list[str]]:

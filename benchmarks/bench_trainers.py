@@ -91,13 +91,15 @@ class nnUNetTrainerAPEChannelsBench(_Timed, nnUNetTrainerAPEChannels):
 '''
 
 
-def _run(env: dict, *args: str) -> str:
+def _run(env: dict, *args: str) -> tuple[str, float]:
+    """Run the venv's command ``args`` with ``env``; prints and returns its seconds (with its stdout); stops on failure."""
     began = time.perf_counter()
     done = subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], env=env, capture_output=True, text=True)
-    print(f"  {' '.join(args[:5])}: {time.perf_counter() - began:.0f} s", flush=True)
+    seconds = time.perf_counter() - began
+    print(f"  {' '.join(args[:6])}: {seconds:.0f} s", flush=True)
     if done.returncode != 0:
         raise SystemExit(f"{args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
+    return done.stdout, seconds
 
 
 def write_dataset(raw: Path, seeds: list[int], organs: dict[str, int] = ORGANS) -> None:

@@ -30,7 +30,7 @@ def test_choose_takes_the_model_when_it_matches_the_body_box():
     scores["ape"]["crop_fraction"] = 0.31
     assert choose(scores) == "body_box"  # more recall in a larger crop: no better than the trivial baseline
     nothing = {"body_box": _scores([0.8, 0.9], 0.3), "ape": _scores([0.95, 0.97], 0.2)}
-    assert choose(nothing) == "ape"  # none reached the target: the highest mean recall
+    assert choose(nothing) == "ape"  # none reached the target: ape kept more of the organ in a smaller crop
 
 
 def test_a_model_must_match_the_body_box_on_the_shots_to_replace_it():
