@@ -114,3 +114,22 @@ def test_leave_one_shot_out_alpha():
     assert alpha == pytest.approx(max(alpha_for_recall(mask, truth + d), alpha_for_recall(mask, truth - d)))
     assert alpha > 1.0 > exact
     assert held_out_boxes([shot], [index_map()], [grid], [3]) == [] and calibrate_transfer_alpha([], [mask]) is None
+
+
+def test_outside_the_search_region_is_background_and_never_a_sample():
+    """A test map whose air (outside the region, +inf) would match the organ's samples exactly finds the organ
+    inside the region only; shot samples outside the region are left out."""
+    from nnunet_ape.localize.retrieval import outside_to_inf
+
+    grid = body_grid(WHOLE, (4.0, 4.0, 4.0), SHAPE)
+    region = np.ones(SHAPE, bool)
+    region[30:, :, :] = False
+    shot = LabelSamples.from_shot(outside_to_inf(index_map(), region), organ_label(), grid)
+    assert len(shot.labels) == 30 * 30 * 20 and np.isfinite(shot.embeddings).all()
+    test = index_map()
+    test[30:] = test[10:20]  # the "air" repeats the organ's embeddings
+    found = LabelTransfer(shot, k=1).neighbours(outside_to_inf(test, region), grid)
+    np.testing.assert_array_equal(found.organ_box(3), [[10, 5, 3], [19, 14, 8]])
+    assert not (found.labels.reshape(*grid.dims, 1)[30:] == 3).any()
+    unmasked = LabelTransfer(shot, k=1).neighbours(test, grid)
+    assert (unmasked.labels.reshape(*grid.dims, 1)[30:] == 3).any()  # without the region the air is organ

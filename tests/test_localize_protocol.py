@@ -14,8 +14,8 @@ from nnunet_ape.localize.boxes import (
     mask_box,
     volume_ratio,
 )
-from nnunet_ape.localize.fewshot import calibrate_alpha, combine_boxes, cut_sides, predict_box, shot_queries
-from nnunet_ape.localize.retrieval import nearest_voxels, radial_errors
+from nnunet_ape.localize.fewshot import calibrate_alpha, combine_boxes, cut_sides, point_queries, predict_box, shot_queries
+from nnunet_ape.localize.retrieval import nearest_voxels, outside_to_inf, radial_errors
 
 
 def _position_map(shape, offset=(0, 0, 0)):
@@ -77,6 +77,40 @@ def test_nearest_voxels_is_exact_and_chunk_independent():
     queries = flat[rng.integers(0, len(flat), 10)] + rng.normal(0, 0.1, (10, 3))
     brute = np.argmin(((flat[:, None, :] - queries[None]) ** 2).sum(-1), axis=0)
     assert np.array_equal(nearest_voxels(queries, smooth), np.stack(np.unravel_index(brute, smooth.shape[:3]), axis=1))
+
+
+def test_nearest_voxels_never_answers_outside_the_search_region():
+    rng = np.random.default_rng(1)
+    embedding = rng.normal(size=(37, 23, 11, 3)).astype(np.float32)
+    region = np.zeros((37, 23, 11), bool)
+    region[5:30, 4:20, 2:9] = True
+    region[0, 0, 0] = True  # a lone searchable voxel in an otherwise excluded block
+    queries = np.concatenate([embedding[~region][:10], rng.normal(size=(15, 3))])  # 10 exact matches outside
+    searchable = outside_to_inf(embedding, region)
+    assert np.isfinite(embedding).all()  # the caller's map is untouched
+    inside = np.argwhere(region)
+    values = embedding[region]
+    brute = inside[np.argmin(((values[:, None, :] - queries[None]) ** 2).sum(-1), axis=0)]
+    for block in (1, 4, 8, 16):
+        found = nearest_voxels(queries, searchable, block=block)
+        assert region[tuple(found.T)].all()
+        assert np.array_equal(found, brute)
+    with pytest.raises(ValueError, match="no finite"):
+        nearest_voxels(queries, outside_to_inf(embedding, np.zeros(region.shape, bool)))
+
+
+def test_queries_outside_the_search_region_come_from_the_nearest_searchable_organ_voxel():
+    embedding = _position_map((20, 20, 20))
+    mask = np.zeros((20, 20, 20), bool)
+    mask[5:10, 5:10, 5:10] = True
+    region = np.ones(mask.shape, bool)
+    region[5, :, :] = False  # the organ's x-min face lies outside the region
+    searchable = outside_to_inf(embedding, region)
+    queries = shot_queries(searchable, mask)
+    assert np.isfinite(queries).all()
+    assert queries[0, 0] == 6  # the x-min edge point moved one voxel inwards, into the region
+    assert np.array_equal(queries[1:], shot_queries(embedding, mask)[1:])
+    assert np.array_equal(point_queries(searchable, np.array([[7, 7, 7]]), mask), [[7, 7, 7]])
 
 
 def test_perfect_map_retrieves_exact_boxes_and_radial_errors_are_zero():

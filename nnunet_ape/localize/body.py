@@ -1,4 +1,4 @@
-"""The body's bounding box: where anatomy is, for the body-box baseline and the label-transfer grid."""
+"""The body: its bounding box (the body-box baseline, the label-transfer grid) and the region retrieval searches."""
 
 from __future__ import annotations
 
@@ -31,3 +31,20 @@ def body_box(hu: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.stack([np.zeros(3), np.asarray(hu.shape) - 1.0])
     return mask_box(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+
+
+SEARCH_MARGIN_MM = 5.0  # the body mask grown by this much: skin voxels below -500 HU (partial volume) stay searchable
+
+
+def search_region(hu: np.ndarray, spacing, margin_mm: float = SEARCH_MARGIN_MM, slice_axis: int = 2) -> np.ndarray:
+    """Where retrieval may look on a CT ``(X, Y, Z)`` in HU with ``spacing`` mm per axis: :func:`body_mask` grown by
+    ``margin_mm`` (a box-shaped dilation, at least one voxel per axis when the margin is positive), bool of the same
+    shape. Outside the body the APE map was never trained to mean anything, and there its values match organ queries
+    better than the organ does. The whole image when the CT shows no body."""
+    body = body_mask(hu, slice_axis)
+    if not body.any():
+        return np.ones(hu.shape, dtype=bool)
+    if margin_mm <= 0:
+        return body
+    radius = np.maximum(1, np.round(margin_mm / np.asarray(spacing, dtype=np.float64))).astype(int)
+    return ndimage.maximum_filter(body, size=tuple(2 * radius + 1))

@@ -31,7 +31,7 @@ from nnunet_ape.localize.boxes import (
     shot_alphas,
     volume_ratio,
 )
-from nnunet_ape.localize.body import body_box
+from nnunet_ape.localize.body import SEARCH_MARGIN_MM, body_box, search_region
 from nnunet_ape.localize.choice import (
     CANDIDATES,
     TITLES as CHOICE_TITLES,
@@ -48,6 +48,7 @@ from nnunet_ape.localize.fewshot import (
     DEFAULT_ALPHA,
     cut_sides,
     held_out_box,
+    point_queries,
     predict_box,
     shot_queries,
 )
@@ -57,7 +58,7 @@ from nnunet_ape.localize.label_transfer import (
     body_grid,
     held_out_boxes,
 )
-from nnunet_ape.localize.retrieval import nearest_voxels
+from nnunet_ape.localize.retrieval import nearest_voxels, outside_to_inf
 from nnunet_ape.localize.store import spill
 from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, score_ct, z_box, z_range
 
@@ -92,17 +93,22 @@ def geometry_only(volume: Volume) -> Volume:
 
 def prepare(
     case: LabeledCase, model, settings: EmbedSettings, device: str, bpr_model=None, store: Path | None = None,
+    search_margin_mm: float | None = SEARCH_MARGIN_MM,
 ) -> PreparedCase:
     """Read, embed (and score, with ``bpr_model``) and reorient one labeled case. The CT's voxels are not kept.
 
     With ``store`` (a folder) the embedding is written there as ``NAME.npy`` and opened as a read-only memory map,
-    so a data set's maps need disk, not memory.
+    so a data set's maps need disk, not memory. The map is +inf outside the body grown by ``search_margin_mm``
+    (:func:`~nnunet_ape.localize.body.search_region`), as :mod:`nnunet_ape.localize.localizer` searches it;
+    None searches the whole image (what the project did before 2026-12-05, for comparison).
     """
     ct, label = read_case(case)
     embedding = embed_volume(model, ct, settings, device=device, progress=False)
     canon_ct, _ = to_canonical(ct)
     canon_emb = np.ascontiguousarray(to_canonical(embedding)[0].array)
     del embedding
+    if search_margin_mm is not None:
+        canon_emb = outside_to_inf(canon_emb, search_region(canon_ct.array, canon_ct.spacing, search_margin_mm))
     canon_label, _ = to_canonical(ct.with_array(label))
     scored = score_ct(bpr_model, canon_ct, device) if bpr_model is not None else None
     if store is not None:
@@ -228,7 +234,8 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
         rows.setdefault("chosen", []).append(chosen)
         fold_crops: dict[str, list] = {}
         centres = [np.round(ndimage.center_of_mass(c.label == value)).astype(int) for c in train]
-        centre_queries = np.stack([shot.embedding[tuple(centre)] for shot, centre in zip(train, centres)]).astype(np.float64)
+        centre_queries = np.concatenate([point_queries(shot.embedding, centre[None], shot.label == value)
+                                         for shot, centre in zip(train, centres)])
         for test in tests:
             mask = test.label == value
             truth = mask_box(mask)

@@ -25,8 +25,28 @@ class OrganQueries:
 
 def shot_queries(embedding: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Embeddings ``(6, C)`` of the 6 edge points of ``mask`` ``(X, Y, Z)`` on the map ``(X, Y, Z, C)``."""
-    points = edge_points(mask)
-    return embedding[points[:, 0], points[:, 1], points[:, 2]].astype(np.float64)
+    return point_queries(embedding, edge_points(mask), mask)
+
+
+def point_queries(embedding: np.ndarray, points: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Embeddings ``(P, C)`` float64 of voxel ``points`` ``(P, 3)`` of an organ ``mask`` ``(X, Y, Z)`` on the map
+    ``(X, Y, Z, C)``. A point whose embedding is not finite (outside the search region,
+    :func:`~nnunet_ape.localize.retrieval.outside_to_inf`) takes that of the nearest organ voxel that has one,
+    else of the nearest voxel that has one."""
+    points = np.asarray(points, dtype=np.int64)
+    values = np.asarray(embedding[points[:, 0], points[:, 1], points[:, 2]], dtype=np.float64)
+    bad = ~np.isfinite(values).all(1)
+    if bad.any():
+        for pool in (np.asarray(mask, dtype=bool), np.ones(mask.shape, dtype=bool)):
+            candidates = np.argwhere(pool & np.isfinite(embedding).all(-1))
+            if len(candidates):
+                break
+        else:
+            raise ValueError("the map has no finite embedding")
+        for i in np.flatnonzero(bad):
+            nearest = candidates[np.argmin(((candidates - points[i]) ** 2).sum(1))]
+            values[i] = embedding[tuple(nearest)]
+    return values
 
 
 def combine_boxes(boxes: list[np.ndarray], how: str = "mean") -> np.ndarray:

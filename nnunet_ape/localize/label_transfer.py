@@ -64,12 +64,14 @@ class LabelSamples:
     @classmethod
     def from_shot(cls, embedding: np.ndarray, label: np.ndarray, grid: Grid, keep: list[int] | None = None) -> "LabelSamples":
         """Sample a shot's map ``(X, Y, Z, C)`` and label array ``(X, Y, Z)`` on ``grid``; label values not in ``keep``
-        (when given) become background 0."""
+        (when given) become background 0. Grid points outside the search region (non-finite map values) are left out."""
         idx = grid.indices()
         labels = np.asarray(label[idx[:, 0], idx[:, 1], idx[:, 2]])
         if keep is not None:
             labels = np.where(np.isin(labels, keep), labels, 0)
-        return cls(np.asarray(embedding[idx[:, 0], idx[:, 1], idx[:, 2]], dtype=np.float32), labels.astype(np.int32))
+        values = np.asarray(embedding[idx[:, 0], idx[:, 1], idx[:, 2]], dtype=np.float32)
+        inside = np.isfinite(values).all(1)
+        return cls(values[inside], labels[inside].astype(np.int32))
 
     @classmethod
     def pooled(cls, parts: list["LabelSamples"], max_samples: int = MAX_SAMPLES, seed: int = 0) -> "LabelSamples":
@@ -114,11 +116,16 @@ class LabelTransfer:
         self.tree = cKDTree(samples.embeddings)
 
     def neighbours(self, embedding: np.ndarray, grid: Grid) -> Neighbours:
-        """Neighbour labels of the map ``(X, Y, Z, C)`` sampled on ``grid``."""
+        """Neighbour labels of the map ``(X, Y, Z, C)`` sampled on ``grid``; a grid point outside the search region
+        (non-finite map values) has only background (0) neighbours."""
         idx = grid.indices()
         points = np.asarray(embedding[idx[:, 0], idx[:, 1], idx[:, 2]], dtype=np.float32)
-        _, nearest = self.tree.query(points, k=self.k, workers=-1)
-        return Neighbours(self.samples.labels[nearest.reshape(len(points), self.k)], grid)
+        inside = np.isfinite(points).all(1)
+        labels = np.zeros((len(points), self.k), dtype=self.samples.labels.dtype)
+        if inside.any():
+            _, nearest = self.tree.query(points[inside], k=self.k, workers=-1)
+            labels[inside] = self.samples.labels[nearest.reshape(-1, self.k)]
+        return Neighbours(labels, grid)
 
 
 def held_out_boxes(

@@ -25,7 +25,7 @@ from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, read_volume, to_canonical
-from nnunet_ape.localize.body import body_box
+from nnunet_ape.localize.body import body_box, search_region
 from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
 from nnunet_ape.localize.boxes import enlarge_box, shot_alphas
 from nnunet_ape.localize.cases import LabeledCase, label_values, read_case
@@ -57,6 +57,7 @@ from nnunet_ape.localize.label_transfer import (
     held_out_boxes,
 )
 from nnunet_ape.localize.masks import CroppedMask
+from nnunet_ape.localize.retrieval import outside_to_inf
 from nnunet_ape.localize.store import spill
 from nnunet_ape.localize.zrange import ScoredCT, calibrate_margin, combine_intervals, organ_interval, in_range, score_ct, z_box, z_range
 
@@ -145,6 +146,7 @@ def fit_localizer(
             embedding = scored = None
             if ape_model is not None:
                 embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
+                embedding = outside_to_inf(embedding, search_region(canon_ct.array, canon_ct.spacing))
                 maps.append(spill(embedding, Path(store), str(position)))  # disk, not memory
                 if transfer:
                     grids.append(body_grid(body, canon_ct.spacing, canon_ct.shape))
@@ -333,6 +335,16 @@ def strided_to_full(box: np.ndarray, embedding: Volume, ct: Volume) -> np.ndarra
     return np.stack([box[0] * steps, box[1] * steps + steps - 1])
 
 
+def searchable_map(embedding: Volume, ct: Volume) -> np.ndarray:
+    """The APE map in canonical order ``(X', Y', Z', C)``, +inf outside the CT's body (grown by the search margin,
+    :func:`~nnunet_ape.localize.body.search_region`) so that retrieval never answers from the air around it. The
+    region is found on the map's own voxels: ``embedding`` may be a map on every step-th CT voxel."""
+    steps = np.rint(np.asarray(embedding.spacing) / np.asarray(ct.spacing)).astype(int)
+    hu = ct.array[tuple(slice(0, n * s, s) for n, s in zip(embedding.shape[:3], steps))]
+    canon_hu = to_canonical(embedding.with_array(hu))[0]
+    return outside_to_inf(to_canonical(embedding)[0].array, search_region(canon_hu.array, canon_hu.spacing))
+
+
 def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
                         organs: list[str] | None = None) -> dict:
     """Boxes per organ on a CT, in its voxel indices and in mm. APE (with ``embedding``, the map on the CT's grid):
@@ -347,7 +359,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
     orientation = canonical_orientation(ct.direction)
     perm, flip = orientation.perm, orientation.flip
     canon_shape = tuple(ct.shape[p] for p in perm)
-    canon_map = to_canonical(embedding)[0].array if embedding is not None else None
+    canon_map = searchable_map(embedding, ct) if embedding is not None else None
     neighbours = None
     if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
         if embedding.shape != ct.shape:

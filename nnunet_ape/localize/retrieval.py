@@ -23,6 +23,9 @@ def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, block: int = BLOC
     nearer than the distance to the block's box (lower bound); the nearest voxel of the few blocks with the
     smallest lower bounds gives an upper bound; only blocks whose lower bound does not exceed it are searched
     voxel by voxel. APE maps are smooth, so few blocks remain.
+
+    Voxels with a non-finite embedding (:func:`outside_to_inf`: outside the search region) are never returned, and
+    blocks holding only such voxels are not searched. ValueError when no voxel is finite.
     """
     shape = embedding.shape[:3]
     channels = embedding.shape[-1]
@@ -37,7 +40,15 @@ def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, block: int = BLOC
         .reshape(-1, block**3, channels)
     )
     del padded
-    low, high = blocks.amin(1), blocks.amax(1)  # (B, C) box of each block's values
+    finite = torch.isfinite(blocks).all(2)  # (B, block^3)
+    searchable = torch.nonzero(finite.any(1)).squeeze(1)  # block numbers with a voxel to find
+    if len(searchable) == 0:
+        raise ValueError("the map has no finite embedding to search")
+    if len(searchable) < len(blocks):
+        blocks, finite = blocks[searchable], finite[searchable]
+    inf = torch.tensor(float("inf"))
+    low = torch.where(finite[..., None], blocks, inf).amin(1)  # (B, C) box of each block's searchable values
+    high = torch.where(finite[..., None], blocks, -inf).amax(1)
     found = np.zeros((len(queries), 3), dtype=np.int64)
     for i, q in enumerate(torch.as_tensor(np.asarray(queries), dtype=torch.float32)):
         nearest_in_box = torch.maximum(torch.minimum(q, high), low)
@@ -48,12 +59,20 @@ def nearest_voxels(queries: np.ndarray, embedding: np.ndarray, block: int = BLOC
         candidates = torch.nonzero(lower <= upper).squeeze(1)
         distances = (blocks[candidates] - q).pow(2).sum(2)  # (K, block^3)
         flat = int(torch.argmin(distances))
-        b, offset = int(candidates[flat // block**3]), flat % block**3
+        b, offset = int(searchable[candidates[flat // block**3]]), flat % block**3
         bx, by, bz = np.unravel_index(b, nb)
         ox, oy, oz = np.unravel_index(offset, (block, block, block))
         found[i] = (bx * block + ox, by * block + oy, bz * block + oz)
     return np.minimum(found, np.asarray(shape) - 1)
 
+
+
+def outside_to_inf(embedding: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """A copy of the map ``(X, Y, Z, C)`` with +inf at the voxels outside ``region`` (bool ``(X, Y, Z)``): no
+    query matches them (:func:`nearest_voxels`), and label transfer treats them as background."""
+    out = np.array(embedding, copy=True)
+    out[~np.asarray(region, dtype=bool)] = np.inf
+    return out
 
 
 def retrieve(queries: np.ndarray, embedding: Volume) -> tuple[np.ndarray, np.ndarray]:
