@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DATA, announced, say
@@ -25,6 +26,10 @@ PAROTIDS = ("parotid_left", "parotid_right")
 # model of bench_headneck.py (58 CPU minutes): 0.37 / 0.43 against 0.14 / 0.12 at 5 shots. The chosen method's
 # calibrated recall on test cases was within 0.012 of the body box's for every organ in those runs.
 RECALL_SLACK, VR_SLACK, IOU_MARGIN = 0.02, 0.9, 0.03
+# Cross-patient centroid retrieval (one shot's organ centroid, nearest embedding in another held-out CT; brainstem,
+# spinal cord, parotids, mandible on the first 10 held-out cases), this configuration, 2026-12-05: mean of the organs'
+# mean errors 38 mm searching the body (grown by 5 mm), 95 mm searching the whole image as the project did before.
+CENTROID_CASES, CENTROID_ORGANS, CENTROID_BOUND_MM = 10, (1, 2, 3, 4, 7), 55.0
 
 # about 4.5 minutes on 2 cores (3 of them pretraining): slow-marked to keep the default run under 20 minutes
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")]
@@ -56,8 +61,15 @@ def headneck(tmp_path_factory) -> dict:
         prepared = [prepare(c, model, settings, "cpu", None, Path(store)) for c in held_out]
         # label transfer (all voxels) only where the test asserts on it: its neighbour searches dominate the time
         results = {o: evaluate_organ(prepared, v, SHOTS, max_folds=FOLDS, all_voxels=o in PAROTIDS) for o, v in organs.items()}
+        centroids = {"body": centroid_errors(prepared[:CENTROID_CASES])}
         del prepared
+        whole = [prepare(c, model, settings, "cpu", None, search_margin_mm=None) for c in held_out[:CENTROID_CASES]]
+        centroids["image"] = centroid_errors(whole)
+    results["centroid_errors_mm"] = centroids
+    say(f"  centroid retrieval, mean error: body {centroids['body']:.1f} mm, whole image {centroids['image']:.1f} mm")
     for organ, r in results.items():
+        if organ == "centroid_errors_mm":
+            continue
         say(f"  {organ}: {r['evaluated']} tests, chosen {r.get('chosen')}, IoU APE {r.get('iou_ape', 0):.3f} / all voxels "
             f"{r.get('iou_ape_all', float('nan')):.3f} / body {r.get('iou_body_box', 0):.3f}; recall/VR chosen "
             f"{r.get('recall_calibrated_chosen', 0):.3f}/{r.get('vr_calibrated_chosen', 0):.1f}, body "
@@ -65,9 +77,39 @@ def headneck(tmp_path_factory) -> dict:
     return results
 
 
+def centroid_errors(prepared: list) -> float:
+    """Mean over :data:`CENTROID_ORGANS` of the mean distance (mm) between an organ's centroid in one case and the
+    voxel retrieved there for another case's centroid embedding, over all ordered pairs of cases contouring it."""
+    import numpy as np
+    from scipy import ndimage
+
+    from nnunet_ape.localize.fewshot import point_queries
+    from nnunet_ape.localize.retrieval import nearest_voxels
+
+    means = []
+    for value in CENTROID_ORGANS:
+        have = [p for p in prepared if (p.label == value).any()]
+        centres = [ndimage.center_of_mass(p.label == value) for p in have]
+        queries = [point_queries(p.embedding, np.round(c).astype(int)[None], p.label == value) for p, c in zip(have, centres)]
+        errors = [np.linalg.norm(other.ct.index_to_physical(nearest_voxels(q, other.embedding)[0].astype(float))
+                                 - other.ct.index_to_physical(np.asarray(centres[j])))
+                  for i, q in enumerate(queries) for j, other in enumerate(have) if j != i]
+        means.append(float(np.mean(errors)))
+    return float(np.mean(means))
+
+
+def test_cross_patient_centroids_are_found_in_the_body_not_in_the_air(headneck):
+    errors = headneck["centroid_errors_mm"]
+    assert errors["body"] < CENTROID_BOUND_MM
+    assert errors["image"] > errors["body"] * 1.5  # what searching the whole image did
+    # the protocol's MRE_c (5 shots, 40 held-out cases) reports the same range
+    mre = [r["mre_c"][0] for o, r in headneck.items() if o != "centroid_errors_mm" and r.get("evaluated")]
+    assert np.mean(mre) < CENTROID_BOUND_MM
+
+
 def test_the_chosen_method_is_never_worse_than_the_body_box(headneck):
     for organ, r in headneck.items():
-        if not r.get("evaluated"):
+        if organ == "centroid_errors_mm" or not r.get("evaluated"):
             continue
         # the choice is the body box itself or a method that kept as much of the organ and cropped no more
         assert r["recall_calibrated_chosen"] >= r["recall_calibrated_body_box"] - RECALL_SLACK, organ

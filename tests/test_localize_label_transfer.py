@@ -133,3 +133,24 @@ def test_outside_the_search_region_is_background_and_never_a_sample():
     assert not (found.labels.reshape(*grid.dims, 1)[30:] == 3).any()
     unmasked = LabelTransfer(shot, k=1).neighbours(test, grid)
     assert (unmasked.labels.reshape(*grid.dims, 1)[30:] == 3).any()  # without the region the air is organ
+
+
+def test_an_organ_counts_only_among_the_samples_of_shots_that_contour_it():
+    """Two identical shots, one of which does not contour the organ (label 0 there, as in partially contoured data
+    sets): the organ's neighbour fraction is taken over the contouring shot only, so its box is found at full
+    strength; without the groups the silent shot halves it."""
+    grid = body_grid(WHOLE, (4.0, 4.0, 4.0), SHAPE)
+    both = organ_label(value=3) + organ_label(lo=(25, 5, 3), hi=(30, 10, 8), value=5)
+    only_5 = organ_label(lo=(25, 5, 3), hi=(30, 10, 8), value=5)
+    shots = [LabelSamples.from_shot(index_map(), both, grid, [3, 5], contoured=[3, 5]),
+             LabelSamples.from_shot(index_map(), only_5, grid, [3, 5], contoured=[5])]
+    pooled = LabelSamples.pooled(shots)
+    assert pooled.group_values == [[3, 5], [5]] and set(pooled.groups.tolist()) == {0, 1}
+    found = LabelTransfer(pooled, k=2).neighbours(index_map(), grid)
+    inside = found.fraction(3).reshape(grid.dims)[10:20, 5:15, 3:9]
+    assert inside.min() == 1.0 and found.fraction(5).reshape(grid.dims)[25:31, 5:11, 3:9].min() == 1.0
+    np.testing.assert_array_equal(found.organ_box(3, threshold=0.9), [[10, 5, 3], [19, 14, 8]])
+    silent = LabelSamples.pooled([LabelSamples.from_shot(index_map(), both, grid, [3, 5]),
+                                  LabelSamples.from_shot(index_map(), only_5, grid, [3, 5])])
+    assert silent.group_values is None
+    assert LabelTransfer(silent, k=2).neighbours(index_map(), grid).fraction(3).max() == 0.5

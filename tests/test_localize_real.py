@@ -157,3 +157,31 @@ def test_ape_and_bpr_combined_boxes_from_a_to_b(pretrained_run, bpr_run, tmp_pat
         assert np.allclose(crop[:, :2], big[:, :2]) and np.allclose(crop[:, 2], bpr[:, 2])  # B's z axis is its third
         assert np.allclose(bpr[:, :2], [[0, 0], shape[:2] - 1]) and entry["bpr_z_range"] == bpr[:, 2].astype(int).tolist()
         assert np.all(crop[0] >= 0) and np.all(crop[1] <= shape - 1)
+
+
+HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
+
+
+@pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
+def test_one_all_voxels_localizer_for_organs_contoured_in_different_cases(pretrained_run, tmp_path):
+    """The esophagus is contoured in fewer cases than the brainstem: one all-voxels localizer holds both, each organ's
+    label counted only among the samples of the shots that contour it."""
+    out = tmp_path / "partial.json"
+    fit = _cli("localize", "fit", "-m", str(pretrained_run / "checkpoint_final.pt"), "-d", str(HEADNECK), "--organs",
+               "esophagus", "brainstem", "--shots", "3", "--ape-boxes", "all-voxels", "-o", str(out), "--device", "cpu")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    localizer = json.loads(out.read_text())
+    esophagus, brainstem = (localizer["organs"][o]["shot_cases"] for o in ("esophagus", "brainstem"))
+    assert set(esophagus) != set(brainstem)  # otherwise nothing is partial here
+    stored = localizer["label_transfer"]
+    assert len(stored["groups"]) == len(stored["labels"]) and sorted(map(sorted, stored["group_values"])) != [[1, 5]]
+    values = {json.dumps(sorted(g)) for g in stored["group_values"]}
+    assert all(set(json.loads(v)) <= {1, 5} for v in values)
+    for entry in localizer["organs"].values():
+        assert entry["alpha_calibrated"] is True and entry["selection"]["ape_all"]["recall_mean"] >= 0
+    test = HEADNECK / "imagesTr" / "hn_170_0000.nii.gz"
+    boxes = tmp_path / "boxes"
+    pred = _cli("localize", "predict", "-l", str(out), "-i", str(test), "-o", str(boxes), "--device", "cpu")
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    result = json.loads((boxes / "hn_170_boxes.json").read_text())["organs"]
+    assert {result[o]["ape_boxes"] for o in ("esophagus", "brainstem")} <= {"all-voxels", "edge-points"}

@@ -133,7 +133,8 @@ class TransferBoxes:
         self._fold: tuple[tuple, LabelTransfer] | None = None
 
     def _samples(self, case: PreparedCase) -> LabelSamples:
-        return LabelSamples.from_shot(case.embedding, case.label, case_grid(case), self.values)
+        present = [v for v in self.values if (case.label == v).any()]  # an uncontoured organ is 0 in the label map
+        return LabelSamples.from_shot(case.embedding, case.label, case_grid(case), self.values, present)
 
     def boxes(self, train: list[PreparedCase], test: PreparedCase) -> dict[int, np.ndarray | None]:
         """``{value: box (2, 3) or None}`` on ``test`` from the samples of ``train``."""

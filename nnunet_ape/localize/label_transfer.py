@@ -56,46 +56,94 @@ def body_grid(body: np.ndarray, spacing: np.ndarray, shape: tuple[int, ...], ste
 
 @dataclass
 class LabelSamples:
-    """Labeled points in embedding space: ``embeddings`` ``(P, C)`` float32, ``labels`` ``(P,)`` integer."""
+    """Labeled points in embedding space: ``embeddings`` ``(P, C)`` float32, ``labels`` ``(P,)`` integer.
+
+    Partially contoured data sets label an organ 0 where a case does not contour it, although the organ is there.
+    ``groups`` ``(P,)`` int32 and ``group_values`` say which organs each sample's shot contours: sample i's shot
+    contours the label values ``group_values[groups[i]]``. ``group_values`` None: every shot contours every organ.
+    """
 
     embeddings: np.ndarray
     labels: np.ndarray
+    groups: np.ndarray | None = None
+    group_values: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = np.zeros(len(self.labels), dtype=np.int32)
 
     @classmethod
-    def from_shot(cls, embedding: np.ndarray, label: np.ndarray, grid: Grid, keep: list[int] | None = None) -> "LabelSamples":
+    def from_shot(cls, embedding: np.ndarray, label: np.ndarray, grid: Grid, keep: list[int] | None = None,
+                  contoured: list[int] | None = None) -> "LabelSamples":
         """Sample a shot's map ``(X, Y, Z, C)`` and label array ``(X, Y, Z)`` on ``grid``; label values not in ``keep``
-        (when given) become background 0. Grid points outside the search region (non-finite map values) are left out."""
+        (when given) become background 0. ``contoured``: the label values this shot contours (None: all). Grid points
+        outside the search region (non-finite map values) are left out."""
         idx = grid.indices()
         labels = np.asarray(label[idx[:, 0], idx[:, 1], idx[:, 2]])
         if keep is not None:
             labels = np.where(np.isin(labels, keep), labels, 0)
         values = np.asarray(embedding[idx[:, 0], idx[:, 1], idx[:, 2]], dtype=np.float32)
         inside = np.isfinite(values).all(1)
-        return cls(values[inside], labels[inside].astype(np.int32))
+        groups = None if contoured is None else [sorted(int(v) for v in contoured)]
+        return cls(values[inside], labels[inside].astype(np.int32), None, groups)
 
     @classmethod
     def pooled(cls, parts: list["LabelSamples"], max_samples: int = MAX_SAMPLES, seed: int = 0) -> "LabelSamples":
         """All parts together, randomly thinned to ``max_samples`` (same draw for the same inputs and seed)."""
         embeddings = np.concatenate([p.embeddings for p in parts])
         labels = np.concatenate([p.labels for p in parts])
+        groups, table = None, None
+        if any(p.group_values is not None for p in parts):
+            everything = sorted({int(v) for p in parts for v in np.unique(p.labels) if v} |
+                                {v for p in parts for g in (p.group_values or []) for v in g})
+            table, remapped = [], []
+            for p in parts:
+                own = p.group_values if p.group_values is not None else [everything]
+                index = []
+                for values in own:
+                    if list(values) not in table:
+                        table.append(list(values))
+                    index.append(table.index(list(values)))
+                remapped.append(np.asarray(index, dtype=np.int32)[p.groups])
+            groups = np.concatenate(remapped)
         if len(labels) > max_samples:
             keep = np.sort(np.random.default_rng(seed).choice(len(labels), max_samples, replace=False))
             embeddings, labels = embeddings[keep], labels[keep]
-        return cls(embeddings, labels)
+            groups = groups[keep] if groups is not None else None
+        return cls(embeddings, labels, groups, table)
+
+    def contours(self, value: int) -> np.ndarray | None:
+        """Per group, whether its shots contour ``value`` ``(G,)`` bool; None when every shot contours every organ."""
+        if self.group_values is None:
+            return None
+        return np.array([int(value) in g for g in self.group_values], dtype=bool)
 
 
 @dataclass
 class Neighbours:
-    """For each grid point of a test map, the labels ``(P, k)`` of its k nearest shot samples."""
+    """For each grid point of a test map, the labels ``(P, k)`` of its k nearest shot samples; with a partially
+    contoured set of shots, their ``groups`` ``(P, k)`` and the ``samples`` (for which groups contour an organ)."""
 
     labels: np.ndarray
     grid: Grid
+    groups: np.ndarray | None = None
+    samples: LabelSamples | None = None
+
+    def fraction(self, value: int) -> np.ndarray:
+        """Per grid point ``(P,)``, the fraction of its neighbours labeled ``value`` among the neighbours whose shots
+        contour it (0 where none does)."""
+        hits = (self.labels == value).sum(1)
+        contoured = self.samples.contours(value) if self.samples is not None else None
+        if contoured is None or self.groups is None:
+            return hits / self.labels.shape[1]
+        counted = contoured[self.groups].sum(1)
+        return np.where(counted > 0, hits / np.maximum(counted, 1), 0.0)
 
     def organ_box(self, value: int, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray | None:
         """Box ``(2, 3)`` of organ ``value``: the largest connected component of grid points whose neighbour fraction
         with this label reaches ``threshold``. When none does, the points at the highest fraction found; None when
         no neighbour of any point carries the label."""
-        fraction = (self.labels == value).mean(1).reshape(self.grid.dims)
+        fraction = self.fraction(value).reshape(self.grid.dims)
         top = fraction.max()
         if top == 0:
             return None
@@ -121,11 +169,12 @@ class LabelTransfer:
         idx = grid.indices()
         points = np.asarray(embedding[idx[:, 0], idx[:, 1], idx[:, 2]], dtype=np.float32)
         inside = np.isfinite(points).all(1)
-        labels = np.zeros((len(points), self.k), dtype=self.samples.labels.dtype)
+        nearest = np.zeros((len(points), self.k), dtype=np.int64)
         if inside.any():
-            _, nearest = self.tree.query(points[inside], k=self.k, workers=-1)
-            labels[inside] = self.samples.labels[nearest.reshape(-1, self.k)]
-        return Neighbours(labels, grid)
+            nearest[inside] = self.tree.query(points[inside], k=self.k, workers=-1)[1].reshape(-1, self.k)
+        labels = np.where(inside[:, None], self.samples.labels[nearest], 0)
+        partial = self.samples.group_values is not None
+        return Neighbours(labels, grid, self.samples.groups[nearest] if partial else None, self.samples if partial else None)
 
 
 def held_out_boxes(

@@ -113,8 +113,8 @@ def fit_localizer(
 ) -> dict:
     """Fit a localizer on labeled shots: per organ the first ``shots`` of ``cases`` that contour it (all of them when
     None). Always the organ's place in the body box; with ``checkpoint`` APE queries (``ape_boxes`` edge-points:
-    the paper's 6 points, or all-voxels: label transfer from every shot voxel, which needs shots that contour every
-    organ); with ``bpr_checkpoint`` BPR score intervals. Each organ's method is chosen leave-one-shot-out among
+    the paper's 6 points, or all-voxels: label transfer from every shot voxel; an organ's label counts only among
+    the samples of the shots that contour it); with ``bpr_checkpoint`` BPR score intervals. Each organ's method is chosen leave-one-shot-out among
     these and their combinations (:mod:`nnunet_ape.localize.choice`), or is ``method`` for every organ when that is
     not ``auto``."""
     models = _method(checkpoint, bpr_checkpoint)
@@ -126,11 +126,7 @@ def fit_localizer(
         raise InputError(f"--method {method}: not possible with the models given; choose auto or one of {', '.join(possible)}")
     per_organ, notes = select_shots(cases, organs, shots)
     used = sorted({i for indices in per_organ.values() for i in indices})
-    if transfer:
-        partial = [o for o, indices in per_organ.items() if indices != used]
-        if partial:
-            raise InputError(f"--ape-boxes all-voxels needs shots that contour every organ, and '{partial[0]}' is not "
-                             "contoured in all of them; fit it in a localizer of its own, or use --ape-boxes edge-points")
+    partial = any(indices != used for indices in per_organ.values())
     ape_model = load_ape_model(checkpoint)[0] if checkpoint else None
     bpr_model = load_bpr_model(bpr_checkpoint)[0] if bpr_checkpoint else None
     settings = embed_settings_for(checkpoint) if checkpoint else None
@@ -150,7 +146,8 @@ def fit_localizer(
                 maps.append(spill(embedding, Path(store), str(position)))  # disk, not memory
                 if transfer:
                     grids.append(body_grid(body, canon_ct.spacing, canon_ct.shape))
-                    samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values())))
+                    contoured = [v for o, v in organs.items() if index in per_organ[o]] if partial else None
+                    samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values()), contoured))
             if bpr_model is not None:
                 scored = score_ct(bpr_model, canon_ct, device)
             for organ, value in organs.items():
@@ -163,7 +160,8 @@ def fit_localizer(
                                  "end is not a landmark and the box reaches the image border there; prefer shots that show "
                                  "the whole organ")
         held = held_out_boxes(samples, maps, grids, list(organs.values())) if transfer else []
-        organ_entries = {organ: fits[organ].entry(value, held, target_recall, combine, ape_model is not None,
+        organ_held = {o: [held[used.index(i)] for i in per_organ[o]] if held else [] for o in organs}  # its shots'
+        organ_entries = {organ: fits[organ].entry(value, organ_held[organ], target_recall, combine, ape_model is not None,
                                                   bpr_model is not None, transfer, method)
                          for organ, value in organs.items()}
         for fit in fits.values():
@@ -186,6 +184,8 @@ def fit_localizer(
         pooled = LabelSamples.pooled(samples)
         localizer["label_transfer"] = {"k": DEFAULT_K, "threshold": DEFAULT_THRESHOLD, "step_mm": DEFAULT_STEP_MM,
                                        "labels": pooled.labels.tolist(), "embeddings": pooled.embeddings.round(4).tolist()}
+        if pooled.group_values is not None:  # partially contoured shots: which organs each sample's shot contours
+            localizer["label_transfer"].update({"groups": pooled.groups.tolist(), "group_values": pooled.group_values})
     localizer["organs"] = organ_entries
     return localizer
 
@@ -299,7 +299,9 @@ def check_organs(localizer: dict, organs: list[str] | None) -> list[str]:
 def _transfer_neighbours(localizer: dict, ct: Volume, canon_map: np.ndarray) -> Neighbours:
     """Neighbour labels of the canonical map's body grid among the localizer's stored shot samples."""
     stored = localizer["label_transfer"]
-    samples = LabelSamples(np.asarray(stored["embeddings"], dtype=np.float32), np.asarray(stored["labels"], dtype=np.int32))
+    groups = np.asarray(stored["groups"], dtype=np.int32) if "groups" in stored else None
+    samples = LabelSamples(np.asarray(stored["embeddings"], dtype=np.float32), np.asarray(stored["labels"], dtype=np.int32),
+                           groups, stored.get("group_values"))
     canon_ct = to_canonical(ct)[0]
     grid = body_grid(body_box(canon_ct.array), canon_ct.spacing, canon_ct.shape, stored["step_mm"])
     return LabelTransfer(samples, stored["k"]).neighbours(canon_map, grid)
