@@ -1,8 +1,8 @@
 """Benchmark: few-shot localization on the head-and-neck cohort (../shared/data/Dataset901_HeadNeckCT), on CPU.
 
-1. APE pretraining on the first ``--pretrain-cases`` CTs of the cohort (labels unused) with the CPU recipe below,
-   capped at ``--minutes`` (skipped with ``--reuse`` when the run folder has a final checkpoint).
-2. On the remaining cases, never seen in pretraining: the paper's protocol (``nnunet_ape.localize.evaluate``) at
+1. APE pretraining on the cohort's 163 training CTs (labels unused; :mod:`headneck_split`) with the CPU recipe
+   below, capped at ``--minutes`` (skipped with ``--reuse`` when the run folder has a final checkpoint).
+2. On the 40 test cases (hn_169..hn_214), never seen in pretraining: the paper's protocol (``nnunet_ape.localize.evaluate``) at
    1, 3 and 5 shots, ``--folds`` folds each; per organ only the cases that contour it (shots and tests): MRE_c,
    MRE_ep, IoU, VR@99, and the shot-calibrated crops of APE 6 points, APE all voxels, the body box and the method
    ``localize fit`` chooses per organ on each fold's shots.
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from bench_embed import machine
+from headneck_split import HEADNECK, split
 
-HEADNECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"
 # The CPU recipe: a 'small' network on views at 4-5 mm (the cohort's own in-plane spacing; its 2.5-3 mm slices are
 # coarsened a little), 300k-voxel views (about 300 mm across: most of a head and neck), 4 view pairs and 2048
 # voxel pairs per batch, equivariance variant, cosine learning rate from 1e-3. About 0.45 s per iteration on 2 cores.
@@ -53,9 +53,10 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
 
 
 def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu",
-             bpr_checkpoint: Path | None = None, all_voxels: bool = True) -> dict:
+             bpr_checkpoint: Path | None = None, all_voxels: bool = True, search_margin_mm: float | None = 5.0) -> dict:
     """The protocol at each k in ``shots`` on ``cases`` (embedded, and scored with ``bpr_checkpoint``, once);
-    ``{"embed_seconds": s, "results": {k: evaluate_localization-like result}}``."""
+    ``{"embed_seconds": s, "results": {k: evaluate_localization-like result}}``. ``search_margin_mm``: retrieval
+    searches the body grown by this much (None: the whole image, as before 2026-12-05)."""
     from tqdm import tqdm
 
     from nnunet_ape.bpr.scoring import load_bpr_model
@@ -70,7 +71,8 @@ def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-headneck-") as store:
         t0 = time.perf_counter()
-        prepared = [prepare(c, model, settings, device, bpr_model, Path(store)) for c in tqdm(cases, desc="embedding", unit="case")]
+        prepared = [prepare(c, model, settings, device, bpr_model, Path(store), search_margin_mm)
+                    for c in tqdm(cases, desc="embedding", unit="case")]
         embed_s = time.perf_counter() - t0
         for k in shots:
             t0 = time.perf_counter()
@@ -105,25 +107,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=HEADNECK, help="the head-and-neck nnU-Net raw dataset")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_headneck"), help="pretraining run and results")
-    parser.add_argument("--pretrain-cases", type=int, default=143, help="the first N cases pretrain; the rest evaluate")
     parser.add_argument("--iterations", type=int, default=7500, help="pretraining iterations (cosine schedule length)")
     parser.add_argument("--minutes", type=float, default=58.0, help="pretraining time cap")
     parser.add_argument("--model", type=Path, help="evaluate this APE checkpoint instead of pretraining one")
     parser.add_argument("--bpr-model", type=Path, help="a BPR checkpoint (bench_headneck_bpr.py): adds BPR z and APE x/y + BPR z")
     parser.add_argument("--reuse", action="store_true", help="keep WORK/ape's final checkpoint if it exists")
-    parser.add_argument("--eval-cases", type=int, default=None, help="evaluate on the first N held-out cases only")
+    parser.add_argument("--eval-cases", type=int, default=None, help="evaluate on the first N test cases only")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--folds", type=int, default=3, help="folds per k (each tests on every other evaluation case)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spacing", default=RECIPE[RECIPE.index("--spacing") + 1],
                         help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
+    parser.add_argument("--search-margin", default="5",
+                        help="retrieval searches the body grown by this many mm; 'none': the whole image (the old search)")
     args = parser.parse_args()
+    margin = None if args.search_margin.lower() == "none" else float(args.search_margin)
     recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)]
 
     from nnunet_ape.localize.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
-    train, held_out = cases[: args.pretrain_cases], cases[args.pretrain_cases :][: args.eval_cases]
+    train, held_out = split(cases)
+    held_out = held_out[: args.eval_cases]
     organs = {k: v for k, v in cases[0].labels.items() if v}
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}")
     print(f"cohort: {len(cases)} cases; pretraining on {len(train)} ({train[0].name}..{train[-1].name}), "
@@ -133,11 +138,14 @@ def main() -> None:
     else:
         run = pretrain([c.image for c in train], args.work / "ape", args.iterations, args.minutes, args.reuse, recipe)
     print(f"APE pretraining: {run}; recipe: {' '.join(recipe)}")
-    evaluation = evaluate(Path(run["checkpoint"]), held_out, organs, args.shots, args.folds, args.device, args.bpr_model)
+    print(f"retrieval searches: {'the whole image' if margin is None else f'the body grown by {margin:g} mm'}")
+    evaluation = evaluate(Path(run["checkpoint"]), held_out, organs, args.shots, args.folds, args.device, args.bpr_model,
+                          search_margin_mm=margin)
     from nnunet_ape.localize.evaluate import markdown_tables
 
     report = [f"# Head-and-neck localization ({time.strftime('%Y-%m-%d')}, {machine()})", "",
-              f"Pretraining: {run}", f"Recipe: {' '.join(recipe)}", f"BPR: {args.bpr_model}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
+              f"Pretraining: {run}", f"Recipe: {' '.join(recipe)}", f"BPR: {args.bpr_model}",
+              f"Search: {'whole image' if margin is None else f'body + {margin:g} mm'}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
               summary(evaluation["results"]), ""]
     for k, result in evaluation["results"].items():
         report += [f"({k}-shot evaluation: {result['seconds']:.0f} s)", "", markdown_tables(result), ""]

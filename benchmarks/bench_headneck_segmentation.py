@@ -1,1 +1,755 @@
-PLACEHOLDER
+"""Benchmark (issue 28): localized nnU-Net against full-image nnU-Net on the head-and-neck cohort (real CT).
+
+One benchmark, one machine, one split. Resumable: run the same command again and it continues where it stopped
+(dataset, planning and preprocessing are kept; training continues from nnU-Net's ``checkpoint_latest.pth`` with
+``--c``; prediction skips finished cases); ``--minutes`` bounds one invocation.
+
+Split: of ../shared/data/Dataset901_HeadNeckCT (203 CTs on 128^3 grids, 7 organs), hn_169..hn_214 (40 cases) are the
+test set, used only for the final table; the other 163 cases train every model. The benchmark builds its own raw
+dataset ``Dataset902_HeadNeckSplit`` under ``--work`` from symlinks (imagesTr/labelsTr: the 163 training cases,
+imagesTs/labelsTs: the 40 test cases; nothing is copied) and sets nnUNet_raw, nnUNet_preprocessed and nnUNet_results
+to folders inside ``--work`` for every nnU-Net command it runs.
+
+Stages (models; issue 28's list):
+  full      stock ``3d_fullres``, all 7 organs in one model (stock nnUNetTrainer): the baseline.   [implemented]
+  coarse    full image at a coarser spacing, predicted without TTA (the FLARE22 speed alternative). [not yet]
+  crop      ``nnunet-ape plan`` + nnUNetTrainerAPECrop per organ or group, ``nnunet-ape predict``.  [not yet]
+  channels  nnUNetTrainerAPEChannels: whole images + APE and BPR channels.                       [not yet]
+  oracle    the crop models on the ground-truth box plus the same margin.                         [not yet]
+
+Planning: nnU-Net's own planner (``nnUNetv2_plan_and_preprocess -c 3d_fullres``, default ExperimentPlanner) makes
+``nnUNetPlans``. ``--architecture reduced`` (the CPU default) trains every model with the same reduction, written as
+the plans ``nnUNetPlansCPU`` (same preprocessed data): the planner's spacing, normalization, batch size and the
+kernel sizes and strides of its first (at most) 4 stages, with bench_predict's SMALL U-Net widths (16, 32, 64, 128
+features, 2 convolutions per stage and per decoder stage) and each axis of the planned patch capped at 64 voxels
+(rounded down to a multiple of the network's total stride on that axis). Models whose planned patch is smaller
+(crops) keep it. ``--architecture planned`` trains nnU-Net's planned network (``nnUNetPlans``; for a GPU).
+
+Training (every model): nnU-Net's trainer with a benchmark mixin (in this file; nnU-Net finds it through a
+generated module in ``WORK/ext``, ``nnUNet_extTrainer``): ``--epochs`` epochs of ``--iterations-per-epoch``
+iterations (nnU-Net's poly learning rate runs over the whole --epochs, so these are fixed at the first start of a
+stage and a later invocation must not change them), ``--val-iterations`` of nnU-Net's own validation batches per
+epoch (its pseudo Dice and checkpoint_best), ``checkpoint_latest.pth`` after every epoch. With ``--minutes`` the
+trainer stops cleanly at the end of the epoch after which one more epoch (as long as the last one) would exceed
+the budget; nnU-Net's final full validation is skipped (the learning curve and the test table replace it). Fold 0
+of nnU-Net's own 5-fold split of the 163 training cases (seed 12345, written as splits_final.json): 130 train,
+33 validate.
+
+Learning curve: every ``--curve-every`` epochs (and after the last) the trainer predicts ``--curve-cases`` fixed
+fold-0 validation cases (those contouring the most organs, then by name) with nnU-Net's own validation path
+(``perform_actual_validation``, no mirroring; crop trainers predict on their localizer boxes and paste back) and
+scores Dice per organ in the source geometry against the source labels (an organ a case does not contour is
+skipped for that case). Each epoch appends one JSON line to ``WORK/<stage>/training_log.jsonl``: epoch,
+iterations, seconds of the epoch (training + nnU-Net's validation batches; the curve's own seconds apart),
+cumulative training seconds over all invocations, losses, nnU-Net's pseudo Dice, peak memory and the curve point.
+The 40 test cases are never used before the final evaluation.
+
+Final evaluation (a stage whose training finished): the 40 test cases predicted by stock nnU-Net
+(``nnUNetPredictor``, what ``nnUNetv2_predict`` runs, here sequentially in one process of its own, so that seconds
+per case split into preprocessing, network and export, and peak memory is the prediction's own; TTA as nnU-Net
+does unless the stage says otherwise), then per organ Dice and NSD (normalized surface Dice at ``--nsd-mm``, surface
+voxels and Euclidean distance transforms with the voxel spacing) in the source geometry; uncontoured organs are
+skipped per case. Writes ``WORK/<stage>/test_scores.json``, ``WORK/report.md`` (tables, marked partial where a
+stage is unfinished) and ``WORK/dice_vs_training_time.png``.
+
+    python benchmarks/bench_headneck_segmentation.py run --stages full --minutes 120          # start, and resume
+    python benchmarks/bench_headneck_segmentation.py run --prepare-only                        # plan + preprocess
+    python benchmarks/bench_headneck_segmentation.py report                                   # tables + PNG only
+    python benchmarks/bench_headneck_segmentation.py run --architecture planned --device cuda --work /data/hn_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+BENCHMARKS = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS))
+from bench_embed import machine  # noqa: E402
+from bench_headneck import HEADNECK  # noqa: E402
+from bench_predict import SMALL  # noqa: E402
+from bench_trainers import _run  # noqa: E402
+
+DATASET_ID = 902
+DATASET = f"Dataset{DATASET_ID}_HeadNeckSplit"
+TEST_CASES = (169, 214)  # hn_169..hn_214, inclusive: the README's held-out 40
+PLANS = {"reduced": "nnUNetPlansCPU", "planned": "nnUNetPlans"}
+PATCH_CAP = 64
+TRAINER = "nnUNetTrainerHeadNeckBench"
+STAGES = {
+    "full": "stock 3d_fullres, all 7 organs in one model (implemented)",
+    "coarse": "full image at a coarser spacing, predicted without TTA (not implemented yet)",
+    "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ/group, nnunet-ape predict (not implemented yet)",
+    "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (not implemented yet)",
+    "oracle": "crop models on the ground-truth box plus the same margin (not implemented yet)",
+}
+IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta": True}}
+DEFAULTS = {"epochs": 50, "iterations_per_epoch": 100, "val_iterations": 10, "curve_every": 2, "curve_cases": 8}
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+def case_number(case: str) -> int:
+    """``hn_169`` -> 169."""
+    return int(case.split("_")[1])
+
+
+def split_cases(source: Path = HEADNECK) -> tuple[list[str], list[str]]:
+    """The source dataset's cases (``hn_XXX``) as (training, test): test = hn_169..hn_214, training = the rest."""
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (source / "imagesTr").glob("*_0000.nii.gz"))
+    test = [c for c in cases if TEST_CASES[0] <= case_number(c) <= TEST_CASES[1]]
+    return [c for c in cases if c not in test], test
+
+
+def organ_labels(source: Path = HEADNECK) -> dict[str, int]:
+    """Organ name -> label value of the source dataset (background left out)."""
+    labels = json.loads((source / "dataset.json").read_text())["labels"]
+    return {name: int(value) for name, value in labels.items() if name != "background"}
+
+
+def _link(target: Path, link: Path) -> None:
+    """Symlink ``link`` -> ``target`` unless it already points there."""
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(target)
+
+
+def write_raw_dataset(raw: Path, train: list[str], test: list[str], source: Path = HEADNECK) -> Path:
+    """Build (or check) ``raw/Dataset902_HeadNeckSplit``: symlinked imagesTr/labelsTr (``train``), imagesTs/labelsTs
+    (``test``) and a dataset.json; returns the folder. A folder built for another split is a one-line error."""
+    folder = raw / DATASET
+    split_file = folder / "split.json"
+    split = {"train": train, "test": test, "source": str(source)}
+    if split_file.exists() and json.loads(split_file.read_text()) != split:
+        raise SystemExit(f"{folder} was built for another split (see its split.json); use another --work")
+    for sub, cases in (("Tr", train), ("Ts", test)):
+        (folder / f"images{sub}").mkdir(parents=True, exist_ok=True)
+        (folder / f"labels{sub}").mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            _link(source / "imagesTr" / f"{case}_0000.nii.gz", folder / f"images{sub}" / f"{case}_0000.nii.gz")
+            _link(source / "labelsTr" / f"{case}.nii.gz", folder / f"labels{sub}" / f"{case}.nii.gz")
+    dataset = json.loads((source / "dataset.json").read_text())
+    dataset.update({"name": DATASET, "numTraining": len(train),
+                    "description": f"{source.name} split for bench_headneck_segmentation: training = all cases but "
+                                   f"hn_{TEST_CASES[0]}..hn_{TEST_CASES[1]} (imagesTs/labelsTs, the test set)"})
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    split_file.write_text(json.dumps(split, indent=1))
+    return folder
+
+
+def contoured(label_file: Path, organs: dict[str, int]) -> set[str]:
+    """The organs of ``organs`` with at least one voxel in ``label_file`` (uncontoured organs are label 0 here)."""
+    import SimpleITK as sitk
+
+    present = set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label_file)))).tolist())
+    return {name for name, value in organs.items() if value in present}
+
+
+def nnunet_split(train: list[str]) -> list[dict]:
+    """nnU-Net's own 5-fold split of ``train`` (``generate_crossval_split``, seed 12345: what nnU-Net writes)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    return generate_crossval_split(sorted(train), seed=12345, n_splits=5)
+
+
+def choose_curve_cases(val: list[str], labels_dir: Path, organs: dict[str, int], k: int) -> list[str]:
+    """The ``k`` validation cases that contour the most organs (ties by name): the learning curve's fixed cases."""
+    count = {case: len(contoured(labels_dir / f"{case}.nii.gz", organs)) for case in val}
+    return sorted(val, key=lambda c: (-count[c], c))[:k]
+
+
+# ------------------------------------------------------------------------------------------------------- planning
+
+def _multiple_below(n: int, step: int) -> int:
+    """The largest multiple of ``step`` that is <= ``n`` (at least ``step``)."""
+    return max(step, n // step * step)
+
+
+def reduce_configuration(config: dict) -> dict:
+    """A planned nnU-Net configuration with the benchmark's CPU reduction (see the module doc): the first <= 4 stages'
+    kernels and strides, SMALL's widths and convolutions, patch capped at 64 voxels per axis; the rest unchanged."""
+    out = json.loads(json.dumps(config))
+    arch = out["architecture"]["arch_kwargs"]
+    n = min(int(arch["n_stages"]), SMALL["n_stages"])
+    strides = arch["strides"][:n]
+    total = np.prod(np.asarray(strides), axis=0)
+    arch.update({"n_stages": n, "features_per_stage": SMALL["features_per_stage"][:n], "kernel_sizes": arch["kernel_sizes"][:n],
+                 "strides": strides, "n_conv_per_stage": SMALL["n_conv_per_stage"][:n],
+                 "n_conv_per_stage_decoder": SMALL["n_conv_per_stage_decoder"][:n - 1]})
+    out["patch_size"] = [_multiple_below(min(int(p), PATCH_CAP), int(s)) for p, s in zip(config["patch_size"], total)]
+    return out
+
+
+def write_reduced_plans(preprocessed: Path, configurations: list[str]) -> dict:
+    """``nnUNetPlansCPU.json`` beside ``nnUNetPlans.json``: the same plans with ``configurations`` reduced (other
+    configurations as planned). Returns the reduced plans."""
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = PLANS["reduced"]
+    for name in configurations:
+        plans["configurations"][name] = reduce_configuration(plans["configurations"][name])
+    (preprocessed / f"{PLANS['reduced']}.json").write_text(json.dumps(plans, indent=1))
+    return plans
+
+
+def describe(config: dict) -> str:
+    """Patch, batch, spacing and network of a plans configuration, in one line."""
+    arch = config["architecture"]["arch_kwargs"]
+    return (f"patch {'x'.join(map(str, config['patch_size']))}, batch {config['batch_size']}, spacing "
+            f"{'x'.join(f'{s:.2f}' for s in config['spacing'])} mm, {arch['n_stages']} stages, features "
+            f"{arch['features_per_stage']}, strides {arch['strides']}")
+
+
+def prepare(work: Path, env: dict, processes: int, train_cases: int | None) -> dict:
+    """Raw dataset, nnU-Net planning and preprocessing (3d_fullres), fold-0 split and the reduced plans; done once
+    per ``work`` (``WORK/prepared.json`` marks it), later calls only check. Returns prepared.json's content."""
+    marker = work / "prepared.json"
+    train, test = split_cases()
+    if train_cases is not None:
+        train = train[:train_cases]
+    write_raw_dataset(work / "nnUNet_raw", train, test)
+    if marker.exists():
+        return json.loads(marker.read_text())
+    print(f"planning and preprocessing {len(train)} training cases (nnUNetv2_plan_and_preprocess -c 3d_fullres):", flush=True)
+    _, seconds = _run(env, "nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", str(processes),
+                      "-npfp", str(processes), "--verify_dataset_integrity")
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    (preprocessed / "splits_final.json").write_text(json.dumps(nnunet_split(train), indent=1))
+    reduced = write_reduced_plans(preprocessed, ["3d_fullres"])
+    planned = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    info = {"plan_and_preprocess_seconds": round(seconds, 1), "train_cases": len(train), "test_cases": len(test),
+            "planned_3d_fullres": describe(planned["configurations"]["3d_fullres"]),
+            "reduced_3d_fullres": describe(reduced["configurations"]["3d_fullres"]), "machine": machine(),
+            "date": date.today().isoformat()}
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+# -------------------------------------------------------------------------------------------------------- metrics
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a 6-neighbour outside it (the image border counts as outside)."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    total = int(pred.sum()) + int(ref.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & ref).sum()) / total
+
+
+def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], tolerance_mm: float) -> float:
+    """Normalized surface Dice: the fraction of both masks' surface voxels within ``tolerance_mm`` of the other's
+    surface (Euclidean, ``spacing`` in the arrays' axis order). 0 when exactly one mask is empty, 1 when both are."""
+    from scipy import ndimage
+
+    if not pred.any() or not ref.any():
+        return float(pred.any() == ref.any())
+    both = pred | ref
+    pad = [int(np.ceil(tolerance_mm / s)) + 1 for s in spacing]
+    lo = [max(0, int(np.min(ix)) - p) for ix, p in zip(np.nonzero(both), pad)]
+    hi = [min(n, int(np.max(ix)) + p + 1) for ix, p, n in zip(np.nonzero(both), pad, both.shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sp, sr = _surface(pred[box]), _surface(ref[box])
+    to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    close = int((to_ref[sp] <= tolerance_mm).sum()) + int((to_pred[sr] <= tolerance_mm).sum())
+    return close / int(sp.sum() + sr.sum())
+
+
+def _same_grid(a, b) -> bool:
+    """Whether two SimpleITK images share size, spacing, origin and direction (to 1e-4)."""
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4) and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+
+
+def score_case(pred_file: Path, label_file: Path, organs: dict[str, int], nsd_mm: tuple[float, ...] = ()) -> dict:
+    """Per organ contoured in ``label_file``: ``{"dice": d, "nsd_2mm": s, ...}`` of the prediction ``pred_file``,
+    which must lie on the label's grid (else ValueError). Organs the labels do not contour are left out."""
+    import SimpleITK as sitk
+
+    pred_image, ref_image = sitk.ReadImage(str(pred_file)), sitk.ReadImage(str(label_file))
+    if not _same_grid(pred_image, ref_image):
+        raise ValueError(f"{pred_file} does not lie on the grid of {label_file}")
+    pred, ref = sitk.GetArrayViewFromImage(pred_image), sitk.GetArrayViewFromImage(ref_image)
+    spacing = tuple(reversed(ref_image.GetSpacing()))  # numpy axis order z, y, x
+    out = {}
+    for name, value in organs.items():
+        r = ref == value
+        if not r.any():
+            continue
+        p = pred == value
+        out[name] = {"dice": dice(p, r), **{f"nsd_{t:g}mm": surface_dice(p, r, spacing, t) for t in nsd_mm}}
+    return out
+
+
+def mean_per_organ(scores: dict[str, dict], organs: list[str], metric: str) -> dict[str, tuple[float, int]]:
+    """Mean of ``metric`` per organ over the cases of ``scores`` (case -> score_case output) that contour it, with
+    the number of those cases."""
+    out = {}
+    for organ in organs:
+        values = [s[organ][metric] for s in scores.values() if organ in s]
+        out[organ] = (float(np.mean(values)) if values else float("nan"), len(values))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+class _OutOfTime(Exception):
+    """Raised at an epoch end when the next epoch would overrun the invocation's budget."""
+
+
+class ResumableTraining:
+    """Mixin for an nnU-Net trainer class (put it first in the bases). Settings come from the JSON in the
+    environment variable BENCH_HN_SETTINGS (``training_env``): epochs, iterations per epoch, validation batches,
+    curve cases and interval, the deadline (unix seconds or null), the log file, the source labels and organs,
+    torch threads. Adds: a checkpoint every epoch, a clean stop at an epoch end before the deadline, one JSON line
+    per epoch in the log, the learning-curve prediction; skips nnU-Net's final full validation."""
+
+    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict, device=None):
+        import torch
+
+        super().__init__(plans, configuration, fold, dataset_json, torch.device("cuda") if device is None else device)
+        self.bench = json.loads(os.environ["BENCH_HN_SETTINGS"])
+        self.num_epochs = self.bench["epochs"]
+        self.num_iterations_per_epoch = self.bench["iterations_per_epoch"]
+        self.num_val_iterations_per_epoch = self.bench["val_iterations"]
+        self.save_every = 1
+        if self.bench.get("threads"):
+            torch.set_num_threads(self.bench["threads"])
+
+    # nnU-Net's hooks --------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._train_seconds_before = sum(r["epoch_seconds"] for r in read_log(Path(self.bench["log"]))
+                                         if r["epoch"] < self.current_epoch)
+        self._epoch_seconds = []
+        self._append({"kind": "start", "epoch": self.current_epoch, "time": time.time(), "patch_size": list(self.configuration_manager.patch_size),
+                      "batch_size": self.batch_size, "features": self.configuration_manager.network_arch_init_kwargs["features_per_stage"]})
+
+    def on_epoch_start(self) -> None:
+        self._epoch_began = time.perf_counter()
+        super().on_epoch_start()
+
+    def on_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._epoch_began
+        epoch = self.current_epoch
+        record = {"kind": "epoch", "epoch": epoch, "iterations": (epoch + 1) * self.num_iterations_per_epoch,
+                  "epoch_seconds": round(seconds, 3), "train_seconds": round(self._train_seconds_before + sum(self._epoch_seconds) + seconds, 3),
+                  "lr": self.optimizer.param_groups[0]["lr"], "train_loss": float(self.logger.get_value("train_losses", step=-1)),
+                  "val_loss": float(self.logger.get_value("val_losses", step=-1)),
+                  "pseudo_dice": [float(d) for d in self.logger.get_value("dice_per_class_or_region", step=-1)],
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "time": time.time()}
+        if (epoch + 1) % self.bench["curve_every"] == 0 or epoch + 1 == self.num_epochs:
+            record["curve"] = self._curve_point(epoch)
+        self._append(record)
+        self._epoch_seconds.append(seconds)
+        super().on_epoch_end()  # checkpoint_latest (every epoch), checkpoint_best, epoch counter
+        last = seconds + record.get("curve", {}).get("seconds", 0.0)
+        deadline = self.bench.get("deadline")
+        if deadline is not None and self.current_epoch < self.num_epochs and time.time() + last > deadline:
+            raise _OutOfTime
+
+    def run_training(self) -> None:
+        """nnU-Net's training loop; on the budget's end, the data loaders are shut down and the run returns."""
+        try:
+            super().run_training()
+        except _OutOfTime:
+            self._append({"kind": "stop", "epoch": self.current_epoch, "time": time.time(), "reason": "--minutes budget"})
+            self.print_to_log_file(f"bench: stopping after epoch {self.current_epoch} (budget); continue with --c",
+                                   also_print_to_console=True)
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if hasattr(loader, "_finish"):
+                    loader._finish()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """Skipped: the learning curve (fold-0 cases) and the test table replace nnU-Net's full validation."""
+        self.print_to_log_file("bench: nnU-Net's final validation skipped (learning curve and test table instead)",
+                               also_print_to_console=True)
+
+    # benchmark ---------------------------------------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        with open(self.bench["log"], "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _curve_point(self, epoch: int) -> dict:
+        """Predict the curve cases with nnU-Net's validation path (no mirroring) and score them in the source
+        geometry: ``{"dice": {organ: mean}, "cases": {organ: n}, "seconds": s}``."""
+        began = time.perf_counter()
+        folder = Path(self.bench["curve_dir"]) / f"epoch_{epoch:04d}"
+        cases = self.bench["curve_cases"]
+        saved = self.output_folder, self.inference_allowed_mirroring_axes
+        self.do_split = lambda: ([], list(cases))  # the instance attribute shadows nnU-Net's split for this call
+        self.output_folder, self.inference_allowed_mirroring_axes = str(folder), None
+        try:
+            super().perform_actual_validation(False)
+        finally:
+            del self.do_split
+            self.output_folder, self.inference_allowed_mirroring_axes = saved
+        organs = self.bench["organs"]
+        scores = {c: score_case(folder / "validation" / f"{c}.nii.gz", Path(self.bench["labels_dir"]) / f"{c}.nii.gz", organs)
+                  for c in cases}
+        shutil.rmtree(folder, ignore_errors=True)
+        means = mean_per_organ(scores, list(organs), "dice")
+        return {"dice": {o: round(m, 4) for o, (m, _) in means.items()}, "cases": {o: n for o, (_, n) in means.items()},
+                "seconds": round(time.perf_counter() - began, 2)}
+
+
+def trainer_classes() -> dict[str, type]:
+    """The benchmark's trainer classes by name (registered in this module, so nnU-Net's workers can pickle them)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    classes = {TRAINER: type(TRAINER, (ResumableTraining, nnUNetTrainer),
+                             {"__module__": __name__, "__qualname__": TRAINER,
+                              "__doc__": "Stock nnUNetTrainer with the benchmark's resumable epochs and learning curve."})}
+    globals().update(classes)
+    return classes
+
+
+TRAINER_SHIM = '''"""Generated by benchmarks/bench_headneck_segmentation.py: its trainers, for nnU-Net's nnUNet_extTrainer lookup."""
+import sys
+sys.path.insert(0, {benchmarks!r})
+from bench_headneck_segmentation import trainer_classes
+globals().update(trainer_classes())
+'''
+
+
+def read_log(log: Path) -> list[dict]:
+    """The epoch records of a training log, the last one per epoch (an epoch redone after a crash replaces the
+    first attempt), in epoch order."""
+    if not log.exists():
+        return []
+    records = {}
+    for line in log.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("kind") == "epoch":
+                records[r["epoch"]] = r
+    return [records[e] for e in sorted(records)]
+
+
+def stage_settings(work: Path, stage: str, args) -> dict:
+    """The stage's training settings: stored at its first start in ``WORK/<stage>/settings.json``; a different
+    explicit value later is a one-line error (nnU-Net's learning-rate schedule depends on them)."""
+    file = work / stage / "settings.json"
+    stored = json.loads(file.read_text()) if file.exists() else {}
+    settings = {}
+    for key, default in {**DEFAULTS, "architecture": "reduced"}.items():
+        given = getattr(args, key)
+        if key in stored and given is not None and given != stored[key]:
+            raise SystemExit(f"stage {stage} was started with --{key.replace('_', '-')} {stored[key]}; it cannot change "
+                             f"mid-run (start a new --work to change it)")
+        settings[key] = stored.get(key, given if given is not None else default)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(settings, indent=1))
+    return settings
+
+
+def model_folder(work: Path, stage: str, settings: dict) -> Path:
+    """nnU-Net's results folder of the stage's model (fold_0 inside)."""
+    spec = IMPLEMENTED[stage]
+    return work / "nnUNet_results" / DATASET / f"{spec['trainer']}__{PLANS[settings['architecture']]}__{spec['configuration']}"
+
+
+def train_stage(work: Path, stage: str, settings: dict, env: dict, deadline: float | None, threads: int | None,
+                device: str) -> bool:
+    """Train (or continue) the stage's model until its epochs are done or ``deadline`` (unix seconds); returns
+    whether training is complete (checkpoint_final.pth exists)."""
+    spec = IMPLEMENTED[stage]
+    fold = model_folder(work, stage, settings) / "fold_0"
+    if (fold / "checkpoint_final.pth").exists():
+        return True
+    raw = work / "nnUNet_raw" / DATASET
+    organs = organ_labels()
+    split = json.loads((work / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())
+    curve_cases = choose_curve_cases(split[0]["val"], raw / "labelsTr", organs, settings["curve_cases"])
+    bench = {**{k: settings[k] for k in ("epochs", "iterations_per_epoch", "val_iterations", "curve_every")},
+             "curve_cases": curve_cases, "deadline": deadline, "log": str(work / stage / "training_log.jsonl"),
+             "curve_dir": str(work / stage / "curve"), "labels_dir": str(raw / "labelsTr"), "organs": organs,
+             "threads": threads}
+    resume = (fold / "checkpoint_latest.pth").exists()
+    command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(DATASET_ID), spec["configuration"], "0", "-tr",
+               spec["trainer"], "-p", PLANS[settings["architecture"]], "-device", device] + (["--c"] if resume else [])
+    print(f"{stage}: {'continuing' if resume else 'starting'} training ({settings['epochs']} epochs of "
+          f"{settings['iterations_per_epoch']} iterations; curve on {len(curve_cases)} fold-0 validation cases every "
+          f"{settings['curve_every']} epochs): {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, env={**env, "BENCH_HN_SETTINGS": json.dumps(bench)})
+    if done.returncode != 0:
+        raise SystemExit(f"{stage}: nnUNetv2_train failed (exit {done.returncode}); its log is in {fold}")
+    return (fold / "checkpoint_final.pth").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- prediction
+
+def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: bool, threads: int | None) -> None:
+    """Predict ``images`` with stock nnU-Net's ``nnUNetPredictor`` (fold 0, checkpoint_final) into ``out``, one case
+    after another in this process, skipping cases already predicted; appends per case to ``out/timings.jsonl``:
+    seconds of preprocessing (read + resample + normalize), network (sliding window, TTA if ``tta``) and export
+    (resample back + write), and the process's peak memory so far. Run it in a process of its own."""
+    import torch
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in images if not (out / p.name.replace("_0000.nii.gz", ".nii.gz")).exists()]
+    if not todo:
+        return
+    began = time.perf_counter()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, perform_everything_on_device=device == "cuda",
+                                device=torch.device(device), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+    load_seconds = time.perf_counter() - began
+    pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
+    preprocessor = cm.preprocessor_class(verbose=False)
+    for image in todo:
+        case = image.name[: -len("_0000.nii.gz")]
+        t0 = time.perf_counter()
+        data, _, properties = preprocessor.run_case([str(image)], None, pm, cm, dj)
+        t1 = time.perf_counter()
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+        t2 = time.perf_counter()
+        export_prediction_from_logits(logits, properties, cm, pm, dj, str(out / case), False)
+        t3 = time.perf_counter()
+        gpu = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        record = {"case": case, "preprocess": round(t1 - t0, 3), "network": round(t2 - t1, 3), "export": round(t3 - t2, 3),
+                  "case_seconds": round(t3 - t0, 3), "model_load_seconds": round(load_seconds, 3), "tta": tta,
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_gpu_gib": gpu}
+        with open(out / "timings.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"  {case}: {record['case_seconds']:.1f} s", flush=True)
+
+
+def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list[str], device: str, threads: int | None,
+                   nsd_mm: tuple[float, ...]) -> dict:
+    """Predict the ``test`` cases with the stage's final model (in a process of its own), score them in the source
+    geometry and write ``WORK/<stage>/test_scores.json``; returns its content."""
+    spec = IMPLEMENTED[stage]
+    raw = work / "nnUNet_raw" / DATASET
+    out = work / stage / "test_predictions"
+    images = [raw / "imagesTs" / f"{c}_0000.nii.gz" for c in test]
+    listing = work / stage / "test_images.txt"
+    listing.write_text("\n".join(map(str, images)) + "\n")
+    command = [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, stage, settings)),
+               "--images", str(listing), "--out", str(out), "--device", device] + \
+        (["--tta"] if spec["tta"] else []) + (["--threads", str(threads)] if threads else [])
+    print(f"{stage}: predicting {len(test)} test cases (stock nnUNetPredictor, TTA {'on' if spec['tta'] else 'off'})", flush=True)
+    if subprocess.run(command, env=env).returncode != 0:
+        raise SystemExit(f"{stage}: prediction failed")
+    organs = organ_labels()
+    timings = {}
+    for line in (out / "timings.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        timings[r["case"]] = r
+    scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, nsd_mm) for c in test}
+    result = {"cases": test, "scores": scores, "timings": {c: timings[c] for c in test}, "nsd_mm": list(nsd_mm),
+              "machine": machine(), "date": date.today().isoformat(), "device": device}
+    (work / stage / "test_scores.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+def plot_curves(curves: dict[str, list[dict]], organs: list[str], png: Path) -> None:
+    """Held-out (fold-0 curve cases) Dice against cumulative training hours: mean over organs, then each organ."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True, sharey=True)
+    for ax, organ in zip(axes.flat, ["mean of the organs", *organs]):
+        for stage, records in curves.items():
+            points = [r for r in records if "curve" in r]
+            if not points:
+                continue
+            hours = [r["train_seconds"] / 3600 for r in points]
+            values = [np.nanmean(list(r["curve"]["dice"].values())) if organ.startswith("mean") else r["curve"]["dice"][organ]
+                      for r in points]
+            ax.plot(hours, values, marker="o", ms=3, label=stage)
+        ax.set_title(organ)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("training wall time (h)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation Dice")
+    axes.flat[0].legend()
+    fig.suptitle("Held-out Dice (fold-0 validation cases, source geometry) vs training time")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def report(work: Path, stages: list[str]) -> str:
+    """Markdown tables of every stage with a training log or test scores (partial ones marked); writes
+    ``WORK/report.md`` and the learning-curve PNG; returns the Markdown."""
+    organs = list(organ_labels())
+    prepared = json.loads((work / "prepared.json").read_text()) if (work / "prepared.json").exists() else {}
+    lines = [f"Head-and-neck benchmark, {work}: {prepared.get('train_cases', '?')} training cases, "
+             f"{prepared.get('test_cases', '?')} test cases; planned 3d_fullres: {prepared.get('planned_3d_fullres', '?')}; "
+             f"trained: {prepared.get('reduced_3d_fullres', '?')} (reduced)", "",
+             "| model | status | iterations | train s / iteration | train h | test cases | predict s / case (preprocess + network + export) | TTA | peak RSS GiB train / predict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    curves, tests = {}, {}
+    for stage in stages:
+        settings_file = work / stage / "settings.json"
+        if not settings_file.exists():
+            continue
+        settings = json.loads(settings_file.read_text())
+        records = read_log(work / stage / "training_log.jsonl")
+        curves[stage] = records
+        done = (model_folder(work, stage, settings) / "fold_0" / "checkpoint_final.pth").exists()
+        status = "trained" if done else f"partial: {len(records)}/{settings['epochs']} epochs"
+        score_file = work / stage / "test_scores.json"
+        test = json.loads(score_file.read_text()) if score_file.exists() else None
+        cells = [stage, status, str(records[-1]["iterations"]) if records else "0", "-", "-", "-", "-", "-", "-"]
+        if records:
+            seconds = sum(r["epoch_seconds"] for r in records)
+            cells[3] = f"{seconds / records[-1]['iterations']:.2f}"
+            cells[4] = f"{records[-1]['train_seconds'] / 3600:.2f}"
+        train_rss = max((r["peak_rss_gib"] for r in records), default=float("nan"))
+        if test:
+            tests[stage] = test
+            t = list(test["timings"].values())
+            parts = {k: float(np.mean([x[k] for x in t])) for k in ("preprocess", "network", "export", "case_seconds")}
+            cells[5] = f"{len(test['cases'])}" + ("" if len(test["cases"]) == 40 else " (partial)")
+            cells[6] = f"{parts['case_seconds']:.1f} ({parts['preprocess']:.1f} + {parts['network']:.1f} + {parts['export']:.1f})"
+            cells[7] = "on" if t[0]["tta"] else "off"
+            cells[8] = f"{train_rss:.2f} / {max(x['peak_rss_gib'] for x in t):.2f}"
+        elif records:
+            cells[8] = f"{train_rss:.2f} / -"
+        lines.append("| " + " | ".join(cells) + " |")
+    if tests:
+        metrics = ["dice"] + [f"nsd_{t:g}mm" for t in next(iter(tests.values()))["nsd_mm"]]
+        lines += ["", "Test cases, per organ (mean over the cases that contour it; n = those cases):", "",
+                  "| organ | n | " + " | ".join(f"{s} {m}" for s in tests for m in metrics) + " |",
+                  "|---|---|" + "---|" * (len(tests) * len(metrics))]
+        means = {(s, m): mean_per_organ(test["scores"], organs, m) for s, test in tests.items() for m in metrics}
+        for organ in organs:
+            n = next(iter(means.values()))[organ][1]
+            lines.append(f"| {organ} | {n} | " + " | ".join(f"{means[(s, m)][organ][0]:.3f}" for s in tests for m in metrics) + " |")
+        lines.append("| mean of organs | | " + " | ".join(f"{np.nanmean([means[(s, m)][o][0] for o in organs]):.3f}"
+                                                      for s in tests for m in metrics) + " |")
+    text = "\n".join(lines) + "\n"
+    (work / "report.md").write_text(text)
+    if any(any("curve" in r for r in c) for c in curves.values()):
+        plot_curves(curves, organs, work / "dice_vs_training_time.png")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def environment(work: Path, loader_processes: int, processes: int, threads: int | None) -> dict:
+    """The environment of every nnU-Net command: its three folders in ``work``, the trainer module, process counts."""
+    roots = {k: work / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for p in roots.values():
+        p.mkdir(parents=True, exist_ok=True)
+    ext = work / "ext"
+    ext.mkdir(exist_ok=True)
+    (ext / "bench_headneck_trainers.py").write_text(TRAINER_SHIM.format(benchmarks=str(BENCHMARKS)))
+    env = {**os.environ, **{k: str(v) for k, v in roots.items()}, "nnUNet_extTrainer": str(ext),
+           "nnUNet_n_proc_DA": str(loader_processes), "nnUNet_def_n_proc": str(processes)}
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    return env
+
+
+def run(args) -> None:
+    """The ``run`` command: prepare, then per stage train (within the budget) and evaluate, then report."""
+    began = time.time()
+    deadline = began + 60 * args.minutes if args.minutes else None
+    print(f"machine: {machine()}\nwork folder: {args.work}", flush=True)
+    for stage in args.stages:
+        if stage not in IMPLEMENTED:
+            raise SystemExit(f"stage '{stage}' ({STAGES[stage]}) is not implemented yet; implemented: {', '.join(IMPLEMENTED)}")
+    env = environment(args.work, args.loader_processes, args.processes, args.threads)
+    info = prepare(args.work, env, args.processes, args.train_cases)
+    print(f"prepared: {info['train_cases']} training / {info['test_cases']} test cases (planning + preprocessing took "
+          f"{info['plan_and_preprocess_seconds']:.0f} s on {info['date']})\n  nnU-Net's plan: {info['planned_3d_fullres']}\n"
+          f"  reduced (CPU): {info['reduced_3d_fullres']}", flush=True)
+    if args.prepare_only:
+        return
+    _, test = split_cases()
+    test = test[:args.test_cases] if args.test_cases else test
+    for stage in args.stages:
+        settings = stage_settings(args.work, stage, args)
+        complete = train_stage(args.work, stage, settings, env, deadline, args.threads, args.device)
+        records = read_log(args.work / stage / "training_log.jsonl")
+        if records:
+            r = records[-1]
+            curve = r.get("curve") or next((x["curve"] for x in reversed(records) if "curve" in x), None)
+            print(f"{stage}: {r['iterations']} iterations in {r['train_seconds'] / 3600:.2f} h of training "
+                  f"({sum(x['epoch_seconds'] for x in records) / r['iterations']:.2f} s per iteration incl. nnU-Net's validation batches)"
+                  + (f"; latest curve Dice {curve['dice']}" if curve else ""), flush=True)
+        if not complete:
+            print(f"{stage}: training not finished; run the same command again to continue", flush=True)
+            continue
+        if deadline is not None and time.time() > deadline:
+            print(f"{stage}: trained; the budget is spent, evaluation on the next run", flush=True)
+            continue
+        evaluate_stage(args.work, stage, settings, env, test, args.device, args.threads, tuple(args.nsd_mm))
+    print("\n" + report(args.work, list(STAGES)), flush=True)
+    print(f"report: {args.work / 'report.md'}; curve: {args.work / 'dice_vs_training_time.png'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="prepare, train (resumable) and evaluate stages, then report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stages", nargs="+", choices=list(STAGES), default=["full"],
+                   help="models: " + "; ".join(f"{k}: {v}" for k, v in STAGES.items()))
+    p.add_argument("--work", type=Path, default=Path("/work/bench_headneck_seg"),
+                   help="everything the benchmark writes (nnU-Net folders, logs, predictions, report); outside the repository")
+    p.add_argument("--minutes", type=float, help="budget of this invocation: training stops cleanly at an epoch end "
+                   "before it; run again to continue (default: no limit)")
+    p.add_argument("--prepare-only", action="store_true", help="build the dataset, plan and preprocess, then stop")
+    p.add_argument("--architecture", choices=tuple(PLANS), help="reduced: the CPU network of the module doc "
+                   f"(plans {PLANS['reduced']}); planned: nnU-Net's own (for a GPU) [reduced]")
+    p.add_argument("--epochs", type=int, help=f"epochs per model, fixed at the stage's first start [{DEFAULTS['epochs']}]")
+    p.add_argument("--iterations-per-epoch", type=int, help=f"training iterations per epoch [{DEFAULTS['iterations_per_epoch']}]")
+    p.add_argument("--val-iterations", type=int, help=f"nnU-Net's validation batches per epoch (pseudo Dice) [{DEFAULTS['val_iterations']}]")
+    p.add_argument("--curve-every", type=int, help=f"learning-curve point every N epochs [{DEFAULTS['curve_every']}]")
+    p.add_argument("--curve-cases", type=int, help=f"fold-0 validation cases of the learning curve [{DEFAULTS['curve_cases']}]")
+    p.add_argument("--test-cases", type=int, help="evaluate on the first N test cases only (smoke checks; default all 40)")
+    p.add_argument("--train-cases", type=int, help="smoke checks only: the first N training cases (a new --work)")
+    p.add_argument("--nsd-mm", type=float, nargs="+", default=[2.0], help="NSD tolerances in mm")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, help="torch threads of training and prediction (default: nnU-Net's, all cores)")
+    p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes")
+    p.add_argument("--processes", type=int, default=1, help="nnUNet_def_n_proc and preprocessing -np: other nnU-Net worker processes")
+    r = sub.add_parser("report", help="print and write the tables and the learning-curve PNG from what exists")
+    r.add_argument("--work", type=Path, default=Path("/work/bench_headneck_seg"))
+    s = sub.add_parser("predict-stock", help="internal: stock nnU-Net prediction of a list of images in this process")
+    s.add_argument("--model", type=Path, required=True, help="nnU-Net results folder of the model (fold_0 inside)")
+    s.add_argument("--images", type=Path, required=True, help="text file, one _0000 image per line")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--tta", action="store_true", help="nnU-Net's mirroring")
+    s.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run(args)
+    elif args.command == "report":
+        print(f"machine: {machine()}\n" + report(args.work, list(STAGES)))
+    else:
+        images = [Path(line) for line in args.images.read_text().splitlines() if line.strip()]
+        predict_stock(args.model, images, args.out, args.device, args.tta, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -211,3 +211,26 @@ def test_preprocess_summary_warns_about_training_cases_that_do_not_contour_an_or
     assert "larynx is not contoured in 2 of 3 training case(s) (e.g. hn_002)" in text
     assert "mandible is not contoured" not in text
     assert "uncontoured" in summary([record("hn_001", 0.99)]) and not summary([record("hn_001", 0.99)])["uncontoured"]
+
+
+def test_the_safety_net_joins_the_body_box_where_map_and_outline_disagree_beyond_the_shots():
+    from nnunet_ape.localize.choice import safety_net, shot_agreement
+
+    masks = [np.zeros((40, 40, 40), bool) for _ in range(3)]
+    for m in masks:
+        m[10:20, 10:20, 10:20] = True
+    organ = np.array([[10, 10, 10], [19, 19, 19]], float)
+    held = {"body_box": [organ.copy() for _ in masks], "ape_all": [organ + d for d in (0, 1, -1)]}
+    alphas = {"body_box": 1.5, "ape_all": 1.2}
+    agreement = shot_agreement(held, alphas, masks, "ape_all")
+    assert 0.8 < agreement <= 1.0  # on the shots the map's crops lay (almost) inside the body box's
+    assert shot_agreement(held, alphas, masks, "body_box") is None and shot_agreement(held, alphas, masks, "bpr_z") is None
+    body_crop = np.array([[5, 5, 5], [24, 24, 24]], float)
+    near = np.array([[6, 6, 6], [23, 23, 23]], float)
+    kept, inside, used = safety_net(near, body_crop, agreement)
+    assert not used and inside == 1.0 and np.array_equal(kept, near)
+    far = np.array([[20, 20, 30], [30, 30, 39]], float)  # the map puts the organ elsewhere (a cut scan, a failed map)
+    joined, inside, used = safety_net(far, body_crop, agreement)
+    assert used and inside < 0.2
+    assert np.array_equal(joined, [[5, 5, 5], [30, 30, 39]])  # both candidates kept
+    assert safety_net(far, body_crop, None)[2] is False  # no agreement stored (body box chosen, one shot): no net

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from nnunet_ape.localize.masks import CroppedMask
-from nnunet_ape.localize.boxes import box_recall, enlarge_box, mask_box, shot_alphas, volume_ratio
+from nnunet_ape.localize.boxes import box_inside_fraction, box_recall, enlarge_box, mask_box, shot_alphas, volume_ratio
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -165,3 +165,31 @@ def default_method(has_ape: bool, has_bpr: bool, transfer: bool) -> str:
     own box where there is APE: at one shot on the head-and-neck cohort, APE x/y + BPR z with BPR's default 20 mm
     margin kept 0.50 of the organs against 0.81 for APE all voxels)."""
     return principal_method(available_methods(has_ape, has_bpr, transfer)) or "body_box"
+
+
+SAFETY_NET_SLACK = 0.9  # a case agrees when its crop lies inside the body box's at least this fraction of the shots' lowest
+
+
+def shot_agreement(held: dict[str, list[np.ndarray]], alphas: dict[str, float], masks: list, method: str) -> float | None:
+    """How far ``method``'s crops lay inside the body box's on the shots: the lowest, over shots, fraction of its
+    held-out crop (box enlarged by ``alphas[method]``) inside the held-out body-box crop. None when ``method`` is the
+    body box or has no held-out boxes (one shot, or a BPR method). A new case below this gets the safety net
+    (:func:`safety_net`)."""
+    if method == "body_box" or method not in held or not held[method] or "body_box" not in held:
+        return None
+    return float(min(box_inside_fraction(enlarge_box(own, alphas[method], m.shape), enlarge_box(body, alphas["body_box"], m.shape))
+                     for own, body, m in zip(held[method], held["body_box"], masks)))
+
+
+def safety_net(crop: np.ndarray, body_crop: np.ndarray, agreement: float | None) -> tuple[np.ndarray, float | None, bool]:
+    """The crop ``(2, 3)`` to use: ``crop`` itself, or its union with the body box's ``body_crop`` when the model's
+    crop lies inside the body box's less than the shots ever showed (``agreement``, :func:`shot_agreement`, times
+    :data:`SAFETY_NET_SLACK`): the map and the body's outline then disagree about where the organ is (a cut field
+    of view, an unusual patient, a map that failed), and one of them is wrong. Returns (crop, this case's inside
+    fraction or None, whether the net was used)."""
+    if agreement is None:
+        return crop, None, False
+    inside = box_inside_fraction(crop, body_crop)
+    if inside >= agreement * SAFETY_NET_SLACK:
+        return crop, inside, False
+    return np.stack([np.minimum(crop[0], body_crop[0]), np.maximum(crop[1], body_crop[1])]), inside, True

@@ -36,7 +36,9 @@ from nnunet_ape.localize.choice import (
     default_method,
     held_out_body_boxes,
     mean_relative_box,
+    safety_net,
     selection_scores,
+    shot_agreement,
     with_z,
 )
 from nnunet_ape.localize.fewshot import (
@@ -246,6 +248,10 @@ class _OrganShots:
             entry["method"] = method
         else:
             entry["method"] = choose(entry["selection"]) if entry["selection"] else default_method(ape, bpr, transfer)
+        alphas = {m: float(max(a, default=DEFAULT_ALPHA)) for m, a in needed.items()}
+        agreement = shot_agreement(held, alphas, self.masks, entry["method"]) if k > 1 else None
+        if agreement is not None:
+            entry["safety_net"] = {"agreement": round(agreement, 4)}
         return entry
 
 
@@ -348,13 +354,17 @@ def searchable_map(embedding: Volume, ct: Volume) -> np.ndarray:
 
 
 def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
-                        organs: list[str] | None = None) -> dict:
+                        organs: list[str] | None = None, safety_nets: bool = True) -> dict:
     """Boxes per organ on a CT, in its voxel indices and in mm. APE (with ``embedding``, the map on the CT's grid):
     ``box`` (retrieved) and ``enlarged_box``; BPR (with ``scored``, the canonical slice scores): ``bpr_z_range``
     (slices) and ``bpr_box`` (full x/y); both: ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the
     box to crop with: the combined one when both are there, else the enlarged APE or the BPR box. ``embedding`` may
     be a map on every step-th voxel (``embed_volume`` with a stride; edge-point localizers only): boxes are still in
-    the CT's voxels. ``placed``: False
+    the CT's voxels. ``crop_boxes_voxels``: the crop box of every method this CT allows (the alternatives to the
+    organ's own method, by name as in :data:`~nnunet_ape.localize.choice.CANDIDATES`). ``safety_net``: True where
+    the organ's crop is the union of its method's and the body box's because they disagreed beyond what the shots
+    showed (:func:`~nnunet_ape.localize.choice.safety_net`; ``safety_nets`` False turns it off), with
+    ``inside_body_box`` the fraction of the method's crop inside the body box's. ``placed``: False
     when the localizer could not place the organ on this CT (no slice scores in its range, or a crop box wholly
     outside the image); its boxes are then only the nearest guess."""
     names = check_organs(localizer, organs)
@@ -373,9 +383,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
         from_map = lambda b: strided_to_full(box_from_canonical(b, perm, flip, embedding.shape), embedding, ct)  # noqa: E731
     methods = {organ: localizer["organs"][organ].get("method") or _legacy_method(localizer["organs"][organ], localizer)
                for organ in names}
-    body = None
-    if any(m in ("body_box", "body_bpr") for m in methods.values()):
-        body = body_box(to_canonical(ct)[0].array)
+    body = body_box(to_canonical(ct)[0].array)  # every organ's alternative and safety net, whatever its method
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]
@@ -412,8 +420,12 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
         if methods[organ] not in crops:
             raise InputError(f"organ '{organ}': its method {methods[organ]} needs a model this localization was not given")
         crop = crops[methods[organ]]
+        if "safety_net" in entry and "body_box" in crops and safety_nets:
+            crop, inside, used = safety_net(crop, crops["body_box"], entry["safety_net"]["agreement"])
+            result.update({"inside_body_box": None if inside is None else round(inside, 4), "safety_net": used})
         placed = placed and overlaps_image(crop, ct.shape)
-        result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop), "placed": placed})
+        result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop), "placed": placed,
+                       "crop_boxes_voxels": {m: b.round(2).tolist() for m, b in crops.items()}})
         out[organ] = result
     return out
 
