@@ -208,3 +208,18 @@ def test_sides_known_to_different_shots_never_cross():
         assert [b[:, 2].tolist() for b in per_shot] == [[25, 39], [0, 9]]
         assert box.tolist() == [[8, 10, 12.5], [19, 29, 24]], how  # z: mean of [25, 39] and [0, 9]
         assert alpha_for_recall(top_cut | bottom_cut, box, 1.0) < 4  # an enlarged box reaches the whole organ
+
+
+def test_the_calibrated_alpha_is_a_conformal_quantile_of_the_shots():
+    from nnunet_ape.localize.boxes import calibrated_alpha
+
+    few = [1.2, 1.5, 1.1, 1.9, 1.3]
+    assert calibrated_alpha(few, 1.5) == (1.9, pytest.approx(5 / 6))  # below 99 shots: the largest, covering n/(n+1)
+    many = list(np.linspace(1.0, 3.0, 299))
+    alpha, coverage = calibrated_alpha(many, 1.5)
+    assert alpha == pytest.approx(many[296]) and alpha < max(many)  # rank ceil(300 * 0.99) = 297 of 299
+    assert coverage == pytest.approx(297 / 300) and coverage >= 0.99
+    assert calibrated_alpha([], 1.5) == (1.5, None)
+    rng = np.random.default_rng(0)  # the promise: a new exchangeable case needs no more in >= 99% of draws
+    hits = [rng.random() <= calibrated_alpha(list(rng.random(199)), 1.0)[0] for _ in range(4000)]
+    assert np.mean(hits) >= 0.985

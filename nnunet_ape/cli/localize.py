@@ -83,7 +83,8 @@ def _run_localize_fit(args) -> None:
         why = (f"held-out recall {chosen['recall_min']:.3f} (min), crop {100 * chosen['crop_fraction']:.1f}% of the image"
                if chosen else "one shot: nothing to hold out, so no choice")
         why = why if args.method == "auto" else f"--method; {why}"
-        print(f"  {organ}: {len(e['shot_cases'])} shot(s), method {e['method']} ({why})")
+        cover = f"; covers about {100 * e['coverage']:.1f}% of new cases" if e.get("coverage") else ""
+        print(f"  {organ}: {len(e['shot_cases'])} shot(s), method {e['method']} ({why}{cover})")
     if any(e.get("alpha_calibrated") is False for e in localizer["organs"].values()):
         print("nnunet-ape: warning: alpha is the uncalibrated default: calibration holds out one shot at a time and needs "
               "at least 2 shots (--shots 2 or more)", file=sys.stderr)

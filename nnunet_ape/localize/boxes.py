@@ -138,6 +138,23 @@ def shot_alphas(boxes: list[np.ndarray], masks: list, target: float) -> list[flo
     return [alpha_for_recall(mask, box, target) for box, mask in zip(boxes, masks)]
 
 
+COVERAGE = 0.99  # share of new cases that should need no more enlargement than the calibrated one
+
+
+def calibrated_alpha(alphas: list[float], default: float, coverage: float = COVERAGE) -> tuple[float, float | None]:
+    """The enlargement to store from the shots' held-out ``alphas`` (:func:`shot_alphas`), and the coverage it
+    gives: the ceil((n + 1) * coverage)-th smallest of the n alphas, or the largest when that rank exceeds n. A new
+    case exchangeable with the shots then needs no more with probability at least rank / (n + 1) (split-conformal
+    reasoning): the returned coverage, ``coverage`` itself from 99 shots on (at 0.99), n / (n + 1) below (5 shots:
+    0.83; the largest of n misses a new case about once in n + 1). ``(default, None)`` without alphas."""
+    if not alphas:
+        return float(default), None
+    ordered = np.sort(np.asarray(alphas, dtype=np.float64))
+    n = len(ordered)
+    rank = min(int(np.ceil((n + 1) * coverage - 1e-9)), n)
+    return float(ordered[rank - 1]), rank / (n + 1)
+
+
 def alpha_over_shots(boxes: list[np.ndarray], masks: list, target: float, default: float) -> float:
     """Leave-one-shot-out enlargement: the smallest alpha that brings every held-out box ``(2, 3)`` to ``target``
     recall of its shot's mask (the largest of :func:`shot_alphas`); ``default`` when there are no held-out boxes

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from nnunet_ape.localize.masks import CroppedMask
-from nnunet_ape.localize.boxes import box_inside_fraction, box_recall, enlarge_box, mask_box, shot_alphas, volume_ratio
+from nnunet_ape.localize.boxes import box_inside_fraction, box_recall, calibrated_alpha, enlarge_box, mask_box, shot_alphas, volume_ratio
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -85,9 +85,9 @@ def held_out_crops(
     return crops
 
 
-def _max_of_others(values: list[float]) -> list[float]:
-    """For each position, the largest of the other values (the calibration without that shot)."""
-    return [max(v for j, v in enumerate(values) if j != i) for i in range(len(values))]
+def _calibration_of_others(values: list[float]) -> list[float]:
+    """For each position, the calibrated alpha of the other values (the calibration without that shot)."""
+    return [calibrated_alpha([v for j, v in enumerate(values) if j != i], 1.0)[0] for i in range(len(values))]
 
 
 def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: float, ape_xy: str = "ape",
@@ -97,16 +97,16 @@ def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: flo
 
     ``held``: per box method (body_box, ape, ape_all) each shot's box predicted from the other shots; ``bpr``:
     (each shot's organ score interval, its ScoredCT, the interval combination) or None. Recall is measured as a new
-    case would meet it: each shot's crop enlarged by the calibration of the *other* shots alone (the largest alpha
-    or score margin they need); the crop fraction at the calibration of all shots, which the localizer stores.
+    case would meet it: each shot's crop enlarged by the calibration of the *other* shots alone (the alpha of
+    :func:`~nnunet_ape.localize.boxes.calibrated_alpha`, or the largest score margin they need); the crop fraction at the calibration of all shots, which the localizer stores.
     ``needed``: each box method's per-shot alphas (:func:`~nnunet_ape.localize.boxes.shot_alphas`) when the caller
     has them already.
     """
     from nnunet_ape.localize.zrange import margin_for_recall, z_range
 
     needed = {m: needed[m] if needed and m in needed else shot_alphas(boxes, masks, target) for m, boxes in held.items()}
-    full = {m: [max(a)] * len(a) for m, a in needed.items()}
-    nested = {m: _max_of_others(a) for m, a in needed.items()}
+    full = {m: [calibrated_alpha(a, 1.0)[0]] * len(a) for m, a in needed.items()}
+    nested = {m: _calibration_of_others(a) for m, a in needed.items()}
     z_full = z_nested = None
     if bpr is not None:
         intervals, scored, combine = bpr

@@ -25,6 +25,7 @@ from nnunet_ape.localize.boxes import (
     alpha_for_recall,
     box_iou,
     box_recall,
+    calibrated_alpha,
     edge_points,
     enlarge_box,
     mask_box,
@@ -176,7 +177,7 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     if transfer is not None:
         held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer.held_out(train), held["ape"])]
     needed = {m: shot_alphas(boxes, masks, target) for m, boxes in held.items()}
-    alphas = {m: float(max(a, default=DEFAULT_ALPHA)) for m, a in needed.items()}
+    alphas = {m: calibrated_alpha(a, DEFAULT_ALPHA)[0] for m, a in needed.items()}
     xy = "ape" if transfer is None else "ape_all"
     relative = mean_relative_box(masks, bodies)
     use_bpr = all(c.scored is not None for c in train)

@@ -27,7 +27,7 @@ from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.io import Volume, canonical_orientation, read_volume, to_canonical
 from nnunet_ape.localize.body import body_box, search_region
 from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
-from nnunet_ape.localize.boxes import enlarge_box, shot_alphas
+from nnunet_ape.localize.boxes import calibrated_alpha, enlarge_box, shot_alphas
 from nnunet_ape.localize.cases import LabeledCase, label_values, read_case
 from nnunet_ape.localize.choice import (
     available_methods,
@@ -222,9 +222,12 @@ class _OrganShots:
         held: dict[str, list[np.ndarray]] = {"body_box": held_out_body_boxes(self.masks, self.bodies)}
         needed: dict[str, list[float]] = {}  # per method, each shot's alpha: calibration and selection share them
 
+        coverage: dict[str, float | None] = {}
+
         def alpha(method: str) -> float:
             needed[method] = shot_alphas(held[method], self.masks, target)
-            return float(max(needed[method], default=DEFAULT_ALPHA))
+            value, coverage[method] = calibrated_alpha(needed[method], DEFAULT_ALPHA)
+            return value
 
         entry["body_box"] = {"relative": mean_relative_box(self.masks, self.bodies).round(5).tolist(), "alpha": alpha("body_box")}
         if ape:
@@ -248,8 +251,10 @@ class _OrganShots:
             entry["method"] = method
         else:
             entry["method"] = choose(entry["selection"]) if entry["selection"] else default_method(ape, bpr, transfer)
-        alphas = {m: float(max(a, default=DEFAULT_ALPHA)) for m, a in needed.items()}
+        alphas = {m: calibrated_alpha(a, DEFAULT_ALPHA)[0] for m, a in needed.items()}
         agreement = shot_agreement(held, alphas, self.masks, entry["method"]) if k > 1 else None
+        if entry["method"] in coverage:  # a box method: the share of new cases its enlargement is expected to cover
+            entry["coverage"] = None if coverage[entry["method"]] is None else round(coverage[entry["method"]], 4)
         if agreement is not None:
             entry["safety_net"] = {"agreement": round(agreement, 4)}
         return entry
