@@ -4,8 +4,9 @@ One benchmark, one machine, one split. Resumable: run the same command again and
 (dataset, planning and preprocessing are kept; training continues from nnU-Net's ``checkpoint_latest.pth`` with
 ``--c``; prediction skips finished cases); ``--minutes`` bounds one invocation.
 
-Split: of ../shared/data/Dataset901_HeadNeckCT (203 CTs on 128^3 grids, 7 organs), hn_169..hn_214 (40 cases) are the
-test set, used only for the final table; the other 163 cases train every model. The benchmark builds its own raw
+Split (``headneck_split``, shared by the cohort's benchmarks): of ../shared/data/Dataset901_HeadNeckCT (203 CTs on
+128^3 grids, 7 organs), hn_169..hn_214 (40 cases) are the test set, used only for the final table; the other 163
+cases train every model. The benchmark builds its own raw
 dataset ``Dataset902_HeadNeckSplit`` under ``--work`` from symlinks (imagesTr/labelsTr: the 163 training cases,
 imagesTs/labelsTs: the 40 test cases; nothing is copied) and sets nnUNet_raw, nnUNet_preprocessed and nnUNet_results
 to folders inside ``--work`` for every nnU-Net command it runs.
@@ -34,6 +35,10 @@ trainer stops cleanly at the end of the epoch after which one more epoch (as lon
 the budget; nnU-Net's final full validation is skipped (the learning curve and the test table replace it). Fold 0
 of nnU-Net's own 5-fold split of the 163 training cases (seed 12345, written as splits_final.json): 130 train,
 33 validate.
+
+Labels: the cohort labels an organ a case does not contour as 0. Stock nnU-Net (stage full) trains on every
+training case as it is, so it learns those organs as background there (of the 163 training cases 63 contour the
+esophagus, 82 the larynx, 109 the mandible, 145-161 the others; 29 contour all 7): the baseline users get.
 
 Learning curve: every ``--curve-every`` epochs (and after the last) the trainer predicts ``--curve-cases`` fixed
 fold-0 validation cases (those contouring the most organs, then by name) with nnU-Net's own validation path
@@ -76,13 +81,12 @@ import numpy as np
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 from bench_embed import machine  # noqa: E402
-from bench_headneck import HEADNECK  # noqa: E402
 from bench_predict import SMALL  # noqa: E402
 from bench_trainers import _run  # noqa: E402
+from headneck_split import HEADNECK, TEST_NUMBERS, is_test_case  # noqa: E402
 
 DATASET_ID = 902
 DATASET = f"Dataset{DATASET_ID}_HeadNeckSplit"
-TEST_CASES = (169, 214)  # hn_169..hn_214, inclusive: the README's held-out 40
 PLANS = {"reduced": "nnUNetPlansCPU", "planned": "nnUNetPlans"}
 PATCH_CAP = 64
 TRAINER = "nnUNetTrainerHeadNeckBench"
@@ -93,22 +97,20 @@ STAGES = {
     "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (not implemented yet)",
     "oracle": "crop models on the ground-truth box plus the same margin (not implemented yet)",
 }
+TEST_CASES_N = 40  # hn_169..hn_214 (headneck_split)
+# How each implemented stage is trained and predicted (the later stages add their entries: configuration(s), trainer,
+# the organs a model segments, prediction through `nnunet-ape predict`, TTA).
 IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta": True}}
 DEFAULTS = {"epochs": 50, "iterations_per_epoch": 100, "val_iterations": 10, "curve_every": 2, "curve_cases": 8}
 
 
 # ----------------------------------------------------------------------------------------------------------- data
 
-def case_number(case: str) -> int:
-    """``hn_169`` -> 169."""
-    return int(case.split("_")[1])
-
-
 def split_cases(source: Path = HEADNECK) -> tuple[list[str], list[str]]:
-    """The source dataset's cases (``hn_XXX``) as (training, test): test = hn_169..hn_214, training = the rest."""
+    """The source dataset's case names (``hn_XXX``) as (training, test), each sorted: the split every benchmark on
+    the cohort shares (``headneck_split``: test = hn_169..hn_214)."""
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (source / "imagesTr").glob("*_0000.nii.gz"))
-    test = [c for c in cases if TEST_CASES[0] <= case_number(c) <= TEST_CASES[1]]
-    return [c for c in cases if c not in test], test
+    return [c for c in cases if not is_test_case(c)], [c for c in cases if is_test_case(c)]
 
 
 def organ_labels(source: Path = HEADNECK) -> dict[str, int]:
@@ -143,7 +145,7 @@ def write_raw_dataset(raw: Path, train: list[str], test: list[str], source: Path
     dataset = json.loads((source / "dataset.json").read_text())
     dataset.update({"name": DATASET, "numTraining": len(train),
                     "description": f"{source.name} split for bench_headneck_segmentation: training = all cases but "
-                                   f"hn_{TEST_CASES[0]}..hn_{TEST_CASES[1]} (imagesTs/labelsTs, the test set)"})
+                                   f"hn_{TEST_NUMBERS[0]}..hn_{TEST_NUMBERS[-1]} (imagesTs/labelsTs, the test set)"})
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
     split_file.write_text(json.dumps(split, indent=1))
     return folder
@@ -153,7 +155,7 @@ def contoured(label_file: Path, organs: dict[str, int]) -> set[str]:
     """The organs of ``organs`` with at least one voxel in ``label_file`` (uncontoured organs are label 0 here)."""
     import SimpleITK as sitk
 
-    present = set(np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label_file)))).tolist())
+    present = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))).tolist())
     return {name for name, value in organs.items() if value in present}
 
 
@@ -272,8 +274,8 @@ def surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], 
 
 def _same_grid(a, b) -> bool:
     """Whether two SimpleITK images share size, spacing, origin and direction (to 1e-4)."""
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4) and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+    return a.GetSize() == b.GetSize() and all(np.allclose(x, y, atol=1e-4) for x, y in (
+        (a.GetSpacing(), b.GetSpacing()), (a.GetOrigin(), b.GetOrigin()), (a.GetDirection(), b.GetDirection())))
 
 
 def score_case(pred_file: Path, label_file: Path, organs: dict[str, int], nsd_mm: tuple[float, ...] = ()) -> dict:
@@ -314,12 +316,12 @@ class _OutOfTime(Exception):
 
 class ResumableTraining:
     """Mixin for an nnU-Net trainer class (put it first in the bases). Settings come from the JSON in the
-    environment variable BENCH_HN_SETTINGS (``training_env``): epochs, iterations per epoch, validation batches,
+    environment variable BENCH_HN_SETTINGS (written by ``train_stage``): epochs, iterations per epoch, validation batches,
     curve cases and interval, the deadline (unix seconds or null), the log file, the source labels and organs,
     torch threads. Adds: a checkpoint every epoch, a clean stop at an epoch end before the deadline, one JSON line
     per epoch in the log, the learning-curve prediction; skips nnU-Net's final full validation."""
 
-    def __init__(self, plans: dict, configuration: str, fold, dataset_json: dict, device=None):
+    def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict, device=None):
         import torch
 
         super().__init__(plans, configuration, fold, dataset_json, torch.device("cuda") if device is None else device)
@@ -337,8 +339,9 @@ class ResumableTraining:
         self._train_seconds_before = sum(r["epoch_seconds"] for r in read_log(Path(self.bench["log"]))
                                          if r["epoch"] < self.current_epoch)
         self._epoch_seconds = []
-        self._append({"kind": "start", "epoch": self.current_epoch, "time": time.time(), "patch_size": list(self.configuration_manager.patch_size),
-                      "batch_size": self.batch_size, "features": self.configuration_manager.network_arch_init_kwargs["features_per_stage"]})
+        config = self.configuration_manager
+        self._append({"kind": "start", "epoch": self.current_epoch, "time": time.time(), "patch_size": list(config.patch_size),
+                      "batch_size": self.batch_size, "features": config.network_arch_init_kwargs["features_per_stage"]})
 
     def on_epoch_start(self) -> None:
         self._epoch_began = time.perf_counter()
@@ -347,9 +350,10 @@ class ResumableTraining:
     def on_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_began
         epoch = self.current_epoch
+        total = self._train_seconds_before + sum(self._epoch_seconds) + seconds
         record = {"kind": "epoch", "epoch": epoch, "iterations": (epoch + 1) * self.num_iterations_per_epoch,
-                  "epoch_seconds": round(seconds, 3), "train_seconds": round(self._train_seconds_before + sum(self._epoch_seconds) + seconds, 3),
-                  "lr": self.optimizer.param_groups[0]["lr"], "train_loss": float(self.logger.get_value("train_losses", step=-1)),
+                  "epoch_seconds": round(seconds, 3), "train_seconds": round(total, 3), "lr": self.optimizer.param_groups[0]["lr"],
+                  "train_loss": float(self.logger.get_value("train_losses", step=-1)),
                   "val_loss": float(self.logger.get_value("val_losses", step=-1)),
                   "pseudo_dice": [float(d) for d in self.logger.get_value("dice_per_class_or_region", step=-1)],
                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "time": time.time()}
@@ -369,8 +373,8 @@ class ResumableTraining:
             super().run_training()
         except _OutOfTime:
             self._append({"kind": "stop", "epoch": self.current_epoch, "time": time.time(), "reason": "--minutes budget"})
-            self.print_to_log_file(f"bench: stopping after epoch {self.current_epoch} (budget); continue with --c",
-                                   also_print_to_console=True)
+            self.print_to_log_file(f"bench: budget spent, stopping with {self.current_epoch} of {self.num_epochs} epochs "
+                                   f"done (checkpoint_latest.pth); continue with --c", also_print_to_console=True)
             for loader in (self.dataloader_train, self.dataloader_val):
                 if hasattr(loader, "_finish"):
                     loader._finish()
@@ -399,9 +403,8 @@ class ResumableTraining:
         finally:
             del self.do_split
             self.output_folder, self.inference_allowed_mirroring_axes = saved
-        organs = self.bench["organs"]
-        scores = {c: score_case(folder / "validation" / f"{c}.nii.gz", Path(self.bench["labels_dir"]) / f"{c}.nii.gz", organs)
-                  for c in cases}
+        organs, labels = self.bench["organs"], Path(self.bench["labels_dir"])
+        scores = {c: score_case(folder / "validation" / f"{c}.nii.gz", labels / f"{c}.nii.gz", organs) for c in cases}
         shutil.rmtree(folder, ignore_errors=True)
         means = mean_per_organ(scores, list(organs), "dice")
         return {"dice": {o: round(m, 4) for o, (m, _) in means.items()}, "cases": {o: n for o, (_, n) in means.items()},
@@ -494,9 +497,11 @@ def train_stage(work: Path, stage: str, settings: dict, env: dict, deadline: flo
 
 # ----------------------------------------------------------------------------------------------------- prediction
 
-def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: bool, threads: int | None) -> None:
+def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: bool, threads: int | None,
+                  deadline: float | None = None) -> None:
     """Predict ``images`` with stock nnU-Net's ``nnUNetPredictor`` (fold 0, checkpoint_final) into ``out``, one case
-    after another in this process, skipping cases already predicted; appends per case to ``out/timings.jsonl``:
+    after another in this process, skipping cases already predicted and stopping before a case that would end after
+    ``deadline`` (unix seconds; the last case's time as the estimate). Appends per case to ``out/timings.jsonl``:
     seconds of preprocessing (read + resample + normalize), network (sliding window, TTA if ``tta``) and export
     (resample back + write), and the process's peak memory so far. Run it in a process of its own."""
     import torch
@@ -510,13 +515,17 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
     if not todo:
         return
     began = time.perf_counter()
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, perform_everything_on_device=device == "cuda",
-                                device=torch.device(device), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, device=torch.device(device),
+                                perform_everything_on_device=device == "cuda", verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
     load_seconds = time.perf_counter() - began
     pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     preprocessor = cm.preprocessor_class(verbose=False)
+    last = 0.0
     for image in todo:
+        if deadline is not None and time.time() + last > deadline:
+            print(f"  budget spent: {len(todo) - todo.index(image)} cases left for the next run", flush=True)
+            return
         case = image.name[: -len("_0000.nii.gz")]
         t0 = time.perf_counter()
         data, _, properties = preprocessor.run_case([str(image)], None, pm, cm, dj)
@@ -531,13 +540,15 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_gpu_gib": gpu}
         with open(out / "timings.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        last = t3 - t0
         print(f"  {case}: {record['case_seconds']:.1f} s", flush=True)
 
 
 def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list[str], device: str, threads: int | None,
-                   nsd_mm: tuple[float, ...]) -> dict:
-    """Predict the ``test`` cases with the stage's final model (in a process of its own), score them in the source
-    geometry and write ``WORK/<stage>/test_scores.json``; returns its content."""
+                   nsd_mm: tuple[float, ...], deadline: float | None) -> dict:
+    """Predict the ``test`` cases with the stage's final model (in a process of its own, until ``deadline``), score
+    the predicted ones in the source geometry and write ``WORK/<stage>/test_scores.json`` (``complete`` says whether
+    every case of ``test`` is in); returns its content."""
     spec = IMPLEMENTED[stage]
     raw = work / "nnUNet_raw" / DATASET
     out = work / stage / "test_predictions"
@@ -546,18 +557,21 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     listing.write_text("\n".join(map(str, images)) + "\n")
     command = [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, stage, settings)),
                "--images", str(listing), "--out", str(out), "--device", device] + \
-        (["--tta"] if spec["tta"] else []) + (["--threads", str(threads)] if threads else [])
+        (["--tta"] if spec["tta"] else []) + (["--threads", str(threads)] if threads else []) + \
+        (["--deadline", str(deadline)] if deadline is not None else [])
     print(f"{stage}: predicting {len(test)} test cases (stock nnUNetPredictor, TTA {'on' if spec['tta'] else 'off'})", flush=True)
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit(f"{stage}: prediction failed")
     organs = organ_labels()
     timings = {}
-    for line in (out / "timings.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        timings[r["case"]] = r
-    scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, nsd_mm) for c in test}
-    result = {"cases": test, "scores": scores, "timings": {c: timings[c] for c in test}, "nsd_mm": list(nsd_mm),
-              "machine": machine(), "date": date.today().isoformat(), "device": device}
+    if (out / "timings.jsonl").exists():
+        for line in (out / "timings.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            timings[r["case"]] = r
+    done = [c for c in test if c in timings and (out / f"{c}.nii.gz").exists()]
+    scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, nsd_mm) for c in done}
+    result = {"cases": done, "complete": len(done) == len(test), "scores": scores, "timings": {c: timings[c] for c in done},
+              "nsd_mm": list(nsd_mm), "machine": machine(), "date": date.today().isoformat(), "device": device}
     (work / stage / "test_scores.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -594,56 +608,71 @@ def plot_curves(curves: dict[str, list[dict]], organs: list[str], png: Path) -> 
     plt.close(fig)
 
 
+def model_row(work: Path, stage: str, settings: dict, records: list[dict], test: dict | None) -> str:
+    """One Markdown row of the model table: training status, iterations, seconds, prediction seconds, memory."""
+    done = (model_folder(work, stage, settings) / "fold_0" / "checkpoint_final.pth").exists()
+    name = stage + ("" if settings["architecture"] == "reduced" else f" ({settings['architecture']} network)")
+    cells = [name, "trained" if done else f"partial: {len(records)}/{settings['epochs']} epochs",
+             str(records[-1]["iterations"]) if records else "0", "-", "-", "-", "-", "-", "-"]
+    if records:
+        cells[3] = f"{sum(r['epoch_seconds'] for r in records) / records[-1]['iterations']:.2f}"
+        cells[4] = f"{records[-1]['train_seconds'] / 3600:.2f}"
+    train_rss = f"{max(r['peak_rss_gib'] for r in records):.2f}" if records else "-"
+    cells[8] = f"{train_rss} / -"
+    if test and test["cases"]:
+        t = list(test["timings"].values())
+        mean = {k: float(np.mean([x[k] for x in t])) for k in ("preprocess", "network", "export", "case_seconds")}
+        cells[5] = f"{len(test['cases'])}" + ("" if test.get("complete") and len(test["cases"]) == TEST_CASES_N else " (partial)")
+        cells[6] = f"{mean['case_seconds']:.1f} ({mean['preprocess']:.1f} + {mean['network']:.1f} + {mean['export']:.1f})"
+        cells[7] = "on" if t[0]["tta"] else "off"
+        cells[8] = f"{train_rss} / {max(x['peak_rss_gib'] for x in t):.2f}"
+    return "| " + " | ".join(cells) + " |"
+
+
+def organ_table(tests: dict[str, dict], organs: list[str]) -> list[str]:
+    """Markdown lines of the per-organ test table: per stage Dice and each NSD, mean over the cases contouring the
+    organ (their number per stage in brackets where the stages differ)."""
+    metrics = ["dice"] + [f"nsd_{t:g}mm" for t in next(iter(tests.values()))["nsd_mm"]]
+    means = {(s, m): mean_per_organ(test["scores"], organs, m) for s, test in tests.items() for m in metrics}
+    lines = ["| organ | test cases | " + " | ".join(f"{s} {m.replace('_', ' ')}" for s in tests for m in metrics) + " |",
+             "|---|---|" + "---|" * (len(tests) * len(metrics))]
+    for organ in organs:
+        counts = sorted({means[(s, "dice")][organ][1] for s in tests})
+        lines.append(f"| {organ} | {'/'.join(map(str, counts))} | "
+                     + " | ".join(f"{means[(s, m)][organ][0]:.3f}" for s in tests for m in metrics) + " |")
+    lines.append("| mean of the organs | | " + " | ".join(f"{np.nanmean([means[(s, m)][o][0] for o in organs]):.3f}"
+                                                        for s in tests for m in metrics) + " |")
+    return lines
+
+
 def report(work: Path, stages: list[str]) -> str:
-    """Markdown tables of every stage with a training log or test scores (partial ones marked); writes
-    ``WORK/report.md`` and the learning-curve PNG; returns the Markdown."""
+    """Markdown tables of every stage that has started (partial ones marked): the models (training and prediction
+    cost) and the per-organ test scores; writes ``WORK/report.md`` and the learning-curve PNG; returns the text."""
     organs = list(organ_labels())
     prepared = json.loads((work / "prepared.json").read_text()) if (work / "prepared.json").exists() else {}
-    lines = [f"Head-and-neck benchmark, {work}: {prepared.get('train_cases', '?')} training cases, "
-             f"{prepared.get('test_cases', '?')} test cases; planned 3d_fullres: {prepared.get('planned_3d_fullres', '?')}; "
-             f"trained: {prepared.get('reduced_3d_fullres', '?')} (reduced)", "",
-             "| model | status | iterations | train s / iteration | train h | test cases | predict s / case (preprocess + network + export) | TTA | peak RSS GiB train / predict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Head-and-neck segmentation benchmark ({work}, report of {date.today().isoformat()}; machine: {machine()})",
+             "", f"{prepared.get('train_cases', '?')} training cases (fold 0: nnU-Net's split), {prepared.get('test_cases', '?')} "
+             f"test cases. nnU-Net's plan for 3d_fullres: {prepared.get('planned_3d_fullres', '?')}. CPU reduction: "
+             f"{prepared.get('reduced_3d_fullres', '?')}.", "",
+             "| model | status | iterations | s / iteration | training h | test cases | prediction s / case (preprocess + "
+             "network + export) | TTA | peak RSS GiB training / prediction |", "|---|---|---|---|---|---|---|---|---|"]
     curves, tests = {}, {}
     for stage in stages:
-        settings_file = work / stage / "settings.json"
-        if not settings_file.exists():
+        if not (work / stage / "settings.json").exists():
             continue
-        settings = json.loads(settings_file.read_text())
-        records = read_log(work / stage / "training_log.jsonl")
-        curves[stage] = records
-        done = (model_folder(work, stage, settings) / "fold_0" / "checkpoint_final.pth").exists()
-        status = "trained" if done else f"partial: {len(records)}/{settings['epochs']} epochs"
+        settings = json.loads((work / stage / "settings.json").read_text())
+        curves[stage] = read_log(work / stage / "training_log.jsonl")
         score_file = work / stage / "test_scores.json"
         test = json.loads(score_file.read_text()) if score_file.exists() else None
-        cells = [stage, status, str(records[-1]["iterations"]) if records else "0", "-", "-", "-", "-", "-", "-"]
-        if records:
-            seconds = sum(r["epoch_seconds"] for r in records)
-            cells[3] = f"{seconds / records[-1]['iterations']:.2f}"
-            cells[4] = f"{records[-1]['train_seconds'] / 3600:.2f}"
-        train_rss = max((r["peak_rss_gib"] for r in records), default=float("nan"))
-        if test:
+        if test and test["cases"]:
             tests[stage] = test
-            t = list(test["timings"].values())
-            parts = {k: float(np.mean([x[k] for x in t])) for k in ("preprocess", "network", "export", "case_seconds")}
-            cells[5] = f"{len(test['cases'])}" + ("" if len(test["cases"]) == 40 else " (partial)")
-            cells[6] = f"{parts['case_seconds']:.1f} ({parts['preprocess']:.1f} + {parts['network']:.1f} + {parts['export']:.1f})"
-            cells[7] = "on" if t[0]["tta"] else "off"
-            cells[8] = f"{train_rss:.2f} / {max(x['peak_rss_gib'] for x in t):.2f}"
-        elif records:
-            cells[8] = f"{train_rss:.2f} / -"
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(model_row(work, stage, settings, curves[stage], test))
+    lines += ["", "s / iteration: wall seconds of nnU-Net's epochs (training iterations and its validation batches) per "
+              "training iteration; training h: their sum over every invocation (learning-curve predictions and start-up "
+              "not included)."]
     if tests:
-        metrics = ["dice"] + [f"nsd_{t:g}mm" for t in next(iter(tests.values()))["nsd_mm"]]
-        lines += ["", "Test cases, per organ (mean over the cases that contour it; n = those cases):", "",
-                  "| organ | n | " + " | ".join(f"{s} {m}" for s in tests for m in metrics) + " |",
-                  "|---|---|" + "---|" * (len(tests) * len(metrics))]
-        means = {(s, m): mean_per_organ(test["scores"], organs, m) for s, test in tests.items() for m in metrics}
-        for organ in organs:
-            n = next(iter(means.values()))[organ][1]
-            lines.append(f"| {organ} | {n} | " + " | ".join(f"{means[(s, m)][organ][0]:.3f}" for s in tests for m in metrics) + " |")
-        lines.append("| mean of organs | | " + " | ".join(f"{np.nanmean([means[(s, m)][o][0] for o in organs]):.3f}"
-                                                      for s in tests for m in metrics) + " |")
+        lines += ["", "Test cases, per organ: mean over the cases whose labels contour the organ (source geometry):", "",
+                  *organ_table(tests, organs)]
     text = "\n".join(lines) + "\n"
     (work / "report.md").write_text(text)
     if any(any("curve" in r for r in c) for c in curves.values()):
@@ -684,8 +713,11 @@ def run(args) -> None:
     if args.prepare_only:
         return
     _, test = split_cases()
-    test = test[:args.test_cases] if args.test_cases else test
+    test = test[:args.test_cases] if args.test_cases is not None else test
     for stage in args.stages:
+        if deadline is not None and time.time() > deadline:
+            print(f"{stage}: the budget is spent; run again to continue", flush=True)
+            break
         settings = stage_settings(args.work, stage, args)
         complete = train_stage(args.work, stage, settings, env, deadline, args.threads, args.device)
         records = read_log(args.work / stage / "training_log.jsonl")
@@ -698,25 +730,30 @@ def run(args) -> None:
         if not complete:
             print(f"{stage}: training not finished; run the same command again to continue", flush=True)
             continue
+        if not test:
+            continue
         if deadline is not None and time.time() > deadline:
             print(f"{stage}: trained; the budget is spent, evaluation on the next run", flush=True)
             continue
-        evaluate_stage(args.work, stage, settings, env, test, args.device, args.threads, tuple(args.nsd_mm))
+        result = evaluate_stage(args.work, stage, settings, env, test, args.device, args.threads, tuple(args.nsd_mm), deadline)
+        if not result["complete"]:
+            print(f"{stage}: {len(result['cases'])} of {len(test)} test cases predicted; run again to continue", flush=True)
     print("\n" + report(args.work, list(STAGES)), flush=True)
-    print(f"report: {args.work / 'report.md'}; curve: {args.work / 'dice_vs_training_time.png'}")
+    png = args.work / "dice_vs_training_time.png"
+    print(f"report: {args.work / 'report.md'}" + (f"; learning curve: {png}" if png.exists() else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="prepare, train (resumable) and evaluate stages, then report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("run", help="prepare, train (resumable) and evaluate stages, then report")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=["full"],
-                   help="models: " + "; ".join(f"{k}: {v}" for k, v in STAGES.items()))
+                   help="models [full]: " + "; ".join(f"{k}: {v}" for k, v in STAGES.items()))
     p.add_argument("--work", type=Path, default=Path("/work/bench_headneck_seg"),
-                   help="everything the benchmark writes (nnU-Net folders, logs, predictions, report); outside the repository")
-    p.add_argument("--minutes", type=float, help="budget of this invocation: training stops cleanly at an epoch end "
-                   "before it; run again to continue (default: no limit)")
+                   help="everything the benchmark writes (nnU-Net folders, logs, predictions, report); outside the "
+                        "repository [/work/bench_headneck_seg]")
+    p.add_argument("--minutes", type=float, help="budget of this invocation: training stops cleanly at an epoch end, "
+                   "test prediction between cases, before it; run again to continue [no limit]")
     p.add_argument("--prepare-only", action="store_true", help="build the dataset, plan and preprocess, then stop")
     p.add_argument("--architecture", choices=tuple(PLANS), help="reduced: the CPU network of the module doc "
                    f"(plans {PLANS['reduced']}); planned: nnU-Net's own (for a GPU) [reduced]")
@@ -725,13 +762,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-iterations", type=int, help=f"nnU-Net's validation batches per epoch (pseudo Dice) [{DEFAULTS['val_iterations']}]")
     p.add_argument("--curve-every", type=int, help=f"learning-curve point every N epochs [{DEFAULTS['curve_every']}]")
     p.add_argument("--curve-cases", type=int, help=f"fold-0 validation cases of the learning curve [{DEFAULTS['curve_cases']}]")
-    p.add_argument("--test-cases", type=int, help="evaluate on the first N test cases only (smoke checks; default all 40)")
+    p.add_argument("--test-cases", type=int, help="evaluate on the first N test cases only (smoke checks; 0: no "
+                   "evaluation) [all 40]")
     p.add_argument("--train-cases", type=int, help="smoke checks only: the first N training cases (a new --work)")
-    p.add_argument("--nsd-mm", type=float, nargs="+", default=[2.0], help="NSD tolerances in mm")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, help="torch threads of training and prediction (default: nnU-Net's, all cores)")
-    p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes")
-    p.add_argument("--processes", type=int, default=1, help="nnUNet_def_n_proc and preprocessing -np: other nnU-Net worker processes")
+    p.add_argument("--nsd-mm", type=float, nargs="+", default=[2.0], help="NSD tolerances in mm [2]")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[cpu]")
+    p.add_argument("--threads", type=int, help="torch threads of training and prediction [nnU-Net's: all cores]")
+    p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes [1]")
+    p.add_argument("--processes", type=int, default=1,
+                   help="nnUNet_def_n_proc and plan_and_preprocess -np/-npfp: nnU-Net's other worker processes [1]")
     r = sub.add_parser("report", help="print and write the tables and the learning-curve PNG from what exists")
     r.add_argument("--work", type=Path, default=Path("/work/bench_headneck_seg"))
     s = sub.add_parser("predict-stock", help="internal: stock nnU-Net prediction of a list of images in this process")
@@ -741,14 +780,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--tta", action="store_true", help="nnU-Net's mirroring")
     s.add_argument("--threads", type=int)
+    s.add_argument("--deadline", type=float, help="unix seconds: stop before a case that would end after it")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args)
     elif args.command == "report":
-        print(f"machine: {machine()}\n" + report(args.work, list(STAGES)))
+        print(report(args.work, list(STAGES)))
     else:
         images = [Path(line) for line in args.images.read_text().splitlines() if line.strip()]
-        predict_stock(args.model, images, args.out, args.device, args.tta, args.threads)
+        predict_stock(args.model, images, args.out, args.device, args.tta, args.threads, args.deadline)
 
 
 if __name__ == "__main__":
