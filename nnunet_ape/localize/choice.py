@@ -85,6 +85,11 @@ def held_out_crops(
     return crops
 
 
+def _max_of_others(values: list[float]) -> list[float]:
+    """For each position, the largest of the other values (a BPR margin's calibration without that shot)."""
+    return [max(v for j, v in enumerate(values) if j != i) for i in range(len(values))]
+
+
 def _calibration_of_others(values: list[float]) -> list[float]:
     """For each position, the calibrated alpha of the other values (the calibration without that shot)."""
     return [calibrated_alpha([v for j, v in enumerate(values) if j != i], 1.0)[0] for i in range(len(values))]

@@ -185,8 +185,10 @@ def held_out_boxes(
     grid) from the other shots' samples. Empty with fewer than two shots: nothing to hold out."""
     if len(shots) < 2:
         return []
+    from tqdm import tqdm
+
     out = []
-    for held in range(len(shots)):
+    for held in tqdm(range(len(shots)), desc="label transfer, leave one shot out", unit="shot", disable=len(shots) < 10):
         others = LabelTransfer(LabelSamples.pooled([s for i, s in enumerate(shots) if i != held]), k)
         neighbours = others.neighbours(maps[held], grids[held])
         out.append({value: neighbours.organ_box(value, threshold) for value in values})

@@ -165,7 +165,8 @@ def fit_localizer(
         organ_held = {o: [held[used.index(i)] for i in per_organ[o]] if held else [] for o in organs}  # its shots'
         organ_entries = {organ: fits[organ].entry(value, organ_held[organ], target_recall, combine, ape_model is not None,
                                                   bpr_model is not None, transfer, method)
-                         for organ, value in organs.items()}
+                         for organ, value in tqdm(organs.items(), desc="calibrating and choosing", unit="organ",
+                                                  disable=len(used) < 10)}
         for fit in fits.values():
             fit.maps.clear()
         maps.clear()  # memory maps close before their folder goes
