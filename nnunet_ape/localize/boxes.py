@@ -45,17 +45,20 @@ def box_volume(box: np.ndarray) -> float:
     return float(np.prod(np.clip(box[1] - box[0] + 1, 0, None)))
 
 
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Number of voxels two boxes share."""
+    return box_volume(np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])]))
+
+
 def box_inside_fraction(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of box ``a``'s voxels that box ``b`` covers (1 when ``a`` lies inside ``b``; 0 for an empty ``a``)."""
-    inter = np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])])
     own = box_volume(a)
-    return box_volume(inter) / own if own > 0 else 0.0
+    return _overlap(a, b) / own if own > 0 else 0.0
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boxes, counting voxels (boxes are inclusive)."""
-    inter = np.stack([np.maximum(a[0], b[0]), np.minimum(a[1], b[1])])
-    overlap = box_volume(inter)
+    overlap = _overlap(a, b)
     union = box_volume(a) + box_volume(b) - overlap
     return overlap / union if union > 0 else 0.0
 

@@ -223,12 +223,13 @@ class _OrganShots:
         held: dict[str, list[np.ndarray]] = {"body_box": held_out_body_boxes(self.masks, self.bodies)}
         needed: dict[str, list[float]] = {}  # per method, each shot's alpha: calibration and selection share them
 
+        calibrated: dict[str, float] = {}  # per method, the stored alpha
         coverage: dict[str, float | None] = {}
 
         def alpha(method: str) -> float:
             needed[method] = shot_alphas(held[method], self.masks, target)
-            value, coverage[method] = calibrated_alpha(needed[method], DEFAULT_ALPHA)
-            return value
+            calibrated[method], coverage[method] = calibrated_alpha(needed[method], DEFAULT_ALPHA)
+            return calibrated[method]
 
         entry["body_box"] = {"relative": mean_relative_box(self.masks, self.bodies).round(5).tolist(), "alpha": alpha("body_box")}
         if ape:
@@ -252,8 +253,7 @@ class _OrganShots:
             entry["method"] = method
         else:
             entry["method"] = choose(entry["selection"]) if entry["selection"] else default_method(ape, bpr, transfer)
-        alphas = {m: calibrated_alpha(a, DEFAULT_ALPHA)[0] for m, a in needed.items()}
-        agreement = shot_agreement(held, alphas, self.masks, entry["method"]) if k > 1 else None
+        agreement = shot_agreement(held, calibrated, self.masks, entry["method"]) if k > 1 else None
         if entry["method"] in coverage:  # a box method: the share of new cases its enlargement is expected to cover
             entry["coverage"] = None if coverage[entry["method"]] is None else round(coverage[entry["method"]], 4)
         if agreement is not None:
@@ -308,14 +308,14 @@ def check_organs(localizer: dict, organs: list[str] | None) -> list[str]:
     return names
 
 
-def _transfer_neighbours(localizer: dict, ct: Volume, canon_map: np.ndarray) -> Neighbours:
-    """Neighbour labels of the canonical map's body grid among the localizer's stored shot samples."""
+def _transfer_neighbours(localizer: dict, canon_ct: Volume, body: np.ndarray, canon_map: np.ndarray) -> Neighbours:
+    """Neighbour labels of the canonical map's body grid (``body``: the canonical CT's body box) among the
+    localizer's stored shot samples."""
     stored = localizer["label_transfer"]
     groups = np.asarray(stored["groups"], dtype=np.int32) if "groups" in stored else None
     samples = LabelSamples(np.asarray(stored["embeddings"], dtype=np.float32), np.asarray(stored["labels"], dtype=np.int32),
                            groups, stored.get("group_values"))
-    canon_ct = to_canonical(ct)[0]
-    grid = body_grid(body_box(canon_ct.array), canon_ct.spacing, canon_ct.shape, stored["step_mm"])
+    grid = body_grid(body, canon_ct.spacing, canon_ct.shape, stored["step_mm"])
     return LabelTransfer(samples, stored["k"]).neighbours(canon_map, grid)
 
 
@@ -378,18 +378,19 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
     perm, flip = orientation.perm, orientation.flip
     canon_shape = tuple(ct.shape[p] for p in perm)
     canon_map = searchable_map(embedding, ct) if embedding is not None else None
+    canon_ct = to_canonical(ct)[0]
+    body = body_box(canon_ct.array)  # every organ's alternative and safety net, whatever its method
     neighbours = None
     if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
         if embedding.shape != ct.shape:
             raise ValueError("the all-voxels localizer needs the APE map on the CT's own grid (stride 1)")
-        neighbours = _transfer_neighbours(localizer, ct, canon_map)
+        neighbours = _transfer_neighbours(localizer, canon_ct, body, canon_map)
     native = lambda b: box_from_canonical(b, perm, flip, ct.shape)  # noqa: E731
     from_map = native
     if embedding is not None and embedding.shape != ct.shape:  # a map on every step-th voxel: boxes in CT voxels
         from_map = lambda b: strided_to_full(box_from_canonical(b, perm, flip, embedding.shape), embedding, ct)  # noqa: E731
     methods = {organ: localizer["organs"][organ].get("method") or _legacy_method(localizer["organs"][organ], localizer)
                for organ in names}
-    body = body_box(to_canonical(ct)[0].array)  # every organ's alternative and safety net, whatever its method
     out = {}
     for organ in names:
         entry = localizer["organs"][organ]
@@ -405,7 +406,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
                            "edge_points_per_shot_box_voxels": [from_map(b).tolist() for b in found["per_shot"]]})
             crops["ape"] = from_map(found["edge_enlarged"])
             crops["ape_all"] = big
-        if body is not None and "body_box" in entry:
+        if "body_box" in entry:
             canon_body = enlarge_box(box_in_body(entry["body_box"]["relative"], body), entry["body_box"]["alpha"], canon_shape)
             crops["body_box"] = native(canon_body)
             result.update({"body_box_voxels": crops["body_box"].round(2).tolist(), "body_box": _corners_mm(ct, crops["body_box"])})
