@@ -83,6 +83,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from bench_embed import machine  # noqa: E402
 from bench_predict import SMALL  # noqa: E402
 from bench_trainers import _run  # noqa: E402
+from headneck_seg_crops import GROUPS, cap_batch, group_configuration  # noqa: E402
 from headneck_split import HEADNECK, TEST_NUMBERS, is_test_case  # noqa: E402
 
 DATASET_ID = 902
@@ -93,14 +94,16 @@ TRAINER = "nnUNetTrainerHeadNeckBench"
 STAGES = {
     "full": "stock 3d_fullres, all 7 organs in one model (implemented)",
     "coarse": "full image at a coarser spacing, predicted without TTA (not implemented yet)",
-    "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ/group, nnunet-ape predict (not implemented yet)",
+    "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ group (jaw, cns, neck), nnunet-ape predict (implemented)",
     "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (not implemented yet)",
-    "oracle": "crop models on the ground-truth box plus the same margin (not implemented yet)",
+    "oracle": "the crop models on the ground-truth box plus the same margin (implemented; needs crop)",
 }
 TEST_CASES_N = 40  # hn_169..hn_214 (headneck_split)
-# How each implemented stage is trained and predicted (the later stages add their entries: configuration(s), trainer,
-# the organs a model segments, prediction through `nnunet-ape predict`, TTA).
-IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta": True}}
+CROP_TRAINER = "nnUNetTrainerHeadNeckBenchCrop"
+# How each implemented stage is trained and predicted (the later stages add their entries).
+IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta": True},
+               "crop": {"groups": list(GROUPS), "trainer": CROP_TRAINER, "tta": True},
+               "oracle": {"models_of": "crop", "trainer": CROP_TRAINER, "tta": True}}
 DEFAULTS = {"epochs": 50, "iterations_per_epoch": 100, "val_iterations": 10, "curve_every": 2, "curve_cases": 8}
 
 
@@ -412,12 +415,16 @@ class ResumableTraining:
 
 
 def trainer_classes() -> dict[str, type]:
-    """The benchmark's trainer classes by name (registered in this module, so nnU-Net's workers can pickle them)."""
+    """The benchmark's trainer classes by name (registered in this module, so nnU-Net's workers can pickle them):
+    the stock trainer and nnUNetTrainerAPECrop, each with the benchmark's mixin."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    classes = {TRAINER: type(TRAINER, (ResumableTraining, nnUNetTrainer),
-                             {"__module__": __name__, "__qualname__": TRAINER,
-                              "__doc__": "Stock nnUNetTrainer with the benchmark's resumable epochs and learning curve."})}
+    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPECrop
+
+    bases = {TRAINER: (nnUNetTrainer, "Stock nnUNetTrainer"), CROP_TRAINER: (nnUNetTrainerAPECrop, "nnUNetTrainerAPECrop")}
+    classes = {name: type(name, (ResumableTraining, base), {
+        "__module__": __name__, "__qualname__": name,
+        "__doc__": f"{what} with the benchmark's resumable epochs and learning curve."}) for name, (base, what) in bases.items()}
     globals().update(classes)
     return classes
 
@@ -461,38 +468,125 @@ def stage_settings(work: Path, stage: str, args) -> dict:
     return settings
 
 
-def model_folder(work: Path, stage: str, settings: dict) -> Path:
-    """nnU-Net's results folder of the stage's model (fold_0 inside)."""
-    spec = IMPLEMENTED[stage]
-    return work / "nnUNet_results" / DATASET / f"{spec['trainer']}__{PLANS[settings['architecture']]}__{spec['configuration']}"
+def stage_models(work: Path, stage: str) -> list[dict]:
+    """The nnU-Net models a stage trains: name, configuration, trainer, the organs it segments ({name: value}) and
+    its training log. full: one model of every organ; crop: one per organ group; oracle: none (the crop models)."""
+    spec, organs = IMPLEMENTED[stage], organ_labels()
+    if stage == "full":
+        return [{"name": "full", "configuration": spec["configuration"], "trainer": spec["trainer"], "organs": organs,
+                 "log": work / "full" / "training_log.jsonl"}]
+    if stage == "crop":
+        return [{"name": group, "configuration": group_configuration(group), "trainer": spec["trainer"],
+                 "organs": {o: organs[o] for o in GROUPS[group]}, "log": work / "crop" / group / "training_log.jsonl"}
+                for group in spec["groups"]]
+    return []
 
 
-def train_stage(work: Path, stage: str, settings: dict, env: dict, deadline: float | None, threads: int | None,
+def model_folder(work: Path, model: dict, settings: dict) -> Path:
+    """nnU-Net's results folder of a model of :func:`stage_models` (fold_0 inside)."""
+    return work / "nnUNet_results" / DATASET / f"{model['trainer']}__{PLANS[settings['architecture']]}__{model['configuration']}"
+
+
+def is_trained(work: Path, stage: str, settings: dict) -> bool:
+    """Whether every model of the stage (for oracle: of crop) has its final checkpoint."""
+    models = stage_models(work, IMPLEMENTED[stage].get("models_of", stage))
+    return all((model_folder(work, m, settings) / "fold_0" / "checkpoint_final.pth").exists() for m in models)
+
+
+def prepare_crops(work: Path, env: dict, settings: dict, localizer: Path | None, ape_model: Path | None,
+                  processes: int) -> dict:
+    """The crop configurations, made as a user makes them (module doc of :mod:`headneck_seg_crops`): the localizer
+    (``localizer`` copied, or fitted with ``nnunet-ape localize fit`` on the 163 training cases, every case a shot,
+    all-voxels boxes, from ``ape_model``), ``nnunet-ape plan --union`` per group, ``nnunet-ape preprocess`` for the
+    groups together, then the CPU reduction with the batch capped at the full-image plan's. Done once per ``work``
+    (``WORK/crop/prepared.json``); returns its content."""
+    marker = work / "crop" / "prepared.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    from nnunet_ape.checkpoint import file_hash
+
+    folder = work / "crop"
+    folder.mkdir(parents=True, exist_ok=True)
+    loc = folder / "localizer.json"
+    seconds = {}
+    if not loc.exists():
+        if localizer is not None:
+            shutil.copyfile(localizer, loc)
+        elif ape_model is None:
+            raise SystemExit("stage crop needs --localizer (a localizer fitted on the training cases) or --ape-model "
+                             "(an APE checkpoint pretrained on them; the benchmark then fits the localizer)")
+        else:
+            _, seconds["localize_fit"] = _run(env, "nnunet-ape", "localize", "fit", "-d", str(DATASET_ID), "-m", str(ape_model),
+                                              "--ape-boxes", "all-voxels", "--shots", "100000", "-o", str(loc))
+    plans = PLANS[settings["architecture"]]
+    configurations = [group_configuration(g) for g in GROUPS]
+    for group in GROUPS:
+        _run(env, "nnunet-ape", "plan", "-d", str(DATASET_ID), "-p", plans, "-c", "3d_fullres", "-l", str(loc), "--organs",
+             *GROUPS[group], "--union")
+    _, seconds["preprocess"] = _run(env, "nnunet-ape", "preprocess", "-d", str(DATASET_ID), "-p", plans, "-c", *configurations,
+                                    "-np", str(processes), "--device", "cpu")
+    plans_file = work / "nnUNet_preprocessed" / DATASET / f"{plans}.json"
+    content = json.loads(plans_file.read_text())
+    described = {}
+    for group, name in zip(GROUPS, configurations):
+        config = content["configurations"][name]
+        planned = describe(config)
+        if settings["architecture"] == "reduced":
+            config = cap_batch(reduce_configuration(config), content["configurations"]["3d_fullres"]["batch_size"])
+            content["configurations"][name] = config
+        described[group] = {"configuration": name, "organs": GROUPS[group], "planned": planned, "trained": describe(config),
+                            "median_crop_voxels": config.get("median_image_size_in_voxels")}
+    plans_file.write_text(json.dumps(content, indent=1))
+    info = {"localizer": str(localizer or loc), "localizer_sha256": file_hash(loc), "seconds": seconds, "groups": described,
+            "date": date.today().isoformat(), "machine": machine()}
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def train_model(work: Path, model: dict, settings: dict, env: dict, deadline: float | None, threads: int | None,
                 device: str) -> bool:
-    """Train (or continue) the stage's model until its epochs are done or ``deadline`` (unix seconds); returns
-    whether training is complete (checkpoint_final.pth exists)."""
-    spec = IMPLEMENTED[stage]
-    fold = model_folder(work, stage, settings) / "fold_0"
+    """Train (or continue) one model of :func:`stage_models` until its epochs are done or ``deadline`` (unix
+    seconds); returns whether training is complete (checkpoint_final.pth exists)."""
+    fold = model_folder(work, model, settings) / "fold_0"
     if (fold / "checkpoint_final.pth").exists():
         return True
     raw = work / "nnUNet_raw" / DATASET
-    organs = organ_labels()
     split = json.loads((work / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())
-    curve_cases = choose_curve_cases(split[0]["val"], raw / "labelsTr", organs, settings["curve_cases"])
+    curve_cases = choose_curve_cases(split[0]["val"], raw / "labelsTr", model["organs"], settings["curve_cases"])
     bench = {**{k: settings[k] for k in ("epochs", "iterations_per_epoch", "val_iterations", "curve_every")},
-             "curve_cases": curve_cases, "deadline": deadline, "log": str(work / stage / "training_log.jsonl"),
-             "curve_dir": str(work / stage / "curve"), "labels_dir": str(raw / "labelsTr"), "organs": organs,
+             "curve_cases": curve_cases, "deadline": deadline, "log": str(model["log"]),
+             "curve_dir": str(model["log"].parent / "curve"), "labels_dir": str(raw / "labelsTr"), "organs": model["organs"],
              "threads": threads}
+    model["log"].parent.mkdir(parents=True, exist_ok=True)
     resume = (fold / "checkpoint_latest.pth").exists()
-    command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(DATASET_ID), spec["configuration"], "0", "-tr",
-               spec["trainer"], "-p", PLANS[settings["architecture"]], "-device", device] + (["--c"] if resume else [])
-    print(f"{stage}: {'continuing' if resume else 'starting'} training ({settings['epochs']} epochs of "
+    command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(DATASET_ID), model["configuration"], "0", "-tr",
+               model["trainer"], "-p", PLANS[settings["architecture"]], "-device", device] + (["--c"] if resume else [])
+    print(f"{model['name']}: {'continuing' if resume else 'starting'} training ({settings['epochs']} epochs of "
           f"{settings['iterations_per_epoch']} iterations; curve on {len(curve_cases)} fold-0 validation cases every "
           f"{settings['curve_every']} epochs): {' '.join(command[1:])}", flush=True)
     done = subprocess.run(command, env={**env, "BENCH_HN_SETTINGS": json.dumps(bench)})
     if done.returncode != 0:
-        raise SystemExit(f"{stage}: nnUNetv2_train failed (exit {done.returncode}); its log is in {fold}")
+        raise SystemExit(f"{model['name']}: nnUNetv2_train failed (exit {done.returncode}); its log is in {fold}")
     return (fold / "checkpoint_final.pth").exists()
+
+
+def train_stage(work: Path, stage: str, settings: dict, env: dict, deadline: float | None, threads: int | None,
+                device: str) -> bool:
+    """Train (or continue) the stage's models one after the other until done or ``deadline``; returns whether
+    every model is trained."""
+    for model in stage_models(work, stage):
+        if deadline is not None and time.time() > deadline:
+            return False
+        if not train_model(work, model, settings, env, deadline, threads, device):
+            return False
+        records = read_log(model["log"])
+        if records:
+            r = records[-1]
+            curve = next((x["curve"] for x in reversed(records) if "curve" in x), None)
+            print(f"{model['name']}: {r['iterations']} iterations in {r['train_seconds'] / 3600:.2f} h of training "
+                  f"({sum(x['epoch_seconds'] for x in records) / r['iterations']:.2f} s per iteration incl. nnU-Net's "
+                  f"validation batches)" + (f"; latest curve Dice {curve['dice']}" if curve else ""), flush=True)
+    return is_trained(work, stage, settings)
 
 
 # ----------------------------------------------------------------------------------------------------- prediction
@@ -544,57 +638,136 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
         print(f"  {case}: {record['case_seconds']:.1f} s", flush=True)
 
 
-def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list[str], device: str, threads: int | None,
-                   nsd_mm: tuple[float, ...], deadline: float | None) -> dict:
-    """Predict the ``test`` cases with the stage's final model (in a process of its own, until ``deadline``), score
-    the predicted ones in the source geometry and write ``WORK/<stage>/test_scores.json`` (``complete`` says whether
-    every case of ``test`` is in); returns its content."""
-    spec = IMPLEMENTED[stage]
-    raw = work / "nnUNet_raw" / DATASET
-    out = work / stage / "test_predictions"
-    images = [raw / "imagesTs" / f"{c}_0000.nii.gz" for c in test]
-    listing = work / stage / "test_images.txt"
-    listing.write_text("\n".join(map(str, images)) + "\n")
-    command = [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, stage, settings)),
+def _predict_stock_stage(work: Path, stage: str, settings: dict, env: dict, listing: Path, out: Path, device: str,
+                         threads: int | None, deadline: float | None, test: list[str]) -> dict[str, dict]:
+    """Stage full: stock nnUNetPredictor in a process of its own; returns the per-case timings."""
+    model = stage_models(work, stage)[0]
+    command = [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, model, settings)),
                "--images", str(listing), "--out", str(out), "--device", device] + \
-        (["--tta"] if spec["tta"] else []) + (["--threads", str(threads)] if threads else []) + \
+        (["--tta"] if IMPLEMENTED[stage]["tta"] else []) + (["--threads", str(threads)] if threads else []) + \
         (["--deadline", str(deadline)] if deadline is not None else [])
-    print(f"{stage}: predicting {len(test)} test cases (stock nnUNetPredictor, TTA {'on' if spec['tta'] else 'off'})", flush=True)
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit(f"{stage}: prediction failed")
-    organs = organ_labels()
     timings = {}
     if (out / "timings.jsonl").exists():
         for line in (out / "timings.jsonl").read_text().splitlines():
             r = json.loads(line)
             timings[r["case"]] = r
+    return timings
+
+
+CHUNK = 5  # localized/oracle prediction runs this many cases per process, so --minutes can stop it between chunks
+
+
+def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, images: list[Path], out: Path,
+                             device: str, deadline: float | None, test: list[str]) -> dict[str, dict]:
+    """Stages crop (``nnunet-ape predict``, regrowth on) and oracle (the same models on ground-truth boxes), in
+    processes of their own, :data:`CHUNK` cases each; returns the per-case timings with the process's peak memory."""
+    from headneck_seg_crops import localized_timings
+
+    configurations = [m["configuration"] for m in stage_models(work, "crop")]
+    plans, tta = PLANS[settings["architecture"]], IMPLEMENTED[stage]["tta"]
+    runs = out / "runs.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [im for im, c in zip(images, test) if not (out / f"{c}_boxes.json").exists()]
+    last = 0.0
+    for i in range(0, len(todo), CHUNK):
+        if deadline is not None and time.time() + last > deadline:
+            print(f"  budget spent: {len(todo) - i} cases left for the next run", flush=True)
+            break
+        chunk = todo[i:i + CHUNK]
+        record = out / ".run.json"
+        if stage == "crop":
+            listing = out / ".chunk.txt"
+            listing.write_text("\n".join(map(str, chunk)) + "\n")
+            command = [sys.executable, str(Path(__file__).resolve()), "predict-measured", "--record", str(record), "--",
+                       "predict", "-i", str(listing), "-o", str(out), "-d", str(DATASET_ID), "-c", *configurations,
+                       "-tr", CROP_TRAINER, "-p", plans, "-f", "0", "--device", device] + ([] if tta else ["--disable_tta"])
+        else:
+            command = [sys.executable, str(Path(__file__).resolve()), "predict-oracle", "--record", str(record), "--images",
+                       *map(str, chunk), "--labels", str(work / "nnUNet_raw" / DATASET / "labelsTs"), "--out", str(out),
+                       "--configurations", *configurations, "--plans", plans, "--device", device] + (["--tta"] if tta else [])
+        began = time.perf_counter()
+        if subprocess.run(command, env=env).returncode != 0:
+            raise SystemExit(f"{stage}: prediction failed")
+        last = (time.perf_counter() - began) / len(chunk) * CHUNK
+        with open(runs, "a") as f:
+            f.write(json.dumps({"cases": [p.name for p in chunk], **json.loads(record.read_text())}) + "\n")
+    peak = max((json.loads(line)["peak_rss_gib"] for line in runs.read_text().splitlines()), default=None) if runs.exists() else None
+    timings = localized_timings(out, test)
+    for t in timings.values():
+        t.update({"tta": tta, "peak_rss_gib": peak})
+    return timings
+
+
+def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list[str], device: str, threads: int | None,
+                   nsd_mm: tuple[float, ...], deadline: float | None) -> dict:
+    """Predict the ``test`` cases with the stage's final model(s) (in processes of their own, until ``deadline``),
+    score the predicted ones in the source geometry and write ``WORK/<stage>/test_scores.json`` (``complete`` says
+    whether every case of ``test`` is in; crop and oracle add per case the fraction of each organ inside its final
+    box, the regrowth and the faces still touched); returns its content."""
+    from headneck_seg_crops import organ_box_fractions
+
+    raw = work / "nnUNet_raw" / DATASET
+    out = work / stage / "test_predictions"
+    images = [raw / "imagesTs" / f"{c}_0000.nii.gz" for c in test]
+    listing = work / stage / "test_images.txt"
+    listing.write_text("\n".join(map(str, images)) + "\n")
+    how = {"full": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
+           "oracle": "crop models on ground-truth boxes + margin"}[stage]
+    print(f"{stage}: predicting {len(test)} test cases ({how}, TTA {'on' if IMPLEMENTED[stage]['tta'] else 'off'})", flush=True)
+    if stage == "full":
+        timings = _predict_stock_stage(work, stage, settings, env, listing, out, device, threads, deadline, test)
+    else:
+        timings = _predict_localized_stage(work, stage, settings, env, images, out, device, deadline, test)
+    organs = organ_labels()
     done = [c for c in test if c in timings and (out / f"{c}.nii.gz").exists()]
     scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, nsd_mm) for c in done}
     result = {"cases": done, "complete": len(done) == len(test), "scores": scores, "timings": {c: timings[c] for c in done},
               "nsd_mm": list(nsd_mm), "machine": machine(), "date": date.today().isoformat(), "device": device}
+    if stage != "full":
+        result["organ_in_box"] = {c: organ_box_fractions(raw / "labelsTs" / f"{c}.nii.gz", timings[c]["boxes"], organs)
+                                  for c in done}
     (work / stage / "test_scores.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 # ---------------------------------------------------------------------------------------------------------- report
 
-def plot_curves(curves: dict[str, list[dict]], organs: list[str], png: Path) -> None:
-    """Held-out (fold-0 curve cases) Dice against cumulative training hours: mean over organs, then each organ."""
+def curve_series(work: Path, stage: str) -> dict[str, list[tuple[float, float]]]:
+    """The stage's learning curve as ``{organ or "mean": [(training hours, Dice), ...]}``: each organ against the
+    training time of the model that segments it; the mean of the organs against the stage's total training time
+    (for crop: the groups' times added at the same epoch, where every group has a curve point)."""
+    logs = [read_log(m["log"]) for m in stage_models(work, stage)]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for records in logs:
+        for r in records:
+            if "curve" in r:
+                for organ, d in r["curve"]["dice"].items():
+                    series.setdefault(organ, []).append((r["train_seconds"] / 3600, d))
+    if logs and all(logs):
+        by_epoch = [{r["epoch"]: r for r in records if "curve" in r} for records in logs]
+        for epoch in sorted(set.intersection(*(set(b) for b in by_epoch))):
+            hours = sum(b[epoch]["train_seconds"] for b in by_epoch) / 3600
+            dice = [d for b in by_epoch for d in b[epoch]["curve"]["dice"].values()]
+            series.setdefault("mean", []).append((hours, float(np.nanmean(dice))))
+    return series
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[float, float]]]], organs: list[str], png: Path) -> None:
+    """Held-out (fold-0 curve cases) Dice against training hours per stage (:func:`curve_series`): the mean of the
+    organs, then each organ."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True, sharey=True)
-    for ax, organ in zip(axes.flat, ["mean of the organs", *organs]):
-        for stage, records in curves.items():
-            points = [r for r in records if "curve" in r]
-            if not points:
-                continue
-            hours = [r["train_seconds"] / 3600 for r in points]
-            values = [np.nanmean(list(r["curve"]["dice"].values())) if organ.startswith("mean") else r["curve"]["dice"][organ]
-                      for r in points]
-            ax.plot(hours, values, marker="o", ms=3, label=stage)
-        ax.set_title(organ)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharey=True)
+    for ax, organ in zip(axes.flat, ["mean", *organs]):
+        for stage, series in curves.items():
+            points = series.get(organ, [])
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=stage)
+        ax.set_title("mean of the organs (stage's total time)" if organ == "mean" else f"{organ} (its model's time)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
@@ -608,25 +781,65 @@ def plot_curves(curves: dict[str, list[dict]], organs: list[str], png: Path) -> 
     plt.close(fig)
 
 
-def model_row(work: Path, stage: str, settings: dict, records: list[dict], test: dict | None) -> str:
-    """One Markdown row of the model table: training status, iterations, seconds, prediction seconds, memory."""
-    done = (model_folder(work, stage, settings) / "fold_0" / "checkpoint_final.pth").exists()
+def _prediction_cells(test: dict) -> tuple[str, str, str]:
+    """(seconds per case with its split, TTA, peak prediction memory) for the model table."""
+    t = list(test["timings"].values())
+    mean = lambda k: float(np.mean([x[k] for x in t]))  # noqa: E731
+    if "preprocess" in t[0]:
+        split = f"{mean('case_seconds'):.1f} (preprocess {mean('preprocess'):.1f} + network {mean('network'):.1f} + export {mean('export'):.1f})"
+    else:
+        split = f"{mean('case_seconds'):.1f} (localize {mean('localize'):.1f} + nnU-Net on crops {mean('nnunet'):.1f} + read/paste {mean('rest'):.1f})"
+    peaks = [x["peak_rss_gib"] for x in t if x.get("peak_rss_gib") is not None]
+    return split, "on" if t[0]["tta"] else "off", f"{max(peaks):.2f}" if peaks else "-"
+
+
+def model_row(work: Path, stage: str, settings: dict, test: dict | None) -> str:
+    """One Markdown row of the model table: training status, iterations, seconds, prediction seconds, memory
+    (a stage of several models: their iterations and hours added)."""
+    models = stage_models(work, stage)
+    logs = {m["name"]: read_log(m["log"]) for m in models}
     name = stage + ("" if settings["architecture"] == "reduced" else f" ({settings['architecture']} network)")
-    cells = [name, "trained" if done else f"partial: {len(records)}/{settings['epochs']} epochs",
-             str(records[-1]["iterations"]) if records else "0", "-", "-", "-", "-", "-", "-"]
+    if stage == "oracle":
+        status = "uses the crop models"
+    elif is_trained(work, stage, settings):
+        status = "trained"
+    else:
+        status = "partial: " + ", ".join(f"{m} {len(r)}/{settings['epochs']}" for m, r in logs.items()) + " epochs"
+    records = [r for rs in logs.values() for r in rs]
+    iterations = sum(rs[-1]["iterations"] for rs in logs.values() if rs)
+    cells = [name, status, "-", "-", "-", "-", "-", "-", "-"]
     if records:
-        cells[3] = f"{sum(r['epoch_seconds'] for r in records) / records[-1]['iterations']:.2f}"
-        cells[4] = f"{records[-1]['train_seconds'] / 3600:.2f}"
+        cells[2] = str(iterations) if len(models) == 1 else " + ".join(f"{m} {rs[-1]['iterations'] if rs else 0}" for m, rs in logs.items())
+        cells[3] = f"{sum(r['epoch_seconds'] for r in records) / iterations:.2f}"
+        cells[4] = f"{sum(rs[-1]['train_seconds'] for rs in logs.values() if rs) / 3600:.2f}"
     train_rss = f"{max(r['peak_rss_gib'] for r in records):.2f}" if records else "-"
     cells[8] = f"{train_rss} / -"
     if test and test["cases"]:
-        t = list(test["timings"].values())
-        mean = {k: float(np.mean([x[k] for x in t])) for k in ("preprocess", "network", "export", "case_seconds")}
         cells[5] = f"{len(test['cases'])}" + ("" if test.get("complete") and len(test["cases"]) == TEST_CASES_N else " (partial)")
-        cells[6] = f"{mean['case_seconds']:.1f} ({mean['preprocess']:.1f} + {mean['network']:.1f} + {mean['export']:.1f})"
-        cells[7] = "on" if t[0]["tta"] else "off"
-        cells[8] = f"{train_rss} / {max(x['peak_rss_gib'] for x in t):.2f}"
+        cells[6], cells[7], peak = _prediction_cells(test)
+        cells[8] = f"{train_rss} / {peak}"
     return "| " + " | ".join(cells) + " |"
+
+
+def box_table(tests: dict[str, dict], organs: list[str]) -> list[str]:
+    """Markdown lines: per organ and localized stage, whether prediction lost part of it: the lowest fraction of
+    the organ inside its model's final box, the cases below 1 and below 0.99, and the cases whose prediction still
+    touched a crop face after regrowth."""
+    stages = [s for s in tests if "organ_in_box" in tests[s]]
+    if not stages:
+        return []
+    lines = ["| organ | " + " | ".join(f"{s}: min in box / cases < 1 / < 0.99 / faces still touched" for s in stages) + " |",
+             "|---|" + "---|" * len(stages)]
+    for organ in organs:
+        cells = []
+        for s in stages:
+            fractions = [f[organ] for f in tests[s]["organ_in_box"].values() if organ in f]
+            touched = sum(1 for t in tests[s]["timings"].values() for b in t["boxes"].values()
+                          if organ in b["organs"] and b["still_touched_faces"])
+            cells.append(f"{min(fractions):.3f} / {sum(f < 1 for f in fractions)} / {sum(f < 0.99 for f in fractions)} / {touched}"
+                         if fractions else "-")
+        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def organ_table(tests: dict[str, dict], organs: list[str]) -> list[str]:
@@ -647,36 +860,53 @@ def organ_table(tests: dict[str, dict], organs: list[str]) -> list[str]:
 
 def report(work: Path, stages: list[str]) -> str:
     """Markdown tables of every stage that has started (partial ones marked): the models (training and prediction
-    cost) and the per-organ test scores; writes ``WORK/report.md`` and the learning-curve PNG; returns the text."""
+    cost), the per-organ test scores and, for localized stages, how much of each organ its final box kept; writes
+    ``WORK/report.md`` and the learning-curve PNG; returns the text."""
     organs = list(organ_labels())
     prepared = json.loads((work / "prepared.json").read_text()) if (work / "prepared.json").exists() else {}
     lines = [f"Head-and-neck segmentation benchmark ({work}, report of {date.today().isoformat()}; machine: {machine()})",
              "", f"{prepared.get('train_cases', '?')} training cases (fold 0: nnU-Net's split), {prepared.get('test_cases', '?')} "
              f"test cases. nnU-Net's plan for 3d_fullres: {prepared.get('planned_3d_fullres', '?')}. CPU reduction: "
-             f"{prepared.get('reduced_3d_fullres', '?')}.", "",
-             "| model | status | iterations | s / iteration | training h | test cases | prediction s / case (preprocess + "
-             "network + export) | TTA | peak RSS GiB training / prediction |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{prepared.get('reduced_3d_fullres', '?')}.", ""]
+    crops = work / "crop" / "prepared.json"
+    if crops.exists():
+        info = json.loads(crops.read_text())
+        lines += ["Crop models (one per organ group; localizer " + info["localizer"] + "):", ""]
+        lines += [f"- {g}: {', '.join(d['organs'])}; median crop {d['median_crop_voxels']} voxels; planned: {d['planned']}; "
+                  f"trained: {d['trained']}" for g, d in info["groups"].items()] + [""]
+    lines += ["| model | status | iterations | s / iteration | training h | test cases | prediction s / case | TTA | "
+              "peak RSS GiB training / prediction |", "|---|---|---|---|---|---|---|---|---|"]
     curves, tests = {}, {}
     for stage in stages:
-        if not (work / stage / "settings.json").exists():
+        settings_file = work / IMPLEMENTED.get(stage, {}).get("models_of", stage) / "settings.json"
+        if stage not in IMPLEMENTED or not settings_file.exists():
             continue
-        settings = json.loads((work / stage / "settings.json").read_text())
-        curves[stage] = read_log(work / stage / "training_log.jsonl")
+        settings = json.loads(settings_file.read_text())
+        curves[stage] = curve_series(work, stage)
         score_file = work / stage / "test_scores.json"
         test = json.loads(score_file.read_text()) if score_file.exists() else None
         if test and test["cases"]:
             tests[stage] = test
-        lines.append(model_row(work, stage, settings, curves[stage], test))
+        if stage == "oracle" and not test:
+            continue
+        lines.append(model_row(work, stage, settings, test))
     lines += ["", "s / iteration: wall seconds of nnU-Net's epochs (training iterations and its validation batches) per "
-              "training iteration; training h: their sum over every invocation (learning-curve predictions and start-up "
-              "not included)."]
+              "training iteration; training h: their sum over every invocation and every model of the stage "
+              "(learning-curve predictions and start-up not included). Prediction seconds per case: one process, cases "
+              "in sequence, model loading not included; full: nnU-Net's preprocessing + network + export; crop/oracle: "
+              "`nnunet-ape predict`'s APE pass and boxes + nnU-Net on each crop (its preprocessing, network, "
+              "export, regrowth) + reading the CT and pasting back."]
     if tests:
         lines += ["", "Test cases, per organ: mean over the cases whose labels contour the organ (source geometry):", "",
                   *organ_table(tests, organs)]
+        boxes = box_table(tests, organs)
+        if boxes:
+            lines += ["", "Localized prediction, per organ: fraction of the organ (test labels) inside its model's final "
+                      "box (after regrowth):", "", *boxes]
     text = "\n".join(lines) + "\n"
     (work / "report.md").write_text(text)
-    if any(any("curve" in r for r in c) for c in curves.values()):
-        plot_curves(curves, organs, work / "dice_vs_training_time.png")
+    if any(series for series in curves.values()):
+        plot_curves({s: c for s, c in curves.items() if c}, organs, work / "dice_vs_training_time.png")
     return text
 
 
@@ -718,18 +948,18 @@ def run(args) -> None:
         if deadline is not None and time.time() > deadline:
             print(f"{stage}: the budget is spent; run again to continue", flush=True)
             break
-        settings = stage_settings(args.work, stage, args)
-        complete = train_stage(args.work, stage, settings, env, deadline, args.threads, args.device)
-        records = read_log(args.work / stage / "training_log.jsonl")
-        if records:
-            r = records[-1]
-            curve = r.get("curve") or next((x["curve"] for x in reversed(records) if "curve" in x), None)
-            print(f"{stage}: {r['iterations']} iterations in {r['train_seconds'] / 3600:.2f} h of training "
-                  f"({sum(x['epoch_seconds'] for x in records) / r['iterations']:.2f} s per iteration incl. nnU-Net's validation batches)"
-                  + (f"; latest curve Dice {curve['dice']}" if curve else ""), flush=True)
-        if not complete:
-            print(f"{stage}: training not finished; run the same command again to continue", flush=True)
-            continue
+        settings = stage_settings(args.work, IMPLEMENTED[stage].get("models_of", stage), args)
+        if stage == "oracle":
+            if not is_trained(args.work, stage, settings):
+                print("oracle: the crop models are not trained yet (run --stages crop first)", flush=True)
+                continue
+        else:
+            if stage == "crop":
+                info = prepare_crops(args.work, env, settings, args.localizer, args.ape_model, args.processes)
+                print("crop configurations: " + "; ".join(f"{g}: {d['trained']}" for g, d in info["groups"].items()), flush=True)
+            if not train_stage(args.work, stage, settings, env, deadline, args.threads, args.device):
+                print(f"{stage}: training not finished; run the same command again to continue", flush=True)
+                continue
         if not test:
             continue
         if deadline is not None and time.time() > deadline:
@@ -765,7 +995,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-cases", type=int, help="evaluate on the first N test cases only (smoke checks; 0: no "
                    "evaluation) [all 40]")
     p.add_argument("--train-cases", type=int, help="smoke checks only: the first N training cases (a new --work)")
-    p.add_argument("--nsd-mm", type=float, nargs="+", default=[2.0], help="NSD tolerances in mm [2]")
+    p.add_argument("--nsd-mm", type=float, nargs="+", default=[2.0, 4.0], help="NSD tolerances in mm [2 4]: 2 mm is "
+                   "below this cohort's 2.5-3.9 mm voxels, 4 mm about one voxel")
+    p.add_argument("--localizer", type=Path, help="stage crop: a localizer JSON fitted on the 163 training cases "
+                   "(copied into WORK/crop); without it the benchmark fits one from --ape-model")
+    p.add_argument("--ape-model", type=Path, help="stage crop: APE checkpoint pretrained on the training cases (the "
+                   "README's recipe), for fitting the localizer (nnunet-ape localize fit, all-voxels, every case a shot)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[cpu]")
     p.add_argument("--threads", type=int, help="torch threads of training and prediction [nnU-Net's: all cores]")
     p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes [1]")
@@ -781,11 +1016,36 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tta", action="store_true", help="nnU-Net's mirroring")
     s.add_argument("--threads", type=int)
     s.add_argument("--deadline", type=float, help="unix seconds: stop before a case that would end after it")
+    m = sub.add_parser("predict-measured", help="internal: run 'nnunet-ape ARGS' in this process and record its peak memory")
+    m.add_argument("--record", type=Path, required=True, help="JSON to write: seconds, peak RSS")
+    m.add_argument("nnunet_ape_args", nargs=argparse.REMAINDER, help="-- then the nnunet-ape command line")
+    o = sub.add_parser("predict-oracle", help="internal: the crop models on ground-truth boxes + margin")
+    o.add_argument("--record", type=Path, required=True)
+    o.add_argument("--images", type=Path, nargs="+", required=True, help="CASE_0000.nii.gz files")
+    o.add_argument("--labels", type=Path, required=True, help="folder of CASE.nii.gz label maps")
+    o.add_argument("--out", type=Path, required=True)
+    o.add_argument("--configurations", nargs="+", required=True)
+    o.add_argument("--plans", required=True)
+    o.add_argument("--device", default="cpu")
+    o.add_argument("--tta", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args)
     elif args.command == "report":
         print(report(args.work, list(STAGES)))
+    elif args.command == "predict-measured":
+        from headneck_seg_crops import predict_measured
+
+        given = args.nnunet_ape_args
+        predict_measured(given[1:] if given[:1] == ["--"] else given, args.record)
+    elif args.command == "predict-oracle":
+        from headneck_seg_crops import predict_oracle
+
+        began = time.perf_counter()
+        predict_oracle(DATASET, args.configurations, CROP_TRAINER, args.plans, args.images, args.labels, args.out,
+                       args.device, args.tta)
+        args.record.write_text(json.dumps({"seconds": round(time.perf_counter() - began, 2),
+                                           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
     else:
         images = [Path(line) for line in args.images.read_text().splitlines() if line.strip()]
         predict_stock(args.model, images, args.out, args.device, args.tta, args.threads, args.deadline)

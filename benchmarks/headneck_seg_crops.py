@@ -1,0 +1,164 @@
+"""The crop stages of the head-and-neck segmentation benchmark (``bench_headneck_segmentation.py``): organ groups,
+their crop configurations, localized and oracle prediction.
+
+Groups (one nnU-Net model each): the cohort's 7 organs form three neighbourhoods, and a model per neighbourhood
+sees each organ with the structures around it while 3 models (instead of 7) keep the crop stage's training within
+the full-image model's on 2 cores:
+
+- ``jaw``: parotid_right, parotid_left, mandible (the parotids lie against the mandible's rami);
+- ``cns``: brainstem, spinal_cord (one posterior midline column; the brainstem continues into the cord);
+- ``neck``: larynx, esophagus (the anterior neck; the esophagus starts behind the larynx).
+
+Crop configurations come from the project's own commands, as a user makes them: ``nnunet-ape plan --union`` per
+group on the reduced plans, ``nnunet-ape preprocess`` for the three together (nnU-Net's planner re-plans each
+crop's patch and network for the crops' median shape), then the same CPU reduction as every other model
+(``reduce_configuration``), with the batch size capped at the full-image plan's.
+
+Oracle: the crop models on the ground-truth box of their group's organs plus the training margin (10 mm), on the
+test cases (regrowth as in localized prediction): the ceiling of what localization can give.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+GROUPS = {
+    "jaw": ["parotid_right", "parotid_left", "mandible"],
+    "cns": ["brainstem", "spinal_cord"],
+    "neck": ["larynx", "esophagus"],
+}
+BASE = "3d_fullres"
+MARGIN_MM = 10.0  # nnunet-ape plan's default: training boxes reach this far beyond the label; also the oracle's
+
+
+def group_configuration(group: str) -> str:
+    """The configuration ``nnunet-ape plan --union --organs ...`` names for ``group``."""
+    from nnunet_ape.nnunet.ape_plans import configuration_name
+
+    return configuration_name(BASE, GROUPS[group], [])
+
+
+def cap_batch(config: dict, batch: int) -> dict:
+    """``config`` with its batch size at most ``batch`` (the CPU reduction's: the full-image plan's batch)."""
+    out = dict(config)
+    out["batch_size"] = min(int(config["batch_size"]), int(batch))
+    return out
+
+
+def predict_measured(argv: list[str], record: Path) -> None:
+    """Run ``nnunet-ape`` with ``argv`` in this process, then write this process's wall seconds and peak memory to
+    ``record`` (JSON). Run it in a process of its own, so the peak is the prediction's."""
+    from nnunet_ape.cli.main import main
+
+    began = time.perf_counter()
+    main(argv)
+    record.write_text(json.dumps({"seconds": round(time.perf_counter() - began, 2),
+                                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
+
+
+def localized_timings(out: Path, cases: list[str]) -> dict[str, dict]:
+    """Per predicted case, seconds split by stage from ``CASE_boxes.json`` (``nnunet-ape predict``'s report):
+    localize (APE pass + boxes), nnU-Net (every model on its crop, regrowth included), rest (read, merge, paste
+    back); plus the regrowth and the faces still touched per model."""
+    timings = {}
+    for case in cases:
+        file = out / f"{case}_boxes.json"
+        if not file.exists():
+            continue
+        report = json.loads(file.read_text())
+        seconds = report["seconds"]
+        models = [m for m in report["models"]]
+        nnunet = sum(m.get("seconds", 0.0) for m in models)
+        localize = seconds.get("localize", 0.0)
+        timings[case] = {"case": case, "localize": round(localize, 3), "nnunet": round(nnunet, 3),
+                         "rest": round(seconds["case"] - localize - nnunet, 3), "case_seconds": seconds["case"],
+                         "boxes": {m["model"].split("__")[-1]: {"box_voxels": m.get("box_voxels"), "organs": m["organs"],
+                                                               "regrown": m.get("regrown", 0),
+                                                               "still_touched_faces": m.get("still_touched_faces", []),
+                                                               "voxel_ratio": m.get("voxel_ratio")}
+                                   for m in models}}
+    return timings
+
+
+def organ_box_fractions(label_file: Path, boxes: dict[str, dict], organs: dict[str, int]) -> dict[str, float]:
+    """Per organ contoured in ``label_file``: the fraction of its voxels inside the final box of the model that
+    segments it (``boxes`` from :func:`localized_timings`; boxes in the label's x/y/z voxels). An organ whose model
+    was skipped counts 0."""
+    from nnunet_ape.crop_geometry import fraction_inside
+    from nnunet_ape.io import read_volume
+
+    label = read_volume(label_file).array
+    out = {}
+    for entry in boxes.values():
+        for organ in entry["organs"]:
+            mask = label == organs[organ]
+            if not mask.any():
+                continue
+            box = entry["box_voxels"]
+            out[organ] = 0.0 if box is None else round(float(fraction_inside(mask, np.asarray(box))), 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- oracle
+
+def oracle_box(label: np.ndarray, values: list[int], spacing: tuple[float, float, float]) -> np.ndarray | None:
+    """The ground-truth box of the organs ``values`` in ``label`` ``(X, Y, Z)`` grown by the training margin (voxels,
+    ``(2, 3)`` low/high, clipped to the image); None when the case contours none of them."""
+    from nnunet_ape.crop_geometry import grow_box, margin_voxels, mask_crop_box
+
+    tight = mask_crop_box(np.isin(label, values))
+    return None if tight is None else grow_box(tight, margin_voxels(MARGIN_MM, spacing), label.shape)
+
+
+def oracle_predictor_class():
+    """A :class:`LocalizedPredictor` whose crop models take the oracle box of the current case's label map
+    (``self.label``, set before each case) instead of the localizer's; no APE pass."""
+    from nnunet_ape.nnunet.localized_predict import LocalizedPredictor
+
+    class OraclePredictor(LocalizedPredictor):
+        label = None  # Volume of the current case's labels
+
+        def __post_init__(self) -> None:
+            self.feature_models = [None] * len(self.models)
+
+        def _predict_model(self, model, features, channels):
+            box = oracle_box(self.label.array, list(model.to_output), self.label.spacing)
+            if box is None:
+                return {"model": model.name, "kind": model.kind, "organs": model.organs, "skipped": "no organ contoured"}, None, None
+            boxes = {o: {"crop_box_voxels": box.tolist(), "placed": True, "method": "oracle"} for o in model.organs}
+            return super()._predict_model(model, SimpleNamespace(boxes=boxes, channels=None), channels)
+
+    return OraclePredictor
+
+
+def predict_oracle(dataset: str, configurations: list[str], trainer: str, plans: str, images: list[Path],
+                   labels_dir: Path, out: Path, device: str, tta: bool) -> None:
+    """Predict ``images`` (``CASE_0000.nii.gz``) with the crop models of ``configurations`` on their oracle boxes
+    (labels from ``labels_dir``), merged and pasted back as ``nnunet-ape predict`` does, into ``out``
+    (``CASE.nii.gz`` + ``CASE_boxes.json``); finished cases are skipped."""
+    from nnunet_ape.io import read_channels, read_volume
+    from nnunet_ape.nnunet.localized_predict import PredictOptions, is_done, write_case
+    from nnunet_ape.nnunet.trained_model import PredictorOptions, open_model, results_folder
+
+    options = PredictorOptions(use_mirroring=tta, device=device)
+    models = [open_model(results_folder(dataset, trainer, plans, c), ["0"], "checkpoint_final.pth", options)
+              for c in configurations]
+    predictor = oracle_predictor_class()(models, device, PredictOptions())
+    out.mkdir(parents=True, exist_ok=True)
+    for image in images:
+        case = image.name[: -len("_0000.nii.gz")]
+        if is_done(out, case, ".nii.gz"):
+            continue
+        began = time.perf_counter()
+        channels = read_channels([image])
+        predictor.label = read_volume(labels_dir / f"{case}.nii.gz")
+        result = predictor.predict_case(channels)
+        result.report["seconds"]["case"] = round(time.perf_counter() - began, 3)
+        write_case(result, out, case, ".nii.gz", [image])
+        print(f"  {case}: {result.report['seconds']['case']:.1f} s", flush=True)
