@@ -12,6 +12,7 @@ whole CT, so a crop of them keeps each voxel's global position:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from nnunet_ape.bpr.calibration import Calibration
 from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.crop_geometry import crop_box, union_box
-from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
+from nnunet_ape.embed import EmbedSettings, map_on_grid, network_map, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, from_canonical, to_canonical
 from nnunet_ape.localize.localizer import load_localizer, map_stride, predict_organ_boxes
@@ -75,12 +76,7 @@ def load_feature_models(localizer_path: Path | None, organs: list[str] | None, c
         # load_localizer checks an override only for the models the localizer has; the others stay for channels
         localizer, loc_ape, loc_bpr = load_localizer(localizer_path, ape_path, bpr_path)
         ape_path, bpr_path = loc_ape or ape_path, loc_bpr or bpr_path
-        fitted = list(localizer["organs"])
-        organs = organs or fitted
-        missing = [o for o in organs if o not in fitted]
-        if missing:
-            raise InputError(f"organ '{missing[0]}': the localizer {localizer_path} was not fitted for it (it knows: "
-                             f"{', '.join(fitted)}); fit one with 'nnunet-ape localize fit --organs ...'")
+        organs = _checked_organs(localizer, organs, localizer_path)
     if "ape" in channels and ape_path is None:
         raise InputError("--channels ape needs an APE model: a localizer fitted with one, or -m CHECKPOINT")
     if "bpr" in channels and bpr_path is None:
@@ -94,8 +90,29 @@ def load_feature_models(localizer_path: Path | None, organs: list[str] | None, c
     if needs_bpr:
         bpr, state = load_bpr_model(bpr_path)
         calibration = Calibration.from_dict(state["calibration"]) if state.get("calibration") else None
-    return FeatureModels(localizer, list(organs or []), channels, ape, bpr, settings, calibration, device,
-                         Path(ape_path) if needs_ape else None, Path(bpr_path) if needs_bpr else None)
+    loaded = FeatureModels(localizer, [], channels, ape, bpr, settings, calibration, device,
+                           Path(ape_path) if needs_ape else None, Path(bpr_path) if needs_bpr else None)
+    return with_organs(loaded, organs, localizer_path)
+
+
+def with_organs(models: FeatureModels, organs: list[str] | None, localizer_path: Path | None = None) -> FeatureModels:
+    """``models`` localizing ``organs`` (all the localizer's organs when None; none without a localizer), sharing
+    the loaded models and localizer (no copy). InputError for an organ the localizer (``localizer_path``, for the
+    message) was not fitted for."""
+    if models.localizer is None:
+        return replace(models, organs=list(organs or []))
+    return replace(models, organs=_checked_organs(models.localizer, organs, localizer_path))
+
+
+def _checked_organs(localizer: dict, organs: list[str] | None, localizer_path: Path | None) -> list[str]:
+    """``organs`` (the localizer's all when None); InputError for one the localizer was not fitted for."""
+    fitted = list(localizer["organs"])
+    organs = list(organs or fitted)
+    missing = [o for o in organs if o not in fitted]
+    if missing:
+        raise InputError(f"organ '{missing[0]}': the localizer{f' {localizer_path}' if localizer_path else ''} was not fitted for it (it knows: "
+                         f"{', '.join(fitted)}); fit one with 'nnunet-ape localize fit --organs ...'")
+    return organs
 
 
 @dataclass
@@ -110,34 +127,35 @@ class CaseFeatures:
 
 
 @torch.no_grad()
-def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None) -> CaseFeatures:
+def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None, localize_too: list[str] = ()) -> CaseFeatures:
     """Localize the organs of ``models`` on ``ct`` (HU, any orientation) and compute its channels, with one APE
     and one BPR pass. ``passes``: a dict shared by the calls for several ``models`` on the same CT (several
-    localizers, one per model), so that each checkpoint runs once per CT; it holds the APE maps and BPR scores.
-    Without APE channels the map is computed on every few voxels only (:func:`map_stride`): boxes need no more,
-    and resampling a map back to every voxel of a large CT costs more than the network pass."""
+    localizers or organ groups, one per model), so that each checkpoint runs once per CT; it holds the network's
+    map (:func:`~nnunet_ape.embed.network_map`), the maps resampled from it onto the CT's grid, the BPR scores and
+    the boxes found. ``localize_too``: organs of later calls with the same localizer, localized in this call's pass
+    (:func:`case_features_many`). Without APE channels the map is resampled onto every few voxels only
+    (:func:`map_stride`): boxes need no more, and resampling a map back to every voxel of a large CT costs more than
+    the network pass. Each ``models`` gets the boxes and channels it would get alone, whatever else shares ``passes``."""
     passes = {} if passes is None else passes
     embedding = scored = None
-    canon = None
+    canon = orientation = None
+    map_key = bpr_key = None
     if models.ape is not None:
-        settings = models.embed_settings
-        key = ("ape", str(models.ape_path), repr(settings))
-        boxes_only = "ape" not in models.channels and (models.localizer or {}).get("ape_boxes") != "all-voxels"
-        if boxes_only and key not in passes:  # boxes need the map at the model's coarse spacing only
-            settings = replace(settings, stride=map_stride(ct.spacing, settings.spacing))
-            key = ("ape", str(models.ape_path), repr(settings))
-        if key not in passes:
-            passes[key] = embed_volume(models.ape, ct, settings, device=models.device, progress=False)
-        embedding = passes[key]
+        embedding, map_key = _ape_map(models, ct, passes)
     if models.bpr is not None:
-        key = ("bpr", str(models.bpr_path))
-        if key not in passes:
+        bpr_key = ("bpr", str(models.bpr_path))
+        if bpr_key not in passes:
             canon, orientation = to_canonical(ct)
-            passes[key] = (canon, orientation, score_ct(models.bpr, canon, models.device))
-        canon, orientation, scored = passes[key]
+            passes[bpr_key] = (canon, orientation, score_ct(models.bpr, canon, models.device))
+        canon, orientation, scored = passes[bpr_key]
     boxes, box = {}, None
     if models.localizer is not None:
-        boxes = predict_organ_boxes(models.localizer, ct, embedding, scored, models.organs)
+        found = passes.setdefault(("boxes", id(models.localizer), map_key, bpr_key), {})
+        wanted = list(dict.fromkeys([*models.organs, *(o for o in localize_too if o in models.localizer["organs"])]))
+        missing = [o for o in wanted if o not in found]
+        if missing:
+            found.update(predict_organ_boxes(models.localizer, ct, embedding, scored, missing))
+        boxes = {organ: copy.deepcopy(found[organ]) for organ in models.organs}
         for organ in models.organs:
             organ_box = crop_box(np.asarray(boxes[organ]["crop_box_voxels"]), ct.shape)
             box = organ_box if box is None else union_box(box, organ_box)
@@ -147,6 +165,35 @@ def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None)
     if "bpr" in models.channels:
         parts.append(bpr_channel(scored.scores, models.bpr_calibration, canon, orientation, ct)[..., None])
     return CaseFeatures(boxes, box, np.concatenate(parts, axis=3) if parts else None)
+
+
+def case_features_many(models: list[FeatureModels], ct: Volume, passes: dict | None = None) -> list[CaseFeatures]:
+    """:func:`case_features` of each of ``models`` on one CT: one network pass per APE checkpoint, one BPR pass
+    per BPR checkpoint, and one localization per localizer and map for all the organ groups that share them (the
+    organ groups of several crop configurations). Returns what each ``models`` would get alone, in order."""
+    passes = {} if passes is None else passes
+    organs_of: dict[int, list[str]] = {}
+    for m in models:
+        if m.localizer is not None:
+            organs_of.setdefault(id(m.localizer), []).extend(m.organs)
+    return [case_features(m, ct, passes, organs_of.get(id(m.localizer), [])) for m in models]
+
+
+def _ape_map(models: FeatureModels, ct: Volume, passes: dict) -> tuple[Volume, tuple]:
+    """The APE map ``models`` needs (on every voxel for APE channels or an all-voxels localizer, else on every
+    few voxels) and its key in ``passes``; the network runs only when no map of its checkpoint and settings is
+    there yet."""
+    settings = models.embed_settings
+    boxes_only = "ape" not in models.channels and (models.localizer or {}).get("ape_boxes") != "all-voxels"
+    if boxes_only:  # boxes need the map at the model's coarse spacing only
+        settings = replace(settings, stride=map_stride(ct.spacing, settings.spacing))
+    key = ("ape", str(models.ape_path), repr(settings))
+    if key not in passes:
+        network_key = ("ape-network", str(models.ape_path), repr(replace(settings, stride=1, half=False)))
+        if network_key not in passes:
+            passes[network_key] = network_map(models.ape, ct, settings, device=models.device, progress=False)
+        passes[key] = map_on_grid(passes[network_key], ct, settings)
+    return passes[key], key
 
 
 def bpr_channel(scores: np.ndarray, calibration: Calibration | None, canon: Volume, orientation, ct: Volume) -> np.ndarray:

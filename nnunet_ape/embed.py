@@ -93,15 +93,26 @@ def sliding_window(
     return out / norm
 
 
-def embed_volume(
-    model: nn.Module, volume: Volume, settings: EmbedSettings | None = None, device: str | torch.device = "cpu", progress: bool = True
-) -> Volume:
-    """APE map of a CT in the CT's own geometry.
+@dataclass
+class NetworkMap:
+    """An APE network's output over a whole CT, before it is resampled onto the CT's grid (what
+    :func:`network_map` returns). ``array``: ``(C, X', Y', Z')`` float32 on the model's grid (canonical axes, the
+    settings' spacing), on the device the network ran on; ``orientation``: the CT's canonical orientation;
+    ``canon_shape`` / ``canon_spacing``: the canonical CT's shape (voxels) and spacing (mm)."""
 
-    volume: CT in HU, any orientation. Returns a Volume whose array is ``(X, Y, Z, C)`` (C = 3) on the input grid
-    (same size, spacing, origin, direction), or with ``settings.stride = 4`` on every 4th voxel of it (spacing x4,
-    same origin and direction). float32, or float16 when ``settings.half``.
-    """
+    array: torch.Tensor
+    orientation: object
+    canon_shape: tuple[int, int, int]
+    canon_spacing: tuple[float, float, float]
+
+
+@torch.no_grad()
+def network_map(
+    model: nn.Module, volume: Volume, settings: EmbedSettings | None = None, device: str | torch.device = "cpu", progress: bool = True
+) -> NetworkMap:
+    """The expensive half of :func:`embed_volume`: the CT (HU, any orientation) resampled to the model's spacing and
+    run through ``model`` in sliding windows. ``settings.stride`` and ``settings.half`` play no part here, so one
+    network map gives the maps of every stride (:func:`map_on_grid`)."""
     settings = settings or EmbedSettings()
     device = torch.device(device)
     model = model.to(device).eval()
@@ -110,16 +121,23 @@ def embed_volume(
     x = model.input_from_hu(canon.array)[None].to(device)  # each model normalizes HU its own way
     x, _ = resample_spacing(x, canon.spacing, settings.spacing)
     embedding = sliding_window(model, x, settings, device, progress)
+    return NetworkMap(embedding, orientation, tuple(canon.shape), tuple(canon.spacing))
+
+
+def map_on_grid(network: NetworkMap, volume: Volume, settings: EmbedSettings | None = None) -> Volume:
+    """A network map (of ``volume``, with ``settings``' spacing) resampled onto the CT's grid: a Volume ``(X, Y, Z,
+    C)`` on every ``settings.stride``-th voxel of ``volume`` (see :func:`embed_volume`)."""
+    settings = settings or EmbedSettings()
     # back onto the input grid: canonical indices of input voxels 0, stride, 2*stride, ... along each axis
     coords = []
-    for n, s, m, flipped in zip(canon.shape, canon.spacing, settings.spacing, orientation.flip):
+    for n, s, m, flipped in zip(network.canon_shape, network.canon_spacing, settings.spacing, network.orientation.flip):
         taken = torch.arange(0, n, settings.stride, dtype=torch.float32)
         canonical_index = (n - 1 - taken).flip(0) if flipped else taken
         coords.append(canonical_index * s / m)  # model-grid index = canonical index * s_in / s_model
-    array = resample_grid(embedding, coords).permute(1, 2, 3, 0).cpu().numpy()
+    array = resample_grid(network.array, coords).permute(1, 2, 3, 0).cpu().numpy()
     array = array.astype(np.float16 if settings.half else np.float32)
     if settings.stride == 1:
-        return from_canonical(array, orientation, volume)
+        return from_canonical(array, network.orientation, volume)
     # voxel j of the strided map lies on input voxel stride * j: same origin and direction, spacing x stride
     strided = Volume(
         np.empty([len(range(0, n, settings.stride)) for n in volume.shape], dtype=np.uint8),
@@ -127,4 +145,17 @@ def embed_volume(
         volume.origin,
         np.array(volume.direction),
     )
-    return from_canonical(array, orientation, strided)
+    return from_canonical(array, network.orientation, strided)
+
+
+def embed_volume(
+    model: nn.Module, volume: Volume, settings: EmbedSettings | None = None, device: str | torch.device = "cpu", progress: bool = True
+) -> Volume:
+    """APE map of a CT in the CT's own geometry.
+
+    volume: CT in HU, any orientation. Returns a Volume whose array is ``(X, Y, Z, C)`` (C = 3) on the input grid
+    (same size, spacing, origin, direction), or with ``settings.stride = 4`` on every 4th voxel of it (spacing x4,
+    same origin and direction). float32, or float16 when ``settings.half``. The same as :func:`network_map` followed
+    by :func:`map_on_grid`.
+    """
+    return map_on_grid(network_map(model, volume, settings, device, progress), volume, settings)

@@ -267,8 +267,8 @@ def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(
 
     # merged with a whole-image model: a voxel goes to the model that is surer of its label; one APE pass for both
     calls = []
-    embed = features_module.embed_volume
-    monkeypatch.setattr(features_module, "embed_volume", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    network = features_module.network_map  # the APE network's pass over the CT (the strided and full maps come from it)
+    monkeypatch.setattr(features_module, "network_map", lambda *a, **k: calls.append(1) or network(*a, **k))
     for spleen_logit, liver_wins in ((2.0, True), (6.0, False)):  # spleen probability 0.79 / 0.995 against liver's 0.96
         spleen = open_model(_channels_model(root, [0.0, 0.0, spleen_logit]), None, "checkpoint_final.pth", options)
         assert spleen.kind == "channels" and spleen.to_output == {1: 1, 2: 2}

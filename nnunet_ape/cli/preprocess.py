@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
         "preprocess",
         help="preprocess APE configurations added by 'nnunet-ape plan' (nnUNetv2_preprocess cannot run them)",
         description="nnU-Net's preprocessing of the training cases for APE configurations: per case one APE (and BPR) "
-        "pass on the whole CT gives the organ box and/or the embedding channels; training boxes are grown to hold the "
+        "pass on the whole CT gives the organ boxes and/or the embedding channels of all the configurations given "
+        "together (e.g. one crop configuration per organ group); training boxes are grown to hold the "
         "whole label plus the margin; then nnU-Net's own steps (nonzero crop, normalization, resampling). Writes "
         "nnU-Net's files into $nnUNet_preprocessed/DatasetXXX/<data_identifier> and the full label maps into "
         "gt_segmentations; for crops, nnU-Net's planner then plans patch size, batch size and network for the crops' "
@@ -22,7 +23,10 @@ def add_parser(sub) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset id, DatasetXXX_Name or its nnUNet_preprocessed folder")
     parser.add_argument("-c", "--configurations", nargs="+", required=True, help="APE configurations (from 'nnunet-ape plan')")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (nnU-Net's -p)")
-    parser.add_argument("-np", "--num-processes", type=int, default=1, help="cases processed in parallel (each process loads the models)")
+    parser.add_argument("-np", "--num-processes", type=int, default=None,
+                        help="cases processed in parallel; default: nnU-Net's default ($nnUNet_def_n_proc, else 8), at most "
+                        "the CPU cores and at most 4 (2 with a GPU), because each process loads its own models and holds a "
+                        "whole CT with its maps (GBs for a 512x512x300 CT)")
     parser.add_argument("--device", default="auto", help="where the APE/BPR models run: auto, cpu, cuda or cuda:N")
     parser.set_defaults(func=_run)
 
@@ -32,19 +36,20 @@ def _run(args) -> None:
     from nnunet_ape.errors import InputError
     from nnunet_ape.inputs import find_nnunet_raw_dataset
     from nnunet_ape.nnunet.ape_plans import preprocessed_dataset, read_plans, resolved_configuration, settings_of
-    from nnunet_ape.nnunet.preprocess_runner import PreprocessJob, describe_run, preprocess_configuration
+    from nnunet_ape.nnunet.preprocess_runner import PreprocessJob, default_num_processes, describe_run, preprocess_configurations
 
-    if args.num_processes < 1:
+    if args.num_processes is not None and args.num_processes < 1:
         raise InputError(f"-np {args.num_processes}: must be at least 1")
     preprocessed = preprocessed_dataset(args.dataset)
     raw = find_nnunet_raw_dataset(preprocessed.name)
     if raw is None:
         raise InputError(f"{preprocessed.name}: its raw dataset is not in nnUNet_raw")
     device = str(resolve_device(args.device))
-    for configuration in args.configurations:
-        job = PreprocessJob(preprocessed, raw, args.plans, configuration, args.num_processes, device)
-        summary = preprocess_configuration(job)
+    processes = args.num_processes or default_num_processes(device)
+    configurations = list(dict.fromkeys(args.configurations))
+    jobs = [PreprocessJob(preprocessed, raw, args.plans, c, processes, device) for c in configurations]
+    for configuration, summary in zip(configurations, preprocess_configurations(jobs)):
         print(describe_run(configuration, summary))
-    settings = settings_of(resolved_configuration(read_plans(preprocessed, args.plans), args.configurations[0]))
-    print(f"next: nnUNetv2_train {preprocessed.name[7:10]} {args.configurations[0]} 0 -tr {settings.trainer} "
+    settings = settings_of(resolved_configuration(read_plans(preprocessed, args.plans), configurations[0]))
+    print(f"next: nnUNetv2_train {preprocessed.name[7:10]} {configurations[0]} 0 -tr {settings.trainer} "
           f"(with nnUNet_extTrainer=$(nnunet-ape trainers-path))")

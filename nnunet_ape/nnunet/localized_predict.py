@@ -114,7 +114,7 @@ class LocalizedPredictor:
         passes: dict = {}
         seconds: dict[str, float] = {}
         entries = []
-        # models with APE channels first: their full-resolution map then also gives the others' boxes (one pass)
+        # one APE network pass per checkpoint for all models (case_features' shared passes); channel models first
         order = sorted(range(len(self.models)), key=lambda i: "ape" not in self.models[i].added_channels)
         for model, feature_models in ((self.models[i], self.feature_models[i]) for i in order):
             features = None

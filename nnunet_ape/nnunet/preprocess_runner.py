@@ -6,6 +6,8 @@ files (``CASE.b2nd``, ``CASE_seg.b2nd``, ``CASE.pkl``; the ``.pkl`` last, so a c
 finished cases when restarted with the same settings, copies the full label maps to ``gt_segmentations`` (what
 validation scores against) and, for crop configurations, has nnU-Net's planner plan the patch size for the crops'
 median shape. A summary of the boxes goes to ``nnunet_ape/<data_identifier>.crops.json`` beside the data folder.
+Configurations preprocessed together share, per case, one read of its files and one APE (and BPR) pass: their
+organ groups' boxes all come from it, and each configuration's files are what a run of it alone writes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path
 from nnunet_ape.errors import InputError
-from nnunet_ape.nnunet.ape_plans import SETTINGS_KEY, plan_for_crops, read_plans, resolved_configuration, settings_of
+from nnunet_ape.nnunet.ape_plans import (SETTINGS_KEY, APESettings, plan_for_crops, read_plans, resolved_configuration,
+                                          settings_of)
 from nnunet_ape.nnunet.crop_dataset import describe
 from nnunet_ape.nnunet.crop_dataset import summary as crop_summary
-from nnunet_ape.threads import threads_per_process
+from nnunet_ape.threads import available_cores, threads_per_process
 
 STATE_FOLDER = "nnunet_ape"  # beside the data folders: nnU-Net infers the dataset class from the files inside them
 
@@ -71,23 +74,35 @@ def _managers(job: PreprocessJob):
 _WORKER: dict = {}
 
 
-def _init_worker(job: PreprocessJob, threads: int) -> None:
+def _init_worker(jobs: list[PreprocessJob], threads: int) -> None:
+    """Per process: one preprocessor (its models shared by the configurations) and each job's nnU-Net managers."""
     import torch
 
     from nnunet_ape.nnunet.preprocessor import nnUNetAPEPreprocessor
 
     torch.set_num_threads(threads)
     preprocessor = nnUNetAPEPreprocessor(verbose=False)
-    preprocessor.device = job.device
-    plans, config = _managers(job)
-    dataset_json = json.loads((job.raw / "dataset.json").read_text())
-    _WORKER.update(output=job.output, preprocessor=preprocessor, plans=plans, config=config, dataset_json=dataset_json)
+    preprocessor.device = jobs[0].device
+    dataset_json = json.loads((jobs[0].raw / "dataset.json").read_text())
+    _WORKER.update(jobs=jobs, managers=[_managers(job) for job in jobs], preprocessor=preprocessor, dataset_json=dataset_json)
 
 
-def _run_case(case: str, images: list[str], label: str) -> dict:
+def _run_case(case: str, images: list[str], label: str, which: list[int]) -> tuple[str, list[tuple[int, dict]]]:
+    """Preprocess one case for the jobs numbered ``which`` (those without it yet), reading it once and with one
+    APE/BPR pass for all; returns the case and each job's record."""
     w = _WORKER
-    w["preprocessor"].run_case_save(str(w["output"] / case), images, label, w["plans"], w["config"], w["dataset_json"])
-    return _case_record(w["output"], case)
+    preprocessor = w["preprocessor"]
+    settings = [settings_of(config.configuration) for _, config in (w["managers"][i] for i in which)]
+    records = []
+    with preprocessor.shared_case(settings):
+        for i in which:
+            output = w["jobs"][i].output
+            plans, config = w["managers"][i]
+            for leftover in (output / f"{case}.b2nd", output / f"{case}_seg.b2nd"):  # a killed write's (no .pkl yet);
+                leftover.unlink(missing_ok=True)  # blosc2 refuses to write over them
+            preprocessor.run_case_save(str(output / case), images, label, plans, config, w["dataset_json"])
+            records.append((i, _case_record(output, case)))
+    return case, records
 
 
 def _case_record(folder: Path, case: str) -> dict:
@@ -126,44 +141,83 @@ def _copy_ground_truth(job: PreprocessJob, cases: dict, file_ending: str) -> Non
                 shutil.copyfile(entry["label"], tmp)
 
 
+def default_num_processes(device: str) -> int:
+    """``-np``'s default: nnU-Net's default number of processes ($nnUNet_def_n_proc, else 8), but at most the cores
+    this process may use and at most 4 (2 on a GPU): each process loads its own APE/BPR models and holds a whole CT
+    with its maps (GBs for a 512x512x300 CT; on a GPU also its own CUDA context)."""
+    from nnunetv2.configuration import default_num_processes as nnunet_default
+
+    return max(1, min(nnunet_default, available_cores(), 2 if device.startswith("cuda") else 4))
+
+
 def preprocess_configuration(job: PreprocessJob) -> dict:
-    """Preprocess every training case of ``job`` (skipping finished ones), plan crops, write the summary; returns it."""
+    """Preprocess one configuration: :func:`preprocess_configurations` of ``[job]``; returns its summary."""
+    return preprocess_configurations([job])[0]
+
+
+def preprocess_configurations(jobs: list[PreprocessJob]) -> list[dict]:
+    """Preprocess every training case for all ``jobs`` (configurations of one dataset and plans) together: per case
+    its files are read once and one APE (and BPR) pass serves every configuration (each gets what it would get
+    alone). A case is skipped for the configurations that have it already (a killed run resumes). Then per
+    configuration: crops are re-planned and the summary written. Returns the summaries, in the order of ``jobs``."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    plans = read_plans(job.preprocessed, job.plans_identifier)
-    config = resolved_configuration(plans, job.configuration)
-    settings = settings_of(config)
-    if settings is None:
-        raise InputError(f"configuration '{job.configuration}' is a stock nnU-Net configuration; preprocess it with "
-                         f"'nnUNetv2_preprocess -d {job.preprocessed.name} -c {job.configuration}'")
-    dataset_json = json.loads((job.raw / "dataset.json").read_text())
-    cases = get_filenames_of_train_images_and_targets(str(job.raw), dataset_json)
+    first = jobs[0]
+    configs = [_ape_configuration(job) for job in jobs]
+    dataset_json = json.loads((first.raw / "dataset.json").read_text())
+    cases = get_filenames_of_train_images_and_targets(str(first.raw), dataset_json)
     if not cases:
-        raise InputError(f"{job.raw}: no training cases")
-    what = {k: v for k, v in config.items() if k not in ("patch_size", "batch_size", "architecture", "median_image_size_in_voxels")}
-    what[SETTINGS_KEY] = {k: v for k, v in what[SETTINGS_KEY].items() if k != "crop_plan"}
-    _check_marker(job, what)
-    _copy_ground_truth(job, cases, dataset_json["file_ending"])
-    done = {c: _case_record(job.output, c) for c in cases if (job.output / f"{c}.pkl").is_file()}
-    todo = [c for c in cases if c not in done]
-    bar = tqdm(total=len(cases), initial=len(done), desc=f"preprocess {job.configuration}", unit="case")
-    processes = max(1, min(job.num_processes, len(todo)))
+        raise InputError(f"{first.raw}: no training cases")
+    for job, config in zip(jobs, configs):
+        _check_marker(job, _data_settings(config))
+    settings = [settings_of(config) for config in configs]
+    _copy_ground_truth(first, cases, dataset_json["file_ending"])
+    done = [{c: _case_record(job.output, c) for c in cases if (job.output / f"{c}.pkl").is_file()} for job in jobs]
+    todo = {c: [i for i in range(len(jobs)) if c not in done[i]] for c in cases}
+    todo = {c: which for c, which in todo.items() if which}
+    names = " ".join(job.configuration for job in jobs)
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc=f"preprocess {names}", unit="case")
+    processes = max(1, min(first.num_processes, len(todo)))
     threads = threads_per_process(processes)
     if processes == 1:
-        _init_worker(job, threads)
-        for case in todo:
-            done[case] = _run_case(case, cases[case]["images"], cases[case]["label"])
-            bar.update()
+        _init_worker(jobs, threads)
+        results = (_run_case(c, cases[c]["images"], cases[c]["label"], which) for c, which in todo.items())
+        _collect(results, done, bar)
     else:
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker, initargs=(job, threads)) as pool:
-            futures = [pool.submit(_run_case, c, cases[c]["images"], cases[c]["label"]) for c in todo]
-            for future in as_completed(futures):
-                record = future.result()
-                done[record["case"]] = record
-                bar.update()
+        with ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker, initargs=(jobs, threads)) as pool:
+            futures = [pool.submit(_run_case, c, cases[c]["images"], cases[c]["label"], which) for c, which in todo.items()]
+            _collect((future.result() for future in as_completed(futures)), done, bar)
     bar.close()
-    records = [done[c] for c in cases]
+    return [_finish(job, s, [done[i][c] for c in cases]) for i, (job, s) in enumerate(zip(jobs, settings))]
+
+
+def _ape_configuration(job: PreprocessJob) -> dict:
+    """A job's resolved plans configuration; InputError for a stock one."""
+    config = resolved_configuration(read_plans(job.preprocessed, job.plans_identifier), job.configuration)
+    if settings_of(config) is None:
+        raise InputError(f"configuration '{job.configuration}' is a stock nnU-Net configuration; preprocess it with "
+                         f"'nnUNetv2_preprocess -d {job.preprocessed.name} -c {job.configuration}'")
+    return config
+
+
+def _data_settings(config: dict) -> dict:
+    """What a configuration's preprocessed data depend on (not what the crop re-plan changes)."""
+    what = {k: v for k, v in config.items() if k not in ("patch_size", "batch_size", "architecture", "median_image_size_in_voxels")}
+    what[SETTINGS_KEY] = {k: v for k, v in what[SETTINGS_KEY].items() if k != "crop_plan"}
+    return what
+
+
+def _collect(results, done: list[dict], bar: tqdm) -> None:
+    """File each finished case's records (``(case, [(job index, record)])``) under their jobs."""
+    for case, records in results:
+        for i, record in records:
+            done[i][case] = record
+        bar.update()
+
+
+def _finish(job: PreprocessJob, settings: APESettings, records: list[dict]) -> dict:
+    """One configuration's summary of its cases' ``records``; crops re-planned for their median shape."""
     shapes = [r["preprocessed_shape"] for r in records]
     summary = crop_summary(records)
     summary["median_preprocessed_shape"] = np.median(shapes, axis=0).tolist()

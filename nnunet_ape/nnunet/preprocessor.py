@@ -12,10 +12,15 @@ What the crop was is kept in the case's properties under ``nnunet_ape`` (source 
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
-from nnunet_ape.case_features import FeatureModels, case_features, load_feature_models
+from nnunet_ape.case_features import (CaseFeatures, FeatureModels, case_features, case_features_many, load_feature_models,
+                                      with_organs)
 from nnunet_ape.checkpoint import file_hash
 from nnunet_ape.crop_geometry import fraction_inside, grow_to_contain, slices
 from nnunet_ape.errors import InputError
@@ -60,31 +65,78 @@ class SourceChannelsPreprocessor(DefaultPreprocessor):
 
 class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
     """DefaultPreprocessor + organ crop and/or embedding channels. nnU-Net builds it as ``cls(verbose=...)``;
-    ``device`` (an attribute) says where the APE/BPR models run. Models load once per process, on first use."""
+    ``device`` (an attribute) says where the APE/BPR models run. Models load once per process, on first use, and
+    configurations with the same checkpoints share them. Within :meth:`shared_case`, the configurations of one case
+    share its read files and one APE (and BPR) pass."""
 
     def __init__(self, verbose: bool = True):
         super().__init__(verbose)
         self.device = "cpu"
-        self._models: FeatureModels | None = None
-        self._models_for: dict | None = None
+        self._loaded: dict[str, FeatureModels] = {}
+        self._case: dict | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_models"] = state["_models_for"] = None  # workers load their own
+        state["_loaded"], state["_case"] = {}, None  # workers load their own
         return state
 
     def models(self, settings: APESettings) -> FeatureModels:
-        """The localizer and APE/BPR models of ``settings``, loaded on first use (SHA-256 checked)."""
+        """The localizer and APE/BPR models of ``settings`` for its organs, loaded on first use (SHA-256 checked)
+        and shared with the other configurations of the same checkpoints."""
         args = settings.feature_model_args()
-        if self._models is None or self._models_for != args:
+        organs = args.pop("organs")
+        key = repr(sorted((k, str(v)) for k, v in args.items()))
+        if key not in self._loaded:
             for kind in ("ape", "bpr"):
                 path = settings.models.get(f"{kind}_checkpoint")
                 if path and "localizer" not in settings.models and file_hash(path) != settings.models[f"{kind}_sha256"]:
                     raise InputError(f"{path}: not the checkpoint this configuration was planned with (SHA-256 differs); "
                                      f"plan it again with 'nnunet-ape plan ... --overwrite'")
-            self._models = load_feature_models(**args, device=self.device)
-            self._models_for = args
-        return self._models
+            self._loaded[key] = load_feature_models(**args, organs=None, device=self.device)
+        return with_organs(self._loaded[key], organs, args["localizer_path"])
+
+    @contextmanager
+    def shared_case(self, configurations: list[APESettings]):
+        """Within this context, the calls of :meth:`run_case` (and ``run_case_save``) for one case, one per
+        configuration of ``configurations``, read its files once and share its features: one APE network pass per
+        checkpoint, one BPR pass, one localization per localizer for all their organ groups
+        (:func:`~nnunet_ape.case_features.case_features_many`). Each configuration's output is what it would be
+        alone."""
+        self._case = {"configurations": configurations}
+        try:
+            yield
+        finally:
+            self._case = None
+
+    def run_case(self, image_files: list[str], seg_file: str | None, plans_manager, configuration_manager,
+                 dataset_json: dict | str):
+        """nnU-Net's ``run_case`` (read the files, then :meth:`run_case_npy`); within :meth:`shared_case` the files
+        are read once for all configurations (every call gets its own copy of the properties)."""
+        if self._case is None:
+            return super().run_case(image_files, seg_file, plans_manager, configuration_manager, dataset_json)
+        files = (tuple(image_files), seg_file)
+        if self._case.get("files") != files:
+            reader = plans_manager.image_reader_writer_class()
+            data, properties = reader.read_images(image_files)
+            seg = reader.read_seg(seg_file)[0] if seg_file is not None else None
+            self._case.update(files=files, read=(data, seg, properties), features={})
+        if isinstance(dataset_json, str):
+            dataset_json = load_json(dataset_json)
+        data, seg, properties = self._case["read"]
+        return self.run_case_npy(data, seg, copy.deepcopy(properties), plans_manager, configuration_manager, dataset_json)
+
+    def _features(self, settings: APESettings, ct: Volume) -> CaseFeatures:
+        """The case's boxes and channels for ``settings``; within :meth:`shared_case`, computed for all its
+        configurations in one pass on the first call."""
+        if self._case is None:
+            return case_features(self.models(settings), ct)
+        key = _features_key(settings)
+        features = self._case.setdefault("features", {})
+        if key not in features:
+            together = {_features_key(s): s for s in [*self._case["configurations"], settings]}
+            computed = case_features_many([self.models(s) for s in together.values()], ct)
+            features.update(zip(together, computed))
+        return features[key]
 
     def run_case_npy(self, data: np.ndarray, seg: np.ndarray | None, properties: dict, plans_manager,
                      configuration_manager, dataset_json: dict | str):
@@ -94,7 +146,7 @@ class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
         if settings is None:
             raise InputError("configuration has no 'nnunet_ape' settings; preprocess it with nnUNetv2_preprocess")
         ct = volume_from_nnunet(data[0], properties)
-        features = case_features(self.models(settings), ct)
+        features = self._features(settings, ct)
         full_shape = data.shape[1:]
         record: dict = {"transpose_forward": [int(i) for i in plans_manager.transpose_forward]}
         box = None
@@ -122,3 +174,8 @@ class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
             compose_crop(properties, box, full_shape, plans_manager.transpose_forward)
         properties["nnunet_ape"] = record
         return data, seg, properties
+
+
+def _features_key(settings: APESettings) -> str:
+    """What a configuration's features depend on: its organs, channels and models."""
+    return repr(sorted((k, str(v)) for k, v in settings.feature_model_args().items()))
