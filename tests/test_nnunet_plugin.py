@@ -224,6 +224,38 @@ def test_plan_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "--channels mri: unknown channel" in capsys.readouterr().err
 
 
+def test_cascade_bases_are_refused_before_anything_is_written_and_lowres_stands_alone(tmp_path, monkeypatch, capsys):
+    """-c 3d_cascade_fullres would fail at its first training batch (no previous-stage predictions): one line, no
+    models loaded, no plans written. On 3d_lowres the configuration is a stand-alone model: no next stage, so
+    nnU-Net's validation makes no cascade inputs."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ape.nnunet.ape_plans import add_configurations
+
+    plans = json.loads(json.dumps(PLANS))
+    plans["configurations"]["3d_fullres"]["architecture"] = {"network_class_name": "PlainConvUNet", "arch_kwargs": {}, "_kw_requires_import": []}
+    plans["configurations"]["3d_lowres"] = {**plans["configurations"]["3d_fullres"], "data_identifier": "nnUNetPlans_3d_lowres",
+                                            "spacing": [5.0, 3.0, 3.0], "next_stage": "3d_cascade_fullres"}
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    folder = tmp_path / "Dataset501_Abd"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}, "channel_names": {"0": "CT"}}))
+    (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
+    assert main(["plan", "-d", "501", "--channels", "ape", "-m", str(tmp_path / "missing.pt"), "-c", "3d_cascade_fullres"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "-c 3d_cascade_fullres: cascade stages" in err and "3d_lowres" in err
+    assert json.loads((folder / "nnUNetPlans.json").read_text()) == plans and not list(folder.glob("*.bak-*"))
+
+    lowres = _settings(["liver"])
+    lowres.base = "3d_lowres"
+    add_configurations(folder, "nnUNetPlans", {"3d_lowres_ape_liver": lowres})
+    manager = PlansManager(str(folder / "nnUNetPlans.json"))
+    assert manager.get_configuration("3d_lowres_ape_liver").next_stage_names is None
+    assert manager.get_configuration("3d_lowres").next_stage_names == ["3d_cascade_fullres"]  # the stock one untouched
+    assert manager.get_configuration("3d_lowres_ape_liver").spacing == [5.0, 3.0, 3.0]
+
+
 def test_preprocess_refuses_a_stock_configuration(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))

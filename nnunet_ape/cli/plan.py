@@ -40,7 +40,8 @@ def _run(args) -> None:
     import json
 
     from nnunet_ape.case_features import check_channels, load_feature_models
-    from nnunet_ape.nnunet.ape_plans import APESettings, add_configurations, configuration_name, preprocessed_dataset, read_plans
+    from nnunet_ape.nnunet.ape_plans import (APESettings, add_configurations, base_configuration, configuration_name,
+                                              preprocessed_dataset, read_plans)
     from nnunet_ape.nnunet.crop_dataset import model_provenance
 
     if args.localizer is None and not args.channels:
@@ -52,6 +53,7 @@ def _run(args) -> None:
     plans = read_plans(preprocessed, args.plans)
     if args.configuration not in plans["configurations"]:
         raise InputError(f"-c {args.configuration}: not in {args.plans}.json (it has: {', '.join(plans['configurations'])})")
+    base_configuration(plans, args.configuration)  # refuses cascade stages before any model loads
     labels = json.loads((preprocessed / "dataset.json").read_text())["labels"]
     if any(isinstance(v, (list, tuple)) for v in labels.values()):
         raise InputError(f"{preprocessed.name}: region-based labels are not supported by APE configurations")

@@ -157,13 +157,26 @@ def resolved_configuration(plans: dict, name: str) -> dict:
     return dict(entry)
 
 
-def ape_configuration(plans: dict, plans_identifier: str, name: str, settings: APESettings) -> dict:
-    """The plans entry of a new APE configuration (see the module docstring)."""
-    base = resolved_configuration(plans, settings.base)
+def base_configuration(plans: dict, name: str) -> dict:
+    """The resolved plans configuration ``name`` that an APE configuration may build on. InputError for an APE
+    configuration, and for a cascade stage that needs a previous stage (``3d_cascade_fullres``): its training
+    reads the previous stage's predictions of every case, which APE configurations do not make."""
+    base = resolved_configuration(plans, name)
     if SETTINGS_KEY in base:
-        raise InputError(f"configuration '{settings.base}' is itself an APE configuration; give a stock one with -c")
+        raise InputError(f"configuration '{name}' is itself an APE configuration; give a stock one with -c")
+    if base.get("previous_stage"):
+        raise InputError(f"-c {name}: cascade stages (they train on the predictions of '{base['previous_stage']}') are not "
+                         f"supported by APE configurations; build on 3d_fullres or 3d_lowres")
+    return base
+
+
+def ape_configuration(plans: dict, plans_identifier: str, name: str, settings: APESettings) -> dict:
+    """The plans entry of a new APE configuration (see the module docstring). A base with a ``next_stage``
+    (``3d_lowres``) gives a stand-alone configuration: ``next_stage`` is cleared, so that nnU-Net's validation does
+    not predict inputs for a cascade stage this configuration is no part of."""
+    base = base_configuration(plans, settings.base)
     n = len(settings.channel_names)
-    return {
+    entry = {
         "inherits_from": settings.base,
         "data_identifier": f"{plans_identifier}_{name}",
         "preprocessor_name": PREPROCESSOR_NAME,
@@ -171,6 +184,9 @@ def ape_configuration(plans: dict, plans_identifier: str, name: str, settings: A
         "use_mask_for_norm": list(base["use_mask_for_norm"]) + [False] * n,
         SETTINGS_KEY: settings.to_json(),
     }
+    if base.get("next_stage") is not None:
+        entry["next_stage"] = None
+    return entry
 
 
 def add_configurations(preprocessed: Path, plans_identifier: str, entries: dict[str, APESettings],
