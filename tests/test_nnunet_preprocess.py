@@ -212,3 +212,26 @@ def test_preprocess_default_processes_is_bounded(monkeypatch):
     assert preprocess_runner.default_num_processes("cuda:0") == 2
     monkeypatch.setattr(preprocess_runner, "available_cores", lambda: 1)
     assert preprocess_runner.default_num_processes("cpu") == 1
+
+
+def _ape_entry(plans: dict, plans_identifier: str, base: str, name: str) -> None:
+    """Add a liver crop configuration on ``base`` to ``plans`` (in place)."""
+    from nnunet_ape.nnunet.ape_plans import APESettings, ape_configuration
+
+    settings = APESettings(base, ["liver"], {"liver": 1}, [], 10.0, {"localizer": "/x/loc.json", "localizer_sha256": "a"})
+    plans["configurations"][name] = ape_configuration(plans, plans_identifier, name, settings)
+
+
+def test_2d_crops_are_planned_for_the_slices_median_shape(planned, monkeypatch, tmp_path):
+    """nnU-Net plans 2d for the median's in-plane shape (its last two axes); a crop tall in z and small in-plane
+    gets a small in-plane patch, not one clamped by its number of slices."""
+    from nnunet_ape.nnunet.ape_plans import plan_for_crops
+
+    preprocessed = _copy_preprocessed(planned, tmp_path)
+    _point_nnunet(monkeypatch, planned, tmp_path)
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    _ape_entry(plans, "nnUNetPlans", "2d", "2d_ape_liver")
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps(plans))
+    update = plan_for_crops(preprocessed, "nnUNetPlans", "2d_ape_liver", [[36, 20, 16]] * 3)
+    assert update["median_image_size_in_voxels"] == [20.0, 16.0]
+    assert len(update["patch_size"]) == 2 and update["patch_size"][0] <= 24 and update["patch_size"][1] <= 16

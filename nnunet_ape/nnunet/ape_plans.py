@@ -243,11 +243,12 @@ def plan_for_crops(preprocessed: Path, plans_identifier: str, name: str, crop_sh
     config = resolved_configuration(plans, name)
     median = np.median(np.asarray(crop_shapes, dtype=np.float64), axis=0)
     n_voxels = float(np.prod(median) * len(crop_shapes))
+    in_plane = median[1:] if len(config["spacing"]) == 2 else median  # 2d: the slices' shape, as nnU-Net plans 2d
     planner = planner_for(plans, plans_identifier, preprocessed.name)
-    planned = planner.get_plans_for_configuration(np.asarray(config["spacing"]), median, config["data_identifier"], n_voxels, {})
+    planned = planner.get_plans_for_configuration(np.asarray(config["spacing"]), in_plane, config["data_identifier"], n_voxels, {})
     entry = plans["configurations"][name]
     update = {"patch_size": [int(i) for i in planned["patch_size"]], "batch_size": int(planned["batch_size"]),
-              "median_image_size_in_voxels": [float(i) for i in median], "architecture": planned["architecture"]}
+              "median_image_size_in_voxels": [float(i) for i in in_plane], "architecture": planned["architecture"]}
     recursive_fix_for_json_export(update)  # numpy numbers from the planner, as nnU-Net does before saving plans
     entry.update(update)
     entry[SETTINGS_KEY]["crop_plan"] = {"cases": len(crop_shapes), "median_crop_shape": [float(i) for i in median],
