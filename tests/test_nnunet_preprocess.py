@@ -101,11 +101,12 @@ def _copy_preprocessed(planned: dict, target: Path) -> Path:
     return target / DATASET
 
 
-def _point_nnunet(mp: pytest.MonkeyPatch, planned: dict, preprocessed_root: Path) -> None:
-    """Point nnU-Net's planner (run in process by the crop re-plan) and our commands at ``preprocessed_root``."""
+def _point_nnunet(mp: pytest.MonkeyPatch, raw_root: Path, preprocessed_root: Path) -> None:
+    """Point nnU-Net's planner (run in process by the crop re-plan) and our commands at ``raw_root`` and
+    ``preprocessed_root``."""
     from nnunetv2.experiment_planning.experiment_planners import default_experiment_planner
 
-    for name, value in (("nnUNet_raw", planned["roots"]["nnUNet_raw"]), ("nnUNet_preprocessed", preprocessed_root)):
+    for name, value in (("nnUNet_raw", raw_root), ("nnUNet_preprocessed", preprocessed_root)):
         mp.setenv(name, str(value))
         mp.setattr(default_experiment_planner, name, str(value))
 
@@ -129,7 +130,7 @@ def joint(planned, tmp_path_factory) -> tuple[Path, list]:
     nnUNet_preprocessed folder and the network passes it took."""
     preprocessed = _copy_preprocessed(planned, tmp_path_factory.mktemp("joint"))
     with pytest.MonkeyPatch.context() as mp:
-        _point_nnunet(mp, planned, preprocessed.parent)
+        _point_nnunet(mp, planned["roots"]["nnUNet_raw"], preprocessed.parent)
         passes = _count_network_passes(mp)
         _run(preprocessed, planned, CROPS)
     return preprocessed, passes
@@ -174,7 +175,7 @@ def test_configurations_together_get_one_ape_pass_per_case_and_the_files_of_sepa
     together, passes = joint
     assert len(passes) == 3  # three cases, three configurations (two maps: strided and full)
     separate = _copy_preprocessed(planned, tmp_path)
-    _point_nnunet(monkeypatch, planned, separate.parent)
+    _point_nnunet(monkeypatch, planned["roots"]["nnUNet_raw"], separate.parent)
     passes = _count_network_passes(monkeypatch)
     for configuration in CROPS:
         _run(separate, planned, [configuration])
@@ -191,7 +192,7 @@ def test_configurations_together_get_one_ape_pass_per_case_and_the_files_of_sepa
 def test_a_killed_joint_run_resumes_each_configuration_where_it_stopped(planned, joint, monkeypatch, tmp_path):
     shutil.copytree(joint[0], tmp_path / DATASET)
     preprocessed = tmp_path / DATASET
-    _point_nnunet(monkeypatch, planned, tmp_path)
+    _point_nnunet(monkeypatch, planned["roots"]["nnUNet_raw"], tmp_path)
     before = {c: _outputs(preprocessed, c) for c in CROPS}
     # killed while writing c1 of the spleen configuration: its arrays are written, its .pkl (written last) is not
     (preprocessed / f"nnUNetPlans_{CROPS[1]}" / "c1.pkl").unlink()
@@ -228,10 +229,67 @@ def test_2d_crops_are_planned_for_the_slices_median_shape(planned, monkeypatch, 
     from nnunet_ape.nnunet.ape_plans import plan_for_crops
 
     preprocessed = _copy_preprocessed(planned, tmp_path)
-    _point_nnunet(monkeypatch, planned, tmp_path)
+    _point_nnunet(monkeypatch, planned["roots"]["nnUNet_raw"], tmp_path)
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     _ape_entry(plans, "nnUNetPlans", "2d", "2d_ape_liver")
     (preprocessed / "nnUNetPlans.json").write_text(json.dumps(plans))
     update = plan_for_crops(preprocessed, "nnUNetPlans", "2d_ape_liver", [[36, 20, 16]] * 3)
     assert update["median_image_size_in_voxels"] == [20.0, 16.0]
     assert len(update["patch_size"]) == 2 and update["patch_size"][0] <= 24 and update["patch_size"][1] <= 16
+
+
+def _large_planned_dataset(root: Path, plans_identifier: str, target_gb: float) -> Path:
+    """A dataset of 300 CTs of 160 x 256 x 256 voxels, as far as nnU-Net's planner sees it (dataset.json and
+    fingerprint; no images), its 3d_fullres planned by nnU-Net's default planner for ``target_gb`` and a liver crop
+    configuration added; returns its nnUNet_preprocessed folder (nnU-Net's paths must point at ``root``)."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    raw, preprocessed = root / "raw" / "Dataset778_Large", root / "pre" / "Dataset778_Large"
+    for folder in (raw / "imagesTr", preprocessed):
+        folder.mkdir(parents=True)
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "numTraining": 300, "file_ending": ".nii.gz"}
+    (raw / "dataset.json").write_text(json.dumps(dataset))
+    (preprocessed / "dataset.json").write_text(json.dumps(dataset))
+    (preprocessed / "dataset_fingerprint.json").write_text(json.dumps({"median_relative_size_after_cropping": 1.0}))
+    planner = ExperimentPlanner("Dataset778_Large", gpu_memory_target_in_gb=target_gb, plans_name=plans_identifier)
+    median = np.array([160.0, 256.0, 256.0])
+    fullres = planner.get_plans_for_configuration(np.ones(3), median, f"{plans_identifier}_3d_fullres", float(np.prod(median) * 300), {})
+    plans = {"dataset_name": "Dataset778_Large", "plans_name": plans_identifier, "experiment_planner_used": "ExperimentPlanner",
+             "configurations": {"3d_fullres": fullres}}
+    recursive_fix_for_json_export(plans)
+    _ape_entry(plans, plans_identifier, "3d_fullres", "3d_fullres_ape_liver")
+    (preprocessed / f"{plans_identifier}.json").write_text(json.dumps(plans))
+    return preprocessed
+
+
+@pytest.mark.parametrize("plans_identifier", ["nnUNetPlans_24G", "nnUNetPlans_large"])
+def test_crops_are_planned_for_the_gpu_memory_target_of_the_plans_they_extend(plans_identifier, monkeypatch, tmp_path):
+    """Plans made with -gpu_memory_target 24 (nnU-Net keeps no record of it): the crops are planned for 24 GB, not
+    for the planner's default 8 GB: found from the plans name, or from the base configuration's stored patch and
+    batch size."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    from nnunet_ape.nnunet.ape_plans import plan_for_crops
+
+    _point_nnunet(monkeypatch, tmp_path / "raw", tmp_path / "pre")
+    preprocessed = _large_planned_dataset(tmp_path, plans_identifier, 24)
+    crops = [[96, 160, 160]] * 300
+    update = plan_for_crops(preprocessed, plans_identifier, "3d_fullres_ape_liver", crops)
+    crop_plan = json.loads((preprocessed / f"{plans_identifier}.json").read_text())["configurations"]["3d_fullres_ape_liver"]["nnunet_ape"]["crop_plan"]
+    planner = ExperimentPlanner("Dataset778_Large", plans_name=plans_identifier)
+    cache: dict = {}
+    base = json.loads((preprocessed / f"{plans_identifier}.json").read_text())["configurations"]["3d_fullres"]
+
+    def plan(target: float, median, data_identifier: str) -> tuple:
+        planner.UNet_vram_target_GB = target
+        p = planner.get_plans_for_configuration(np.ones(3), np.asarray(median, dtype=float), data_identifier,
+                                                float(np.prod(median) * 300), cache)
+        return [int(i) for i in p["patch_size"]], int(p["batch_size"])
+
+    assert plan(8, crops[0], "x") != plan(24, crops[0], "x")  # the target matters for these crops
+    assert (update["patch_size"], update["batch_size"]) == plan(24, crops[0], "x")
+    target = crop_plan["gpu_memory_target_gb"]
+    assert target == 24 and plan(target, base["median_image_size_in_voxels"], "y") == (base["patch_size"], base["batch_size"])
+    how = "the plans name" if plans_identifier.endswith("_24G") else "derived"  # else the nearest common GPU size
+    assert crop_plan["gpu_memory_target_from"].startswith(how)

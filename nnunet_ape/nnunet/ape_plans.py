@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -219,18 +220,100 @@ def _same_settings(a: dict, b: dict) -> bool:
 
 
 def planner_for(plans: dict, plans_identifier: str, dataset_name: str):
-    """nnU-Net's experiment planner that made these plans (ResEnc M/L/XL by plans name or network class, else the
-    default planner), built for ``dataset_name``."""
+    """nnU-Net's experiment planner that made these plans (the class the plans name as ``experiment_planner_used``;
+    for plans without it ResEnc M/L/XL by plans name or network class, else the default planner), built for
+    ``dataset_name`` with its default GPU memory target (see :func:`memory_target_gb`)."""
+    return _planner_class(plans, plans_identifier)(dataset_name, plans_name=plans_identifier)
+
+
+def _planner_class(plans: dict, plans_identifier: str) -> type:
+    import nnunetv2
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners as resenc
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
+    used = plans.get("experiment_planner_used")
+    if used:  # nnU-Net looks its planners up by name in this package (-pl), as here
+        cls = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "experiment_planning"), used,
+                                          current_module="nnunetv2.experiment_planning")
+        if cls is not None:
+            return cls
     by_name = {"nnUNetResEncUNetMPlans": resenc.nnUNetPlannerResEncM, "nnUNetResEncUNetLPlans": resenc.nnUNetPlannerResEncL,
                "nnUNetResEncUNetXLPlans": resenc.nnUNetPlannerResEncXL}
     cls = by_name.get(plans_identifier)
     if cls is None:
         network = json.dumps(plans["configurations"])
         cls = resenc.ResEncUNetPlanner if "ResidualEncoderUNet" in network else ExperimentPlanner
-    return cls(dataset_name, plans_name=plans_identifier)
+    return cls
+
+
+def _replan(planner, config: dict, median: np.ndarray, n_voxels: float, target_gb: float, cache: dict) -> dict:
+    """nnU-Net's ``get_plans_for_configuration`` for ``config``'s spacing and ``median`` (2 entries for 2d) with a
+    GPU memory target of ``target_gb``; ``cache`` is the planner's own cache of network memory estimates."""
+    planner.UNet_vram_target_GB = target_gb
+    return planner.get_plans_for_configuration(np.asarray(config["spacing"]), median, config["data_identifier"], n_voxels, cache)
+
+
+def _dataset_voxels(plans: dict, config: dict, n_training: int) -> float:
+    """nnU-Net's ``approximate_n_voxels_dataset`` of a stock configuration: the full-resolution median's voxels (for
+    2d too) times the training cases."""
+    median = config["median_image_size_in_voxels"]
+    if len(config["spacing"]) == 2 and "3d_fullres" in plans["configurations"]:
+        median = resolved_configuration(plans, "3d_fullres")["median_image_size_in_voxels"]
+    return float(np.prod(median, dtype=np.float64) * n_training)
+
+
+_TARGETS: dict[str, tuple[float, str]] = {}  # found memory targets, by planner and configuration
+COMMON_TARGETS_GB = (8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 141)  # GPUs' memory sizes
+
+
+def memory_target_gb(planner, plans: dict, plans_identifier: str, base: str) -> tuple[float, str]:
+    """The GPU memory target (GB) that the stock configuration ``base`` was planned for, and how it was found.
+    nnU-Net does not store it (``-gpu_memory_target``, or the ResEnc presets' 8/24/40 GB), so it is a target for which
+    ``planner`` plans ``base`` again to its stored patch and batch size: the number in a plans name such as
+    ``nnUNetResEncUNetLPlans_40G`` if that one does, else the planner's default if that does, else one found by
+    bisection (planned patch volume, then batch size, grow with the target), replaced by the nearest common GPU
+    size (:data:`COMMON_TARGETS_GB`) or whole number of GB that still does (a range of targets plans the base
+    alike; the crops may differ within it). Plans that no target reproduces (edited by hand) give the planner's
+    default."""
+    config = resolved_configuration(plans, base)
+    default = float(planner.UNet_vram_target_GB)
+    stored = (tuple(int(i) for i in config["patch_size"]), int(config["batch_size"]))
+    key = json.dumps([type(planner).__name__, plans_identifier, config], sort_keys=True, default=str)
+    if key in _TARGETS:
+        return _TARGETS[key]
+    n_voxels = _dataset_voxels(plans, config, int(planner.dataset_json["numTraining"]))
+    cache: dict = {}
+
+    def planned(target: float) -> tuple:
+        p = _replan(planner, config, np.asarray(config["median_image_size_in_voxels"]), n_voxels, target, cache)
+        return tuple(int(i) for i in p["patch_size"]), int(p["batch_size"])
+
+    def size(result: tuple) -> tuple:
+        return int(np.prod(result[0])), result[1]
+
+    named = re.search(r"_(\d+(?:\.\d+)?)G(?:B)?$", plans_identifier)
+    found = None
+    for target, how in ((float(named.group(1)) if named else None, "the plans name"), (default, "the planner's default")):
+        if target is not None and planned(target) == stored:
+            found = (target, f"{how}; it plans '{base}' as stored")
+            break
+    low, high = 0.5, 1024.0
+    for _ in range(40 if found is None else 0):  # bisection in log space
+        middle = float(np.sqrt(low * high))
+        result = planned(middle)
+        if result == stored:  # a target in the range that plans so; a round one users give, where one is in it
+            near = sorted((t for t in (*COMMON_TARGETS_GB, round(middle)) if 0.67 < t / middle < 1.5),
+                          key=lambda t: (t not in COMMON_TARGETS_GB, abs(np.log(t / middle))))
+            target = next((float(t) for t in near if planned(t) == stored), round(middle, 2))
+            found = (target, f"derived: it plans '{base}' as stored")
+            break
+        low, high = (middle, high) if size(result) < size(stored) else (low, middle)
+    if found is None:
+        found = (default, f"the planner's default: no target plans '{base}' as stored")
+    planner.UNet_vram_target_GB = default
+    _TARGETS[key] = found
+    return found
 
 
 def plan_for_crops(preprocessed: Path, plans_identifier: str, name: str, crop_shapes: list[tuple[int, ...]]) -> dict:
@@ -241,18 +324,20 @@ def plan_for_crops(preprocessed: Path, plans_identifier: str, name: str, crop_sh
 
     plans = read_plans(preprocessed, plans_identifier)
     config = resolved_configuration(plans, name)
+    entry = plans["configurations"][name]
     median = np.median(np.asarray(crop_shapes, dtype=np.float64), axis=0)
     n_voxels = float(np.prod(median) * len(crop_shapes))
     in_plane = median[1:] if len(config["spacing"]) == 2 else median  # 2d: the slices' shape, as nnU-Net plans 2d
     planner = planner_for(plans, plans_identifier, preprocessed.name)
-    planned = planner.get_plans_for_configuration(np.asarray(config["spacing"]), in_plane, config["data_identifier"], n_voxels, {})
-    entry = plans["configurations"][name]
+    target, how = memory_target_gb(planner, plans, plans_identifier, entry["inherits_from"])
+    planned = _replan(planner, config, in_plane, n_voxels, target, {})
     update = {"patch_size": [int(i) for i in planned["patch_size"]], "batch_size": int(planned["batch_size"]),
               "median_image_size_in_voxels": [float(i) for i in in_plane], "architecture": planned["architecture"]}
     recursive_fix_for_json_export(update)  # numpy numbers from the planner, as nnU-Net does before saving plans
     entry.update(update)
     entry[SETTINGS_KEY]["crop_plan"] = {"cases": len(crop_shapes), "median_crop_shape": [float(i) for i in median],
-                                        "base_patch_size": resolved_configuration(plans, entry["inherits_from"])["patch_size"]}
+                                        "base_patch_size": resolved_configuration(plans, entry["inherits_from"])["patch_size"],
+                                        "gpu_memory_target_gb": target, "gpu_memory_target_from": how}
     write_plans(preprocessed, plans_identifier, plans, backup=False)
     return update
 
