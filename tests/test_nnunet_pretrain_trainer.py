@@ -90,6 +90,165 @@ print(json.dumps(out))
 '''
 
 
+def _tiny_plans(architecture: str, patch: list[int]) -> dict:
+    """Plans of one configuration ``3d_fullres`` with a tiny ``PlainConvUNet`` or ``ResidualEncoderUNet``."""
+    kwargs = {"n_stages": 3, "features_per_stage": [4, 8, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
+              "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage_decoder": [1, 1],
+              "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+              "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+              "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    kwargs["n_blocks_per_stage" if architecture == "ResidualEncoderUNet" else "n_conv_per_stage"] = [1, 1, 1]
+    module = "residual_unet" if architecture == "ResidualEncoderUNet" else "unet"
+    configuration = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
+                     "batch_size": 2, "patch_size": patch, "spacing": [2.0, 1.5, 1.5][: len(patch)],
+                     "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+                     "architecture": {"network_class_name": f"dynamic_network_architectures.architectures.{module}.{architecture}",
+                                      "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
+    return {"dataset_name": "Dataset501_Abd", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+            "configurations": {"3d_fullres": configuration}}
+
+
+def _views(seed: int, inside: bool = True) -> dict:
+    """A batch of one view pair ``{"data": (2, 1, 16, 16, 16), "target": (2, 4, 16, 16, 16)}`` of a 32^3 case, the
+    second view shifted by (3, 2, 0) voxels (as ViewPairDataLoader makes them); ``inside`` False: both in padding."""
+    from nnunet_ape.nnunet.view_pairs import position_channels
+
+    generator = torch.Generator().manual_seed(seed)
+    boxes = [[[0, 16]] * 3, [[3, 19], [2, 18], [0, 16]]]
+    target = torch.stack([position_channels(box, (32, 32, 32), np.array([2.0, 1.5, 1.5]), 0, (0, 32)) for box in boxes])
+    if not inside:
+        target[:, 3] = 0
+    return {"data": torch.randn(2, 1, 16, 16, 16, generator=generator), "target": target, "keys": [f"case{seed}"] * 2}
+
+
+def _bare_trainer(network, batches, log: list):
+    """An ``nnUNetTrainerAPEPretrain`` around ``network`` with nnU-Net's optimizer, CPU, no AMP, what ``train_step``
+    uses and nothing else (nnU-Net's DDP trainer wants CUDA devices)."""
+    from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
+
+    trainer = nnUNetTrainerAPEPretrain.__new__(nnUNetTrainerAPEPretrain)
+    trainer.network, trainer.device, trainer.grad_scaler, trainer.points = network, torch.device("cpu"), None, 300
+    trainer.optimizer = torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    trainer.dataloader_train = trainer.dataloader_val = iter(batches)
+    trainer.print_to_log_file = lambda *args, **kwargs: log.append(" ".join(map(str, args)))
+    return trainer
+
+
+def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """One of ``world`` gloo processes: the output norm alone on this rank's part of a batch, then 3 training steps
+    of each architecture as nnU-Net wraps it for DDP (SyncBatchNorm conversion, DDP with its defaults). Saves what
+    the test compares to ``folder``."""
+    import torch.distributed as dist
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nnunet_ape.nnunet.pretrain_trainer import OutputNorm, nnUNetTrainerAPEPretrain
+
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        norm = OutputNorm(3)
+        x = torch.randn(world * 2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(7)) * 3 + torch.arange(world * 2).view(-1, 1, 1, 1, 1)
+        part = x[2 * rank : 2 * rank + 2].clone().requires_grad_(True)
+        y = norm(part)
+        (y * torch.arange(y.numel()).view_as(y).float().sin()).sum().backward()
+        out["norm"] = {"y": y.detach(), "grad": part.grad, "mean": norm.running_mean.clone(), "var": norm.running_var.clone()}
+        for architecture in ("PlainConvUNet", "ResidualEncoderUNet"):
+            plans = PlansManager(_tiny_plans(architecture, [16, 16, 16]))
+            torch.manual_seed(0)
+            network = nnUNetTrainerAPEPretrain.build_network_architecture(plans, plans.get_configuration("3d_fullres"), 1, 3, False)
+            network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(network))  # nnUNetTrainer.initialize, on CPU
+            log: list[str] = []
+            batches = [_views(10 * rank + i) for i in range(3)]
+            trainer = _bare_trainer(network, batches, log)
+            losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"]) for _ in range(3)]
+            out[architecture] = {"losses": losses, "log": log, "mean": trainer.output_norm.running_mean.clone(),
+                                 "var": trainer.output_norm.running_var.clone(),
+                                 "weights": {k: v.clone() for k, v in network.module.state_dict().items()}}
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pretraining_under_ddp_passes_iteration_two_and_syncs_the_output_norm(tmp_path):
+    """nnUNetTrainerAPEPretrain's network and train_step under DDP, 2 gloo processes on CPU: past the second
+    iteration (the deep-supervision heads it does not compute are frozen), the output norm normalizes with the
+    statistics of both processes' batches (as one BatchNorm on the whole batch, gradients included) and both keep the
+    same running statistics and weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    # the norm alone: each rank's part of one BatchNorm over the whole batch, with its gradient
+    x = torch.randn(4, 3, 4, 4, 4, generator=torch.Generator().manual_seed(7)) * 3 + torch.arange(4).view(-1, 1, 1, 1, 1)
+    x.requires_grad_(True)
+    reference = torch.nn.BatchNorm3d(3, affine=False)
+    y = reference(x)
+    (y * torch.cat([torch.arange(y[:2].numel()).view_as(y[:2])] * 2).float().sin()).sum().backward()
+    for rank, out in enumerate(ranks):
+        assert torch.allclose(out["norm"]["y"], y[2 * rank : 2 * rank + 2].detach(), atol=1e-5)
+        assert torch.allclose(out["norm"]["grad"], x.grad[2 * rank : 2 * rank + 2], atol=1e-5)
+        assert torch.allclose(out["norm"]["mean"], reference.running_mean, atol=1e-6)
+        assert torch.allclose(out["norm"]["var"], reference.running_var, atol=1e-5)
+
+    for architecture in ("PlainConvUNet", "ResidualEncoderUNet"):
+        first, second = (out[architecture] for out in ranks)
+        assert all(np.isfinite(first["losses"] + second["losses"]))
+        assert torch.equal(first["mean"], second["mean"]) and torch.equal(first["var"], second["var"])
+        assert not torch.allclose(first["mean"], torch.zeros(3))  # the statistics moved
+        assert all(torch.allclose(first["weights"][k], second["weights"][k]) for k in first["weights"])
+
+
+def test_pretraining_network_keeps_the_plans_weights_with_its_output_norm_and_frozen_unused_heads():
+    """The network nnUNetTrainerAPEPretrain builds: the state dict of the plans' network (so -pretrained_weights and
+    embed load it), the deep-supervision heads it never computes frozen, and an output norm that is a non-affine
+    BatchNorm3d in one process (training and eval) and follows the network's train()/eval()."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ape.nnunet.pretrain_trainer import OutputNorm, nnUNetTrainerAPEPretrain
+
+    plans = PlansManager(_tiny_plans("PlainConvUNet", [16, 16, 16]))
+    configuration = plans.get_configuration("3d_fullres")
+    network = nnUNetTrainerAPEPretrain.build_network_architecture(plans, configuration, 1, 3, False)
+    stock = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                   configuration.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=False)
+    assert list(network.state_dict()) == list(stock.state_dict())
+    frozen = sorted(k for k, p in network.named_parameters() if not p.requires_grad)
+    assert frozen == ["decoder.seg_layers.0.bias", "decoder.seg_layers.0.weight"]  # 2 decoder stages, the last one used
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, 16)
+    out = network(x)
+    assert out.shape == (2, 3, 16, 16, 16) and torch.allclose(out.mean((0, 2, 3, 4)), torch.zeros(3), atol=1e-5)
+    network.eval()
+    stock.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        norm = network.ape_output_norm
+        expected = (stock(x) - norm.running_mean.view(1, 3, 1, 1, 1)) / (norm.running_var.view(1, 3, 1, 1, 1) + 1e-5).sqrt()
+        assert torch.allclose(network(x), expected, atol=1e-5)
+
+    trainer = nnUNetTrainerAPEPretrain.__new__(nnUNetTrainerAPEPretrain)
+    trainer.is_ddp, trainer.network, trainer.print_to_log_file = True, None, lambda *args, **kwargs: None
+    trainer.plot_network_architecture()  # under DDP no forward on the first process alone (the norm would wait)
+
+    ours, reference = OutputNorm(3), torch.nn.BatchNorm3d(3, affine=False)
+    for _ in range(3):
+        y = torch.randn(4, 3, 5, 6, 7) * 4 + 2
+        assert torch.allclose(ours(y), reference(y), atol=1e-5)
+    assert torch.allclose(ours.running_mean, reference.running_mean, atol=1e-6)
+    assert torch.allclose(ours.running_var, reference.running_var, atol=1e-5)
+    ours.eval(), reference.eval()
+    assert torch.allclose(ours(y), reference(y), atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """(env, preprocessed folder, results folder) of a raw dataset planned and preprocessed by nnU-Net, tiny plans."""

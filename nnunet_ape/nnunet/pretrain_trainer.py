@@ -4,9 +4,15 @@
 PlainConvUNet, ResEnc, ...) with a 3-channel head and no deep supervision on the paper's APE task: batches of
 overlapping view pairs of one preprocessed case (:mod:`nnunet_ape.nnunet.view_pairs`), each voxel's position in mm
 along the preprocessed axes, and the losses of ``nnunet-ape pretrain ape`` (the same functions; ``equiv`` variant by
-default). Labels are not used. The head's output passes a non-affine BatchNorm (as the standalone APE network's
-last layer), kept outside the network so that its weights are exactly nnU-Net's architecture: ``nnUNetv2_train
--pretrained_weights .../checkpoint_final.pth`` then loads everything but the segmentation head.
+default). Labels are not used. The head's output passes a non-affine batch norm (as the standalone APE network's
+last layer, :class:`OutputNorm`), a submodule of the network applied by a forward hook, whose statistics are not in
+the network's state dict: its weights stay exactly nnU-Net's architecture, and ``nnUNetv2_train -pretrained_weights
+.../checkpoint_final.pth`` loads everything but the segmentation head.
+
+Multi-GPU (``-num_gpus N``, nnU-Net's DDP): the norm is inside the module DDP wraps and computes its statistics
+over the whole batch of all processes, so every process keeps the same running statistics; the segmentation layers
+that the network computes only with deep supervision are frozen, so DDP finds no parameter without a gradient (it
+otherwise fails at the second iteration, nnU-Net issue #2571).
 
 What the checkpoints add under ``nnunet_ape`` (``nnunet-ape embed -m checkpoint_final.pth`` reads it): the output
 norm's statistics, and which patient axis (LPS) and direction each preprocessed array axis runs along in the
@@ -21,6 +27,7 @@ from os.path import join
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -32,6 +39,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_ape.checkpoint import save_atomic
 from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
+from nnunet_ape.nnunet.pretrained_weights import _module
 from nnunet_ape.nnunet.trainers import _called_by_stock_predictor, short_variant
 from nnunet_ape.nnunet.view_pairs import ViewPairDataLoader
 from nnunet_ape.pretrain.batches import BatchConfig
@@ -42,20 +50,90 @@ NNUNET_APE_FORMAT = "nnunet-ape/ape-nnunet-v1"
 EMBED_DIM = 3
 
 
-def network_axes(direction: np.ndarray, transpose_forward: list[int]) -> list[tuple[int, bool]]:
-    """For each axis of nnU-Net's preprocessed array, ``(patient axis, flipped)``: the LPS axis (0 L, 1 P, 2 S) it
-    runs along most and whether it runs against it.
+class _SumOverProcesses(torch.autograd.Function):
+    """``dist.all_reduce`` (sum) with its gradient: the gradient of a sum over processes is that sum of gradients."""
 
-    direction: the image's 3x3 direction matrix (columns: image index axes i, j, k, in LPS, as SimpleITK);
-    transpose_forward: the plans' permutation of SimpleITK's array axes (k, j, i).
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOverProcesses.apply(grad)
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes of torch.distributed (with gradient); itself in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _SumOverProcesses.apply(tensor)
+    return tensor
+
+
+class OutputNorm(nn.Module):
+    """Non-affine batch norm of an output ``(B, C, *spatial)`` per channel, in float32: in one process exactly
+    ``BatchNorm3d(C, affine=False)`` (batch statistics in training, running ones, momentum 0.1, in eval). Under
+    torch.distributed the training statistics are those of the batches of all processes (sums over processes,
+    gradients included, as SyncBatchNorm does on GPUs, but on any device and backend), so every process updates its
+    running statistics alike. They are buffers outside the state dict (``persistent=False``): the checkpoint keeps
+    them under ``nnunet_ape`` and the network's weights stay the plans' architecture."""
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(channels), persistent=False)
+        self.register_buffer("running_var", torch.ones(channels), persistent=False)
+
+    @torch.compiler.disable  # runs eagerly inside a compiled network (its collectives are not traced)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        if not self.training:
+            return (x - self.running_mean.view(shape)) / (self.running_var.view(shape) + self.eps).sqrt()
+        dims = [0] + list(range(2, x.ndim))
+        sums = sum_over_processes(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))
+        mean, count = sums[:-1] / sums[-1], sums[-1]
+        centered = x - mean.view(shape)
+        var = sum_over_processes(centered.pow(2).sum(dims)) / count
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), self.momentum)
+        return centered / (var.view(shape) + self.eps).sqrt()
+
+
+def _normalize_output(network: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the network's output through its ``ape_output_norm``."""
+    return network.ape_output_norm(output)
+
+
+def with_output_norm(network: nn.Module) -> nn.Module:
+    """``network`` with an :class:`OutputNorm` of its output, as submodule ``ape_output_norm`` applied by a forward
+    hook: nnU-Net's ``.to(device)``, ``torch.compile``, ``train()``/``eval()`` and DDP (which wraps it) all reach it."""
+    network.ape_output_norm = OutputNorm(EMBED_DIM)
+    network.register_forward_hook(_normalize_output)
+    return network
+
+
+def freeze_unused_heads(network: nn.Module) -> list[str]:
+    """Freeze the segmentation layers a network without deep supervision never computes; returns their names.
+
+    dynamic_network_architectures' decoders (PlainConvUNet, ResEnc) hold one 1x1 convolution per stage in
+    ``decoder.seg_layers`` but, with ``deep_supervision`` off, use only the last. DDP as nnU-Net wraps it
+    (``find_unused_parameters=False``) fails at the second iteration on parameters without gradients (nnU-Net issue
+    #2571); frozen parameters are left out by DDP, the optimizer and gradient clipping, and stay in the state dict.
+    A network without ``decoder.seg_layers`` is left as it is.
     """
-    direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    out = []
-    for array_axis in transpose_forward:
-        column = direction[:, 2 - array_axis]  # SimpleITK array axis 0 is image index axis k
-        patient = int(np.argmax(np.abs(column)))
-        out.append((patient, bool(column[patient] < 0)))
-    return out
+    decoder = getattr(network, "decoder", None)
+    heads = getattr(decoder, "seg_layers", None)
+    if heads is None or getattr(decoder, "deep_supervision", True):
+        return []
+    frozen = []
+    for index, head in enumerate(list(heads)[:-1]):
+        for name, parameter in head.named_parameters():
+            parameter.requires_grad_(False)
+            frozen.append(f"decoder.seg_layers.{index}.{name}")
+    return frozen
 
 
 class nnUNetTrainerAPEPretrain(nnUNetTrainer):
@@ -72,27 +150,41 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
-        self.output_norm = nn.BatchNorm3d(EMBED_DIM, affine=False)
         self.patient_axes: list[tuple[int, bool]] | None = None
         self._best_val_loss: float | None = None
 
     def initialize(self) -> None:
         super().initialize()
-        self.output_norm.to(self.device)
         # batch elements come in pairs of views of one case
         self.batch_size = 2 * max(1, (self.batch_size + 1) // 2)
+
+    @property
+    def output_norm(self) -> OutputNorm:
+        """The network's output norm (inside DDP and torch.compile's wrappers)."""
+        return _module(self.network).ape_output_norm
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """The configuration's network with an APE head (3 outputs, no deep supervision); refused (one line) when
+        """The configuration's network with an APE head: 3 outputs through :class:`OutputNorm`, no deep supervision,
+        the segmentation layers it does not compute frozen (:func:`freeze_unused_heads`). Refused (one line) when
         stock nnUNetv2_predict builds it: there is nothing to segment."""
         if _called_by_stock_predictor():
             raise SystemExit("nnunet-ape: this is an APE pretraining model, not a segmentation model; fine-tune from it "
                              "with nnUNetv2_train ... -pretrained_weights checkpoint_final.pth, or map positions with "
                              "nnunet-ape embed -m checkpoint_final.pth")
-        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        EMBED_DIM, False)
+        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                           EMBED_DIM, False)
+        freeze_unused_heads(network)
+        return with_output_norm(network)
+
+    def plot_network_architecture(self) -> None:
+        """nnU-Net's plot (with hiddenlayer installed), except under DDP: it runs the network on the first process
+        alone, whose output norm would wait for the others' statistics forever."""
+        if self.is_ddp:
+            self.print_to_log_file("nnunet-ape: no network architecture plot under DDP")
+            return
+        super().plot_network_architecture()
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """nnU-Net's rotation and scaling, no mirroring: a mirrored body would put left organs on the right."""
@@ -159,10 +251,9 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
                                    f"array axes, so embed uses the orientation of the {count} others")
         return [tuple(a) for a in axes]
 
-    def _ape_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        self.output_norm.train(self.network.training)
-        embeddings = self.output_norm(output.float())
-        return position_channel_loss(embeddings, target.float(), self.variant, self.points, self.equiv_weight)
+    def _ape_loss(self, embeddings: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The APE loss of the network's (normalized) output ``(B, 3, *patch)`` against ``target`` ``(B, 4, *patch)``."""
+        return position_channel_loss(embeddings.float(), target.float(), self.variant, self.points, self.equiv_weight)
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -261,8 +352,9 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
             torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         state = checkpoint.get("nnunet_ape", {})
         if "output_mean" in state:
-            self.output_norm.running_mean.copy_(state["output_mean"].to(self.device))
-            self.output_norm.running_var.copy_(state["output_var"].to(self.device))
+            with torch.no_grad():
+                self.output_norm.running_mean.copy_(state["output_mean"].to(self.device))
+                self.output_norm.running_var.copy_(state["output_var"].to(self.device))
         self.patient_axes = state.get("patient_axes", self.patient_axes)
         if checkpoint.get("_best_ema") is not None:
             self._best_val_loss = -float(checkpoint["_best_ema"])
