@@ -57,6 +57,52 @@ def test_intensity_augmentations_touch_the_ct_channel_only():
     assert not torch.allclose(stock["image"][1], image[1])  # what nnU-Net alone would do to it
 
 
+def _always(transform):
+    """``transform`` with every RandomTransform inside it applied every time."""
+    from batchgeneratorsv2.transforms.utils.random import OneOfTransform, RandomTransform
+
+    if isinstance(transform, RandomTransform):
+        transform.apply_probability = 1.0
+        _always(transform.transform)
+    for inner in transform.list_of_transforms if isinstance(transform, OneOfTransform) else []:
+        _always(inner)
+    return transform
+
+
+def test_other_intensity_augmentations_are_kept_off_the_embedding_channels_and_unknown_ones_refused():
+    """nnU-Net's DA5 variant (median filter, sharpening, additive brightness, local gamma, blank rectangles, in
+    OneOf groups): every transform of voxel values touches the CT channel only, every spatial one stays; a transform
+    of unknown kind stops with one line naming where to classify it."""
+    from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+
+    from nnunet_ape.nnunet.channel_augmentation import FirstChannelsOnly, intensity_on_image_channels
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    stock = nnUNetTrainerDA5.get_training_transforms((32, 32, 32), (-0.5, 0.5), None, (0, 1, 2), False)
+    wrapped = intensity_on_image_channels(stock, 1)
+    kept = [t for t in wrapped.transforms if not isinstance(t, FirstChannelsOnly)]
+    assert any(isinstance(t, SpatialTransform) for t in kept)
+    intensity = [t for t in wrapped.transforms if isinstance(t, FirstChannelsOnly) and _always(t.transform)]
+    names = repr(intensity)
+    assert all(n in names for n in ("MedianFilterTransform", "SharpeningTransform", "BrightnessAdditiveTransform",
+                                    "LocalGammaTransform", "BlankRectangleTransform"))
+    image = torch.stack([torch.randn(32, 32, 32), torch.linspace(-1, 1, 32).expand(32, 32, 32).clone()])
+    for _ in range(3):
+        out = ComposeTransforms(intensity)(image=image.clone(), segmentation=torch.zeros(1, 32, 32, 32, dtype=torch.int16))
+        assert torch.equal(out["image"][1], image[1]) and not torch.allclose(out["image"][0], image[0])
+
+    class Unknown(BasicTransform):
+        def apply(self, data_dict, **params):
+            return data_dict
+
+    with pytest.raises(TypeError, match="cannot tell whether augmentation Unknown changes intensities.*channel_augmentation.py"):
+        intensity_on_image_channels(ComposeTransforms([Unknown()]), 1)
+
+
 def test_spatial_augmentations_move_channels_with_their_voxels():
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 

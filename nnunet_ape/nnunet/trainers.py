@@ -36,11 +36,18 @@ from nnunet_ape.nnunet.organ_summary import organ_summary
 from nnunet_ape.nnunet.validation_boxes import predicted_box_dataset_class
 
 def _called_by_stock_predictor() -> bool:
-    """True inside nnU-Net's ``initialize_from_trained_model_folder`` (stock ``nnUNetv2_predict``); ``nnunet-ape
-    predict`` builds the network itself (:mod:`nnunet_ape.nnunet.trained_model`)."""
+    """True inside nnU-Net's ``nnUNetPredictor.initialize_from_trained_model_folder`` (stock ``nnUNetv2_predict``,
+    the only place nnU-Net builds a trained model's network: it calls ``build_network_architecture`` and nothing else
+    of the trainer, and has no hook to refuse with); ``nnunet-ape predict`` builds the network itself
+    (:mod:`nnunet_ape.nnunet.trained_model`). Looks for that method's own code object on the call stack, so a moved
+    file still matches; ``tests/test_nnunet_internals.py`` drives the real method and fails if nnU-Net renames or
+    restructures it."""
+    module = sys.modules.get("nnunetv2.inference.predict_from_raw_data")
+    method = getattr(getattr(module, "nnUNetPredictor", None), "initialize_from_trained_model_folder", None)
+    code = getattr(method, "__code__", None)
     frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "initialize_from_trained_model_folder" and frame.f_code.co_filename.endswith("predict_from_raw_data.py"):
+    while frame is not None and code is not None:
+        if frame.f_code is code:
             return True
         frame = frame.f_back
     return False
