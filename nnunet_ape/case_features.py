@@ -33,6 +33,7 @@ from nnunet_ape.localize.zrange import score_ct
 CHANNELS = ("ape", "bpr")
 CHANNEL_NAMES = {"ape": ("APE_x", "APE_y", "APE_z"), "bpr": ("BPR",)}
 BPR_CHANNEL_SCALE = 100.0  # calibrated landmark units (pelvis start 0, eyes end 100) -> O(1)
+CT_BELOW_HU = -200.0  # every CT has voxels below this (air -1000, lungs, gas, padding); MR, PET, normalized images do not
 
 
 @dataclass
@@ -126,6 +127,17 @@ class CaseFeatures:
     channels: np.ndarray | None
 
 
+def require_ct(ct: Volume) -> None:
+    """InputError (one line) unless ``ct`` looks like CT in Hounsfield units (some voxel below ``CT_BELOW_HU``):
+    the models were trained on CT, and the boxes and channels of another image (an MR or PET first channel, a
+    normalized array, unrescaled scanner values) would be garbage."""
+    lowest = float(np.min(ct.array))
+    if not lowest < CT_BELOW_HU:
+        raise InputError(f"the image's lowest value is {lowest:g}, none below {CT_BELOW_HU:g}: not CT in Hounsfield "
+                         f"units (air is -1000); APE needs CT as the first channel (_0000, channel_names '0' in "
+                         f"dataset.json): put the CT first")
+
+
 @torch.no_grad()
 def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None, localize_too: list[str] = ()) -> CaseFeatures:
     """Localize the organs of ``models`` on ``ct`` (HU, any orientation) and compute its channels, with one APE
@@ -137,6 +149,9 @@ def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None,
     (:func:`map_stride`): boxes need no more, and resampling a map back to every voxel of a large CT costs more than
     the network pass. Each ``models`` gets the boxes and channels it would get alone, whatever else shares ``passes``."""
     passes = {} if passes is None else passes
+    if ("ct checked",) not in passes:
+        require_ct(ct)
+        passes[("ct checked",)] = True
     embedding = scored = None
     canon = orientation = None
     map_key = bpr_key = None

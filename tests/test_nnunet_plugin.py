@@ -103,6 +103,43 @@ def test_other_intensity_augmentations_are_kept_off_the_embedding_channels_and_u
         intensity_on_image_channels(ComposeTransforms([Unknown()]), 1)
 
 
+def test_dataset_channels_trainer_keeps_intensity_augmentation_off_crop_dataset_embeddings():
+    """A crop-dataset with --channels ape bpr trained by nnUNetTrainerDatasetChannels: the intensity augmentations
+    touch the CT only; a dataset without embedding channels keeps nnU-Net's transforms as they are."""
+    from nnunet_ape.nnunet.channel_augmentation import FirstChannelsOnly, is_intensity_transform
+    from nnunet_ape.nnunet.trainers import nnUNetTrainerDatasetChannels, source_channel_count
+
+    trainer = nnUNetTrainerDatasetChannels.__new__(nnUNetTrainerDatasetChannels)
+    trainer.dataset_json = {"channel_names": {"0": "CT", "1": "noNorm", "2": "noNorm", "3": "noNorm", "4": "noNorm"},
+                            "nnunet_ape": {"kind": "crops", "channels": ["CT", "APE_x", "APE_y", "APE_z", "BPR"]}}
+    transforms = trainer.get_training_transforms((32, 32, 32), (-0.5, 0.5), None, (0, 1, 2), False).transforms
+    wrapped = [t for t in transforms if isinstance(t, FirstChannelsOnly)]
+    assert len(wrapped) == 7 and all(t.n == 1 for t in wrapped)
+    assert not any(is_intensity_transform(t) for t in transforms if not isinstance(t, FirstChannelsOnly))
+    assert source_channel_count({"channel_names": {"0": "CT", "1": "T2"}}) == 2
+    trainer.dataset_json = {"channel_names": {"0": "CT"}, "nnunet_ape": {"kind": "crops", "channels": ["CT"]}}
+    plain = trainer.get_training_transforms((32, 32, 32), (-0.5, 0.5), None, (0, 1, 2), False).transforms
+    assert not any(isinstance(t, FirstChannelsOnly) for t in plain)
+
+
+def test_boxes_and_channels_refuse_a_first_channel_that_is_not_ct():
+    """An MR (values from 0), a normalized image or unrescaled scanner values as channel 0 stops with one line
+    before any model runs (the boxes and channels would be garbage); a CT passes."""
+    from nnunet_ape.case_features import FeatureModels, case_features
+    from nnunet_ape.errors import InputError
+    from nnunet_ape.io import Volume
+
+    nothing = FeatureModels(None, [], (), None, None, None, None, "cpu")
+    rng = np.random.default_rng(0)
+    for image in (rng.uniform(0, 1200, (20, 20, 10)), rng.normal(0, 1, (20, 20, 10)), rng.uniform(0, 4095, (20, 20, 10))):
+        with pytest.raises(InputError, match=r"not CT in Hounsfield units .* put the CT first") as error:
+            case_features(nothing, Volume(image.astype(np.float32), (1.0, 1.0, 2.0)))
+        assert "\n" not in str(error.value)
+    ct = rng.uniform(-50, 80, (20, 20, 10)).astype(np.float32)
+    ct[:3] = -1000  # air beside the body
+    assert case_features(nothing, Volume(ct, (1.0, 1.0, 2.0))).channels is None
+
+
 def test_spatial_augmentations_move_channels_with_their_voxels():
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 

@@ -136,8 +136,8 @@ def _bare_trainer(network, batches, log: list):
 
 def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
     """One of ``world`` gloo processes: the output norm alone on this rank's part of a batch, then 3 training steps
-    of each architecture as nnU-Net wraps it for DDP (SyncBatchNorm conversion, DDP with its defaults). Saves what
-    the test compares to ``folder``."""
+    of each architecture as nnU-Net wraps it for DDP (SyncBatchNorm conversion, DDP with its defaults); rank 0's
+    second step draws a batch without points inside its scan. Saves what the test compares to ``folder``."""
     import torch.distributed as dist
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -161,7 +161,7 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str) -> None:
             network = nnUNetTrainerAPEPretrain.build_network_architecture(plans, plans.get_configuration("3d_fullres"), 1, 3, False)
             network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(network))  # nnUNetTrainer.initialize, on CPU
             log: list[str] = []
-            batches = [_views(10 * rank + i) for i in range(3)]
+            batches = [_views(10 * rank + i, inside=not (rank == 0 and i == 1)) for i in range(4)]
             trainer = _bare_trainer(network, batches, log)
             losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"]) for _ in range(3)]
             out[architecture] = {"losses": losses, "log": log, "mean": trainer.output_norm.running_mean.clone(),
@@ -176,7 +176,7 @@ def test_pretraining_under_ddp_passes_iteration_two_and_syncs_the_output_norm(tm
     """nnUNetTrainerAPEPretrain's network and train_step under DDP, 2 gloo processes on CPU: past the second
     iteration (the deep-supervision heads it does not compute are frozen), the output norm normalizes with the
     statistics of both processes' batches (as one BatchNorm on the whole batch, gradients included) and both keep the
-    same running statistics and weights."""
+    same running statistics and weights; a batch without points inside its scan is skipped on one rank alone."""
     import socket
 
     import torch.multiprocessing as mp
@@ -205,6 +205,7 @@ def test_pretraining_under_ddp_passes_iteration_two_and_syncs_the_output_norm(tm
         assert torch.equal(first["mean"], second["mean"]) and torch.equal(first["var"], second["var"])
         assert not torch.allclose(first["mean"], torch.zeros(3))  # the statistics moved
         assert all(torch.allclose(first["weights"][k], second["weights"][k]) for k in first["weights"])
+        assert len(first["log"]) == 1 and "without points inside its scan" in first["log"][0] and not second["log"]
 
 
 def test_pretraining_network_keeps_the_plans_weights_with_its_output_norm_and_frozen_unused_heads():
@@ -247,6 +248,33 @@ def test_pretraining_network_keeps_the_plans_weights_with_its_output_norm_and_fr
     assert torch.allclose(ours.running_var, reference.running_var, atol=1e-5)
     ours.eval(), reference.eval()
     assert torch.allclose(ours(y), reference(y), atol=1e-5)
+
+
+def test_a_batch_without_points_inside_its_scan_is_skipped_and_logged():
+    """position_channel_loss has no loss for a batch whose views all lie in padding; the trainer takes the next
+    batch instead (training and validation) and logs the skipped one, instead of ending a long run."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
+
+    plans = PlansManager(_tiny_plans("PlainConvUNet", [16, 16, 16]))
+    network = nnUNetTrainerAPEPretrain.build_network_architecture(plans, plans.get_configuration("3d_fullres"), 1, 3, False)
+    log: list[str] = []
+    trainer = _bare_trainer(network, [_views(1), _views(2, inside=False), _views(3)], log)
+    assert np.isfinite(trainer.train_step(_views(0, inside=False))["loss"])
+    assert len(log) == 1 and "case0 without points inside its scan" in log[0]
+    network.eval()
+    assert np.isfinite(trainer.validation_step(_views(4, inside=False))["loss"])
+    assert len(log) == 3  # the validation batch, then the next one drawn
+
+
+def test_2d_pretraining_is_refused_with_one_line():
+    from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
+
+    plans = {**_tiny_plans("PlainConvUNet", [64, 64]), "continue_training": False}
+    with pytest.raises(SystemExit, match=r"needs a 3d configuration; '3d_fullres' has 2-d patches \[64, 64\]"):
+        nnUNetTrainerAPEPretrain(plans, "3d_fullres", 0, {"channel_names": {"0": "CT"}, "labels": {"background": 0}},
+                                 torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ the network's state dict: its weights stay exactly nnU-Net's architecture, and `
 Multi-GPU (``-num_gpus N``, nnU-Net's DDP): the norm is inside the module DDP wraps and computes its statistics
 over the whole batch of all processes, so every process keeps the same running statistics; the segmentation layers
 that the network computes only with deep supervision are frozen, so DDP finds no parameter without a gradient (it
-otherwise fails at the second iteration, nnU-Net issue #2571).
+otherwise fails at the second iteration, nnU-Net issue #2571). 2d configurations are refused (the view-pair loader
+is 3-d only), and a batch without points inside its scan is skipped and logged instead of stopping the run.
 
 What the checkpoints add under ``nnunet_ape`` (``nnunet-ape embed -m checkpoint_final.pth`` reads it): the output
 norm's statistics, and which patient axis (LPS) and direction each preprocessed array axis runs along in the
@@ -34,6 +35,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
 from torch._dynamo import OptimizedModule
 
@@ -43,11 +45,12 @@ from nnunet_ape.nnunet.pretrained_weights import _module
 from nnunet_ape.nnunet.trainers import _called_by_stock_predictor, short_variant
 from nnunet_ape.nnunet.view_pairs import ViewPairDataLoader
 from nnunet_ape.pretrain.batches import BatchConfig
-from nnunet_ape.pretrain.position_channels import position_channel_loss
+from nnunet_ape.pretrain.position_channels import has_points_inside, position_channel_loss
 from nnunet_ape.training_log import plot_epoch_losses
 
 NNUNET_APE_FORMAT = "nnunet-ape/ape-nnunet-v1"
 EMBED_DIM = 3
+MAX_SKIPPED_BATCHES = 50  # consecutive batches without points inside their scan before a run gives up
 
 
 class _SumOverProcesses(torch.autograd.Function):
@@ -136,6 +139,31 @@ def freeze_unused_heads(network: nn.Module) -> list[str]:
     return frozen
 
 
+def refuse_2d(plans: dict, configuration: str) -> None:
+    """SystemExit (one line) when ``configuration`` has 2-d patches: the view-pair loader and the position
+    channels are 3-d (nnU-Net's 2d loader takes 2-d slices of 3-d cases, ``patch_size_was_2d``; ours does not)."""
+    patch = PlansManager(plans).get_configuration(configuration).patch_size
+    if len(patch) != 3:
+        raise SystemExit(f"nnunet-ape: APE pretraining needs a 3d configuration; '{configuration}' has {len(patch)}-d "
+                         f"patches {list(patch)}; pretrain with 3d_fullres (or 3d_lowres)")
+
+
+def network_axes(direction: np.ndarray, transpose_forward: list[int]) -> list[tuple[int, bool]]:
+    """For each axis of nnU-Net's preprocessed array, ``(patient axis, flipped)``: the LPS axis (0 L, 1 P, 2 S) it
+    runs along most and whether it runs against it.
+
+    direction: the image's 3x3 direction matrix (columns: image index axes i, j, k, in LPS, as SimpleITK);
+    transpose_forward: the plans' permutation of SimpleITK's array axes (k, j, i).
+    """
+    direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    out = []
+    for array_axis in transpose_forward:
+        column = direction[:, 2 - array_axis]  # SimpleITK array axis 0 is image index axis k
+        patient = int(np.argmax(np.abs(column)))
+        out.append((patient, bool(column[patient] < 0)))
+    return out
+
+
 class nnUNetTrainerAPEPretrain(nnUNetTrainer):
     """APE pretraining with the plans' network (module docstring). Class attributes set the task: ``variant`` and
     ``equiv_weight`` as ``pretrain ape``, ``points`` (N: points per batch), ``max_shift`` (pair offset, fraction of the
@@ -148,6 +176,7 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
     max_scan_fraction = BatchConfig.max_scan_fraction
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
+        refuse_2d(plans, configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
         self.patient_axes: list[tuple[int, bool]] | None = None
@@ -255,7 +284,21 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
         """The APE loss of the network's (normalized) output ``(B, 3, *patch)`` against ``target`` ``(B, 4, *patch)``."""
         return position_channel_loss(embeddings.float(), target.float(), self.variant, self.points, self.equiv_weight)
 
+    def _usable_batch(self, batch: dict, source) -> dict:
+        """``batch``, or the next batch of ``source`` with points inside its scan: a batch without any (a view pair
+        entirely in padding) has no loss; it is skipped and logged, not allowed to stop a days-long run. Decided
+        before the network runs, so that every DDP process runs the same collectives."""
+        for _ in range(MAX_SKIPPED_BATCHES):
+            if has_points_inside(batch["target"]):
+                return batch
+            self.print_to_log_file(f"nnunet-ape: skipped a batch of case {batch.get('keys', ['?'])[0]} without points "
+                                   f"inside its scan (no APE loss)")
+            batch = next(source)
+        raise RuntimeError(f"nnunet-ape: {MAX_SKIPPED_BATCHES} batches in a row had no points inside their scans; "
+                           f"check the preprocessed cases (empty or tiny images?)")
+
     def train_step(self, batch: dict) -> dict:
+        batch = self._usable_batch(batch, self.dataloader_train)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -276,6 +319,7 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
 
     @torch.no_grad()
     def validation_step(self, batch: dict) -> dict:
+        batch = self._usable_batch(batch, self.dataloader_val)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():

@@ -17,6 +17,9 @@ What they change in nnU-Net's trainer, and nothing else:
 - ``-pretrained_weights`` from a model with fewer input channels works (new channels start at zero weight);
 - stock ``nnUNetv2_predict`` cannot make crops or channels, so on these models it stops with one line naming
   ``nnunet-ape predict``.
+
+``nnUNetTrainerDatasetChannels`` is stock nnU-Net training for the datasets ``crop-dataset --channels`` and
+``channels-dataset`` write, with the intensity augmentations kept off their embedding channels.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from copy import deepcopy
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ape.case_features import CHANNEL_NAMES
 from nnunet_ape.nnunet import pretrained_weights
 from nnunet_ape.nnunet.ape_plans import TRAINER_FOR_KIND, APESettings, resolved_configuration, settings_of
 from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
@@ -152,6 +156,33 @@ class nnUNetTrainerAPECropChannels(nnUNetTrainerAPE):
     """Organ crops + embedding channels (the embeddings of the whole CT, cropped)."""
 
 
+def source_channel_count(dataset_json: dict) -> int:
+    """How many leading input channels of a ``crop-dataset``/``channels-dataset`` dataset are image channels: its
+    ``channel_names`` less the embedding channels that ``dataset.json["nnunet_ape"]["channels"]`` names (APE_x,
+    APE_y, APE_z, BPR; they come last). All channels for any other dataset."""
+    embedding = {name for names in CHANNEL_NAMES.values() for name in names}
+    listed = (dataset_json.get("nnunet_ape") or {}).get("channels") or []
+    return len(dataset_json["channel_names"]) - sum(1 for name in listed if name in embedding)
+
+
+class nnUNetTrainerDatasetChannels(nnUNetTrainer):
+    """Stock nnU-Net training for a dataset that ``crop-dataset --channels`` or ``channels-dataset`` wrote: nnU-Net's
+    intensity augmentations touch its image channels only, not the embedding channels (positions, which stock
+    training would scale, blur and gamma-correct). Nothing else differs: stock ``nnUNetv2_predict -tr`` this trainer
+    predicts with it."""
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+                                use_mask_for_norm=None, is_cascaded=False, foreground_labels=None, regions=None, ignore_label=None):
+        """nnU-Net's training transforms, intensity augmentations on the image channels only."""
+        transforms = nnUNetTrainer.get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                                           do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded,
+                                                           foreground_labels, regions, ignore_label)
+        n_source = source_channel_count(self.dataset_json)
+        if n_source < len(self.dataset_json["channel_names"]):
+            transforms = intensity_on_image_channels(transforms, n_source)
+        return transforms
+
+
 def short_variant(base: type, suffix: str, epochs: int, iterations: int | None = None, validation_mirroring: bool = True,
                   module: str = __name__) -> type:
     """``base`` trained for ``epochs`` epochs (of ``iterations`` iterations, validation ``iterations // 2``), named
@@ -178,8 +209,8 @@ def short_variant(base: type, suffix: str, epochs: int, iterations: int | None =
     return type(name, (base,), attributes)
 
 
-__all__ = ["nnUNetTrainerAPECrop", "nnUNetTrainerAPEChannels", "nnUNetTrainerAPECropChannels"]
-for _base in (nnUNetTrainerAPECrop, nnUNetTrainerAPEChannels, nnUNetTrainerAPECropChannels):
+__all__ = ["nnUNetTrainerAPECrop", "nnUNetTrainerAPEChannels", "nnUNetTrainerAPECropChannels", "nnUNetTrainerDatasetChannels"]
+for _base in (nnUNetTrainerAPECrop, nnUNetTrainerAPEChannels, nnUNetTrainerAPECropChannels, nnUNetTrainerDatasetChannels):
     for _variant in (short_variant(_base, "_1epoch", 1), short_variant(_base, "_5epochs", 5),
                      short_variant(_base, "_smoke", 1, iterations=5, validation_mirroring=False)):
         globals()[_variant.__name__] = _variant

@@ -17,6 +17,12 @@ INSIDE = 0.999  # a voxel counts as inside the scan when its (interpolated) insi
 MIN_POINTS = 8  # a pair whose views share fewer points is left out of the batch
 
 
+def has_points_inside(target: torch.Tensor) -> bool:
+    """True when some view of ``target`` ``(V, 4, X, Y, Z)`` has at least MIN_POINTS voxels inside its scan: the
+    batches :func:`position_channel_loss` has a loss for (it raises on the others)."""
+    return bool(((target[:, 3] >= INSIDE).flatten(1).sum(1) >= MIN_POINTS).any())
+
+
 def affine_fit(positions: torch.Tensor, inside: torch.Tensor, samples: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares ``position = index @ A + t`` of one view: positions ``(3, X, Y, Z)`` mm, inside ``(X, Y, Z)``
     bool. Returns ``A (3, 3)`` and ``t (3,)`` (float64), fitted on at most ``samples`` inside voxels."""
@@ -96,6 +102,6 @@ def position_channel_loss(
             return loss_from_points(a, b, positions, variant, equiv_weight)
     views = single_view_points(target, max(1, points // len(target)))
     if not views:
-        raise ValueError("no view of this batch lies inside its scan")
+        raise ValueError("no view of this batch lies inside its scan (check has_points_inside before)")
     a = torch.cat([read(view, coords) for view, coords, _ in views])
     return loss_from_points(a, a, torch.cat([p for _, _, p in views]), "naive")
