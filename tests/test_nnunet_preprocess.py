@@ -30,17 +30,18 @@ def _ellipsoid(center: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarra
 
 
 def _write_case(raw: Path, case: str, seed: int) -> None:
-    """A CT (HU: air, body, liver, spleen, noise) and its labels: liver 1, spleen 2, and an ignored band of
-    slices (3) across the body, as sparse annotations have."""
+    """A CT (HU: air, body, liver, spleen, noise) and its labels: liver 1, spleen 2, and the body's unlabeled
+    voxels of two slices through both organs ignored (3), as sparse annotations have."""
     rng = np.random.default_rng(seed)
     shift = rng.integers(-3, 4, size=3)
     body = _ellipsoid((24, 22, 18), (21, 17, 40))
     liver = _ellipsoid(tuple(np.array([16, 20, 20]) + shift), (8, 7, 6))
     spleen = _ellipsoid(tuple(np.array([34, 24, 16]) + shift), (4, 4, 5)) & ~liver
     hu = np.where(body, 40.0, -1000.0) + np.where(liver, 30.0, 0) + np.where(spleen, 60.0, 0)
-    hu += rng.normal(0, 10, SHAPE)
+    hu = np.round(hu + rng.normal(0, 10, SHAPE))
+    hu[hu == 0] = 1  # no zero voxels: nnU-Net's nonzero crop keeps every voxel (and marks none -1)
     label = np.where(liver, 1, np.where(spleen, 2, 0)).astype(np.uint8)
-    label[:, :, 2:4][body[:, :, 2:4] & (label[:, :, 2:4] == 0)] = 3
+    label[:, :, 17:19][body[:, :, 17:19] & (label[:, :, 17:19] == 0)] = 3
     for array, folder, name in ((hu.astype(np.int16), "imagesTr", f"{case}_0000"), (label, "labelsTr", case)):
         image = sitk.GetImageFromArray(array.transpose(2, 1, 0))
         image.SetSpacing(SPACING)
@@ -204,6 +205,20 @@ def test_a_killed_joint_run_resumes_each_configuration_where_it_stopped(planned,
     for c in CROPS:
         assert _same(_outputs(preprocessed, c), before[c]), c
 
+
+def test_crops_keep_the_ignore_label(planned, joint):
+    """Sparse annotations: the ignore label's voxels in a crop stay ignored (nnU-Net leaves them out of the loss);
+    only the other organs' labels become background."""
+    preprocessed, _ = joint
+    raw = planned["roots"]["nnUNet_raw"] / DATASET
+    for configuration, organ in ((CROPS[0], 1), (CROPS[1], 2)):
+        for case, entry in _outputs(preprocessed, configuration)["cases"].items():
+            box = np.asarray(entry["properties"]["nnunet_ape"]["box_voxels"])
+            source = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{case}.nii.gz"))).transpose(2, 1, 0)
+            inside = source[tuple(slice(a, b) for a, b in zip(*box))]
+            assert (inside == 3).any()
+            assert set(np.unique(entry["seg"])) == {0, organ, 3}, (configuration, case)
+            assert np.count_nonzero(entry["seg"] == 3) == np.count_nonzero(inside == 3)  # the same grid: no resampling
 
 def test_preprocess_default_processes_is_bounded(monkeypatch):
     from nnunet_ape.nnunet import preprocess_runner

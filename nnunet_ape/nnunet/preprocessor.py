@@ -4,7 +4,8 @@ appends APE/BPR channels, as the configuration's ``nnunet_ape`` settings say.
 Per case, one APE (and one BPR) pass on the whole CT gives the localizer's boxes and the channels
 (:func:`nnunet_ape.case_features.case_features`). With a label map (training cases) the box is grown to hold the
 chosen organs' whole label plus the margin (:func:`nnunet_ape.crop_geometry.grow_to_contain`) and the other labels
-become background. The crop is cut in the source's own voxel grid; then nnU-Net's own steps run (transpose,
+become background (the ignore label, where the dataset has one, stays: its voxels are unannotated, not
+background). The crop is cut in the source's own voxel grid; then nnU-Net's own steps run (transpose,
 nonzero crop, normalization, resampling) and the crop is composed into nnU-Net's ``bbox_used_for_cropping`` and
 ``shape_before_cropping``, so that nnU-Net's export pastes every prediction back into the full image by itself.
 What the crop was is kept in the case's properties under ``nnunet_ape`` (source voxel boxes, x/y/z order).
@@ -160,7 +161,7 @@ class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
                                                              for o, v in zip(settings.organs, values)}
                 box, grown_mm = grow_to_contain(predicted, np.isin(label, values), settings.margin_mm, ct.spacing)
                 record["grown_mm"] = grown_mm.round(2).tolist()
-                seg = np.where(np.isin(seg, values), seg, 0).astype(seg.dtype)
+                seg = np.where(np.isin(seg, values + _ignore_label(plans_manager, dataset_json)), seg, 0).astype(seg.dtype)
             record["box_voxels"] = box.tolist()
         if features.channels is not None:
             added = np.ascontiguousarray(features.channels.transpose(3, 2, 1, 0))  # (n, Z, Y, X)
@@ -179,3 +180,10 @@ class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
 def _features_key(settings: APESettings) -> str:
     """What a configuration's features depend on: its organs, channels and models."""
     return repr(sorted((k, str(v)) for k, v in settings.feature_model_args().items()))
+
+
+def _ignore_label(plans_manager, dataset_json: dict | str) -> list[int]:
+    """The dataset's ignore label value (``"ignore"`` in dataset.json's labels) as a one-element list, or []."""
+    dataset_json = load_json(dataset_json) if isinstance(dataset_json, str) else dataset_json
+    ignore = plans_manager.get_label_manager(dataset_json).ignore_label
+    return [] if ignore is None else [int(ignore)]
