@@ -53,7 +53,7 @@ def main() -> None:
     from nnunet_ape.bpr.scoring import load_bpr_model
     from nnunet_ape.bpr.train_bpr import BPRConfig, pretrain_bpr
     from nnunet_ape.case_variants import write_case_variants
-    from nnunet_ape.localize.cases import LabeledCase, cases_from_folders, read_label_names
+    from nnunet_ape.cases import LabeledCase, cases_from_folders, read_label_names
 
     print(machine())
     patients = [DATA / n for n in ("ts_a_abdomen_pelvis_ct.nii.gz", "ts_b_upper_abdomen_ct.nii.gz", "ts_c_chest_cta_ct.nii.gz",

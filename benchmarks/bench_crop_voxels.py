@@ -27,7 +27,7 @@ MARGIN_MM = 10.0
 
 
 def case(key: str):
-    from nnunet_ape.localize.cases import LabeledCase
+    from nnunet_ape.cases import LabeledCase
 
     ct, seg, names = PATIENTS[key]
     labels = {v: int(k) for k, v in json.loads((DATA / names).read_text()).items()}
@@ -37,7 +37,7 @@ def case(key: str):
 def main() -> None:
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.crop_geometry import box_shape, crop_box, fraction_inside, grow_box, margin_voxels, mask_crop_box
-    from nnunet_ape.localize.cases import read_case
+    from nnunet_ape.cases import read_case
     from nnunet_ape.localize.localizer import fit_localizer, localize_volume
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

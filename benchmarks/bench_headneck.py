@@ -124,7 +124,7 @@ def main() -> None:
     margin = None if args.search_margin.lower() == "none" else float(args.search_margin)
     recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)]
 
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
     train, held_out = split(cases)

@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nnunet_ape.bpr.evaluate import evaluate_models, markdown_report
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
     train, held_out = cases[: args.pretrain_cases], cases[args.pretrain_cases :]

@@ -120,7 +120,7 @@ def main() -> None:
             runs = saved["organs"]
         print(table({name: replay(organs) for name, organs in runs.items()}))
         return
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
     held_out = cases[args.pretrain_cases :][: args.eval_cases]

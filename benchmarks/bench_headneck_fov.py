@@ -126,7 +126,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from nnunet_ape.checkpoint import load_ape_model
-    from nnunet_ape.localize.cases import cases_from_nnunet, read_case
+    from nnunet_ape.cases import cases_from_nnunet, read_case
     from nnunet_ape.localize.localizer import embed_settings_for, fit_localizer, save_localizer
 
     train, test = split(cases_from_nnunet(str(args.data)))

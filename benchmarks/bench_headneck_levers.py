@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep finished pretraining runs")
     args = parser.parse_args()
 
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
     train, held_out = cases[: args.pretrain_cases], cases[args.pretrain_cases :][: args.eval_cases]

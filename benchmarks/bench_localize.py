@@ -75,7 +75,7 @@ def _folder_case(root: Path, letter: str) -> None:
 def evaluation_tables(checkpoint: Path, device: str, cohort_size: int, shots: int) -> dict:
     """Markdown tables of the protocol on a phantom cohort (k = ``shots``) and on patients A and B (1-shot)."""
     from nnunet_ape.checkpoint import load_ape_model
-    from nnunet_ape.localize.cases import cases_from_folders, cases_from_nnunet, read_label_names, resolve_organs
+    from nnunet_ape.cases import cases_from_folders, cases_from_nnunet, read_label_names, resolve_organs
     from nnunet_ape.localize.evaluate import evaluate_localization, markdown_tables
     from nnunet_ape.localize.localizer import embed_settings_for
     from nnunet_ape.phantoms import write_cohort

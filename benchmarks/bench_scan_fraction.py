@@ -55,7 +55,7 @@ def measure(fraction: float, train: Path, test: Path, test_seed: int, iterations
     from nnunet_ape.demo import DEMO_BATCH, DEMO_LR
     from nnunet_ape.embed import stored_settings
     from nnunet_ape.inputs import nnunet_images
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.evaluate import evaluate_localization, prepare
     from nnunet_ape.phantoms import ORGAN_LABELS
     from nnunet_ape.pretrain.batches import BatchConfig

@@ -174,7 +174,7 @@ def main() -> None:
 def prepare(args, env: dict, roots: dict, train: list[int], val: list[int], ape_configurations: list[str]) -> dict:
     """Dataset, APE model, localizer, nnU-Net plans and preprocessed data of every configuration; returns the
     seconds `nnunet-ape preprocess` took per APE configuration."""
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     write_dataset(roots["nnUNet_raw"] / DATASET, train + val)

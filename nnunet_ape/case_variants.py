@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ape.io import Volume, read_volume, volume_to_image, write_volume
-from nnunet_ape.localize.cases import LabeledCase
+from nnunet_ape.cases import LabeledCase
 
 
 def _write_pair(folder: Path, name: str, ct: Volume, label: np.ndarray) -> None:

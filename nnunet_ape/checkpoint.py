@@ -1,9 +1,16 @@
-"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` (no pickled code)."""
+"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` (no pickled code).
+
+APE models come from our own ``.pt`` files, or from other checkpoint formats through readers registered with
+:func:`register_checkpoint_reader`. This module imports no reader: the nnU-Net subpackage registers the reader of
+``nnUNetTrainerAPEPretrain`` checkpoints (:mod:`nnunet_ape.nnunet.checkpoint_reader`) when it is imported, as the
+``nnunet-ape`` commands do.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +24,18 @@ from nnunet_ape.models.ape import APEConfig, APENet
 APE_FORMAT = "nnunet-ape/ape-v1"
 # nnU-Net checkpoints log numpy scalars; these are the only non-tensor types they need
 NUMPY_SCALARS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType]
+
+# (checkpoint dict, its path) -> (APE model in eval mode on CPU, settings dict), or None when not the reader's format
+CheckpointReader = Callable[[dict, Path], tuple[nn.Module, dict] | None]
+_READERS: list[CheckpointReader] = []
+
+
+def register_checkpoint_reader(reader: CheckpointReader) -> None:
+    """Let :func:`load_ape_model` read another checkpoint format: ``reader(state, path)`` returns ``(model in eval
+    mode on CPU, dict with the ``embed`` settings)`` for a checkpoint dict of its format, None for any other (it may
+    raise InputError for a file of its format it cannot use). Registering the same reader twice keeps one."""
+    if reader not in _READERS:
+        _READERS.append(reader)
 
 
 def save_atomic(state: dict, path: str | os.PathLike) -> Path:
@@ -49,8 +68,22 @@ def _checked(state, path: Path, expected_format: str) -> dict:
     return state
 
 
-def _is_nnunet(state) -> bool:
+def is_nnunet_checkpoint(state) -> bool:
+    """True for a dict shaped like an nnU-Net training checkpoint (``network_weights`` and ``init_args``); it names
+    the format in the error when no reader takes such a file."""
     return isinstance(state, dict) and "network_weights" in state and "init_args" in state
+
+
+def _from_readers(state, path: Path) -> tuple[nn.Module, dict]:
+    """The model of a checkpoint that is not our ``.pt``, from the first registered reader that takes it."""
+    for reader in _READERS:
+        found = reader(state, path)
+        if found is not None:
+            return found
+    if is_nnunet_checkpoint(state):
+        raise InputError(f"{path}: an nnU-Net checkpoint, and no reader for it is registered "
+                         "(import nnunet_ape.nnunet first, as the nnunet-ape commands do)")
+    return _checked(state, path, APE_FORMAT)  # raises: not an APE checkpoint
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -61,17 +94,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def load_ape_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Checkpoint file -> (APE model in eval mode on CPU, checkpoint dict). The file alone rebuilds the model.
 
-    Takes the ``.pt`` of ``nnunet-ape pretrain ape`` (an :class:`APENet`) and the ``checkpoint_*.pth`` of nnU-Net's
-    ``nnUNetTrainerAPEPretrain`` (the plans' network, :mod:`nnunet_ape.nnunet.ape_checkpoint`); for the latter the
-    dict returned holds the embedding settings only. Both models take canonical volumes (``input_from_hu``).
+    Takes the ``.pt`` of ``nnunet-ape pretrain ape`` (an :class:`APENet`) and any format a registered reader takes
+    (:func:`register_checkpoint_reader`), e.g. the ``checkpoint_*.pth`` of nnU-Net's ``nnUNetTrainerAPEPretrain``
+    once :mod:`nnunet_ape.nnunet` is imported; for those the dict returned holds the embedding settings only. The
+    models take canonical volumes (``input_from_hu``). InputError for a file no reader takes.
     """
     path = Path(path)
     state = _read(path)
-    if _is_nnunet(state):
-        from nnunet_ape.nnunet.ape_checkpoint import ape_model_from_nnunet
-
-        return ape_model_from_nnunet(state, str(path))
-    state = _checked(state, path, APE_FORMAT)
+    if not (isinstance(state, dict) and state.get("format") == APE_FORMAT):
+        return _from_readers(state, path)
     model = APENet(APEConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval(), state
@@ -79,10 +110,12 @@ def load_ape_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 def load_ape_settings(path: str | os.PathLike) -> dict:
     """The checkpoint dict of an APE model (``embed`` settings, format, ...) without building the network where the
-    file says it all (our ``.pt``); an nnU-Net checkpoint is read through :func:`load_ape_model`."""
+    file says it all (our ``.pt``); other formats are read through their registered reader."""
     path = Path(path)
     state = _read(path)
-    return load_ape_model(path)[1] if _is_nnunet(state) else _checked(state, path, APE_FORMAT)
+    if isinstance(state, dict) and state.get("format") == APE_FORMAT:
+        return state
+    return _from_readers(state, path)[1]
 
 
 def file_hash(path: str | os.PathLike) -> str:

@@ -94,7 +94,7 @@ def pretrained_run(tmp_path_factory) -> Path:
 
 def labeled_patient(key: str):
     """Patient A or B as a LabeledCase (CT, TotalSegmentator label map, label names)."""
-    from nnunet_ape.localize.cases import LabeledCase, read_label_names
+    from nnunet_ape.cases import LabeledCase, read_label_names
 
     stem = {"A": "ts_a_abdomen_pelvis", "B": "ts_b_upper_abdomen"}[key]
     image = patient(key)

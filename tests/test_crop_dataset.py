@@ -37,7 +37,7 @@ def env(roots, monkeypatch) -> dict[str, Path]:
 def tight_localizer(pretrained_run, roots, tmp_path_factory) -> Path:
     """A localizer fitted on A and B whose boxes are not enlarged (alpha 1): tight enough that training boxes
     must grow to hold their labels."""
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     cases = [c for c in cases_from_nnunet(str(roots["nnUNet_raw"] / "Dataset501_Abd")) if c.name in ("A", "B")]

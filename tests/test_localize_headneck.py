@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HEADNECK.exists(), reason
 def headneck(tmp_path_factory) -> dict:
     """The 5-shot protocol on held-out cases with a tiny APE pretrained on the first 143 cases: per organ results."""
     from nnunet_ape.checkpoint import load_ape_model
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.evaluate import evaluate_organ, prepare
     from nnunet_ape.localize.localizer import embed_settings_for
     from nnunet_ape.pretrain.batches import BatchConfig

@@ -9,7 +9,7 @@ from scipy import ndimage
 from conftest import labeled_patient
 from nnunet_ape.errors import InputError
 from nnunet_ape.localize.boxes import alpha_for_recall, box_recall
-from nnunet_ape.localize.cases import label_values, read_case
+from nnunet_ape.cases import label_values, read_case
 from nnunet_ape.localize.masks import CroppedMask
 from nnunet_ape.localize.zrange import z_recall
 

@@ -14,7 +14,7 @@ def test_short_pretraining_beats_the_body_box_on_held_out_phantoms(tmp_path):
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.demo import DEMO_BATCH, DEMO_LR
     from nnunet_ape.embed import stored_settings
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.evaluate import evaluate_localization, markdown_tables
     from nnunet_ape.phantoms import ORGAN_LABELS, write_cohort
     from nnunet_ape.pretrain.batches import BatchConfig

@@ -13,7 +13,7 @@ import pytest
 from conftest import DATA, patient
 from nnunet_ape.io import read_volume, write_volume
 from nnunet_ape.localize.boxes import box_iou, mask_box
-from nnunet_ape.localize.cases import read_label_names
+from nnunet_ape.cases import read_label_names
 
 SHARED_ORGANS = ["liver", "spleen", "stomach", "pancreas", "aorta", "inferior_vena_cava"]  # labeled in both A and B
 

@@ -72,7 +72,7 @@ def plan_dataset(root: Path) -> dict:
     import os
 
     from nnunet_ape.cli.main import main
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     roots = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}

@@ -34,7 +34,7 @@ def planned(pretrained_run, tmp_path_factory):
 
 
 def _planned(pretrained_run, tmp_path_factory):
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     root = tmp_path_factory.mktemp("ape_trainers")

@@ -19,7 +19,7 @@ from nnunet_ape.bpr.landmarks import DEFAULT_EVALUATION_LANDMARKS, LANDMARKS, la
 from nnunet_ape.bpr.scoring import check_scorable, clean_slice_scores, fitted_slope, score_at
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import to_canonical
-from nnunet_ape.localize.cases import LabeledCase, read_case
+from nnunet_ape.cases import LabeledCase, read_case
 
 DEFAULT_ANCHORS = {"pelvis_start": 0.0, "eyes_end": 100.0}
 

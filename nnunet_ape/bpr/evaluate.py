@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nnunet_ape.bpr.calibration import CaseScores, score_case
 from nnunet_ape.bpr.scoring import load_bpr_model
-from nnunet_ape.localize.cases import LabeledCase
+from nnunet_ape.cases import LabeledCase
 
 
 def landmark_errors(scored: list[CaseScores]) -> dict[str, list[tuple[str, float, float]]]:

@@ -53,7 +53,7 @@ def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> N
 
 def labeled_cases(args):
     """The labeled cases named by ``add_labeled_case_args`` options; InputError when none are named."""
-    from nnunet_ape.localize.cases import cases_from_folders, cases_from_nnunet, read_label_names
+    from nnunet_ape.cases import cases_from_folders, cases_from_nnunet, read_label_names
 
     if args.dataset:
         return cases_from_nnunet(args.dataset)

@@ -70,7 +70,7 @@ def _run_evaluate_localization(args) -> None:
     from nnunet_ape.bpr.scoring import load_bpr_model
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.distributed import resolve_device
-    from nnunet_ape.localize.cases import resolve_organs
+    from nnunet_ape.cases import resolve_organs
     from nnunet_ape.localize.evaluate import evaluate_localization, markdown_tables
     from nnunet_ape.localize.localizer import embed_settings_for
 

@@ -61,7 +61,7 @@ def _run_localize_fit(args) -> None:
     import sys
 
     from nnunet_ape.distributed import resolve_device
-    from nnunet_ape.localize.cases import resolve_organs
+    from nnunet_ape.cases import resolve_organs
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     cases = labeled_cases(args)

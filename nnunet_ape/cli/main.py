@@ -13,6 +13,7 @@ import sys
 
 from nnunet_ape.cli import crop_dataset, demo, embed, evaluate, localize, plan, predict, preprocess, pretrain, score, trainers_path, uncrop, unlabeled_dataset
 from nnunet_ape.errors import InputError
+from nnunet_ape.nnunet.checkpoint_reader import register_nnunet_checkpoint_reader
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nnunet-ape`` console script; returns the exit code (2 for bad input)."""
+    register_nnunet_checkpoint_reader()  # embed, localize, crop-dataset, ... take nnUNetTrainerAPEPretrain checkpoints
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -44,7 +44,7 @@ from nnunet_ape.localize.choice import (
     selection_scores,
     with_z,
 )
-from nnunet_ape.localize.cases import LabeledCase, read_case
+from nnunet_ape.cases import LabeledCase, read_case
 from nnunet_ape.localize.fewshot import (
     DEFAULT_ALPHA,
     cut_sides,

@@ -28,7 +28,7 @@ from nnunet_ape.io import Volume, canonical_orientation, read_volume, to_canonic
 from nnunet_ape.localize.body import body_box, search_region
 from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
 from nnunet_ape.localize.boxes import calibrated_alpha, enlarge_box, shot_alphas
-from nnunet_ape.localize.cases import LabeledCase, label_values, read_case
+from nnunet_ape.cases import LabeledCase, label_values, read_case
 from nnunet_ape.localize.choice import (
     available_methods,
     box_in_body,

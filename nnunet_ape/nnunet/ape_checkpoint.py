@@ -1,5 +1,6 @@
 """An APE model from an ``nnUNetTrainerAPEPretrain`` checkpoint, for ``embed`` and ``localize``
-(:func:`nnunet_ape.checkpoint.load_ape_model` hands such checkpoints here).
+(:func:`nnunet_ape.checkpoint.load_ape_model` hands such checkpoints here through the reader that
+:mod:`nnunet_ape.nnunet.checkpoint_reader` registers).
 
 The network is the plans' own, rebuilt from the checkpoint's ``init_args``. It was trained on nnU-Net's
 preprocessed arrays: intensities normalized by the plans' scheme, axes as the training cases were stored (after the

@@ -27,7 +27,7 @@ from nnunet_ape.checkpoint import file_hash
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop, fraction_inside, grow_to_contain
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, geometry, read_channels, write_volume
-from nnunet_ape.localize.cases import read_label, remap_labels
+from nnunet_ape.cases import read_label, remap_labels
 from nnunet_ape.nnunet.raw_dataset import RawCase, RawDataset, dataset_json_for
 from nnunet_ape.threads import threads_per_process
 

@@ -24,7 +24,7 @@ from nnunet_ape.atomic import atomic_path
 from nnunet_ape.crop_geometry import box_shape, paste
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, read_volume, write_volume
-from nnunet_ape.localize.cases import remap_labels
+from nnunet_ape.cases import remap_labels
 from nnunet_ape.nnunet.crop_dataset import MANIFEST, MANIFEST_FORMAT
 
 
