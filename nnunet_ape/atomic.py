@@ -48,6 +48,53 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return removed
 
 
+def sweep(root: Path) -> list[Path]:
+    """:func:`remove_leftovers` in ``root`` and in every folder below it (symlinked folders are not followed):
+    what a job runs on a folder it writes before handing it over (renaming a dataset into place, a rerun).
+    Returns what was removed."""
+    removed: list[Path] = []
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if d != STAGING and not os.path.islink(os.path.join(folder, d))]
+        removed += remove_leftovers(Path(folder))
+    return removed
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, stem: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """For a writer that writes several files named ``PREFIX + suffix`` (nnU-Net's ``run_case_save``: ``.b2nd``,
+    ``_seg.b2nd``, ``.pkl``): yield a PREFIX in the staging folder of ``folder``; on success move the files to
+    ``folder/stem + suffix`` in the order of ``suffixes`` (each move atomic; put last the file whose presence says
+    the set is complete), on error remove them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+    staging = folder / STAGING
+    prefix = str(staging / f"{os.getpid()}_{stem}")
+    for _attempt in range(10):
+        staging.mkdir(exist_ok=True)
+        marker = Path(prefix + ".busy")
+        try:
+            marker.touch()  # keeps the staging folder from being removed while the writer works
+            break
+        except FileNotFoundError:  # another writer removed the empty staging folder in between
+            continue
+    else:
+        raise OSError(f"could not create a file in {staging}")
+    try:
+        yield prefix
+        umask = os.umask(0)
+        os.umask(umask)
+        for suffix in suffixes:
+            os.chmod(prefix + suffix, 0o666 & ~umask)
+            os.replace(prefix + suffix, folder / f"{stem}{suffix}")
+    finally:
+        for suffix in (*suffixes, ".busy"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(prefix + suffix)
+        with contextlib.suppress(OSError):
+            staging.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path (in the staging folder beside ``path``, same suffix, so writers that choose a format
