@@ -75,7 +75,7 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
     from nnunet_ape.case_features import check_channels, load_feature_models
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.nnunet.crop_dataset import CropJob, describe, model_provenance, run_job
-    from nnunet_ape.nnunet.raw_dataset import open_raw_dataset, target_dataset_folder
+    from nnunet_ape.nnunet.raw_dataset import new_dataset_folder, open_raw_dataset
 
     if args.num_processes < 1:
         raise InputError(f"--num-processes {args.num_processes}: must be at least 1")
@@ -95,7 +95,7 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
         raise InputError(f"unknown organ '{unknown[0]}': not a label of {source.folder.name} (labels: {', '.join(k for k in source.labels if k != 'background')})")
     models_args["organs"] = organs
     name = args.name or _default_name(source.folder, organs, suffix)
-    target = target_dataset_folder(args.output, name)
+    target = new_dataset_folder(args.output, name)  # whether the id is free: run_job asks, under its lock
     provenance = model_provenance(models, localizer)
     settings = {"source": str(source.folder.resolve()), "organs": organs, "channels": list(channels), "margin_mm": margin_mm,
                 "keep_labels": keep_labels, "models": provenance}

@@ -3,8 +3,11 @@ kept whole (``channels-dataset``), optionally with APE/BPR channels, plus a mani
 ``uncrop`` uses to paste predictions back.
 
 The dataset is built under ``$nnUNet_raw/.DatasetXXX_Name.partial`` (hidden from nnU-Net, whose dataset lookup
-matches ``DatasetXXX_*`` only) and renamed when every case is written, so nnU-Net never sees half a dataset. Each
-finished case leaves a small JSON entry there; a restarted run skips those cases.
+matches ``DatasetXXX_*`` only) and renamed when every case is written, so nnU-Net never sees half a dataset. The
+job's state lives beside it in ``.DatasetXXX_Name.state`` (its settings, and a small JSON entry per finished case),
+never inside the dataset; a restarted run skips the finished cases, and a run started again after the dataset was
+renamed into place finds it complete. One job per part of a dataset id at a time (a lock, :mod:`nnunet_ape.locks`);
+the last part to finish assembles the dataset.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_ape.atomic import atomic_path
+from nnunet_ape.atomic import atomic_path, sweep
 from nnunet_ape.case_features import FeatureModels, added_channel_names, case_features, load_feature_models
 from nnunet_ape.checkpoint import file_hash
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop, fraction_inside, grow_to_contain
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, geometry, read_channels, write_volume
 from nnunet_ape.cases import read_label, remap_labels
-from nnunet_ape.nnunet.raw_dataset import RawCase, RawDataset, dataset_json_for
+from nnunet_ape.nnunet.raw_dataset import (RawCase, RawDataset, assembling_dataset, check_id_free, dataset_json_for,
+                                           writing_dataset)
 from nnunet_ape.threads import threads_per_process
 
 MANIFEST = "crops.json"
@@ -57,7 +61,13 @@ class CropJob:
 
     @property
     def partial(self) -> Path:
+        """The dataset while it is written (hidden from nnU-Net)."""
         return self.target.parent / f".{self.target.name}.partial"
+
+    @property
+    def state(self) -> Path:
+        """The job's settings (``job.json``) and finished cases (``cases/CASE.json``), beside the partial dataset."""
+        return self.target.parent / f".{self.target.name}.state"
 
     @property
     def localizer_path(self) -> Path | None:
@@ -88,7 +98,7 @@ def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels)
     if split == "train" and uncontoured:
         # an uncontoured organ is label 0 although it is in the image: as training data it would teach background
         entry = {"case": case.case_id, "split": split, "skipped": "does not contour " + ", ".join(uncontoured)}
-        with atomic_path(job.partial / ".nnunet_ape" / "cases" / f"{case.case_id}.json") as tmp:
+        with atomic_path(job.state / "cases" / f"{case.case_id}.json") as tmp:
             Path(tmp).write_text(json.dumps(entry))
         return entry
     features = case_features(models, ct)
@@ -121,7 +131,7 @@ def process_case(case: RawCase, split: str, job: CropJob, models: FeatureModels)
             label = remap_labels(label, {source: target for target, source in target_labels(job)[1].items()})
         relabeled = ct.with_array(label)
         write_volume(crop(relabeled, box) if job.cropped else relabeled, job.partial / "labelsTr" / f"{case.case_id}{ending}")
-    with atomic_path(job.partial / ".nnunet_ape" / "cases" / f"{case.case_id}.json") as tmp:
+    with atomic_path(job.state / "cases" / f"{case.case_id}.json") as tmp:  # last: the case's done mark
         Path(tmp).write_text(json.dumps(entry))
     return entry
 
@@ -142,58 +152,86 @@ def _run_in_worker(case: RawCase, split: str) -> dict:
 
 
 def _start_or_resume(job: CropJob) -> dict[str, dict]:
-    """Create the partial folder (or check that a leftover one was made with the same settings); returns the
-    entries of the cases it already holds."""
-    marker = job.partial / ".nnunet_ape" / "job.json"
-    if job.partial.exists():
+    """Create the partial folder and the job's state (or check that leftover ones were made with the same
+    settings); returns the entries of the cases already finished."""
+    marker = job.state / "job.json"
+    old = job.partial / ".nnunet_ape"  # where versions before 2026-12-06 kept the state
+    if old.is_dir() and not job.state.exists():
+        os.replace(old, job.state)
+    shutil.rmtree(job.state / "finishing", ignore_errors=True)  # their assembly mark (a lock now)
+    if job.partial.exists() or job.state.exists():
         if not marker.is_file() or json.loads(marker.read_text()) != job.settings:
-            raise InputError(f"{job.partial}: left by an earlier run with other settings; rerun with those settings to resume, or remove it")
+            raise InputError(f"{job.partial}: left by an earlier run with other settings; rerun with those settings to resume, "
+                             f"or remove it and {job.state.name}")
     else:
-        others = sorted(job.target.parent.glob(f".{job.target.name.split('_')[0]}_*.partial"))
+        prefix = job.target.name.split("_")[0]
+        others = sorted(job.target.parent.glob(f".{prefix}_*.partial")) + sorted(job.target.parent.glob(f".{prefix}_*.state"))
         if others:
             raise InputError(f"{others[0]}: an unfinished run for this dataset id under another name; resume it with that --name or remove it")
         with atomic_path(marker) as tmp:
             Path(tmp).write_text(json.dumps(job.settings, indent=1))
+    job.partial.mkdir(exist_ok=True)
     return _finished_cases(job)
+
+
+def completed(job: CropJob) -> dict | None:
+    """The manifest of ``job.target`` when an earlier run with the same settings wrote it completely (it is renamed
+    into place only when complete), after removing that run's leftover state; None when there is no such folder.
+    InputError when the folder holds another dataset."""
+    manifest = job.target / MANIFEST
+    if not job.target.is_dir():
+        return None
+    content = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if content.get("settings") != job.settings:
+        raise InputError(f"dataset id {job.target.name[7:10]} already exists ({job.target}) with other settings; choose "
+                         "another -o id or remove that folder")
+    shutil.rmtree(job.state, ignore_errors=True)  # left when a run was killed right after the rename
+    return content
 
 
 def run_job(job: CropJob, models: FeatureModels | None = None) -> dict | None:
     """Write this part's cases of the target dataset (every ``num_parts``-th case from ``part_id``; skipping cases
     a killed run finished); when no case of any part is left, rename the dataset into place and return the manifest,
-    else return None (another part finishes it). ``models``: already loaded from ``job.models_args``."""
-    done = _start_or_resume(job)
-    every = [(c, "train") for c in job.source.training] + [(c, "test") for c in job.source.test]
-    mine = every[job.part_id::job.num_parts]
-    todo = [(c, s) for c, s in mine if c.case_id not in done]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="crop-dataset" if job.cropped else "channels-dataset", unit="case")
-    if job.num_processes <= 1 or len(todo) <= 1:
-        models = models or load_feature_models(**job.models_args)
-        for case, split in todo:
-            done[case.case_id] = process_case(case, split, job, models)
-            bar.update()
-    else:
-        threads = threads_per_process(job.num_processes)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(job.num_processes, mp_context=context, initializer=_init_worker, initargs=(job, threads)) as pool:
-            futures = [pool.submit(_run_in_worker, case, split) for case, split in todo]
-            for future in as_completed(futures):
-                entry = future.result()
-                done[entry["case"]] = entry
+    else return None (another part finishes it). ``models``: already loaded from ``job.models_args``. InputError
+    when another job writes this part right now, or the dataset id is taken by another dataset."""
+    with writing_dataset(job.target, "crop-dataset" if job.cropped else "channels-dataset", job.part_id, job.num_parts):
+        finished = completed(job)
+        if finished is not None:
+            print(f"{job.target.name}: already complete (written by an earlier run with these settings)")
+            return finished
+        check_id_free(int(job.target.name[7:10]))
+        done = _start_or_resume(job)
+        every = [(c, "train") for c in job.source.training] + [(c, "test") for c in job.source.test]
+        mine = every[job.part_id::job.num_parts]
+        todo = [(c, s) for c, s in mine if c.case_id not in done]
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="crop-dataset" if job.cropped else "channels-dataset", unit="case")
+        if job.num_processes <= 1 or len(todo) <= 1:
+            models = models or load_feature_models(**job.models_args)
+            for case, split in todo:
+                done[case.case_id] = process_case(case, split, job, models)
                 bar.update()
-    bar.close()
-    done.update(_finished_cases(job))  # other parts' cases
-    if any(c.case_id not in done for c, _ in every):
-        return None
-    try:
-        (job.partial / ".nnunet_ape" / "finishing").mkdir()  # one part assembles the dataset
-    except FileExistsError:
-        return None
-    return _finish(job, done)
+        else:
+            threads = threads_per_process(job.num_processes)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(job.num_processes, mp_context=context, initializer=_init_worker, initargs=(job, threads)) as pool:
+                futures = [pool.submit(_run_in_worker, case, split) for case, split in todo]
+                for future in as_completed(futures):
+                    entry = future.result()
+                    done[entry["case"]] = entry
+                    bar.update()
+        bar.close()
+        with assembling_dataset(job.target):  # one part at a time, the others wait
+            if job.target.is_dir():  # another part assembled it meanwhile
+                return completed(job)
+            done.update(_finished_cases(job))  # other parts' cases
+            if any(c.case_id not in done for c, _ in every):
+                return None
+            return _finish(job, done)
 
 
 def _finished_cases(job: CropJob) -> dict[str, dict]:
     done = {}
-    for path in (job.partial / ".nnunet_ape" / "cases").glob("*.json"):
+    for path in (job.state / "cases").glob("*.json"):
         entry = json.loads(path.read_text())
         done[entry["case"]] = entry
     return done
@@ -205,6 +243,7 @@ def _finish(job: CropJob, done: dict[str, dict]) -> dict:
     cases = [done[c] for c in order if "skipped" not in done[c]]
     if not any(c["split"] == "train" for c in cases):
         shutil.rmtree(job.partial)
+        shutil.rmtree(job.state)
         raise InputError(f"no training case of {job.source.folder.name} contours {', '.join(job.organs)}: nothing to train on; "
                          "choose organs the labels contour")
     labels, to_source = target_labels(job)
@@ -227,7 +266,9 @@ def _finish(job: CropJob, done: dict[str, dict]) -> dict:
         **job.settings.get("models", {}),
         "cases": cases,
         "skipped_cases": skipped,
+        "settings": job.settings,  # what a rerun compares to know the dataset complete
     }
+    sweep(job.partial)  # staging files of killed writers never reach the dataset
     with atomic_path(job.partial / MANIFEST) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1))
     extra = {"kind": manifest["kind"], "manifest": MANIFEST, "dataset": job.target.name,
@@ -238,8 +279,8 @@ def _finish(job: CropJob, done: dict[str, dict]) -> dict:
         Path(tmp).write_text(json.dumps(dataset_json, indent=1))
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (job.partial / sub).mkdir(exist_ok=True)
-    shutil.rmtree(job.partial / ".nnunet_ape")
     os.replace(job.partial, job.target)
+    shutil.rmtree(job.state)
     return manifest
 
 

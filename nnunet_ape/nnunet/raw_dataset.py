@@ -124,9 +124,10 @@ def datasets_with_id(dataset_id: int) -> list[Path]:
     return found
 
 
-def target_dataset_folder(dataset_id: int, name: str) -> Path:
-    """``$nnUNet_raw/DatasetXXX_name`` for a new dataset. InputError when nnUNet_raw is unset, the id or name is
-    not valid, or the id is taken in raw, preprocessed or results (nnU-Net requires it unique over the three)."""
+def new_dataset_folder(dataset_id: int, name: str) -> Path:
+    """``$nnUNet_raw/DatasetXXX_name`` for a new dataset. InputError when nnUNet_raw is unset or the id or name is
+    not valid; whether the id is free is :func:`check_id_free`'s question (asked under :func:`writing_dataset`'s
+    lock)."""
     raw = _env_folder("nnUNet_raw")
     if raw is None:
         raise InputError("nnUNet_raw is not set; export nnUNet_raw=/path/to/nnUNet_raw (the new dataset goes there)")
@@ -134,10 +135,48 @@ def target_dataset_folder(dataset_id: int, name: str) -> Path:
         raise InputError(f"-o {dataset_id}: nnU-Net dataset ids have 3 digits (1-999)")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise InputError(f"--name {name}: use letters, digits, '_' and '-' only")
+    return raw / f"Dataset{dataset_id:03d}_{name}"
+
+
+def check_id_free(dataset_id: int) -> None:
+    """InputError when the id is taken in raw, preprocessed or results (nnU-Net requires it unique over the three)."""
     taken = datasets_with_id(dataset_id)
     if taken:
         raise InputError(f"dataset id {dataset_id} already exists ({taken[0]}); choose another -o id or remove that folder")
-    return raw / f"Dataset{dataset_id:03d}_{name}"
+
+
+def target_dataset_folder(dataset_id: int, name: str) -> Path:
+    """:func:`new_dataset_folder` for an id that must be free (:func:`check_id_free`)."""
+    folder = new_dataset_folder(dataset_id, name)
+    check_id_free(dataset_id)
+    return folder
+
+
+def dataset_lock(target: Path) -> Path:
+    """The lock file of a new dataset's id: ``$nnUNet_raw/.nnunet_ape/DatasetXXX.lock`` (in a hidden folder, which
+    nnU-Net's dataset lookup, matching ``DatasetXXX_*`` folders, never sees; lock files stay, as they must: removing
+    one while another process waits on it would let two processes hold "the" lock)."""
+    return target.parent / ".nnunet_ape" / f"{target.name.split('_')[0]}.lock"
+
+
+def writing_dataset(target: Path, command: str, part_id: int = 0, num_parts: int = 1):
+    """Context manager: this process writes part ``part_id`` of the new dataset ``target``; InputError (a one-line
+    refusal) when another process writes that part of a dataset with this id. Byte ``1 + part_id`` of
+    :func:`dataset_lock`."""
+    from nnunet_ape.locks import locked
+
+    part = f"part {part_id} of {num_parts} of " if num_parts > 1 else ""
+    return locked(dataset_lock(target), 1 + part_id,
+                  busy=f"{command} -o {target.name[7:10]}: another job is writing {part}{target.name[:10]} right now "
+                       f"(it holds {dataset_lock(target)}); wait for it to finish, or choose another -o id")
+
+
+def assembling_dataset(target: Path):
+    """Context manager held while one part assembles the dataset ``target`` (the parts wait for each other): byte 0
+    of :func:`dataset_lock`."""
+    from nnunet_ape.locks import locked
+
+    return locked(dataset_lock(target), 0)
 
 
 def dataset_json_for(source: dict, channel_names: list[str], labels: dict[str, int], num_training: int,
