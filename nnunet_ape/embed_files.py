@@ -51,8 +51,8 @@ def embed_files(
 ) -> list[Path]:
     """Embed every image with the model in ``checkpoint``; returns the map paths (written now or kept).
 
-    Inputs are checked before anything is written; each output file is written atomically, so a map that exists is
-    complete: it is kept (a restarted job goes on where it stopped) unless ``overwrite``.
+    Inputs are checked before anything is written; each output file is written atomically (the map last), so a map
+    that exists is complete: it is kept (a restarted job goes on where it stopped) unless ``overwrite``.
     """
     model, _ = load_ape_model(checkpoint)
     for image in images:
@@ -64,12 +64,12 @@ def embed_files(
         began = time.perf_counter()
         embedding = embed_volume(model, volume, settings, device=device)
         seconds = time.perf_counter() - began
-        write_volume(embedding, target)
-        if png:
+        if png:  # before the map, which marks the case done (a kill in between leaves the case to redo)
             # a strided map overlays the CT subsampled on the same grid
             step = settings.stride
             ct = embedding.with_array(volume.array[::step, ::step, ::step]) if step > 1 else volume
             png_path = target.with_name(output_name(target) + ".png")
             embedding_overlay_png(ct, embedding, png_path, title=f"{image.name}: APE map ({seconds:.1f} s)")
+        write_volume(embedding, target)
         print(f"{image} -> {target} ({seconds:.2f} s)")
     return targets

@@ -29,15 +29,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_ape.atomic import atomic_path
+from nnunet_ape.atomic import atomic_path, remove_leftovers
 from nnunet_ape.case_features import FeatureModels, case_features, load_feature_models
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop_box, slices, union_box
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import IMAGE_SUFFIXES, Volume, geometry, output_name, read_channels, write_volume
+from nnunet_ape.locks import locked
 from nnunet_ape.nnunet.region_prediction import RegionPrediction, grow_faces, predict_region, touched_faces
 from nnunet_ape.nnunet.trained_model import TrainedModel
 
 MIN_VOXELS = 8
+PREDICT_LOCK = ".nnunet_ape_predict.lock"  # in the output folder; byte N is held by the job predicting part N
 FACE_NAMES = ("x", "y", "z")
 MERGE_RULE = "highest probability of the predicted label among the models that label the voxel; background where none does"
 
@@ -242,19 +244,23 @@ def predict_files(predictor: LocalizedPredictor, images: list[Path], output: Pat
     files = [source_channel_files(p, predictor.source_channels) for p in images]  # checked before any output
     ending = predictor.models[0].file_ending
     output.mkdir(parents=True, exist_ok=True)
-    _write_run_files(predictor, output, ending)
-    mine = list(zip(names, files))[part_id::num_parts]
-    todo = [(n, f) for n, f in mine if predictor.options.overwrite or not is_done(output, n, ending)]
-    bar = tqdm(todo, desc="predict", unit="case", disable=not todo)
-    for case, case_files in bar:
-        bar.set_postfix_str(f"{case}: read")
-        began = time.perf_counter()
-        channels = read_channels(case_files, min_size=MIN_VOXELS)
-        result = predictor.predict_case(channels, stage=lambda s, c=case: bar.set_postfix_str(f"{c}: {s}"))
-        result.report["seconds"]["case"] = round(time.perf_counter() - began, 3)  # read + localize + predict + paste
-        bar.set_postfix_str(f"{case}: write")
-        write_case(result, output, case, ending, case_files)
-    bar.close()
+    busy = (f"predict -o {output}: another job is predicting part {part_id} of {num_parts} into this folder right now; "
+            "wait for it to finish (other parts may run at the same time)")
+    with locked(output / PREDICT_LOCK, part_id, busy=busy):
+        remove_leftovers(output)  # staging files of killed runs (a rerun may have nothing left to write)
+        _write_run_files(predictor, output, ending)
+        mine = list(zip(names, files))[part_id::num_parts]
+        todo = [(n, f) for n, f in mine if predictor.options.overwrite or not is_done(output, n, ending)]
+        bar = tqdm(todo, desc="predict", unit="case", disable=not todo)
+        for case, case_files in bar:
+            bar.set_postfix_str(f"{case}: read")
+            began = time.perf_counter()
+            channels = read_channels(case_files, min_size=MIN_VOXELS)
+            result = predictor.predict_case(channels, stage=lambda s, c=case: bar.set_postfix_str(f"{c}: {s}"))
+            result.report["seconds"]["case"] = round(time.perf_counter() - began, 3)  # read + localize + predict + paste
+            bar.set_postfix_str(f"{case}: write")
+            write_case(result, output, case, ending, case_files)
+        bar.close()
     return {"predicted": len(todo), "skipped": len(mine) - len(todo), "part_cases": len(mine), "all_cases": len(images)}
 
 

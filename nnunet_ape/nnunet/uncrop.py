@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_ape.atomic import atomic_path
+from nnunet_ape.atomic import atomic_path, remove_leftovers
 from nnunet_ape.crop_geometry import box_shape, paste
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume, read_volume, write_volume
@@ -118,6 +118,8 @@ def uncrop(sets: list[PredictionSet], output: Path, overwrite: bool = False) -> 
         raise InputError(f"no predictions of the manifests' cases in {', '.join(str(s.folder) for s in sets)} "
                          f"(expected files like CASE{sets[0].file_ending})")
     written = []
+    if output.is_dir():
+        remove_leftovers(output)  # staging files of killed runs
     for case, found in tqdm(sorted(cases.items()), desc="uncrop", unit="case"):
         target = output / f"{case}{found[0][0].file_ending}"
         if target.exists() and not overwrite:
