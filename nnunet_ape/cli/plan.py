@@ -40,6 +40,7 @@ def _run(args) -> None:
     import json
 
     from nnunet_ape.case_features import check_channels, load_feature_models
+    from nnunet_ape.locks import plans_lock
     from nnunet_ape.nnunet.ape_plans import (APESettings, add_configurations, base_configuration, configuration_name,
                                               preprocessed_dataset, read_plans)
     from nnunet_ape.nnunet.crop_dataset import model_provenance
@@ -67,7 +68,8 @@ def _run(args) -> None:
     entries = {configuration_name(args.configuration, g, list(channels)):
                APESettings(args.configuration, g, {o: int(labels[o]) for o in g}, list(channels), args.margin_mm, provenance)
                for g in groups}
-    changed, backup = add_configurations(preprocessed, args.plans, entries, args.overwrite)
+    with plans_lock(preprocessed, args.plans, f"plan -d {args.dataset}"):  # not while preprocess reads or re-plans them
+        changed, backup = add_configurations(preprocessed, args.plans, entries, args.overwrite)
     for name, settings in entries.items():
         state = "added" if name in changed else "unchanged (same settings)"
         print(f"{name}: {settings.kind}, {state}; train with -tr {settings.trainer}")

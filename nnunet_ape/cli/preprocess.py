@@ -35,6 +35,7 @@ def _run(args) -> None:
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.errors import InputError
     from nnunet_ape.inputs import find_nnunet_raw_dataset
+    from nnunet_ape.locks import plans_lock
     from nnunet_ape.nnunet.ape_plans import preprocessed_dataset, read_plans, resolved_configuration, settings_of
     from nnunet_ape.nnunet.preprocess_runner import PreprocessJob, default_num_processes, describe_run, preprocess_configurations
 
@@ -48,7 +49,9 @@ def _run(args) -> None:
     processes = args.num_processes or default_num_processes(device)
     configurations = list(dict.fromkeys(args.configurations))
     jobs = [PreprocessJob(preprocessed, raw, args.plans, c, processes, device) for c in configurations]
-    for configuration, summary in zip(configurations, preprocess_configurations(jobs)):
+    with plans_lock(preprocessed, args.plans, f"preprocess -d {args.dataset}"):  # one job per plans at a time
+        summaries = preprocess_configurations(jobs)
+    for configuration, summary in zip(configurations, summaries):
         print(describe_run(configuration, summary))
     settings = settings_of(resolved_configuration(read_plans(preprocessed, args.plans), configurations[0]))
     print(f"next: nnUNetv2_train {preprocessed.name[7:10]} {configurations[0]} 0 -tr {settings.trainer} "

@@ -2,7 +2,8 @@
 training cases into ``$nnUNet_preprocessed/DatasetXXX/<data_identifier>``, as ``nnUNetv2_preprocess`` would.
 
 nnU-Net finds preprocessors only inside its own package, so this command runs ours. It writes nnU-Net's own
-files (``CASE.b2nd``, ``CASE_seg.b2nd``, ``CASE.pkl``; the ``.pkl`` last, so a case with one is complete), skips
+files (``CASE.b2nd``, ``CASE_seg.b2nd``, ``CASE.pkl``; written in a hidden staging folder and moved in with the
+``.b2nd``, by which nnU-Net lists cases, last, so a case nnU-Net lists is complete), skips
 finished cases when restarted with the same settings, copies the full label maps to ``gt_segmentations`` (what
 validation scores against) and, for crop configurations, has nnU-Net's planner plan the patch size for the crops'
 median shape. A summary of the boxes goes to ``nnunet_ape/<data_identifier>.crops.json`` beside the data folder.
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_ape.atomic import atomic_path
+from nnunet_ape.atomic import atomic_path, staged_files, sweep
 from nnunet_ape.errors import InputError
 from nnunet_ape.nnunet.ape_plans import (SETTINGS_KEY, APESettings, plan_for_crops, read_plans, resolved_configuration,
                                           settings_of)
@@ -98,11 +99,19 @@ def _run_case(case: str, images: list[str], label: str, which: list[int]) -> tup
         for i in which:
             output = w["jobs"][i].output
             plans, config = w["managers"][i]
-            for leftover in (output / f"{case}.b2nd", output / f"{case}_seg.b2nd"):  # a killed write's (no .pkl yet);
-                leftover.unlink(missing_ok=True)  # blosc2 refuses to write over them
-            preprocessor.run_case_save(str(output / case), images, label, plans, config, w["dataset_json"])
+            with staged_files(output, case, CASE_FILES) as prefix:  # written in a hidden folder: a kill leaves no half case
+                preprocessor.run_case_save(prefix, images, label, plans, config, w["dataset_json"])
             records.append((i, _case_record(output, case)))
     return case, records
+
+
+# nnU-Net lists a case by its .b2nd: moved in last, after the .pkl, so nnU-Net never lists a case it cannot read
+CASE_FILES = ("_seg.b2nd", ".pkl", ".b2nd")
+
+
+def _is_done(folder: Path, case: str) -> bool:
+    """Whether ``folder`` holds all of ``case``'s files (a kill between the moves leaves it to redo)."""
+    return all((folder / f"{case}{suffix}").is_file() for suffix in CASE_FILES)
 
 
 def _case_record(folder: Path, case: str) -> dict:
@@ -172,7 +181,9 @@ def preprocess_configurations(jobs: list[PreprocessJob]) -> list[dict]:
         _check_marker(job, _data_settings(config))
     settings = [settings_of(config) for config in configs]
     _copy_ground_truth(first, cases, dataset_json["file_ending"])
-    done = [{c: _case_record(job.output, c) for c in cases if (job.output / f"{c}.pkl").is_file()} for job in jobs]
+    for job in jobs:
+        sweep(job.output)  # what killed runs left in its staging folder
+    done = [{c: _case_record(job.output, c) for c in cases if _is_done(job.output, c)} for job in jobs]
     todo = {c: [i for i in range(len(jobs)) if c not in done[i]] for c in cases}
     todo = {c: which for c, which in todo.items() if which}
     names = " ".join(job.configuration for job in jobs)
