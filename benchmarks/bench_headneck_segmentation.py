@@ -359,7 +359,8 @@ class ResumableTraining:
                   "train_loss": float(self.logger.get_value("train_losses", step=-1)),
                   "val_loss": float(self.logger.get_value("val_losses", step=-1)),
                   "pseudo_dice": [float(d) for d in self.logger.get_value("dice_per_class_or_region", step=-1)],
-                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "time": time.time()}
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "time": time.time(),
+                  "load_1min": round(os.getloadavg()[0], 2)}
         if (epoch + 1) % self.bench["curve_every"] == 0 or epoch + 1 == self.num_epochs:
             record["curve"] = self._curve_point(epoch)
         self._append(record)
@@ -516,8 +517,9 @@ def prepare_crops(work: Path, env: dict, settings: dict, localizer: Path | None,
             raise SystemExit("stage crop needs --localizer (a localizer fitted on the training cases) or --ape-model "
                              "(an APE checkpoint pretrained on them; the benchmark then fits the localizer)")
         else:
+            shots = len(list((work / "nnUNet_raw" / DATASET / "imagesTr").glob("*_0000.nii.gz")))  # every training case
             _, seconds["localize_fit"] = _run(env, "nnunet-ape", "localize", "fit", "-d", str(DATASET_ID), "-m", str(ape_model),
-                                              "--ape-boxes", "all-voxels", "--shots", "100000", "-o", str(loc))
+                                              "--ape-boxes", "all-voxels", "--shots", str(shots), "-o", str(loc))
     plans = PLANS[settings["architecture"]]
     configurations = [group_configuration(g) for g in GROUPS]
     for group in GROUPS:
@@ -529,12 +531,12 @@ def prepare_crops(work: Path, env: dict, settings: dict, localizer: Path | None,
     content = json.loads(plans_file.read_text())
     described = {}
     for group, name in zip(GROUPS, configurations):
-        config = content["configurations"][name]
-        planned = describe(config)
+        config, base = content["configurations"][name], content["configurations"]["3d_fullres"]
+        planned = describe({**base, **config})
         if settings["architecture"] == "reduced":
-            config = cap_batch(reduce_configuration(config), content["configurations"]["3d_fullres"]["batch_size"])
+            config = cap_batch(reduce_configuration(config), base["batch_size"])
             content["configurations"][name] = config
-        described[group] = {"configuration": name, "organs": GROUPS[group], "planned": planned, "trained": describe(config),
+        described[group] = {"configuration": name, "organs": GROUPS[group], "planned": planned, "trained": describe({**base, **config}),
                             "median_crop_voxels": config.get("median_image_size_in_voxels")}
     plans_file.write_text(json.dumps(content, indent=1))
     info = {"localizer": str(localizer or loc), "localizer_sha256": file_hash(loc), "seconds": seconds, "groups": described,
@@ -781,6 +783,12 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[float, float]]]], organs:
     plt.close(fig)
 
 
+def is_quiet(record: dict) -> bool:
+    """Whether an epoch ran without other CPU work beside it: not marked ``shared`` and a 1-minute load average
+    (recorded at its end) of at most twice the cores (training alone: its process and its loader workers)."""
+    return not record.get("shared") and record.get("load_1min", 0.0) <= 2 * (os.cpu_count() or 1)
+
+
 def _prediction_cells(test: dict) -> tuple[str, str, str]:
     """(seconds per case with its split, TTA, peak prediction memory) for the model table."""
     t = list(test["timings"].values())
@@ -810,7 +818,10 @@ def model_row(work: Path, stage: str, settings: dict, test: dict | None) -> str:
     cells = [name, status, "-", "-", "-", "-", "-", "-", "-"]
     if records:
         cells[2] = str(iterations) if len(models) == 1 else " + ".join(f"{m} {rs[-1]['iterations'] if rs else 0}" for m, rs in logs.items())
-        cells[3] = f"{sum(r['epoch_seconds'] for r in records) / iterations:.2f}"
+        quiet = [r for r in records if is_quiet(r)]
+        per_epoch = settings["iterations_per_epoch"]
+        cells[3] = (f"{sum(r['epoch_seconds'] for r in quiet) / (len(quiet) * per_epoch):.2f}" if quiet else "-") + \
+            ("" if len(quiet) == len(records) else f" ({len(quiet)} of {len(records)} epochs quiet)")
         cells[4] = f"{sum(rs[-1]['train_seconds'] for rs in logs.values() if rs) / 3600:.2f}"
     train_rss = f"{max(r['peak_rss_gib'] for r in records):.2f}" if records else "-"
     cells[8] = f"{train_rss} / -"
@@ -891,7 +902,7 @@ def report(work: Path, stages: list[str]) -> str:
             continue
         lines.append(model_row(work, stage, settings, test))
     lines += ["", "s / iteration: wall seconds of nnU-Net's epochs (training iterations and its validation batches) per "
-              "training iteration; training h: their sum over every invocation and every model of the stage "
+              "training iteration, over the epochs that ran without other CPU work beside them (`is_quiet`); training h: their sum over every invocation and every model of the stage "
               "(learning-curve predictions and start-up not included). Prediction seconds per case: one process, cases "
               "in sequence, model loading not included; full: nnU-Net's preprocessing + network + export; crop/oracle: "
               "`nnunet-ape predict`'s APE pass and boxes + nnU-Net on each crop (its preprocessing, network, "
