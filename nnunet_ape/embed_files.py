@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.embed import EmbedSettings, embed_volume
 from nnunet_ape.errors import InputError
+from nnunet_ape.input_checks import Skipped, check_image
 from nnunet_ape.io import IMAGE_SUFFIXES, output_name, read_volume, write_volume
 from nnunet_ape.plots import embedding_overlay_png
 from nnunet_ape.resume import unfinished
@@ -19,20 +19,10 @@ MIN_VOXELS = 8  # per axis; smaller inputs carry too little anatomy for a positi
 
 
 def check_header(path: Path, min_size: int = MIN_VOXELS) -> None:
-    """Cheap pre-flight check of a CT file's header (3D, at least ``min_size`` voxels per axis) so a bad file stops
-    the job before any output."""
-    if path.is_dir():
-        return  # DICOM folders are checked when read
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise InputError(f"{path}: not a readable image") from None
-    if reader.GetDimension() != 3:
-        raise InputError(f"{path}: image is {reader.GetDimension()}D, a 3D CT volume is required")
-    if min(reader.GetSize()) < min_size:
-        raise InputError(f"{path}: size {reader.GetSize()} is too small, at least {min_size} voxels per axis are needed")
+    """Cheap pre-flight check of a CT file's header (readable, complete, scalar 3D, at least ``min_size`` voxels per
+    axis; :func:`nnunet_ape.input_checks.check_image`) so a bad file stops the job before any output. DICOM folders
+    are checked when read."""
+    check_image(path, min_size)
 
 
 def output_paths(images: list[Path], out: Path) -> list[Path]:
@@ -51,7 +41,8 @@ def embed_files(
 ) -> list[Path]:
     """Embed every image with the model in ``checkpoint``; returns the map paths (written now or kept).
 
-    Inputs are checked before anything is written; each output file is written atomically (the map last), so a map
+    Input headers are checked before anything is written (a case whose voxels turn out unusable, NaN, is skipped with
+    a warning and named in an InputError at the end); each output file is written atomically (the map last), so a map
     that exists is complete: it is kept (a restarted job goes on where it stopped) unless ``overwrite``.
     """
     model, _ = load_ape_model(checkpoint)
@@ -59,8 +50,11 @@ def embed_files(
         check_header(image)
     targets = output_paths(images, out)
     todo = unfinished(list(zip(images, targets)), lambda pair: pair[1], overwrite, "maps")
+    skipped = Skipped()  # cases whose voxels cannot be used (NaN): left out, named at the end
     for image, target in tqdm(todo, desc="cases", unit="ct", disable=len(todo) <= 1):
-        volume = read_volume(image, min_size=MIN_VOXELS)
+        volume = skipped.read(output_name(image), lambda: read_volume(image, min_size=MIN_VOXELS))
+        if volume is None:
+            continue
         began = time.perf_counter()
         embedding = embed_volume(model, volume, settings, device=device)
         seconds = time.perf_counter() - began
@@ -72,4 +66,5 @@ def embed_files(
             embedding_overlay_png(ct, embedding, png_path, title=f"{image.name}: APE map ({seconds:.1f} s)")
         write_volume(embedding, target)
         print(f"{image} -> {target} ({seconds:.2f} s)")
+    skipped.finish()
     return targets

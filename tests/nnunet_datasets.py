@@ -89,3 +89,36 @@ def tiny_plans(plans_file: Path, *configurations: str) -> None:
                                     "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": [1, 1, 1],
                                     "n_conv_per_stage_decoder": [1, 1]})
     plans_file.write_text(json.dumps(plans, indent=1))
+
+
+HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
+HEADNECK_CROP_XYZ = (72, 56, 40)  # voxels around the parotids (about 290 x 220 x 100 mm)
+
+
+def headneck_crop(case: str, size_xyz: tuple[int, int, int] = HEADNECK_CROP_XYZ) -> tuple[sitk.Image, sitk.Image]:
+    """A head-and-neck case's CT and label map (../shared/data/Dataset901_HeadNeckCT) cut to ``size_xyz`` voxels
+    around its parotids (the voxels as they are; origin moved to the crop's corner)."""
+    image = sitk.ReadImage(str(HEADNECK / "imagesTr" / f"{case}_0000.nii.gz"))
+    label = sitk.ReadImage(str(HEADNECK / "labelsTr" / f"{case}.nii.gz"))
+    parotids = np.argwhere(np.isin(sitk.GetArrayFromImage(label), (3, 4)))[:, ::-1]  # x, y, z
+    centre = (parotids.min(0) + parotids.max(0)) // 2
+    lo = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size_xyz, image.GetSize())]
+    box = tuple(slice(a, a + s) for a, s in zip(lo, size_xyz))
+    return image[box], label[box]
+
+
+def write_headneck_source(folder: Path, train: tuple[str, ...], test: tuple[str, ...] = ()) -> Path:
+    """A small raw dataset of head-and-neck crops (:func:`headneck_crop`): ``train`` cases with labels (brainstem 1
+    ... mandible 7, as the source), ``test`` cases' CTs in imagesTs."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for case in train + test:
+        image, label = headneck_crop(case)
+        split = "Tr" if case in train else "Ts"
+        sitk.WriteImage(image, str(folder / f"images{split}" / f"{case}_0000.nii.gz"), useCompression=True)
+        if split == "Tr":
+            sitk.WriteImage(label, str(folder / "labelsTr" / f"{case}.nii.gz"), useCompression=True)
+    dataset = json.loads((HEADNECK / "dataset.json").read_text())
+    dataset.update({"name": folder.name, "numTraining": len(train)})
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    return folder

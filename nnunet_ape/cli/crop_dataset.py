@@ -10,6 +10,7 @@ from nnunet_ape.cli.common import HelpFormatter, add_channel_args
 from nnunet_ape.errors import InputError
 
 DEFAULT_MARGIN_MM = 10.0  # = nnunet_ape.nnunet.crop_dataset.DEFAULT_MARGIN_MM; not imported, so --help needs no torch
+MIN_VOXELS = 8  # = nnunet_ape.nnunet.crop_dataset.MIN_VOXELS
 
 
 def add_parser(sub) -> None:
@@ -75,7 +76,7 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
     from nnunet_ape.case_features import check_channels, load_feature_models
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.nnunet.crop_dataset import CropJob, describe, model_provenance, run_job
-    from nnunet_ape.nnunet.raw_dataset import new_dataset_folder, open_raw_dataset
+    from nnunet_ape.nnunet.raw_dataset import check_raw_cases, new_dataset_folder, open_raw_dataset
 
     if args.num_processes < 1:
         raise InputError(f"--num-processes {args.num_processes}: must be at least 1")
@@ -85,6 +86,7 @@ def _run(args, localizer: Path | None, organs: list[str] | None, margin_mm: floa
         raise InputError(f"--margin-mm {margin_mm}: must not be negative")
     channels = check_channels(args.channels)
     source = open_raw_dataset(args.dataset, need_labels=True)
+    check_raw_cases(source, MIN_VOXELS)  # every header (and float voxels) before any output: a bad case in one line
     device = str(resolve_device(args.device))
     models_args = {"localizer_path": localizer, "organs": organs, "channels": channels, "ape_path": args.model,
                    "bpr_path": args.bpr_model, "device": device}

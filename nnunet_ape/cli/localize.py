@@ -101,7 +101,8 @@ def _run_localize_predict(args) -> None:
     from nnunet_ape.io import output_name, read_volume
     from nnunet_ape.bpr.scoring import load_bpr_model
     from nnunet_ape.checkpoint import load_ape_model
-    from nnunet_ape.embed_files import MIN_VOXELS
+    from nnunet_ape.embed_files import MIN_VOXELS, check_header
+    from nnunet_ape.input_checks import Skipped
     from nnunet_ape.localize.localizer import check_organs, load_localizer, localize_volume
     from nnunet_ape.plots import boxes_png
     from nnunet_ape.resume import unfinished
@@ -109,12 +110,17 @@ def _run_localize_predict(args) -> None:
     localizer, ape_path, bpr_path = load_localizer(args.localizer, args.model, args.bpr_model)
     check_organs(localizer, args.organs)  # before any work or output
     images = resolve_images(args.input)
+    for image in images:
+        check_header(image)  # before any output: a bad file stops the job in one line
     device = str(resolve_device(args.device))
     ape_model = load_ape_model(ape_path)[0] if ape_path else None
     bpr_model = load_bpr_model(bpr_path)[0] if bpr_path else None
     todo = unfinished(images, lambda i: args.output / f"{output_name(i)}_boxes.json", args.overwrite, "box files")
+    skipped = Skipped()  # cases whose voxels cannot be used (NaN): left out, named at the end
     for image in tqdm(todo, desc="localizing", unit="case", disable=len(todo) <= 1):
-        ct = read_volume(image, min_size=MIN_VOXELS)
+        ct = skipped.read(output_name(image), lambda: read_volume(image, min_size=MIN_VOXELS))
+        if ct is None:
+            continue
         boxes = localize_volume(localizer, ct, ape_model, bpr_model, device, args.organs)
         name = output_name(image)
         result = {"image": str(image), "shape": list(ct.shape), "spacing": list(ct.spacing), "organs": boxes}
@@ -123,3 +129,4 @@ def _run_localize_predict(args) -> None:
         with atomic_path(args.output / f"{name}_boxes.json") as tmp:  # last: the case's done mark
             Path(tmp).write_text(json.dumps(result, indent=1))
         tqdm.write(f"{image} -> {args.output / (name + '_boxes.json')}")
+    skipped.finish()

@@ -60,6 +60,7 @@ def _run_score(args) -> None:
     from nnunet_ape.bpr.scoring import MIN_SLICES, load_bpr_model
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.embed_files import check_header
+    from nnunet_ape.input_checks import Skipped
     from nnunet_ape.inputs import resolve_images
     from nnunet_ape.io import output_name, read_volume
     from nnunet_ape.plots import scores_png
@@ -76,8 +77,11 @@ def _run_score(args) -> None:
         raise InputError("input cases share names; give them unique file names")
     device = str(resolve_device(args.device))
     todo = unfinished(images, lambda i: args.output / f"{output_name(i)}_bpr.json", args.overwrite, "score files")
+    skipped = Skipped()  # cases whose voxels cannot be used (NaN): left out, named at the end
     for image in tqdm(todo, desc="scoring", unit="ct", disable=len(todo) <= 1):
-        ct = read_volume(image, min_size=MIN_SLICES)
+        ct = skipped.read(output_name(image), lambda: read_volume(image, min_size=MIN_SLICES))
+        if ct is None:
+            continue
         result = {"image": str(image), "model": str(args.model), **score_volume(model, ct, calibration, device, str(image), args.smoothing_mm)}
         target = args.output / f"{output_name(image)}_bpr.json"
         if args.png:
@@ -87,6 +91,7 @@ def _run_score(args) -> None:
         for warning in result["warnings"]:
             print(f"nnunet-ape: warning: {image.name}: {warning}", file=sys.stderr)
         print(f"{image} -> {target} (tag {result['body part examined tag']})")
+    skipped.finish()
 
 
 def _run_calibrate(args) -> None:

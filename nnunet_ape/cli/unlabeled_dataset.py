@@ -27,10 +27,12 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> None:
+    from nnunet_ape.input_checks import check_cases
     from nnunet_ape.inputs import resolve_images
-    from nnunet_ape.nnunet.unlabeled_dataset import build_unlabeled_dataset
+    from nnunet_ape.nnunet.unlabeled_dataset import MIN_SIZE, build_unlabeled_dataset, case_names
 
     images = [image for spec in args.input for image in resolve_images(spec)]
+    check_cases([(name, [image], None) for image, name in zip(images, case_names(images))], MIN_SIZE)  # before any output
     folder = build_unlabeled_dataset(images, args.output, args.name)
     print(f"{len(images)} CT(s) -> {folder}; next: nnUNetv2_plan_and_preprocess -d {args.output} -c 3d_fullres "
           f"&& nnUNetv2_train {args.output} 3d_fullres all -tr nnUNetTrainerAPEPretrain")

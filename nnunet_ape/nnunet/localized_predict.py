@@ -33,6 +33,7 @@ from nnunet_ape.atomic import atomic_path, remove_leftovers
 from nnunet_ape.case_features import FeatureModels, case_features, load_feature_models
 from nnunet_ape.crop_geometry import box_corners_mm, box_shape, crop_box, slices, union_box
 from nnunet_ape.errors import InputError
+from nnunet_ape.input_checks import Skipped, check_cases
 from nnunet_ape.io import IMAGE_SUFFIXES, Volume, geometry, output_name, read_channels, write_volume
 from nnunet_ape.locks import locked
 from nnunet_ape.nnunet.region_prediction import RegionPrediction, grow_faces, predict_region, touched_faces
@@ -242,6 +243,7 @@ def predict_files(predictor: LocalizedPredictor, images: list[Path], output: Pat
         duplicate = next(n for n in names if names.count(n) > 1)
         raise InputError(f"several inputs are named '{duplicate}'; give the cases unique file names")
     files = [source_channel_files(p, predictor.source_channels) for p in images]  # checked before any output
+    check_cases([(n, f, None) for n, f in zip(names, files)], MIN_VOXELS, finite=False)  # headers; NaN: skipped at read
     ending = predictor.models[0].file_ending
     output.mkdir(parents=True, exist_ok=True)
     busy = (f"predict -o {output}: another job is predicting part {part_id} of {num_parts} into this folder right now; "
@@ -252,15 +254,19 @@ def predict_files(predictor: LocalizedPredictor, images: list[Path], output: Pat
         mine = list(zip(names, files))[part_id::num_parts]
         todo = [(n, f) for n, f in mine if predictor.options.overwrite or not is_done(output, n, ending)]
         bar = tqdm(todo, desc="predict", unit="case", disable=not todo)
+        skipped = Skipped()  # cases whose voxels cannot be used (NaN): left out, named at the end
         for case, case_files in bar:
             bar.set_postfix_str(f"{case}: read")
             began = time.perf_counter()
-            channels = read_channels(case_files, min_size=MIN_VOXELS)
+            channels = skipped.read(case, lambda: read_channels(case_files, min_size=MIN_VOXELS))
+            if channels is None:
+                continue
             result = predictor.predict_case(channels, stage=lambda s, c=case: bar.set_postfix_str(f"{c}: {s}"))
             result.report["seconds"]["case"] = round(time.perf_counter() - began, 3)  # read + localize + predict + paste
             bar.set_postfix_str(f"{case}: write")
             write_case(result, output, case, ending, case_files)
         bar.close()
+        skipped.finish()
     return {"predicted": len(todo), "skipped": len(mine) - len(todo), "part_cases": len(mine), "all_cases": len(images)}
 
 

@@ -109,6 +109,15 @@ def open_raw_dataset(spec: str, need_labels: bool = True) -> RawDataset:
     return dataset
 
 
+def check_raw_cases(dataset: RawDataset, min_size: int = 1, test: bool = True) -> None:
+    """Every case's files checked before a job writes anything (:func:`nnunet_ape.input_checks.check_cases`: headers,
+    truncation, grids, NaN in floating-point images): InputError (one line) naming the first bad case."""
+    from nnunet_ape.input_checks import check_cases
+
+    cases = dataset.training + (dataset.test if test else [])
+    check_cases([(c.case_id, c.images, c.label) for c in cases], min_size)
+
+
 def _env_folder(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else None
