@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nnunet_ape.atomic import STAGING, atomic_path, remove_leftovers
 from nnunet_ape.io import Volume, read_volume, write_volume
@@ -73,3 +74,48 @@ def test_an_error_while_writing_leaves_the_target_untouched(tmp_path):
     except RuntimeError:
         pass
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["boxes.json"]
+
+
+HOLDER = """
+import sys, time
+from nnunet_ape.locks import locked
+with locked(sys.argv[1], int(sys.argv[2])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_lock_refuses_in_one_line_while_held_and_frees_when_its_holder_is_killed(tmp_path):
+    from nnunet_ape.errors import InputError
+    from nnunet_ape.locks import locked
+
+    lock = tmp_path / ".nnunet_ape" / "Dataset953.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), "1"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(InputError, match="^busy: wait$"):
+        with locked(lock, 1, busy="busy: wait"):
+            pass
+    with locked(lock, 2, busy="busy"):  # another byte: another part
+        pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with locked(lock, 1, busy="busy"):  # the kernel dropped the killed holder's lock
+        pass
+
+
+def test_staged_files_move_in_order_and_an_error_leaves_nothing(tmp_path):
+    from nnunet_ape.atomic import staged_files
+
+    with staged_files(tmp_path, "case", ("_seg.b2nd", ".pkl", ".b2nd")) as prefix:
+        for suffix in ("_seg.b2nd", ".pkl", ".b2nd"):
+            Path(prefix + suffix).write_text(suffix)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [STAGING]  # nothing visible while it writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.b2nd", "case.pkl", "case_seg.b2nd"]
+    assert (tmp_path / "case.b2nd").read_text() == ".b2nd"
+    try:
+        with staged_files(tmp_path, "other", (".b2nd",)) as prefix:
+            Path(prefix + ".b2nd").write_text("half")
+            raise RuntimeError("killed halfway")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.b2nd", "case.pkl", "case_seg.b2nd"]
