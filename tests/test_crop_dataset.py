@@ -225,3 +225,15 @@ def test_bad_input_is_one_line_and_writes_nothing(problem, env, tight_localizer,
         assert "650" in err and "exists" in err
         (env["nnUNet_results"] / "Dataset650_Old").rmdir()
 
+
+
+def test_a_rerun_on_a_finished_dataset_says_so_and_clears_old_temporary_files(liver_crops, env, tight_localizer, capsys):
+    target, _ = liver_crops
+    old = target / "imagesTr" / ".tmp_bu0vfue0.nii.gz"  # what atomic_path left beside its targets until 2026-12-05
+    old.write_bytes(b"")
+    args = ("crop-dataset", "-d", "501", "-l", tight_localizer, "--organs", "liver", "-o", "601", "--channels", "ape", "--device", "cpu")
+    assert _run(*args) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 temporary file(s)" in out and "already complete" in out and not old.exists()
+    assert _run(*args[:-4], "--device", "cpu") == 2  # the same id with other settings (no channels): refused
+    assert "already exists" in capsys.readouterr().err

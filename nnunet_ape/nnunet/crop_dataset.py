@@ -182,9 +182,13 @@ def completed(job: CropJob) -> dict | None:
     if not job.target.is_dir():
         return None
     content = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if content.get("format") == MANIFEST_FORMAT:
+        removed = sweep(job.target)  # .tmp_* files that versions before 2026-12-05 could leave in a finished dataset
+        if removed:
+            print(f"{job.target.name}: removed {len(removed)} temporary file(s) a killed earlier version left ({removed[0].name})")
     if content.get("settings") != job.settings:
-        raise InputError(f"dataset id {job.target.name[7:10]} already exists ({job.target}) with other settings; choose "
-                         "another -o id or remove that folder")
+        raise InputError(f"dataset id {job.target.name[7:10]} already exists ({job.target}), written with other settings "
+                         "or by an earlier version; choose another -o id or remove that folder")
     shutil.rmtree(job.state, ignore_errors=True)  # left when a run was killed right after the rename
     return content
 
