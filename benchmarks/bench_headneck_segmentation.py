@@ -714,6 +714,7 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     out = work / stage / "test_predictions"
     images = [raw / "imagesTs" / f"{c}_0000.nii.gz" for c in test]
     listing = work / stage / "test_images.txt"
+    listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text("\n".join(map(str, images)) + "\n")
     how = {"full": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
            "oracle": "crop models on ground-truth boxes + margin"}[stage]
