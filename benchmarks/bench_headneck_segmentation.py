@@ -12,11 +12,15 @@ imagesTs/labelsTs: the 40 test cases; nothing is copied) and sets nnUNet_raw, nn
 to folders inside ``--work`` for every nnU-Net command it runs.
 
 Stages (models; issue 28's list):
-  full      stock ``3d_fullres``, all 7 organs in one model (stock nnUNetTrainer): the baseline.   [implemented]
-  coarse    full image at a coarser spacing, predicted without TTA (the FLARE22 speed alternative). [not yet]
-  crop      ``nnunet-ape plan`` + nnUNetTrainerAPECrop per organ or group, ``nnunet-ape predict``.  [not yet]
+  full      stock ``3d_fullres``, all 7 organs in one model (stock nnUNetTrainer): the baseline.
+  coarse    stock ``3d_fullres`` planned by nnU-Net at 1.6x the spacing (``-overwrite_target_spacing``, plans
+            ``nnUNetPlans_coarse``), predicted without TTA: the FLARE22 efficiency winner's speed alternative.
+  crop      ``nnunet-ape plan --union`` + nnUNetTrainerAPECrop, one model per organ group (jaw: parotids +
+            mandible; cns: brainstem + spinal cord; neck: larynx + esophagus; why: ``headneck_seg_crops``),
+            predicted with ``nnunet-ape predict`` (regrowth on). The localizer: ``--localizer`` (fitted on the
+            training cases), or fitted here from ``--ape-model`` (all-voxels, every training case a shot).
   channels  nnUNetTrainerAPEChannels: whole images + APE and BPR channels.                       [not yet]
-  oracle    the crop models on the ground-truth box plus the same margin.                         [not yet]
+  oracle    the crop models on the ground-truth box of their organs plus the training margin (10 mm).
 
 Planning: nnU-Net's own planner (``nnUNetv2_plan_and_preprocess -c 3d_fullres``, default ExperimentPlanner) makes
 ``nnUNetPlans``. ``--architecture reduced`` (the CPU default) trains every model with the same reduction, written as
@@ -58,6 +62,7 @@ skipped per case. Writes ``WORK/<stage>/test_scores.json``, ``WORK/report.md`` (
 stage is unfinished) and ``WORK/dice_vs_training_time.png``.
 
     python benchmarks/bench_headneck_segmentation.py run --stages full --minutes 120          # start, and resume
+    python benchmarks/bench_headneck_segmentation.py run --stages crop oracle --ape-model runs/ape_hn/checkpoint_final.pt
     python benchmarks/bench_headneck_segmentation.py run --prepare-only                        # plan + preprocess
     python benchmarks/bench_headneck_segmentation.py report                                   # tables + PNG only
     python benchmarks/bench_headneck_segmentation.py run --architecture planned --device cuda --work /data/hn_gpu
@@ -93,7 +98,7 @@ PATCH_CAP = 64
 TRAINER = "nnUNetTrainerHeadNeckBench"
 STAGES = {
     "full": "stock 3d_fullres, all 7 organs in one model (implemented)",
-    "coarse": "full image at a coarser spacing, predicted without TTA (not implemented yet)",
+    "coarse": "stock 3d_fullres planned at 1.6x the spacing, predicted without TTA (implemented)",
     "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ group (jaw, cns, neck), nnunet-ape predict (implemented)",
     "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (not implemented yet)",
     "oracle": "the crop models on the ground-truth box plus the same margin (implemented; needs crop)",
@@ -102,6 +107,7 @@ TEST_CASES_N = 40  # hn_169..hn_214 (headneck_split)
 CROP_TRAINER = "nnUNetTrainerHeadNeckBenchCrop"
 # How each implemented stage is trained and predicted (the later stages add their entries).
 IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta": True},
+               "coarse": {"configuration": "3d_fullres", "plans": "nnUNetPlans_coarse", "trainer": TRAINER, "tta": False},
                "crop": {"groups": list(GROUPS), "trainer": CROP_TRAINER, "tta": True},
                "oracle": {"models_of": "crop", "trainer": CROP_TRAINER, "tta": True}}
 DEFAULTS = {"epochs": 50, "iterations_per_epoch": 100, "val_iterations": 10, "curve_every": 2, "curve_cases": 8}
@@ -197,15 +203,26 @@ def reduce_configuration(config: dict) -> dict:
     return out
 
 
-def write_reduced_plans(preprocessed: Path, configurations: list[str]) -> dict:
-    """``nnUNetPlansCPU.json`` beside ``nnUNetPlans.json``: the same plans with ``configurations`` reduced (other
-    configurations as planned). Returns the reduced plans."""
-    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = PLANS["reduced"]
+def write_reduced_plans(preprocessed: Path, configurations: list[str], source: str = "nnUNetPlans") -> dict:
+    """``<source>CPU.json`` (``nnUNetPlansCPU.json``) beside ``<source>.json``: the same plans with
+    ``configurations`` reduced (other configurations as planned). Returns the reduced plans."""
+    plans = json.loads((preprocessed / f"{source}.json").read_text())
+    plans["plans_name"] = reduced_name(source)
     for name in configurations:
         plans["configurations"][name] = reduce_configuration(plans["configurations"][name])
-    (preprocessed / f"{PLANS['reduced']}.json").write_text(json.dumps(plans, indent=1))
+    (preprocessed / f"{reduced_name(source)}.json").write_text(json.dumps(plans, indent=1))
     return plans
+
+
+def reduced_name(source: str) -> str:
+    """The reduced plans' identifier for planned plans ``source``: nnUNetPlans -> nnUNetPlansCPU."""
+    return f"{source}CPU"
+
+
+def plans_identifier(model: dict, settings: dict) -> str:
+    """The plans a model trains with: its own planned plans (coarse) or nnUNetPlans, reduced unless ``planned``."""
+    source = model.get("plans", "nnUNetPlans")
+    return source if settings["architecture"] == "planned" else reduced_name(source)
 
 
 def describe(config: dict) -> str:
@@ -473,9 +490,9 @@ def stage_models(work: Path, stage: str) -> list[dict]:
     """The nnU-Net models a stage trains: name, configuration, trainer, the organs it segments ({name: value}) and
     its training log. full: one model of every organ; crop: one per organ group; oracle: none (the crop models)."""
     spec, organs = IMPLEMENTED[stage], organ_labels()
-    if stage == "full":
-        return [{"name": "full", "configuration": spec["configuration"], "trainer": spec["trainer"], "organs": organs,
-                 "log": work / "full" / "training_log.jsonl"}]
+    if stage in ("full", "coarse"):
+        return [{"name": stage, "configuration": spec["configuration"], "trainer": spec["trainer"], "organs": organs,
+                 "log": work / stage / "training_log.jsonl", **({"plans": spec["plans"]} if "plans" in spec else {})}]
     if stage == "crop":
         return [{"name": group, "configuration": group_configuration(group), "trainer": spec["trainer"],
                  "organs": {o: organs[o] for o in GROUPS[group]}, "log": work / "crop" / group / "training_log.jsonl"}
@@ -485,13 +502,43 @@ def stage_models(work: Path, stage: str) -> list[dict]:
 
 def model_folder(work: Path, model: dict, settings: dict) -> Path:
     """nnU-Net's results folder of a model of :func:`stage_models` (fold_0 inside)."""
-    return work / "nnUNet_results" / DATASET / f"{model['trainer']}__{PLANS[settings['architecture']]}__{model['configuration']}"
+    return work / "nnUNet_results" / DATASET / f"{model['trainer']}__{plans_identifier(model, settings)}__{model['configuration']}"
 
 
 def is_trained(work: Path, stage: str, settings: dict) -> bool:
     """Whether every model of the stage (for oracle: of crop) has its final checkpoint."""
     models = stage_models(work, IMPLEMENTED[stage].get("models_of", stage))
     return all((model_folder(work, m, settings) / "fold_0" / "checkpoint_final.pth").exists() for m in models)
+
+
+COARSE_FACTOR = 1.6  # the FLARE22 efficiency winner's ratio: 4 x 1.2 x 1.2 mm against about 2.5 x 0.8 x 0.8 mm
+
+
+def prepare_coarse(work: Path, env: dict, processes: int) -> dict:
+    """Stage coarse's plans, made by nnU-Net's own planner: ``nnUNetv2_plan_experiment -overwrite_target_spacing``
+    (3d_fullres's spacing x :data:`COARSE_FACTOR` on every axis) as ``nnUNetPlans_coarse``, its preprocessing
+    (``nnUNetv2_preprocess -c 3d_fullres``) and its CPU reduction ``nnUNetPlans_coarseCPU``. Done once per
+    ``work`` (``WORK/coarse/prepared.json``); returns its content."""
+    marker = work / "coarse" / "prepared.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    planned = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    transposed = planned["configurations"]["3d_fullres"]["spacing"]
+    original = [transposed[i] * COARSE_FACTOR for i in planned["transpose_backward"]]  # the planner takes image axis order
+    source = IMPLEMENTED["coarse"]["plans"]
+    _, plan_seconds = _run(env, "nnUNetv2_plan_experiment", "-d", str(DATASET_ID), "-overwrite_target_spacing",
+                           *[f"{s:.4f}" for s in original], "-overwrite_plans_name", source)
+    _, seconds = _run(env, "nnUNetv2_preprocess", "-d", str(DATASET_ID), "-plans_name", source, "-c", "3d_fullres",
+                      "-np", str(processes))
+    reduced = write_reduced_plans(preprocessed, ["3d_fullres"], source)
+    coarse = json.loads((preprocessed / f"{source}.json").read_text())
+    info = {"factor": COARSE_FACTOR, "planned": describe(coarse["configurations"]["3d_fullres"]),
+            "trained": describe(reduced["configurations"]["3d_fullres"]), "plan_seconds": round(plan_seconds, 1),
+            "preprocess_seconds": round(seconds, 1), "date": date.today().isoformat(), "machine": machine()}
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(info, indent=1))
+    return info
 
 
 def prepare_crops(work: Path, env: dict, settings: dict, localizer: Path | None, ape_model: Path | None,
@@ -562,7 +609,7 @@ def train_model(work: Path, model: dict, settings: dict, env: dict, deadline: fl
     model["log"].parent.mkdir(parents=True, exist_ok=True)
     resume = (fold / "checkpoint_latest.pth").exists()
     command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(DATASET_ID), model["configuration"], "0", "-tr",
-               model["trainer"], "-p", PLANS[settings["architecture"]], "-device", device] + (["--c"] if resume else [])
+               model["trainer"], "-p", plans_identifier(model, settings), "-device", device] + (["--c"] if resume else [])
     print(f"{model['name']}: {'continuing' if resume else 'starting'} training ({settings['epochs']} epochs of "
           f"{settings['iterations_per_epoch']} iterations; curve on {len(curve_cases)} fold-0 validation cases every "
           f"{settings['curve_every']} epochs): {' '.join(command[1:])}", flush=True)
@@ -716,10 +763,10 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     listing = work / stage / "test_images.txt"
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text("\n".join(map(str, images)) + "\n")
-    how = {"full": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
+    how = {"full": "stock nnUNetPredictor", "coarse": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
            "oracle": "crop models on ground-truth boxes + margin"}[stage]
     print(f"{stage}: predicting {len(test)} test cases ({how}, TTA {'on' if IMPLEMENTED[stage]['tta'] else 'off'})", flush=True)
-    if stage == "full":
+    if stage in ("full", "coarse"):
         timings = _predict_stock_stage(work, stage, settings, env, listing, out, device, threads, deadline, test)
     else:
         timings = _predict_localized_stage(work, stage, settings, env, images, out, device, deadline, test)
@@ -728,7 +775,7 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, nsd_mm) for c in done}
     result = {"cases": done, "complete": len(done) == len(test), "scores": scores, "timings": {c: timings[c] for c in done},
               "nsd_mm": list(nsd_mm), "machine": machine(), "date": date.today().isoformat(), "device": device}
-    if stage != "full":
+    if stage in ("crop", "oracle"):
         result["organ_in_box"] = {c: organ_box_fractions(raw / "labelsTs" / f"{c}.nii.gz", timings[c]["boxes"], organs)
                                   for c in done}
     (work / stage / "test_scores.json").write_text(json.dumps(result, indent=1))
@@ -880,6 +927,10 @@ def report(work: Path, stages: list[str]) -> str:
              "", f"{prepared.get('train_cases', '?')} training cases (fold 0: nnU-Net's split), {prepared.get('test_cases', '?')} "
              f"test cases. nnU-Net's plan for 3d_fullres: {prepared.get('planned_3d_fullres', '?')}. CPU reduction: "
              f"{prepared.get('reduced_3d_fullres', '?')}.", ""]
+    coarse = work / "coarse" / "prepared.json"
+    if coarse.exists():
+        info = json.loads(coarse.read_text())
+        lines += [f"Coarse model: nnU-Net's plan at {info['factor']}x the spacing: {info['planned']}; trained: {info['trained']}.", ""]
     crops = work / "crop" / "prepared.json"
     if crops.exists():
         info = json.loads(crops.read_text())
@@ -966,6 +1017,8 @@ def run(args) -> None:
                 print("oracle: the crop models are not trained yet (run --stages crop first)", flush=True)
                 continue
         else:
+            if stage == "coarse":
+                print(f"coarse: {prepare_coarse(args.work, env, args.processes)['trained']}", flush=True)
             if stage == "crop":
                 info = prepare_crops(args.work, env, settings, args.localizer, args.ape_model, args.processes)
                 print("crop configurations: " + "; ".join(f"{g}: {d['trained']}" for g, d in info["groups"].items()), flush=True)
