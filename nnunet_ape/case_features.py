@@ -22,11 +22,12 @@ from torch import nn
 
 from nnunet_ape.bpr.calibration import Calibration
 from nnunet_ape.bpr.scoring import load_bpr_model
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.crop_geometry import crop_box, union_box
-from nnunet_ape.embed import EmbedSettings, map_on_grid, network_map, stored_settings
+from nnunet_ape.embed import CanonicalMap, EmbedSettings, canonical_map, network_map, stored_settings
 from nnunet_ape.errors import InputError
-from nnunet_ape.io import Volume, from_canonical, to_canonical
+from nnunet_ape.io import Volume
 from nnunet_ape.localize.localizer import load_localizer, map_stride, predict_organ_boxes
 from nnunet_ape.localize.zrange import score_ct
 
@@ -139,50 +140,60 @@ def require_ct(ct: Volume) -> None:
 
 
 @torch.no_grad()
-def case_features(models: FeatureModels, ct: Volume, passes: dict | None = None, localize_too: list[str] = ()) -> CaseFeatures:
-    """Localize the organs of ``models`` on ``ct`` (HU, any orientation) and compute its channels, with one APE
-    and one BPR pass. ``passes``: a dict shared by the calls for several ``models`` on the same CT (several
-    localizers or organ groups, one per model), so that each checkpoint runs once per CT; it holds the network's
-    map (:func:`~nnunet_ape.embed.network_map`), the maps resampled from it onto the CT's grid, the BPR scores and
-    the boxes found. ``localize_too``: organs of later calls with the same localizer, localized in this call's pass
-    (:func:`case_features_many`). Without APE channels the map is resampled onto every few voxels only
-    (:func:`map_stride`): boxes need no more, and resampling a map back to every voxel of a large CT costs more than
-    the network pass. Each ``models`` gets the boxes and channels it would get alone, whatever else shares ``passes``."""
+def case_features(models: FeatureModels, ct: Volume | CanonicalCT, passes: dict | None = None,
+                  localize_too: list[str] = ()) -> CaseFeatures:
+    """Localize the organs of ``models`` on ``ct`` (HU, any orientation, or a
+    :class:`~nnunet_ape.canonical.CanonicalCT`) and compute its channels, with one APE and one BPR pass.
+    ``passes``: a dict shared by the calls for several ``models`` on the same CT (several localizers or organ
+    groups, one per model), so that each checkpoint runs once per CT and the CT is brought into canonical order
+    once; it holds the canonical CT, the network's map (:func:`~nnunet_ape.embed.network_map`), the maps resampled
+    from it onto the canonical CT's voxels, the BPR scores and the boxes found. ``localize_too``: organs of later
+    calls with the same localizer, localized in this call's pass (:func:`case_features_many`). Without APE channels
+    the map is resampled onto every few voxels only (:func:`map_stride`): boxes need no more, and resampling a map
+    onto every voxel of a large CT costs more than the network pass. Everything stays in canonical order until the
+    output: boxes and channels come back on the CT's own grid. Each ``models`` gets the boxes and channels it would
+    get alone, whatever else shares ``passes``."""
     passes = {} if passes is None else passes
-    if ("ct checked",) not in passes:
-        require_ct(ct)
-        passes[("ct checked",)] = True
+    canon = _canonical(ct, passes)
+    source = canon.source
     embedding = scored = None
-    canon = orientation = None
     map_key = bpr_key = None
     if models.ape is not None:
-        embedding, map_key = _ape_map(models, ct, passes)
+        embedding, map_key = _ape_map(models, canon, passes)
     if models.bpr is not None:
         bpr_key = ("bpr", str(models.bpr_path))
         if bpr_key not in passes:
-            canon, orientation = to_canonical(ct)
-            passes[bpr_key] = (canon, orientation, score_ct(models.bpr, canon, models.device))
-        canon, orientation, scored = passes[bpr_key]
+            passes[bpr_key] = score_ct(models.bpr, canon, models.device)
+        scored = passes[bpr_key]
     boxes, box = {}, None
     if models.localizer is not None:
         found = passes.setdefault(("boxes", id(models.localizer), map_key, bpr_key), {})
         wanted = list(dict.fromkeys([*models.organs, *(o for o in localize_too if o in models.localizer["organs"])]))
         missing = [o for o in wanted if o not in found]
         if missing:
-            found.update(predict_organ_boxes(models.localizer, ct, embedding, scored, missing))
+            found.update(predict_organ_boxes(models.localizer, canon, embedding, scored, missing))
         boxes = {organ: copy.deepcopy(found[organ]) for organ in models.organs}
         for organ in models.organs:
-            organ_box = crop_box(np.asarray(boxes[organ]["crop_box_voxels"]), ct.shape)
+            organ_box = crop_box(np.asarray(boxes[organ]["crop_box_voxels"]), source.shape)
             box = organ_box if box is None else union_box(box, organ_box)
     parts = []
-    if "ape" in models.channels:
-        parts.append(embedding.array.astype(np.float32))
+    if "ape" in models.channels:  # the canonical map (stride 1) back on the CT's grid: the one trip back
+        parts.append(embedding.on_source_grid().array.astype(np.float32, copy=False))
     if "bpr" in models.channels:
-        parts.append(bpr_channel(scored.scores, models.bpr_calibration, canon, orientation, ct)[..., None])
+        parts.append(bpr_channel(scored.scores, models.bpr_calibration, canon)[..., None])
     return CaseFeatures(boxes, box, np.concatenate(parts, axis=3) if parts else None)
 
 
-def case_features_many(models: list[FeatureModels], ct: Volume, passes: dict | None = None) -> list[CaseFeatures]:
+def _canonical(ct: Volume | CanonicalCT, passes: dict) -> CanonicalCT:
+    """The CT of ``passes`` in canonical order: made (and checked to be CT, :func:`require_ct`) by the first call
+    for the CT, shared by the others."""
+    if ("ct",) not in passes:
+        require_ct(ct.source if isinstance(ct, CanonicalCT) else ct)  # before any work on it
+        passes[("ct",)] = canonical_ct(ct)
+    return passes[("ct",)]
+
+
+def case_features_many(models: list[FeatureModels], ct: Volume | CanonicalCT, passes: dict | None = None) -> list[CaseFeatures]:
     """:func:`case_features` of each of ``models`` on one CT: one network pass per APE checkpoint, one BPR pass
     per BPR checkpoint, and one localization per localizer and map for all the organ groups that share them (the
     organ groups of several crop configurations). Returns what each ``models`` would get alone, in order."""
@@ -194,29 +205,29 @@ def case_features_many(models: list[FeatureModels], ct: Volume, passes: dict | N
     return [case_features(m, ct, passes, organs_of.get(id(m.localizer), [])) for m in models]
 
 
-def _ape_map(models: FeatureModels, ct: Volume, passes: dict) -> tuple[Volume, tuple]:
-    """The APE map ``models`` needs (on every voxel for APE channels or an all-voxels localizer, else on every
-    few voxels) and its key in ``passes``; the network runs only when no map of its checkpoint and settings is
+def _ape_map(models: FeatureModels, ct: CanonicalCT, passes: dict) -> tuple[CanonicalMap, tuple]:
+    """The canonical APE map ``models`` needs (on every voxel for APE channels or an all-voxels localizer, else on
+    every few voxels) and its key in ``passes``; the network runs only when no map of its checkpoint and settings is
     there yet."""
     settings = models.embed_settings
     boxes_only = "ape" not in models.channels and (models.localizer or {}).get("ape_boxes") != "all-voxels"
     if boxes_only:  # boxes need the map at the model's coarse spacing only
-        settings = replace(settings, stride=map_stride(ct.spacing, settings.spacing))
+        settings = replace(settings, stride=map_stride(ct.source.spacing, settings.spacing))
     key = ("ape", str(models.ape_path), repr(settings))
     if key not in passes:
         network_key = ("ape-network", str(models.ape_path), repr(replace(settings, stride=1, half=False)))
         if network_key not in passes:
             passes[network_key] = network_map(models.ape, ct, settings, device=models.device, progress=False)
-        passes[key] = map_on_grid(passes[network_key], ct, settings)
+        passes[key] = canonical_map(passes[network_key], settings)
     return passes[key], key
 
 
-def bpr_channel(scores: np.ndarray, calibration: Calibration | None, canon: Volume, orientation, ct: Volume) -> np.ndarray:
-    """Cleaned canonical slice scores ``(Z,)`` (NaN without body) -> a volume ``(X, Y, Z)`` float32 on ``ct``'s
-    grid: each voxel holds its slice's score (calibrated / 100 when ``calibration`` is given)."""
+def bpr_channel(scores: np.ndarray, calibration: Calibration | None, ct: CanonicalCT) -> np.ndarray:
+    """Cleaned canonical slice scores ``(Z,)`` (NaN without body) -> a volume ``(X, Y, Z)`` float32 on the CT's own
+    grid (``ct.source``): each voxel holds its slice's score (calibrated / 100 when ``calibration`` is given)."""
     values = calibration.apply(scores) / BPR_CHANNEL_SCALE if calibration is not None else np.asarray(scores, dtype=np.float64)
     finite = np.isfinite(values)
     index = np.arange(len(values))
     filled = np.interp(index, index[finite], values[finite]) if finite.any() else np.zeros(len(values))
-    canon_volume = np.broadcast_to(filled.astype(np.float32)[None, None, :], canon.shape)
-    return from_canonical(np.ascontiguousarray(canon_volume), orientation, ct).array
+    canon_volume = np.broadcast_to(filled.astype(np.float32)[None, None, :], ct.canon.shape)
+    return ct.array_to_source(np.ascontiguousarray(canon_volume))

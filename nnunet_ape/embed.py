@@ -1,5 +1,9 @@
 """Whole-volume APE maps: resample to the model's spacing, sliding windows with Gaussian blending, map back.
 
+The network runs on the CT in canonical order (:mod:`nnunet_ape.canonical`); :func:`canonical_map` resamples its
+output onto the canonical CT's voxels (what localization searches), :func:`map_on_grid` onto the CT's own grid (what
+``embed`` writes and the APE channels hold).
+
 The map is a smooth function of position: windows overlap and are blended with Gaussian weights (as nnU-Net
 does), and the network's BatchNorm runs with fixed statistics, so there are no seams at window borders.
 """
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.io import Volume, from_canonical, to_canonical
 from nnunet_ape.resample import resample_grid, resample_spacing
 
@@ -95,67 +100,120 @@ def sliding_window(
 
 @dataclass
 class NetworkMap:
-    """An APE network's output over a whole CT, before it is resampled onto the CT's grid (what
+    """An APE network's output over a whole CT, before it is resampled onto the CT's voxels (what
     :func:`network_map` returns). ``array``: ``(C, X', Y', Z')`` float32 on the model's grid (canonical axes, the
-    settings' spacing), on the device the network ran on; ``orientation``: the CT's canonical orientation;
-    ``canon_shape`` / ``canon_spacing``: the canonical CT's shape (voxels) and spacing (mm)."""
+    settings' spacing), on the device the network ran on; ``ct``: the CT it was computed on, in canonical order."""
 
     array: torch.Tensor
-    orientation: object
-    canon_shape: tuple[int, int, int]
-    canon_spacing: tuple[float, float, float]
+    ct: CanonicalCT
+
+
+@dataclass
+class CanonicalMap:
+    """An APE map on the canonical CT's voxels: what retrieval and label transfer search.
+
+    volume: a canonical Volume ``(X', Y', Z', C)`` (float32, float16 with ``half``) holding the map at the canonical
+    voxels that are every ``stride``-th voxel of the CT as stored (:func:`strided_start`: along an axis the CT stores
+    flipped they start at canonical voxel ``(n - 1) % stride``), with those voxels' geometry (spacing x ``stride``).
+    stride: 1 for a map on every voxel. ct: the CT, in canonical order, that the map belongs to.
+    """
+
+    volume: Volume
+    stride: int
+    ct: CanonicalCT
+
+    @property
+    def start(self) -> tuple[int, int, int]:
+        """Canonical index of the CT voxel under map voxel 0, per canonical axis."""
+        return strided_start(self.ct.canon.shape, self.ct.orientation.flip, self.stride)
+
+    @property
+    def source_shape(self) -> tuple[int, int, int]:
+        """The map's shape in the CT's own axis order ``(X, Y, Z)`` (voxel j on CT voxel ``stride * j``)."""
+        return tuple(len(range(0, n, self.stride)) for n in self.ct.source.shape)  # type: ignore[return-value]
+
+    def on_source_grid(self) -> Volume:
+        """The map in the CT's own order: a Volume ``(X, Y, Z, C)`` on every ``stride``-th voxel of the CT (its
+        origin and direction, spacing x ``stride``), the CT's own grid for stride 1 (see :func:`embed_volume`)."""
+        source = self.ct.source
+        if self.stride == 1:
+            return from_canonical(self.volume.array, self.ct.orientation, source)
+        # voxel j of the strided map lies on input voxel stride * j: same origin and direction, spacing x stride
+        strided = Volume(np.empty(self.source_shape, dtype=np.uint8), tuple(float(s) * self.stride for s in source.spacing),
+                         source.origin, np.array(source.direction))
+        return from_canonical(self.volume.array, self.ct.orientation, strided)
+
+    @classmethod
+    def from_source_grid(cls, embedding: Volume, ct: Volume | CanonicalCT) -> "CanonicalMap":
+        """A map on the CT's own grid (what :func:`embed_volume` returns, any stride) brought into canonical order."""
+        ct = canonical_ct(ct)
+        stride = int(np.rint(embedding.spacing[0] / ct.source.spacing[0]))
+        return cls(to_canonical(embedding)[0], stride, ct)
+
+
+def strided_start(canon_shape: Sequence[int], flip: Sequence[bool], stride: int) -> tuple[int, int, int]:
+    """Per canonical axis, the canonical index of the first of the CT voxels ``0, stride, 2 * stride, ...`` of the
+    CT's own axis: ``(n - 1) % stride`` where the CT stores the axis flipped, else 0."""
+    return tuple((n - 1) % stride if flipped else 0 for n, flipped in zip(canon_shape, flip))  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def network_map(
-    model: nn.Module, volume: Volume, settings: EmbedSettings | None = None, device: str | torch.device = "cpu", progress: bool = True
+    model: nn.Module, volume: Volume | CanonicalCT, settings: EmbedSettings | None = None, device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> NetworkMap:
-    """The expensive half of :func:`embed_volume`: the CT (HU, any orientation) resampled to the model's spacing and
-    run through ``model`` in sliding windows. ``settings.stride`` and ``settings.half`` play no part here, so one
-    network map gives the maps of every stride (:func:`map_on_grid`)."""
+    """The expensive half of :func:`embed_volume`: the CT (HU, any orientation; or already in canonical order)
+    resampled to the model's spacing and run through ``model`` in sliding windows. ``settings.stride`` and
+    ``settings.half`` play no part here, so one network map gives the maps of every stride (:func:`canonical_map`)."""
     settings = settings or EmbedSettings()
     device = torch.device(device)
     model = model.to(device).eval()
-    canon, orientation = to_canonical(volume)
+    ct = canonical_ct(volume)
+    canon = ct.canon
     # resampling runs where the network runs: on a GPU it would otherwise dominate the time
     x = model.input_from_hu(canon.array)[None].to(device)  # each model normalizes HU its own way
     x, _ = resample_spacing(x, canon.spacing, settings.spacing)
     embedding = sliding_window(model, x, settings, device, progress)
-    return NetworkMap(embedding, orientation, tuple(canon.shape), tuple(canon.spacing))
+    return NetworkMap(embedding, ct)
 
 
-def map_on_grid(network: NetworkMap, volume: Volume, settings: EmbedSettings | None = None) -> Volume:
-    """A network map (of ``volume``, with ``settings``' spacing) resampled onto the CT's grid: a Volume ``(X, Y, Z,
-    C)`` on every ``settings.stride``-th voxel of ``volume`` (see :func:`embed_volume`)."""
+def canonical_map(network: NetworkMap, settings: EmbedSettings | None = None) -> CanonicalMap:
+    """A network map resampled onto the canonical CT's voxels: every voxel for ``settings.stride`` 1, else the
+    canonical voxels that are every stride-th voxel of the CT as stored (:class:`CanonicalMap`). float32, or float16
+    when ``settings.half``."""
     settings = settings or EmbedSettings()
-    # back onto the input grid: canonical indices of input voxels 0, stride, 2*stride, ... along each axis
+    canon, stride = network.ct.canon, settings.stride
+    start = strided_start(canon.shape, network.ct.orientation.flip, stride)
     coords = []
-    for n, s, m, flipped in zip(network.canon_shape, network.canon_spacing, settings.spacing, network.orientation.flip):
-        taken = torch.arange(0, n, settings.stride, dtype=torch.float32)
-        canonical_index = (n - 1 - taken).flip(0) if flipped else taken
+    for n, s, m, first in zip(canon.shape, canon.spacing, settings.spacing, start):
+        canonical_index = torch.arange(first, n, stride, dtype=torch.float32)
         coords.append(canonical_index * s / m)  # model-grid index = canonical index * s_in / s_model
     array = resample_grid(network.array, coords).permute(1, 2, 3, 0).cpu().numpy()
-    array = array.astype(np.float16 if settings.half else np.float32)
-    if settings.stride == 1:
-        return from_canonical(array, network.orientation, volume)
-    # voxel j of the strided map lies on input voxel stride * j: same origin and direction, spacing x stride
-    strided = Volume(
-        np.empty([len(range(0, n, settings.stride)) for n in volume.shape], dtype=np.uint8),
-        tuple(float(s) * settings.stride for s in volume.spacing),
-        volume.origin,
-        np.array(volume.direction),
-    )
-    return from_canonical(array, network.orientation, strided)
+    array = np.ascontiguousarray(array.astype(np.float16 if settings.half else np.float32))
+    if stride == 1:
+        volume = Volume(array, canon.spacing, canon.origin, np.array(canon.direction))
+    else:
+        origin = tuple(float(v) for v in canon.index_to_physical(np.asarray(start, dtype=np.float64)))
+        volume = Volume(array, tuple(float(s) * stride for s in canon.spacing), origin, np.array(canon.direction))
+    return CanonicalMap(volume, stride, network.ct)
+
+
+def map_on_grid(network: NetworkMap, settings: EmbedSettings | None = None) -> Volume:
+    """A network map (with ``settings``' spacing) resampled onto the CT's own grid: a Volume ``(X, Y, Z, C)`` on
+    every ``settings.stride``-th voxel of the CT (see :func:`embed_volume`)."""
+    return canonical_map(network, settings).on_source_grid()
 
 
 def embed_volume(
-    model: nn.Module, volume: Volume, settings: EmbedSettings | None = None, device: str | torch.device = "cpu", progress: bool = True
+    model: nn.Module, volume: Volume | CanonicalCT, settings: EmbedSettings | None = None, device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> Volume:
     """APE map of a CT in the CT's own geometry.
 
-    volume: CT in HU, any orientation. Returns a Volume whose array is ``(X, Y, Z, C)`` (C = 3) on the input grid
-    (same size, spacing, origin, direction), or with ``settings.stride = 4`` on every 4th voxel of it (spacing x4,
-    same origin and direction). float32, or float16 when ``settings.half``. The same as :func:`network_map` followed
-    by :func:`map_on_grid`.
+    volume: CT in HU, any orientation (or a :class:`~nnunet_ape.canonical.CanonicalCT`). Returns a Volume whose array
+    is ``(X, Y, Z, C)`` (C = 3) on the input grid (same size, spacing, origin, direction), or with ``settings.stride
+    = 4`` on every 4th voxel of it (spacing x4, same origin and direction). float32, or float16 when
+    ``settings.half``. The same as :func:`network_map` followed by :func:`map_on_grid`; steps that work in canonical
+    order take :func:`canonical_map` instead and skip the trip to the CT's grid and back.
     """
-    return map_on_grid(network_map(model, volume, settings, device, progress), volume, settings)
+    return map_on_grid(network_map(model, volume, settings, device, progress), settings)

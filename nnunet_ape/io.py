@@ -217,10 +217,7 @@ def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
     """
     orientation = canonical_orientation(volume.direction)
     perm = list(orientation.perm)
-    array = np.transpose(volume.array, perm + list(range(3, volume.array.ndim)))
     flip_axes = [a for a in range(3) if orientation.flip[a]]
-    if flip_axes:
-        array = np.flip(array, axis=flip_axes)
     spacing = tuple(float(volume.spacing[p]) for p in perm)
     direction = np.asarray(volume.direction)[:, perm].copy()
     # the first canonical voxel is the last source voxel along each flipped axis
@@ -231,8 +228,20 @@ def to_canonical(volume: Volume) -> tuple[Volume, Orientation]:
     origin = tuple(volume.index_to_physical(first_index))
     for a in flip_axes:
         direction[:, a] *= -1
-    canon = Volume(np.ascontiguousarray(array), spacing, origin, direction)  # type: ignore[arg-type]
+    canon = Volume(canonical_array(volume.array, orientation), spacing, origin, direction)  # type: ignore[arg-type]
     return canon, orientation
+
+
+def canonical_array(array: np.ndarray, orientation: Orientation) -> np.ndarray:
+    """An array ``(X, Y, Z[, C])`` on a volume's grid -> the same voxels in canonical order ``(X', Y', Z'[, C])``
+    (C-contiguous; no copy when the orientation is the identity and the array is contiguous already), for the
+    volume's :class:`Orientation`. The array part of :func:`to_canonical`, for arrays that share a CT's grid (its
+    label map) once the CT's orientation is known."""
+    array = np.transpose(array, list(orientation.perm) + list(range(3, array.ndim)))
+    flip_axes = [a for a in range(3) if orientation.flip[a]]
+    if flip_axes:
+        array = np.flip(array, axis=flip_axes)
+    return np.ascontiguousarray(array)
 
 
 def from_canonical(array: np.ndarray, orientation: Orientation, reference: Volume) -> Volume:

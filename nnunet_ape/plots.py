@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ape.atomic import atomic_path
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.io import Volume, to_canonical
-from nnunet_ape.crop_geometry import box_to_canonical
 
 
 def _planes(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -147,22 +147,25 @@ def _box_figure(extent_mm: np.ndarray):
     return fig, [fig.add_subplot(grid[i]) for i in range(3)], True
 
 
-def boxes_png(ct: Volume, boxes: dict[str, dict], path: str | os.PathLike, title: str = "", window=(-200, 300)) -> Path:
+def boxes_png(ct: Volume | CanonicalCT, boxes: dict[str, dict], path: str | os.PathLike, title: str = "",
+              window=(-200, 300)) -> Path:
     """PNG: CT in axial, coronal, sagittal planes through the boxes (each plane at the slice most crop boxes reach,
     named in its title) with every organ's predicted box (dashed, APE only) and crop box (solid), one colour per
     organ (faint where the slice does not reach the box), at physical aspect; a short scan gets its coronal and sagittal panels at full width. ``boxes`` as from
-    ``predict_organ_boxes`` (voxel boxes in the CT's own index order)."""
+    ``predict_organ_boxes`` (voxel boxes in the CT's own index order). ``ct``: the CT (HU, any orientation), or the
+    case's :class:`~nnunet_ape.canonical.CanonicalCT` when it has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    canon, orientation = to_canonical(ct)
+    oriented = canonical_ct(ct)
+    canon = oriented.canon
     shape = canon.shape
 
     def canonical(box) -> np.ndarray:
-        return box_to_canonical(np.asarray(box), orientation.perm, orientation.flip, ct.shape)
+        return oriented.box_to_canonical(np.asarray(box))
 
     drawn = [canonical(e.get("crop_box_voxels", e.get("box_voxels"))) for e in boxes.values()
              if "crop_box_voxels" in e or "box_voxels" in e]

@@ -22,9 +22,9 @@ NAME = PACKAGE.name
 # Floors from the ground up: each maps module name prefixes (without the package name) to the floor.
 # The longest matching prefix wins, so ``bpr.train_bpr`` sits on pretraining while the rest of ``bpr`` is a feature.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("I/O and geometry", ("atomic", "errors", "io", "intensity", "resample", "crop_geometry", "inputs", "input_checks", "cases",
-                          "case_variants", "locks", "threads", "distributed", "resume", "plots", "training_log",
-                          "phantoms", "position_fit")),
+    ("I/O and geometry", ("atomic", "errors", "io", "intensity", "resample", "crop_geometry", "canonical", "inputs",
+                          "input_checks", "cases", "case_variants", "locks", "threads", "distributed", "resume", "plots",
+                          "training_log", "phantoms", "position_fit")),
     ("models", ("models", "checkpoint")),
     ("pretraining", ("pretrain", "bpr.train_bpr", "bpr.augment", "bpr.losses", "bpr.slices")),
     ("APE/BPR features", ("embed", "embed_files", "bpr")),

@@ -15,6 +15,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from nnunet_ape.bpr.slices import axial_slices
 from nnunet_ape.bpr.train_bpr import BPR_FORMAT
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.checkpoint import load_checkpoint
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
@@ -40,13 +41,16 @@ def check_scorable(canon: Volume, name: str) -> None:
 
 
 @torch.no_grad()
-def raw_slice_scores(model: torch.nn.Module, canon: Volume, device: str | torch.device = "cpu", batch_size: int = 64) -> np.ndarray:
-    """Raw model score of every axial slice of a canonical CT ``(X, Y, Z)`` -> ``(Z,)`` float64, feet to head."""
+def raw_slice_scores(model: torch.nn.Module, canon: Volume | CanonicalCT, device: str | torch.device = "cpu",
+                     batch_size: int = 64) -> np.ndarray:
+    """Raw model score of every axial slice of a CT ``(X, Y, Z)`` (canonical, or a
+    :class:`~nnunet_ape.canonical.CanonicalCT`) -> ``(Z,)`` float64, feet to head."""
     model = model.to(device).eval()
+    ct = canonical_ct(canon)  # once, not per batch of slices
     scores = []
-    for start in range(0, canon.shape[2], batch_size):
-        index = list(range(start, min(start + batch_size, canon.shape[2])))
-        scores.append(model(axial_slices(canon, index).to(device)).float().cpu())
+    for start in range(0, ct.canon.shape[2], batch_size):
+        index = list(range(start, min(start + batch_size, ct.canon.shape[2])))
+        scores.append(model(axial_slices(ct, index).to(device)).float().cpu())
     return torch.cat(scores).double().numpy()
 
 
@@ -63,13 +67,15 @@ def smooth_scores(raw: np.ndarray, valid: np.ndarray, z_spacing_mm: float, sigma
     return cleaned
 
 
-def clean_slice_scores(model: torch.nn.Module, canon: Volume, device: str | torch.device = "cpu",
+def clean_slice_scores(model: torch.nn.Module, canon: Volume | CanonicalCT, device: str | torch.device = "cpu",
                        sigma_mm: float = SMOOTHING_MM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score a canonical CT: ``(raw, body, cleaned)``, each ``(Z,)`` feet to head; ``body`` marks slices with body,
-    ``cleaned`` is ``raw`` smoothed over them (:func:`smooth_scores`) and NaN elsewhere."""
-    raw = raw_slice_scores(model, canon, device)
-    body = body_slices(canon)
-    return raw, body, smooth_scores(raw, body, canon.spacing[2], sigma_mm)
+    """Score a CT (canonical, or a :class:`~nnunet_ape.canonical.CanonicalCT`): ``(raw, body, cleaned)``, each
+    ``(Z,)`` feet to head; ``body`` marks slices with body, ``cleaned`` is ``raw`` smoothed over them
+    (:func:`smooth_scores`) and NaN elsewhere."""
+    ct = canonical_ct(canon)
+    raw = raw_slice_scores(model, ct, device)
+    body = body_slices(ct.canon)
+    return raw, body, smooth_scores(raw, body, ct.canon.spacing[2], sigma_mm)
 
 
 def score_at(scores: np.ndarray, z_index: float) -> float:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ape.intensity import floor_at_air
-from nnunet_ape.io import Volume, to_canonical
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
+from nnunet_ape.io import Volume
 
 SLICE_MM = 3.5
 SLICE_SIZE = 128
@@ -39,17 +40,19 @@ def slice_centre(hu: np.ndarray) -> tuple[float, float]:
 
 
 def axial_slices(
-    volume: Volume, z_indices: Sequence[int], pixel_mm: float = SLICE_MM, size: int = SLICE_SIZE, centre_on_body: bool = True
+    volume: Volume | CanonicalCT, z_indices: Sequence[int], pixel_mm: float = SLICE_MM, size: int = SLICE_SIZE,
+    centre_on_body: bool = True,
 ) -> torch.Tensor:
     """BPR inputs ``(len(z_indices), 1, size, size)`` for canonical axial slices ``z_indices`` of a CT.
 
-    The CT is brought to canonical (LPS) order first, so ``z_indices`` count from the feet; each slice is
+    The CT is brought to canonical (LPS) order first (unless it comes as a :class:`~nnunet_ape.canonical.CanonicalCT`
+    already), so ``z_indices`` count from the feet; each slice is
     resampled to ``pixel_mm`` in plane on a ``size`` x ``size`` grid (air outside) centred on the slice's body
     (:func:`slice_centre`), so a scan cropped or shifted in plane gives the same input; ``centre_on_body=False``
     centres on the image, as bpreg does. Values below air (scanner padding) are read as air before resampling.
     Rows run along x (patient right to left), columns along y (anterior to posterior).
     """
-    canon, _ = to_canonical(volume)
+    canon = canonical_ct(volume).canon
     planes = np.stack([np.asarray(canon.array[:, :, z], dtype=np.float32) for z in z_indices])  # (B, X, Y)
     planes = torch.from_numpy(floor_at_air(planes))
     n_x, n_y = planes.shape[1:]

@@ -100,6 +100,7 @@ def _run_localize_predict(args) -> None:
     from nnunet_ape.inputs import resolve_images
     from nnunet_ape.io import output_name, read_volume
     from nnunet_ape.bpr.scoring import load_bpr_model
+    from nnunet_ape.canonical import canonical_ct
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.embed_files import MIN_VOXELS, check_header
     from nnunet_ape.input_checks import Skipped
@@ -121,11 +122,12 @@ def _run_localize_predict(args) -> None:
         ct = skipped.read(output_name(image), lambda: read_volume(image, min_size=MIN_VOXELS))
         if ct is None:
             continue
-        boxes = localize_volume(localizer, ct, ape_model, bpr_model, device, args.organs)
+        canon = canonical_ct(ct)  # once per case: localization and the PNG work in canonical order
+        boxes = localize_volume(localizer, canon, ape_model, bpr_model, device, args.organs)
         name = output_name(image)
         result = {"image": str(image), "shape": list(ct.shape), "spacing": list(ct.spacing), "organs": boxes}
         if args.png:
-            boxes_png(ct, boxes, args.output / f"{name}_boxes.png", title=f"{image.name}: organ boxes")
+            boxes_png(canon, boxes, args.output / f"{name}_boxes.png", title=f"{image.name}: organ boxes")
         with atomic_path(args.output / f"{name}_boxes.json") as tmp:  # last: the case's done mark
             Path(tmp).write_text(json.dumps(result, indent=1))
         tqdm.write(f"{image} -> {args.output / (name + '_boxes.json')}")

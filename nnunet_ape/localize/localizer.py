@@ -20,13 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path
-from nnunet_ape.checkpoint import file_hash, load_ape_model, load_ape_settings
-from nnunet_ape.embed import EmbedSettings, embed_volume, stored_settings
-from nnunet_ape.errors import InputError
 from nnunet_ape.bpr.scoring import load_bpr_model
-from nnunet_ape.io import Volume, canonical_orientation, read_volume, to_canonical
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
+from nnunet_ape.checkpoint import file_hash, load_ape_model, load_ape_settings
+from nnunet_ape.crop_geometry import box_from_canonical, overlaps_image
+from nnunet_ape.embed import CanonicalMap, EmbedSettings, canonical_map, network_map, stored_settings
+from nnunet_ape.errors import InputError
+from nnunet_ape.io import Volume, read_volume
 from nnunet_ape.localize.body import body_box, search_region
-from nnunet_ape.crop_geometry import box_from_canonical, box_to_canonical, overlaps_image
 from nnunet_ape.localize.boxes import calibrated_alpha, enlarge_box, shot_alphas
 from nnunet_ape.cases import LabeledCase, label_values, read_case
 from nnunet_ape.localize.choice import (
@@ -138,12 +139,13 @@ def fit_localizer(
         for position, index in enumerate(tqdm(used, desc="reading shots", unit="case")):
             case = cases[index]
             ct, label = read_case(case)
-            canon_ct = to_canonical(ct)[0]
-            canon_label = to_canonical(ct.with_array(label))[0].array  # shots may differ in orientation
+            canon = canonical_ct(ct)  # shots may differ in orientation
+            canon_ct, canon_label = canon.canon, canon.array_to_canonical(label)
             body = body_box(canon_ct.array)
             embedding = scored = None
             if ape_model is not None:
-                embedding = to_canonical(embed_volume(ape_model, ct, settings, device=device, progress=False))[0].array
+                network = network_map(ape_model, canon, settings, device=device, progress=False)
+                embedding = canonical_map(network, settings).volume.array
                 embedding = outside_to_inf(embedding, search_region(canon_ct.array, canon_ct.spacing))
                 maps.append(spill(embedding, Path(store), str(position)))  # disk, not memory
                 if transfer:
@@ -151,7 +153,7 @@ def fit_localizer(
                     contoured = [v for o, v in organs.items() if index in per_organ[o]] if partial else None
                     samples.append(LabelSamples.from_shot(embedding, canon_label, grids[-1], list(organs.values()), contoured))
             if bpr_model is not None:
-                scored = score_ct(bpr_model, canon_ct, device)
+                scored = score_ct(bpr_model, canon, device)
             for organ, value in organs.items():
                 if index not in per_organ[organ]:
                     continue
@@ -342,53 +344,58 @@ def map_stride(ct_spacing: tuple[float, ...], model_spacing: tuple[float, ...], 
     return int(max(1, min(most, np.floor(min(m / c for m, c in zip(model_spacing, ct_spacing)) + 1e-6))))
 
 
-def strided_to_full(box: np.ndarray, embedding: Volume, ct: Volume) -> np.ndarray:
-    """A float box in the voxels of a strided map (voxel j on CT voxel step * j, per axis) -> CT voxels, the high
-    corner widened to the last CT voxel of its map cell (so that the box is not cut by the sampling)."""
-    steps = np.rint(np.asarray(embedding.spacing) / np.asarray(ct.spacing))
+def strided_to_full(box: np.ndarray, stride: int) -> np.ndarray:
+    """A float box in the CT's own axes, in the voxels of a strided map (voxel j on CT voxel ``stride * j``) -> CT
+    voxels, the high corner widened to the last CT voxel of its map cell (so that the box is not cut by the
+    sampling)."""
+    steps = np.full(3, float(stride))
     return np.stack([box[0] * steps, box[1] * steps + steps - 1])
 
 
-def searchable_map(embedding: Volume, ct: Volume) -> np.ndarray:
-    """The APE map in canonical order ``(X', Y', Z', C)``, +inf outside the CT's body (grown by the search margin,
+def searchable_map(embedding: CanonicalMap) -> np.ndarray:
+    """The canonical APE map's array ``(X', Y', Z', C)``, +inf outside the CT's body (grown by the search margin,
     :func:`~nnunet_ape.localize.body.search_region`) so that retrieval never answers from the air around it. The
-    region is found on the map's own voxels: ``embedding`` may be a map on every step-th CT voxel."""
-    steps = np.rint(np.asarray(embedding.spacing) / np.asarray(ct.spacing)).astype(int)
-    hu = ct.array[tuple(slice(0, n * s, s) for n, s in zip(embedding.shape[:3], steps))]
-    canon_hu = to_canonical(embedding.with_array(hu))[0]
-    return outside_to_inf(to_canonical(embedding)[0].array, search_region(canon_hu.array, canon_hu.spacing))
+    region is found on the map's own voxels: ``embedding`` may be a map on every stride-th CT voxel."""
+    step = embedding.stride
+    hu = embedding.ct.canon.array[tuple(slice(first, None, step) for first in embedding.start)]
+    return outside_to_inf(embedding.volume.array, search_region(hu, embedding.volume.spacing))
 
 
-def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = None, scored: ScoredCT | None = None,
-                        organs: list[str] | None = None, safety_nets: bool = True) -> dict:
-    """Boxes per organ on a CT, in its voxel indices and in mm. APE (with ``embedding``, the map on the CT's grid):
-    ``box`` (retrieved) and ``enlarged_box``; BPR (with ``scored``, the canonical slice scores): ``bpr_z_range``
-    (slices) and ``bpr_box`` (full x/y); both: ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the
-    box to crop with: the combined one when both are there, else the enlarged APE or the BPR box. ``embedding`` may
-    be a map on every step-th voxel (``embed_volume`` with a stride; edge-point localizers only): boxes are still in
-    the CT's voxels. ``crop_boxes_voxels``: the crop box of every method this CT allows (the alternatives to the
-    organ's own method, by name as in :data:`~nnunet_ape.localize.choice.CANDIDATES`). ``safety_net``: True where
+def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: CanonicalMap | Volume | None = None,
+                        scored: ScoredCT | None = None, organs: list[str] | None = None, safety_nets: bool = True) -> dict:
+    """Boxes per organ on a CT (HU, any orientation, or a :class:`~nnunet_ape.canonical.CanonicalCT`), in its own
+    voxel indices and in mm. APE (with ``embedding``, the map: a :class:`~nnunet_ape.embed.CanonicalMap` of the CT,
+    or a map on the CT's own grid as ``embed_volume`` returns it): ``box`` (retrieved) and ``enlarged_box``; BPR
+    (with ``scored``, the canonical slice scores): ``bpr_z_range`` (slices) and ``bpr_box`` (full x/y); both:
+    ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the box to crop with: the combined one when both
+    are there, else the enlarged APE or the BPR box. ``embedding`` may be a map on every stride-th voxel (edge-point
+    localizers only): boxes are still in the CT's voxels. Boxes are found in canonical order and converted to the
+    CT's own indices once each, here. ``crop_boxes_voxels``: the crop box of every method this CT allows (the
+    alternatives to the organ's own method, by name as in :data:`~nnunet_ape.localize.choice.CANDIDATES`). ``safety_net``: True where
     the organ's crop is the union of its method's and the body box's because they disagreed beyond what the shots
     showed (:func:`~nnunet_ape.localize.choice.safety_net`; ``safety_nets`` False turns it off), with
     ``inside_body_box`` the fraction of the method's crop inside the body box's. ``placed``: False
     when the localizer could not place the organ on this CT (no slice scores in its range, or a crop box wholly
     outside the image); its boxes are then only the nearest guess."""
     names = check_organs(localizer, organs)
-    orientation = canonical_orientation(ct.direction)
-    perm, flip = orientation.perm, orientation.flip
-    canon_shape = tuple(ct.shape[p] for p in perm)
-    canon_map = searchable_map(embedding, ct) if embedding is not None else None
-    canon_ct = to_canonical(ct)[0]
-    body = body_box(canon_ct.array)  # every organ's alternative and safety net, whatever its method
+    canon = canonical_ct(ct)
+    ct = canon.source
+    perm, flip = canon.orientation.perm, canon.orientation.flip
+    canon_shape = canon.canon.shape
+    if isinstance(embedding, Volume):  # a map on the CT's own grid
+        embedding = CanonicalMap.from_source_grid(embedding, canon)
+    canon_map = searchable_map(embedding) if embedding is not None else None
+    body = body_box(canon.canon.array)  # every organ's alternative and safety net, whatever its method
     neighbours = None
     if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
-        if embedding.shape != ct.shape:
+        if embedding.stride != 1:
             raise ValueError("the all-voxels localizer needs the APE map on the CT's own grid (stride 1)")
-        neighbours = _transfer_neighbours(localizer, canon_ct, body, canon_map)
-    native = lambda b: box_from_canonical(b, perm, flip, ct.shape)  # noqa: E731
+        neighbours = _transfer_neighbours(localizer, canon.canon, body, canon_map)
+    native = canon.box_to_source
     from_map = native
-    if embedding is not None and embedding.shape != ct.shape:  # a map on every step-th voxel: boxes in CT voxels
-        from_map = lambda b: strided_to_full(box_from_canonical(b, perm, flip, embedding.shape), embedding, ct)  # noqa: E731
+    if embedding is not None and embedding.stride != 1:  # a map on every stride-th voxel: boxes in CT voxels
+        strided_shape = embedding.source_shape
+        from_map = lambda b: strided_to_full(box_from_canonical(b, perm, flip, strided_shape), embedding.stride)  # noqa: E731
     methods = {organ: localizer["organs"][organ].get("method") or _legacy_method(localizer["organs"][organ], localizer)
                for organ in names}
     out = {}
@@ -420,7 +427,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume, embedding: Volume | None = 
                            "bpr_box_voxels": crops["bpr_z"].round(2).tolist(), "bpr_box": _corners_mm(ct, crops["bpr_z"])})
             for combined, xy in (("ape_bpr", "ape_all"), ("body_bpr", "body_box")):
                 if xy in crops:
-                    crops[combined] = native(with_z(box_to_canonical(crops[xy], perm, flip, ct.shape), low, high))
+                    crops[combined] = native(with_z(canon.box_to_canonical(crops[xy]), low, high))
             if "ape_bpr" in crops:
                 result.update({"combined_box_voxels": crops["ape_bpr"].round(2).tolist(), "combined_box": _corners_mm(ct, crops["ape_bpr"])})
             placed = bpr_placed or "bpr" not in methods[organ]
@@ -444,14 +451,16 @@ def _legacy_method(entry: dict, localizer: dict) -> str:
     return "ape_bpr" if has_ape and has_bpr else ("ape_all" if has_ape else "bpr_z")
 
 
-def localize_volume(localizer: dict, ct: Volume, ape_model: nn.Module | None = None, bpr_model: nn.Module | None = None,
-                    device: str = "cpu", organs: list[str] | None = None) -> dict:
-    """Embed and/or score a CT with the localizer's models (from :func:`load_localizer`'s checkpoints) and predict
-    its organ boxes (:func:`predict_organ_boxes`)."""
+def localize_volume(localizer: dict, ct: Volume | CanonicalCT, ape_model: nn.Module | None = None,
+                    bpr_model: nn.Module | None = None, device: str = "cpu", organs: list[str] | None = None) -> dict:
+    """Embed and/or score a CT (HU, any orientation) with the localizer's models (from :func:`load_localizer`'s
+    checkpoints) and predict its organ boxes (:func:`predict_organ_boxes`), all in canonical order: the CT is
+    brought there once, the boxes back once."""
+    ct = canonical_ct(ct)
     embedding = scored = None
     if ape_model is not None:
         settings = EmbedSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in localizer["embed_settings"].items()})
-        embedding = embed_volume(ape_model, ct, settings, device=device, progress=False)
+        embedding = canonical_map(network_map(ape_model, ct, settings, device=device, progress=False), settings)
     if bpr_model is not None:
-        scored = score_ct(bpr_model, to_canonical(ct)[0], device)
+        scored = score_ct(bpr_model, ct, device)
     return predict_organ_boxes(localizer, ct, embedding, scored, organs)

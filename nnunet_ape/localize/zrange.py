@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnunet_ape.bpr.scoring import clean_slice_scores, fitted_slope, score_at
+from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.io import Volume
 from nnunet_ape.localize.fewshot import COMBINE
 
@@ -27,10 +28,12 @@ class ScoredCT:
     slope: float
 
 
-def score_ct(model, canon: Volume, device: str = "cpu") -> ScoredCT:
-    """Cleaned (smoothed, body-only) raw scores of a canonical CT; see :mod:`nnunet_ape.bpr.scoring`."""
-    scores = clean_slice_scores(model, canon, device)[2]
-    return ScoredCT(scores, fitted_slope(scores, np.arange(len(scores)) * canon.spacing[2]))
+def score_ct(model, canon: Volume | CanonicalCT, device: str = "cpu") -> ScoredCT:
+    """Cleaned (smoothed, body-only) raw scores of a CT, canonical or a :class:`~nnunet_ape.canonical.CanonicalCT`;
+    see :mod:`nnunet_ape.bpr.scoring`."""
+    ct = canonical_ct(canon)
+    scores = clean_slice_scores(model, ct, device)[2]
+    return ScoredCT(scores, fitted_slope(scores, np.arange(len(scores)) * ct.canon.spacing[2]))
 
 
 def organ_interval(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
