@@ -38,7 +38,6 @@ def _run(args) -> None:
     from nnunet_ape.locks import plans_lock
     from nnunet_ape.nnunet.ape_plans import preprocessed_dataset, read_plans, resolved_configuration, settings_of
     from nnunet_ape.nnunet.preprocess_runner import PreprocessJob, default_num_processes, describe_run, preprocess_configurations
-    from nnunet_ape.nnunet.raw_dataset import check_raw_cases, open_raw_dataset
 
     if args.num_processes is not None and args.num_processes < 1:
         raise InputError(f"-np {args.num_processes}: must be at least 1")
@@ -46,7 +45,6 @@ def _run(args) -> None:
     raw = find_nnunet_raw_dataset(preprocessed.name)
     if raw is None:
         raise InputError(f"{preprocessed.name}: its raw dataset is not in nnUNet_raw")
-    check_raw_cases(open_raw_dataset(str(raw)), test=False)  # every header (and float voxels) before any output
     device = str(resolve_device(args.device))
     processes = args.num_processes or default_num_processes(device)
     configurations = list(dict.fromkeys(args.configurations))

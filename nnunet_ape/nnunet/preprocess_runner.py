@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path, staged_files, sweep
 from nnunet_ape.errors import InputError
+from nnunet_ape.input_checks import check_cases
 from nnunet_ape.nnunet.ape_plans import (SETTINGS_KEY, APESettings, plan_for_crops, read_plans, resolved_configuration,
                                           settings_of)
 from nnunet_ape.nnunet.crop_dataset import describe
@@ -177,6 +178,7 @@ def preprocess_configurations(jobs: list[PreprocessJob]) -> list[dict]:
     cases = get_filenames_of_train_images_and_targets(str(first.raw), dataset_json)
     if not cases:
         raise InputError(f"{first.raw}: no training cases")
+    check_cases([(c, [Path(p) for p in e["images"]], Path(e["label"])) for c, e in cases.items()])  # before any output
     for job, config in zip(jobs, configs):
         _check_marker(job, _data_settings(config))
     settings = [settings_of(config) for config in configs]

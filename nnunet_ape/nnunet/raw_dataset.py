@@ -109,12 +109,12 @@ def open_raw_dataset(spec: str, need_labels: bool = True) -> RawDataset:
     return dataset
 
 
-def check_raw_cases(dataset: RawDataset, min_size: int = 1, test: bool = True) -> None:
+def check_raw_cases(dataset: RawDataset, min_size: int = 1) -> None:
     """Every case's files checked before a job writes anything (:func:`nnunet_ape.input_checks.check_cases`: headers,
     truncation, grids, NaN in floating-point images): InputError (one line) naming the first bad case."""
     from nnunet_ape.input_checks import check_cases
 
-    cases = dataset.training + (dataset.test if test else [])
+    cases = dataset.training + dataset.test
     check_cases([(c.case_id, c.images, c.label) for c in cases], min_size)
 
 
