@@ -256,7 +256,7 @@ class Harness:
 
     Kill points follow the command's own progress, not the clock (a loaded machine runs the same command at very
     different speeds): the reference run counts its events, the looks at the watched folders that found new entries
-    (N); the killed run is killed after ``ceil(u N)`` of its own, ``u ~ U(0.2, 0.9)``, plus a random delay of up to
+    (N); the killed run is killed after ``ceil(u N)`` of its own (at most N - 1), ``u ~ U(0.2, 0.9)``, plus a random delay of up to
     the mean time between two events (so that it lands inside a write as often as between writes)."""
 
     def __init__(self, base: Path, report: Path | None = None):
@@ -304,7 +304,7 @@ class Harness:
         check what it left, rerun it and compare with ``reference``. Returns the kill's report entry."""
         rng = random.Random(seed)
         n = len(ref.events)
-        target = max(1, int(np.ceil(rng.uniform(0.2, 0.9) * n)))
+        target = max(1, min(n - 1, int(np.ceil(rng.uniform(0.2, 0.9) * n))))  # at least one event still to come
         gap = (ref.events[-1] - ref.events[0]) / max(1, n - 1) if n else 0.0
         delay = rng.uniform(0.0, gap)
         workspace = self.workspace(command, f"kill{seed}")

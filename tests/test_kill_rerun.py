@@ -3,7 +3,7 @@ the result is what an uninterrupted run writes (images, labels and nnU-Net's fil
 timestamps and timings), with nothing left that nnU-Net or a glob takes for data, in between or after.
 
 The commands run on six small crops of real head-and-neck CT (../shared/data/Dataset901_HeadNeckCT) through the
-harness of ``kill_harness.py``; the default run kills each command once, ``-m slow`` at three more points. Each kill
+harness of ``kill_harness.py``; the default run kills each command once, ``-m slow`` at four more points. Each kill
 prints one line (and, with ``$NNUNET_APE_KILL_REPORT``, appends it to that JSON-lines file): where it was killed
 and what held.
 """
@@ -26,8 +26,8 @@ TRAIN = ("hn_001", "hn_002", "hn_004", "hn_007")
 TEST = ("hn_003", "hn_005")
 SOURCE = "Dataset950_KillSource"
 ORGAN = "parotid_left"
-SEEDS_DEFAULT = (0,)
-SEEDS_SLOW = (1, 2, 3)
+SEEDS_DEFAULT = (5,)  # u = 0.64: mid-run
+SEEDS_SLOW = (1, 3, 9, 0)  # u = 0.29, 0.37, 0.52, 0.79
 
 pytestmark = pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
 
@@ -299,3 +299,20 @@ def test_crop_dataset_parts_finishing_together_assemble_once(harness, assets, re
 
 def _tails(folder: Path) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in sorted(folder.glob("*.log")))
+
+
+def test_a_truncated_case_stops_preprocess_before_any_output(harness, assets):
+    """preprocess checks every training case's files (as crop-dataset does, tests/test_corrupt_inputs.py) before it
+    writes: a truncated CT among four stops it with one line, and nnU-Net's folders stay as they were."""
+    command = commands(assets)["preprocess"]
+    ws = harness.zygote.use(harness.base / "preprocess-truncated")
+    shutil.copytree(assets["source"], ws / "raw" / SOURCE)
+    shutil.copytree(assets["preprocessed"], ws / "pre" / SOURCE, symlinks=True)
+    bad = ws / "raw" / SOURCE / "imagesTr" / "hn_004_0000.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:2000])
+    before = sorted(p.name for p in (ws / "pre" / SOURCE).iterdir())
+    log = ws / "logs" / "preprocess.log"
+    assert harness.zygote.wait(harness.zygote.start(command.steps[0], log)) == 2
+    line = _refused(log)
+    assert "case 'hn_004'" in line and "truncated" in line and bad.name in line
+    assert sorted(p.name for p in (ws / "pre" / SOURCE).iterdir()) == before
