@@ -1065,7 +1065,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--localizer", type=Path, help="stage crop: a localizer JSON fitted on the 163 training cases "
                    "(copied into WORK/crop); without it the benchmark fits one from --ape-model")
     p.add_argument("--ape-model", type=Path, help="stage crop: APE checkpoint pretrained on the training cases (the "
-                   "README's recipe), for fitting the localizer (nnunet-ape localize fit, all-voxels, every case a shot)")
+                   "recipe in docs/benchmarks.md), for fitting the localizer (nnunet-ape localize fit, all-voxels, every case a shot)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[cpu]")
     p.add_argument("--threads", type=int, help="torch threads of training and prediction [nnU-Net's: all cores]")
     p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes [1]")

@@ -38,7 +38,7 @@ class SliceAugmentConfig:
 
 
 #: named augmentation sets: ``light`` leaves out bpreg's transpose and scale/rotate, which kept our measured short
-#: runs from learning the feet-to-head order (benchmarks in the README); ``bpreg`` is the reference's full set
+#: runs from learning the feet-to-head order (benchmarks in docs/benchmarks.md); ``bpreg`` is the reference's full set
 AUGMENT_PRESETS: dict[str, SliceAugmentConfig | None] = {
     "none": None,
     "light": SliceAugmentConfig(p_transpose=0.0, p_affine=0.0),

@@ -67,7 +67,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-scan-fraction", type=float, default=0.6, metavar="F",
                    help="a view spans at most this fraction of its CT along z (0 = no limit). Views longer than the "
                    "scan show its cut ends, and the model then learns position within the scan window instead of "
-                   "anatomy (see README)")
+                   "anatomy (see docs/pretraining.md)")
     p.set_defaults(func=_run_pretrain_ape)
 
     b = sub.add_parser(
