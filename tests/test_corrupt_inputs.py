@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dat
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory) -> tuple[Path, Path]:
     """Three head-and-neck crops as a raw dataset, and a body-box localizer for the left parotid."""
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     base = tmp_path_factory.mktemp("corrupt")

@@ -50,7 +50,7 @@ def assets(harness, pretrained_run, bpr_run) -> dict[str, Path]:
 def build_assets(harness: Harness, ape: Path, bpr: Path) -> dict[str, Path]:
     """What the commands read, made once: the source dataset, a body-box localizer, checkpoints, nnU-Net's plans
     with an APE crop configuration, a crop dataset, a crop model with random weights and its predictions."""
-    from nnunet_ape.localize.cases import cases_from_nnunet
+    from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.localizer import fit_localizer, save_localizer
 
     base = harness.base / "assets"
