@@ -17,12 +17,15 @@ is 3-d only), and a batch without points inside its scan is skipped and logged i
 
 What the checkpoints add under ``nnunet_ape`` (``nnunet-ape embed -m checkpoint_final.pth`` reads it): the output
 norm's statistics, and which patient axis (LPS) and direction each preprocessed array axis runs along in the
-training cases. nnU-Net's logging, ``--c`` and checkpoints work as usual; ``progress.png`` shows the APE losses, and
-the end-of-training segmentation validation is skipped (there is nothing to segment).
+training cases. Under ``nnssl_adaptation_plan`` (and as ``adaptation_plan.json`` beside the checkpoint) they hold
+what nnssl writes for fine-tuning (:mod:`nnunet_ape.nnunet.nnssl_plan`), and they load with ``torch.load(...,
+weights_only=True)``. nnU-Net's logging, ``--c`` and checkpoints work as usual; ``progress.png`` shows the APE
+losses, and the end-of-training segmentation validation is skipped (there is nothing to segment).
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from os.path import join
 
@@ -41,6 +44,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_ape.checkpoint import save_atomic
 from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
+from nnunet_ape.nnunet.nnssl_plan import adaptation_plan, without_numpy, write_plan_json
 from nnunet_ape.nnunet.pretrained_weights import _module
 from nnunet_ape.nnunet.trainers import _called_by_stock_predictor, short_variant
 from nnunet_ape.nnunet.view_pairs import ViewPairDataLoader
@@ -367,7 +371,9 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
                 "output_var": self.output_norm.running_var.detach().cpu()}
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint (same keys) plus ``nnunet_ape``; written atomically."""
+        """nnU-Net's checkpoint (same keys) plus ``nnunet_ape`` and nnssl's ``nnssl_adaptation_plan`` (also written as
+        ``adaptation_plan.json`` beside it), numpy values made plain so that ``torch.load(weights_only=True)`` reads
+        it (as nnU-Net's nnssl fine-tuning path loads it); written atomically."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -376,7 +382,7 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
         module = self.network.module if self.is_ddp else self.network
         if isinstance(module, OptimizedModule):
             module = module._orig_mod
-        save_atomic({
+        checkpoint = {
             "network_weights": module.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
@@ -387,7 +393,12 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnunet_ape": self.ape_state(),
-        }, filename)
+        }
+        plan = adaptation_plan(self.plans_manager.plans, self.configuration_name, self.num_input_channels, module)
+        if plan is not None:
+            checkpoint["nnssl_adaptation_plan"] = plan
+            write_plan_json(plan, os.path.dirname(os.path.abspath(filename)))
+        save_atomic(without_numpy(checkpoint), filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's resume (``--c``), plus the output norm and axes."""

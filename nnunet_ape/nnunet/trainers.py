@@ -14,7 +14,9 @@ What they change in nnU-Net's trainer, and nothing else:
 - validation (nnU-Net's ``perform_actual_validation``): crop models predict each validation case on the
   localizer's box, not on its label-grown training box, nnU-Net pastes the prediction into the full image, and
   ``summary.json`` scores the chosen organs against the full ground truth (all labels: ``summary_all_labels.json``);
-- ``-pretrained_weights`` from a model with fewer input channels works (new channels start at zero weight);
+- ``-pretrained_weights`` from a model with fewer input channels works (new channels start at zero weight); the
+  ``_encoderInit`` variants (and ``nnUNetTrainerEncoderInit``, stock training otherwise) load the encoder and stem
+  only, as nnU-Net's nnssl fine-tuning does;
 - stock ``nnUNetv2_predict`` cannot make crops or channels, so on these models it stops with one line naming
   ``nnunet-ape predict``.
 
@@ -84,7 +86,11 @@ def configuration_settings(plans: dict, configuration: str, trainer: type) -> AP
 
 
 class nnUNetTrainerAPE(nnUNetTrainer):
-    """The shared implementation; train with one of the named subclasses (they check the configuration's kind)."""
+    """The shared implementation; train with one of the named subclasses (they check the configuration's kind).
+    ``pretrained_transfer``: what ``-pretrained_weights`` loads, ``"all"`` weights but the heads (new input channels
+    at zero weight) or ``"encoder"`` only (the ``_encoderInit`` variants; :mod:`nnunet_ape.nnunet.pretrained_weights`)."""
+
+    pretrained_transfer = "all"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device: torch.device = torch.device("cuda")):
         settings = configuration_settings(plans, configuration, type(self))
@@ -95,7 +101,7 @@ class nnUNetTrainerAPE(nnUNetTrainer):
         self.num_image_channels = n_source
 
     def initialize(self) -> None:
-        pretrained_weights.install_in_nnunet()  # run_training loads -pretrained_weights right after this
+        pretrained_weights.install_in_nnunet(self.pretrained_transfer)  # run_training loads -pretrained_weights right after this
         super().initialize()
 
     @staticmethod
@@ -183,6 +189,27 @@ class nnUNetTrainerDatasetChannels(nnUNetTrainer):
         return transforms
 
 
+class nnUNetTrainerEncoderInit(nnUNetTrainer):
+    """Stock nnU-Net segmentation training whose ``-pretrained_weights`` loads the encoder and stem only, as nnU-Net's
+    nnssl fine-tuning does (the decoder and heads start fresh, a 1-channel input projection is repeated over the input
+    channels; :func:`nnunet_ape.nnunet.pretrained_weights.load_pretrained_encoder`), from our pretraining checkpoints
+    or nnssl's. Stock ``nnUNetv2_predict -tr`` this trainer predicts with it."""
+
+    pretrained_transfer = "encoder"
+
+    def initialize(self) -> None:
+        pretrained_weights.install_in_nnunet(self.pretrained_transfer)  # run_training loads -pretrained_weights right after this
+        super().initialize()
+
+
+def encoder_init_variant(base: type, module: str = __name__) -> type:
+    """``base`` with ``pretrained_transfer = "encoder"``, named ``base.__name__ + "_encoderInit"`` and placed in
+    ``module`` (whose globals must then hold it, for pickling)."""
+    name = base.__name__ + "_encoderInit"
+    return type(name, (base,), {"pretrained_transfer": "encoder", "__module__": module, "__qualname__": name,
+                                "__doc__": f"{base.__name__}, -pretrained_weights loading the encoder and stem only."})
+
+
 def short_variant(base: type, suffix: str, epochs: int, iterations: int | None = None, validation_mirroring: bool = True,
                   module: str = __name__) -> type:
     """``base`` trained for ``epochs`` epochs (of ``iterations`` iterations, validation ``iterations // 2``), named
@@ -209,7 +236,12 @@ def short_variant(base: type, suffix: str, epochs: int, iterations: int | None =
     return type(name, (base,), attributes)
 
 
-__all__ = ["nnUNetTrainerAPECrop", "nnUNetTrainerAPEChannels", "nnUNetTrainerAPECropChannels", "nnUNetTrainerDatasetChannels"]
+__all__ = ["nnUNetTrainerAPECrop", "nnUNetTrainerAPEChannels", "nnUNetTrainerAPECropChannels", "nnUNetTrainerDatasetChannels",
+           "nnUNetTrainerEncoderInit"]
+for _base in (nnUNetTrainerAPECrop, nnUNetTrainerAPEChannels, nnUNetTrainerAPECropChannels):
+    _variant = encoder_init_variant(_base)
+    globals()[_variant.__name__] = _variant
+    __all__.append(_variant.__name__)
 for _base in (nnUNetTrainerAPECrop, nnUNetTrainerAPEChannels, nnUNetTrainerAPECropChannels, nnUNetTrainerDatasetChannels):
     for _variant in (short_variant(_base, "_1epoch", 1), short_variant(_base, "_5epochs", 5),
                      short_variant(_base, "_smoke", 1, iterations=5, validation_mirroring=False)):
