@@ -192,7 +192,7 @@ def test_write_cohort_leaves_nothing_on_error(tmp_path: Path, monkeypatch) -> No
             raise RuntimeError("boom")
         return make_phantom(seed)
 
-    monkeypatch.setattr(phantoms, "make_phantom", failing)
+    monkeypatch.setattr(phantoms.cohort, "make_phantom", failing)  # where write_cohort looks it up
     with pytest.raises(RuntimeError):
         write_cohort(tmp_path / "ds", n_cases=3)
     assert list(tmp_path.iterdir()) == []
