@@ -38,7 +38,8 @@ def main() -> None:
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.crop_geometry import box_shape, crop_box, fraction_inside, grow_box, margin_voxels, mask_crop_box
     from nnunet_ape.cases import read_case
-    from nnunet_ape.localize.localizer import fit_localizer, localize_volume
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.predict_boxes import localize_volume
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="APE checkpoint for the 1-shot localizer columns")

@@ -61,7 +61,7 @@ def measure_case(localizer: dict, model, settings, ct, label: np.ndarray, organs
     """Per organ present in ``label``: {method: [recall, volume ratio]} and the localizer's own method and flags."""
     from nnunet_ape.embed import embed_volume
     from nnunet_ape.localize.boxes import box_recall, volume_ratio
-    from nnunet_ape.localize.localizer import predict_organ_boxes
+    from nnunet_ape.localize.predict_boxes import predict_organ_boxes
 
     embedding = embed_volume(model, ct, settings, progress=False)
     boxes = predict_organ_boxes(localizer, ct, embedding, None, list(organs))
@@ -127,7 +127,8 @@ def main() -> None:
 
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.cases import cases_from_nnunet, read_case
-    from nnunet_ape.localize.localizer import embed_settings_for, fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import embed_settings_for, save_localizer
 
     train, test = split(cases_from_nnunet(str(args.data)))
     test = test[: args.test_cases]

@@ -116,7 +116,8 @@ def large_phantom(path: Path, seed: int) -> None:
 def prepare(args, env: dict, roots: dict, train: list[int], val: list[int]) -> dict:
     """Dataset, APE model, localizer, plans, preprocessed data and trained models of every configuration."""
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     raw = roots["nnUNet_raw"] / DATASET
     write_dataset(raw, train + val, ORGANS)

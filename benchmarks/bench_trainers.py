@@ -175,7 +175,8 @@ def prepare(args, env: dict, roots: dict, train: list[int], val: list[int], ape_
     """Dataset, APE model, localizer, nnU-Net plans and preprocessed data of every configuration; returns the
     seconds `nnunet-ape preprocess` took per APE configuration."""
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     write_dataset(roots["nnUNet_raw"] / DATASET, train + val)
     images = sorted((roots["nnUNet_raw"] / DATASET / "imagesTr").glob("*_0000.nii.gz"))

@@ -28,7 +28,8 @@ from nnunet_ape.crop_geometry import crop_box, union_box
 from nnunet_ape.embed import CanonicalMap, EmbedSettings, canonical_map, network_map, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
-from nnunet_ape.localize.localizer import load_localizer, map_stride, predict_organ_boxes
+from nnunet_ape.localize.localizer import load_localizer
+from nnunet_ape.localize.predict_boxes import map_stride, predict_organ_boxes
 from nnunet_ape.localize.zrange import score_ct
 
 CHANNELS = ("ape", "bpr")
@@ -120,7 +121,7 @@ def _checked_organs(localizer: dict, organs: list[str] | None, localizer_path: P
 @dataclass
 class CaseFeatures:
     """One CT's boxes and channels. ``boxes``: per organ the localizer's result (see
-    :func:`nnunet_ape.localize.localizer.predict_organ_boxes`); ``crop_box``: the union of the organs' crop boxes as an
+    :func:`nnunet_ape.localize.predict_boxes.predict_organ_boxes`); ``crop_box``: the union of the organs' crop boxes as an
     integer crop box (None without a localizer); ``channels``: ``(X, Y, Z, n)`` float32 or None."""
 
     boxes: dict

@@ -85,7 +85,8 @@ def demo_crop_dataset(out: Path, cohort: Path, checkpoint: Path, device: str, or
     dataset ``out/nnUNet_raw/Dataset900_DemoLiverCrop`` (what ``nnunet-ape crop-dataset`` writes); returns its
     manifest."""
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
     from nnunet_ape.nnunet.crop_dataset import DEFAULT_MARGIN_MM, CropJob, run_job
     from nnunet_ape.nnunet.raw_dataset import open_raw_dataset
 

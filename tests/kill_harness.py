@@ -37,7 +37,7 @@ PREWARM = [
     "nnunetv2.training.dataloading.nnunet_dataset", "nnunet_ape.cli.main", "nnunet_ape.nnunet.crop_dataset",
     "nnunet_ape.nnunet.localized_predict", "nnunet_ape.nnunet.preprocess_runner", "nnunet_ape.nnunet.preprocessor",
     "nnunet_ape.nnunet.uncrop", "nnunet_ape.nnunet.unlabeled_dataset", "nnunet_ape.embed_files", "nnunet_ape.plots",
-    "nnunet_ape.localize.localizer", "nnunet_ape.bpr.report", "nnunet_ape.case_features",
+    "nnunet_ape.localize.localizer", "nnunet_ape.localize.fit", "nnunet_ape.localize.predict_boxes", "nnunet_ape.bpr.report", "nnunet_ape.case_features",
 ]
 
 

@@ -68,7 +68,8 @@ def phantoms(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def localizer(phantoms) -> Path:
     """An APE (label transfer) + BPR localizer fitted on phantoms 1 and 2."""
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     shots = [LabeledCase(n, phantoms[n], phantoms["root"] / f"{n}.nii.gz", dict(ORGANS)) for n in ("phantom001", "phantom002")]
     fitted = fit_localizer(shots, ORGANS, phantoms["ape"], bpr_checkpoint=phantoms["bpr"], ape_boxes="all-voxels")

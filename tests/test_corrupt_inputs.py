@@ -27,7 +27,8 @@ pytestmark = pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dat
 def clean(tmp_path_factory) -> tuple[Path, Path]:
     """Three head-and-neck crops as a raw dataset, and a body-box localizer for the left parotid."""
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     base = tmp_path_factory.mktemp("corrupt")
     source = write_headneck_source(base / "Dataset960_Clean", CASES)

@@ -38,7 +38,8 @@ def tight_localizer(pretrained_run, roots, tmp_path_factory) -> Path:
     """A localizer fitted on A and B whose boxes are not enlarged (alpha 1): tight enough that training boxes
     must grow to hold their labels."""
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     cases = [c for c in cases_from_nnunet(str(roots["nnUNet_raw"] / "Dataset501_Abd")) if c.name in ("A", "B")]
     localizer = fit_localizer(cases, {o: i for i, o in enumerate(ORGANS, 1)}, pretrained_run / "checkpoint_final.pt", method="ape")

@@ -66,7 +66,7 @@ def test_boxes_from_a_strided_map_are_in_ct_voxels(key):
     edge points span, and a map on every 3rd voxel finds it within one map cell."""
     from nnunet_ape.io import Volume
     from nnunet_ape.localize.body import body_box
-    from nnunet_ape.localize.localizer import map_stride, predict_organ_boxes
+    from nnunet_ape.localize.predict_boxes import map_stride, predict_organ_boxes
 
     ct = read_volume(patient(key))
     index = np.stack(np.meshgrid(*[np.arange(n) for n in ct.shape], indexing="ij"), axis=-1)

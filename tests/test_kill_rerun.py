@@ -51,7 +51,8 @@ def build_assets(harness: Harness, ape: Path, bpr: Path) -> dict[str, Path]:
     """What the commands read, made once: the source dataset, a body-box localizer, checkpoints, nnU-Net's plans
     with an APE crop configuration, a crop dataset, a crop model with random weights and its predictions."""
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     base = harness.base / "assets"
     out = {"ape": ape, "bpr": bpr}

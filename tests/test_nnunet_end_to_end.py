@@ -40,7 +40,8 @@ def _nnunet(env: dict, *args: str) -> str:
 
 def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrained_run, tmp_path):
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     roots = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for p in roots.values():

@@ -73,7 +73,8 @@ def plan_dataset(root: Path) -> dict:
 
     from nnunet_ape.cli.main import main
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     roots = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     raw = roots["nnUNet_raw"] / DATASET

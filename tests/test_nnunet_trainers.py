@@ -35,7 +35,8 @@ def planned(pretrained_run, tmp_path_factory):
 
 def _planned(pretrained_run, tmp_path_factory):
     from nnunet_ape.cases import cases_from_nnunet
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     root = tmp_path_factory.mktemp("ape_trainers")
     roots = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}

@@ -62,7 +62,8 @@ def _run_localize_fit(args) -> None:
 
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.cases import resolve_organs
-    from nnunet_ape.localize.localizer import fit_localizer, save_localizer
+    from nnunet_ape.localize.fit import fit_localizer
+    from nnunet_ape.localize.localizer import save_localizer
 
     cases = labeled_cases(args)
     if args.shots < 1:
@@ -104,7 +105,8 @@ def _run_localize_predict(args) -> None:
     from nnunet_ape.checkpoint import load_ape_model
     from nnunet_ape.embed_files import MIN_VOXELS, check_header
     from nnunet_ape.input_checks import Skipped
-    from nnunet_ape.localize.localizer import check_organs, load_localizer, localize_volume
+    from nnunet_ape.localize.localizer import check_organs, load_localizer
+    from nnunet_ape.localize.predict_boxes import localize_volume
     from nnunet_ape.plots import boxes_png
     from nnunet_ape.resume import unfinished
 

@@ -100,7 +100,7 @@ def prepare(
 
     With ``store`` (a folder) the embedding is written there as ``NAME.npy`` and opened as a read-only memory map,
     so a data set's maps need disk, not memory. The map is +inf outside the body grown by ``search_margin_mm``
-    (:func:`~nnunet_ape.localize.body.search_region`), as :mod:`nnunet_ape.localize.localizer` searches it;
+    (:func:`~nnunet_ape.localize.body.search_region`), as :mod:`nnunet_ape.localize.predict_boxes` searches it;
     None searches the whole image (what the project did before 2026-12-05, for comparison).
     """
     ct, label = read_case(case)

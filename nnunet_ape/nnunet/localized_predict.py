@@ -8,7 +8,7 @@ own predictor on its box only (:func:`nnunet_ape.nnunet.region_prediction.predic
   made). **No silent cuts**: where the predicted organs touch a box face that is not the image border, that face
   moves outwards (by ``max(regrow_mm, regrow_fraction x the box's extent)``) and the model predicts again, at most
   ``max_regrow`` times; the JSON records every attempt and any face still touched after the last one. An organ the
-  localizer cannot place (see ``placed`` in :func:`nnunet_ape.localize.localizer.predict_organ_boxes`) gives a warning
+  localizer cannot place (see ``placed`` in :func:`nnunet_ape.localize.predict_boxes.predict_organ_boxes`) gives a warning
   and is left empty, or with ``fallback_full`` the model runs on the whole image instead;
 - whole-image models (embedding channels, or stock nnU-Net: plain nnU-Net prediction) run on the whole image.
 
