@@ -360,10 +360,14 @@ def predict_files(predictor: LocalizedPredictor, images: list[Path], output: Pat
                     writer.put(write_case, result, output, case, ending, case_files)
                 del result, channels
                 bar.update()
-        finally:
+        except BaseException:
             reader.close()
             if writer is not None:
-                writer.close()  # the finished cases are written before the lock goes; a write error is raised here
+                writer.close(raise_error=False)  # the cases finished before the error are still written
+            raise
+        reader.close()
+        if writer is not None:
+            writer.close()  # the finished cases are written before the lock goes; a write error is raised here
         bar.close()
         skipped.finish()
     return {"predicted": len(todo), "skipped": len(mine) - len(todo), "part_cases": len(mine), "all_cases": len(images)}
@@ -481,10 +485,10 @@ class BackgroundWriter:
             raise self.error
         self._jobs.put((function, *args))
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
         self._jobs.put(None)
         self._thread.join()
-        if self.error is not None:
+        if raise_error and self.error is not None:
             raise self.error
 
 
