@@ -127,12 +127,12 @@ def oracle_predictor_class():
         def __post_init__(self) -> None:
             self.feature_models = [None] * len(self.models)
 
-        def _predict_model(self, model, features, channels):
+        def _first_box(self, model, features, ct):
             box = oracle_box(self.label.array, list(model.to_output), self.label.spacing)
             if box is None:
-                return {"model": model.name, "kind": model.kind, "organs": model.organs, "skipped": "no organ contoured"}, None, None
+                return {"model": model.name, "kind": model.kind, "organs": model.organs, "skipped": "no organ contoured"}, None
             boxes = {o: {"crop_box_voxels": box.tolist(), "placed": True, "method": "oracle"} for o in model.organs}
-            return super()._predict_model(model, SimpleNamespace(boxes=boxes, channels=None), channels)
+            return super()._first_box(model, SimpleNamespace(boxes=boxes, channels=None), ct)
 
     return OraclePredictor
 

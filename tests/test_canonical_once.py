@@ -121,9 +121,10 @@ def test_predict_canonicalizes_each_ct_once(phantoms, localizer, monkeypatch):
     from nnunet_ape.nnunet import localized_predict
     from nnunet_ape.nnunet.region_prediction import RegionPrediction
 
-    def predicted(model, channels, added, box, keep_probabilities=False):  # an empty prediction on the box
+    def predicted(model, channels, added, box, keep_probabilities=False, confidence=True):  # an empty prediction on the box
         shape = tuple(int(b - a) for a, b in zip(*box))
-        return RegionPrediction(np.zeros(shape, np.uint16), np.zeros(shape, np.float32), {} if keep_probabilities else None)
+        return RegionPrediction(np.zeros(shape, np.uint16), np.zeros(shape, np.float32) if confidence else None,
+                                {} if keep_probabilities else None)
 
     monkeypatch.setattr(localized_predict, "predict_region", predicted)
     crop = _StubModel("crop", "crop", ["liver"], {"localizer_path": localizer, "organs": ["liver"], "channels": ()})

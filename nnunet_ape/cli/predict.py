@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     parser.add_argument("-num_parts", "--num-parts", type=int, default=1, help="split the cases into this many parts (SLURM arrays, several GPUs)")
     parser.add_argument("-part_id", "--part-id", type=int, default=0, help="which part this process predicts (0 .. num-parts - 1)")
     parser.add_argument("--overwrite", action="store_true", help="predict cases again whose outputs exist")
+    parser.add_argument("--sequential", action="store_true", help="read, localize, predict and write one case after "
+                        "the other (default: the next case is read, on CUDA also localized, and the last one written "
+                        "in background threads while a case predicts, as nnUNetv2_predict overlaps them)")
     parser.set_defaults(func=_run)
 
 
@@ -84,7 +87,8 @@ def _run(args) -> None:
     models = [open_model(results_folder(args.dataset, tr, args.plans, c), args.folds, args.checkpoint, options)
               for c, tr in zip(args.configurations, trainers)]
     predictor = LocalizedPredictor(models, device, PredictOptions(args.max_regrow, args.regrow_mm, 0.25, args.fallback_full,
-                                                                  args.save_probabilities, args.overwrite))
+                                                                  args.save_probabilities, args.overwrite,
+                                                                  background_io=not args.sequential))
     counts = predict_files(predictor, images, args.output, args.num_parts, args.part_id)
     kinds = ", ".join(f"{m.name.split('__')[-1]} ({m.kind})" for m in models)
     part = f" (part {args.part_id} of {args.num_parts}: {counts['part_cases']} of {counts['all_cases']} cases)" if args.num_parts > 1 else ""

@@ -23,10 +23,10 @@ from nnunet_ape.nnunet.trained_model import TrainedModel
 class RegionPrediction:
     """A model's result on a box: ``labels`` ``(X, Y, Z)`` output label values (0 = background or a label the
     model does not own); ``confidence`` ``(X, Y, Z)`` float32, the probability of the predicted label (0 where
-    background); ``probabilities`` ``{output value: (X, Y, Z) float32}`` when asked for."""
+    background; None when predicted through nnU-Net's argmax path); ``probabilities`` ``{output value: (X, Y, Z) float32}`` when asked for."""
 
     labels: np.ndarray
-    confidence: np.ndarray
+    confidence: np.ndarray | None
     probabilities: dict[int, np.ndarray] | None = None
 
 
@@ -42,10 +42,16 @@ def network_input(channels: list[Volume], added: np.ndarray | None, box: np.ndar
 
 @torch.inference_mode()
 def predict_region(model: TrainedModel, channels: list[Volume], added: np.ndarray | None, box: np.ndarray,
-                   keep_probabilities: bool = False) -> RegionPrediction:
+                   keep_probabilities: bool = False, confidence: bool = True) -> RegionPrediction:
     """Run ``model`` on ``box`` of a CT (``channels``: its source channels; ``added``: the embedding channels of
-    the whole CT ``(X, Y, Z, n)`` or None) and return its labels mapped to output values, on the box's voxels."""
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    the whole CT ``(X, Y, Z, n)`` or None) and return its labels mapped to output values, on the box's voxels.
+
+    ``confidence`` False (and no ``keep_probabilities``): nnU-Net's argmax path
+    (``convert_predicted_logits_to_segmentation_with_correct_shape(return_probabilities=False)``, as
+    ``nnUNetv2_predict`` without ``--save_probabilities``): no softmax, no ``(C, Z, Y, X)`` float32 probabilities of
+    the box, and ``confidence`` of the result is None. The labels are those of the probability path (the argmax of
+    the logits is the argmax of their softmax)."""
+    from nnunetv2.inference import export_prediction
 
     predictor = model.predictor
     data, properties = network_input(channels, added, box)
@@ -53,26 +59,30 @@ def predict_region(model: TrainedModel, channels: list[Volume], added: np.ndarra
         data, None, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
     del data
-    segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+    probabilities_wanted = confidence or keep_probabilities
+    converted = export_prediction.convert_predicted_logits_to_segmentation_with_correct_shape(
         logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, properties,
-        return_probabilities=True)
+        return_probabilities=probabilities_wanted)
     del logits
+    segmentation, probabilities = converted if probabilities_wanted else (converted, None)
+    del converted
     segmentation = np.asarray(segmentation).transpose(2, 1, 0)  # (Z, Y, X) -> (X, Y, Z)
-    probabilities = np.asarray(probabilities, dtype=np.float32)
     labels = np.zeros(segmentation.shape, dtype=np.uint16)
-    confidence = np.zeros(segmentation.shape, dtype=np.float32)
+    certainty = np.zeros(segmentation.shape, dtype=np.float32) if probabilities_wanted else None
     kept = {}
     for channel, value in enumerate(predictor.label_manager.all_labels):
         if value not in model.to_output:
             continue
         out = model.to_output[value]
-        probability = probabilities[channel].transpose(2, 1, 0)
         here = segmentation == value
         labels[here] = out
-        confidence[here] = probability[here]
+        if probabilities is None:
+            continue
+        probability = probabilities[channel].transpose(2, 1, 0)
+        certainty[here] = probability[here]
         if keep_probabilities:
-            kept[out] = np.ascontiguousarray(probability)
-    return RegionPrediction(labels, confidence, kept if keep_probabilities else None)
+            kept[out] = np.ascontiguousarray(probability, dtype=np.float32)
+    return RegionPrediction(labels, certainty, kept if keep_probabilities else None)
 
 
 def touched_faces(mask: np.ndarray, box: np.ndarray, shape: tuple[int, int, int]) -> list[tuple[int, int]]:
