@@ -824,9 +824,13 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[float, float]]]], organs:
         ax.set_xlabel("training wall time (h)")
     for ax in axes[:, 0]:
         ax.set_ylabel("validation Dice")
-    axes.flat[0].legend()
+    handles = {}
+    for ax in axes.flat:  # a stage may have no point in some panels (crop: no mean until every group has a curve)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
     fig.suptitle("Held-out Dice (fold-0 validation cases, source geometry) vs training time")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    fig.legend(handles.values(), handles.keys(), loc="center right")
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
