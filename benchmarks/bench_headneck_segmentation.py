@@ -688,7 +688,7 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
 
 
 def _predict_stock_stage(work: Path, stage: str, settings: dict, env: dict, listing: Path, out: Path, device: str,
-                         threads: int | None, deadline: float | None, test: list[str]) -> dict[str, dict]:
+                         threads: int | None, deadline: float | None) -> dict[str, dict]:
     """Stage full: stock nnUNetPredictor in a process of its own; returns the per-case timings."""
     model = stage_models(work, stage)[0]
     command = [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, model, settings)),
@@ -767,7 +767,7 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
            "oracle": "crop models on ground-truth boxes + margin"}[stage]
     print(f"{stage}: predicting {len(test)} test cases ({how}, TTA {'on' if IMPLEMENTED[stage]['tta'] else 'off'})", flush=True)
     if stage in ("full", "coarse"):
-        timings = _predict_stock_stage(work, stage, settings, env, listing, out, device, threads, deadline, test)
+        timings = _predict_stock_stage(work, stage, settings, env, listing, out, device, threads, deadline)
     else:
         timings = _predict_localized_stage(work, stage, settings, env, images, out, device, deadline, test)
     organs = organ_labels()

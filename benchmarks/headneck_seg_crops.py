@@ -73,7 +73,7 @@ def localized_timings(out: Path, cases: list[str]) -> dict[str, dict]:
             continue
         report = json.loads(file.read_text())
         seconds = report["seconds"]
-        models = [m for m in report["models"]]
+        models = report["models"]
         nnunet = sum(m.get("seconds", 0.0) for m in models)
         localize = seconds.get("localize", 0.0)
         timings[case] = {"case": case, "localize": round(localize, 3), "nnunet": round(nnunet, 3),
