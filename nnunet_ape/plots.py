@@ -1,4 +1,5 @@
-"""Figures a person looks at: CT planes with an RGB overlay of the 3 APE channels."""
+"""Figures a person looks at: CT planes with an RGB overlay of the 3 APE channels, with crop boxes, with organ
+contours."""
 
 from __future__ import annotations
 
@@ -241,4 +242,62 @@ def scores_png(ct: Volume, result: dict, path: str | os.PathLike, title: str = "
     ax_s.grid(alpha=0.3)
     fig.suptitle(title or "BPR slice scores")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def contours_png(ct: Volume, truth: np.ndarray, predictions: dict[str, np.ndarray], organs: dict[str, int],
+                 path: str | os.PathLike, boxes: dict[str, np.ndarray | None] | None = None, title: str = "",
+                 window=(-200, 300)) -> Path:
+    """PNG: one coronal CT slice per prediction (through the centre of the true organs), the true organ contours
+    (white, dashed) and the predicted ones (one colour per organ), the crop box where ``boxes`` gives one (yellow),
+    and each panel's Dice per organ in its title.
+
+    ``truth`` and each of ``predictions`` (title -> label map): integer arrays ``(X, Y, Z)`` on ``ct``'s grid (the
+    CT's own index order); ``organs``: organ name -> label value; ``boxes``: title -> box ``(2, 3)`` in the CT's
+    voxel indices, low corner included and high corner excluded (``nnunet-ape predict``'s ``box_voxels``), or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from nnunet_ape.segmentation_scores import dice
+
+    oriented = canonical_ct(ct)
+    canon = oriented.canon
+    true_canon = oriented.array_to_canonical(truth)
+    present = np.isin(true_canon, list(organs.values()))
+    y = int(np.round(np.argwhere(present)[:, 1].mean())) if present.any() else canon.shape[1] // 2
+    gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
+    coronal = lambda a: np.swapaxes(a[:, y, :], 0, 1)[::-1]  # noqa: E731  rows superior -> inferior, as _planes
+    aspect = _aspects(canon.spacing)[1]
+    colours = dict(zip(organs, plt.cm.tab10(np.arange(len(organs)) % 10)))
+    fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 6.5), squeeze=False)
+    for ax, (name, labels) in zip(axes[0], predictions.items()):
+        pred_canon = oriented.array_to_canonical(labels)
+        ax.imshow(coronal(gray), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
+        scores = []
+        for organ, value in organs.items():
+            t, p = true_canon == value, pred_canon == value
+            if t.any():
+                scores.append(f"{organ} {dice(p, t):.2f}")
+            if coronal(t).any():
+                ax.contour(coronal(t).astype(float), levels=[0.5], colors="white", linestyles="--", linewidths=1.0)
+            if coronal(p).any():
+                ax.contour(coronal(p).astype(float), levels=[0.5], colors=[colours[organ]], linewidths=1.4)
+        box = (boxes or {}).get(name)
+        if box is not None:
+            b = oriented.box_to_canonical(np.asarray(box, dtype=np.float64) - np.array([[0, 0, 0], [1, 1, 1]]))
+            z_rows = canon.shape[2] - 1 - b[1, 2], canon.shape[2] - 1 - b[0, 2]
+            ax.add_patch(Rectangle((b[0, 0] - 0.5, z_rows[0] - 0.5), b[1, 0] - b[0, 0] + 1, z_rows[1] - z_rows[0] + 1,
+                                   fill=False, ec="yellow", lw=1.2))
+        ax.set_title(f"{name}\nDice: {', '.join(scores)}", fontsize=10)
+        orientation_letters(ax, "coronal")
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colours[o], lw=2, label=f"{o} (predicted)") for o in organs]
+    handles += [plt.Line2D([], [], color="white", ls="--", label="true contour"),
+                plt.Line2D([], [], color="yellow", label="crop box")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, facecolor="0.85")
+    fig.suptitle((title + ": " if title else "") + f"coronal slice {y + 1} of {canon.shape[1]} (from anterior)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     return save_figure(fig, path)

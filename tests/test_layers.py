@@ -24,7 +24,7 @@ NAME = PACKAGE.name
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("I/O and geometry", ("atomic", "errors", "io", "intensity", "resample", "crop_geometry", "canonical", "inputs",
                           "input_checks", "cases", "case_variants", "locks", "threads", "distributed", "resume", "plots",
-                          "training_log", "phantoms", "position_fit")),
+                          "training_log", "phantoms", "position_fit", "segmentation_scores")),
     ("models", ("models", "checkpoint")),
     ("pretraining", ("pretrain", "bpr.train_bpr", "bpr.augment", "bpr.losses", "bpr.slices")),
     ("APE/BPR features", ("embed", "embed_files", "bpr")),
