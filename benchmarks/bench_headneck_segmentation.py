@@ -413,6 +413,20 @@ def read_log(log: Path) -> list[dict]:
     return [records[e] for e in sorted(records)]
 
 
+def with_quiet_seconds(records: list[dict]) -> list[dict]:
+    """The epoch records of one model (:func:`read_log`) with ``quiet_train_seconds`` added: the training time up
+    to and including each epoch as it would have been on a quiet machine. An epoch that shared the CPU
+    (:func:`is_quiet` false) counts as the model's mean quiet epoch, so other work beside the benchmark cannot
+    lengthen a model's training time or stretch its learning curve; a model without any quiet epoch keeps its
+    measured seconds. (Learning-curve predictions run between epochs and are in neither.)"""
+    quiet = [r["epoch_seconds"] for r in records if is_quiet(r)]
+    total, out = 0.0, []
+    for r in records:
+        total += r["epoch_seconds"] if is_quiet(r) or not quiet else float(np.mean(quiet))
+        out.append({**r, "quiet_train_seconds": round(total, 3)})
+    return out
+
+
 def stage_settings(work: Path, stage: str, args) -> dict:
     """The stage's training settings: stored at its first start in ``WORK/<stage>/settings.json``; a different
     explicit value later is a one-line error (nnU-Net's learning-rate schedule depends on them)."""
@@ -732,17 +746,17 @@ def curve_series(work: Path, stage: str) -> dict[str, list[tuple[float, float]]]
     """The stage's learning curve as ``{organ or "mean": [(training hours, Dice), ...]}``: each organ against the
     training time of the model that segments it; the mean of the organs against the stage's total training time
     (for crop: the groups' times added at the same epoch, where every group has a curve point)."""
-    logs = [read_log(m["log"]) for m in stage_models(work, stage)]
+    logs = [with_quiet_seconds(read_log(m["log"])) for m in stage_models(work, stage)]
     series: dict[str, list[tuple[float, float]]] = {}
     for records in logs:
         for r in records:
             if "curve" in r:
                 for organ, d in r["curve"]["dice"].items():
-                    series.setdefault(organ, []).append((r["train_seconds"] / 3600, d))
+                    series.setdefault(organ, []).append((r["quiet_train_seconds"] / 3600, d))
     if logs and all(logs):
         by_epoch = [{r["epoch"]: r for r in records if "curve" in r} for records in logs]
         for epoch in sorted(set.intersection(*(set(b) for b in by_epoch))):
-            hours = sum(b[epoch]["train_seconds"] for b in by_epoch) / 3600
+            hours = sum(b[epoch]["quiet_train_seconds"] for b in by_epoch) / 3600
             dice = [d for b in by_epoch for d in b[epoch]["curve"]["dice"].values()]
             series.setdefault("mean", []).append((hours, float(np.nanmean(dice))))
     return series
@@ -802,7 +816,7 @@ def model_row(work: Path, stage: str, settings: dict, test: dict | None) -> str:
     """One Markdown row of the model table: training status, iterations, seconds, prediction seconds, memory
     (a stage of several models: their iterations and hours added)."""
     models = stage_models(work, stage)
-    logs = {m["name"]: read_log(m["log"]) for m in models}
+    logs = {m["name"]: with_quiet_seconds(read_log(m["log"])) for m in models}
     name = stage + ("" if settings["architecture"] == "reduced" else f" ({settings['architecture']} network)")
     if stage == "oracle":
         status = "uses the crop models"
@@ -819,7 +833,7 @@ def model_row(work: Path, stage: str, settings: dict, test: dict | None) -> str:
         per_epoch = settings["iterations_per_epoch"]
         cells[3] = (f"{sum(r['epoch_seconds'] for r in quiet) / (len(quiet) * per_epoch):.2f}" if quiet else "-") + \
             ("" if len(quiet) == len(records) else f" ({len(quiet)} of {len(records)} epochs quiet)")
-        cells[4] = f"{sum(rs[-1]['train_seconds'] for rs in logs.values() if rs) / 3600:.2f}"
+        cells[4] = f"{sum(rs[-1]['quiet_train_seconds'] for rs in logs.values() if rs) / 3600:.2f}"
     train_rss = f"{max(r['peak_rss_gib'] for r in records):.2f}" if records else "-"
     cells[8] = f"{train_rss} / -"
     if test and test["cases"]:
@@ -903,8 +917,10 @@ def report(work: Path, stages: list[str]) -> str:
             continue
         lines.append(model_row(work, stage, settings, test))
     lines += ["", "s / iteration: wall seconds of nnU-Net's epochs (training iterations and its validation batches) per "
-              "training iteration, over the epochs that ran without other CPU work beside them (`is_quiet`); training h: their sum over every invocation and every model of the stage "
-              "(learning-curve predictions and start-up not included). Prediction seconds per case: one process, cases "
+              "training iteration, over the epochs that ran without other CPU work beside them (`is_quiet`); training h: the "
+              "epochs' seconds added over every invocation and every model of the stage, an epoch that shared the CPU "
+              "counted as its model's mean quiet epoch (`with_quiet_seconds`; learning-curve predictions and start-up "
+              "not included). Prediction seconds per case: one process, cases "
               "in sequence, model loading not included; full: nnU-Net's preprocessing + network + export; crop/oracle: "
               "`nnunet-ape predict`'s APE pass and boxes + nnU-Net on each crop (its preprocessing, network, "
               "export, regrowth) + reading the CT and pasting back."]
