@@ -147,14 +147,14 @@ def case_features(models: FeatureModels, ct: Volume | CanonicalCT, passes: dict 
     :class:`~nnunet_ape.canonical.CanonicalCT`) and compute its channels, with one APE and one BPR pass.
     ``passes``: a dict shared by the calls for several ``models`` on the same CT (several localizers or organ
     groups, one per model), so that each checkpoint runs once per CT and the CT is brought into canonical order
-    once; it holds the canonical CT, the network's map (:func:`~nnunet_ape.embed.network_map`), the maps resampled
-    from it onto the canonical CT's voxels, the BPR scores and the boxes found. ``localize_too``: organs of later
+    once; it holds the canonical CT, the network's map (:func:`~nnunet_ape.embed.network_map`), the maps made from
+    it, the BPR scores and the boxes found. ``localize_too``: organs of later
     calls with the same localizer, localized in this call's pass (:func:`case_features_many`). Boxes are found on
     the map at the model's own spacing (:func:`~nnunet_ape.embed.grid_map`, no resampling; within about one model
     voxel of the boxes on the full-resolution map), except for an all-voxels localizer (label transfer needs the map
     on every voxel); only APE channels resample the map onto every voxel, in slabs. Everything stays in canonical
-    order until the output: boxes and channels come back on the CT's own grid. Each ``models`` gets the boxes and channels it would
-    get alone, whatever else shares ``passes``."""
+    order until the output: boxes and channels come back on the CT's own grid. Each ``models`` gets the boxes and
+    channels it would get alone, whatever else shares ``passes``."""
     passes = {} if passes is None else passes
     canon = _canonical(ct, passes)
     source = canon.source

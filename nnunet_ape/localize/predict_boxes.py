@@ -55,12 +55,6 @@ def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Nei
             "per_shot": per_shot, "how": how, "alpha": alpha}
 
 
-def map_stride(ct_spacing: tuple[float, ...], model_spacing: tuple[float, ...], most: int = 4) -> int:
-    """The coarsest stride (1..``most``) at which a map sampled on every stride-th CT voxel is still no coarser than
-    the model's own grid along any axis: boxes need no finer map than that (and it is many times cheaper)."""
-    return int(max(1, min(most, np.floor(min(m / c for m, c in zip(model_spacing, ct_spacing)) + 1e-6))))
-
-
 def strided_to_full(box: np.ndarray, stride: int) -> np.ndarray:
     """A float box in the CT's own axes, in the voxels of a strided map (voxel j on CT voxel ``stride * j``) -> CT
     voxels, the high corner widened to the last CT voxel of its map cell (so that the box is not cut by the
