@@ -25,11 +25,11 @@ from nnunet_ape.bpr.scoring import load_bpr_model
 from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.checkpoint import load_ape_model
 from nnunet_ape.crop_geometry import crop_box, union_box
-from nnunet_ape.embed import CanonicalMap, EmbedSettings, canonical_map, network_map, stored_settings
+from nnunet_ape.embed import CanonicalMap, EmbedSettings, GridMap, canonical_map, grid_map, network_map, stored_settings
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
 from nnunet_ape.localize.localizer import load_localizer
-from nnunet_ape.localize.predict_boxes import map_stride, predict_organ_boxes
+from nnunet_ape.localize.predict_boxes import predict_organ_boxes
 from nnunet_ape.localize.zrange import score_ct
 
 CHANNELS = ("ape", "bpr")
@@ -147,20 +147,21 @@ def case_features(models: FeatureModels, ct: Volume | CanonicalCT, passes: dict 
     :class:`~nnunet_ape.canonical.CanonicalCT`) and compute its channels, with one APE and one BPR pass.
     ``passes``: a dict shared by the calls for several ``models`` on the same CT (several localizers or organ
     groups, one per model), so that each checkpoint runs once per CT and the CT is brought into canonical order
-    once; it holds the canonical CT, the network's map (:func:`~nnunet_ape.embed.network_map`), the maps resampled
-    from it onto the canonical CT's voxels, the BPR scores and the boxes found. ``localize_too``: organs of later
-    calls with the same localizer, localized in this call's pass (:func:`case_features_many`). Without APE channels
-    the map is resampled onto every few voxels only (:func:`map_stride`): boxes need no more, and resampling a map
-    onto every voxel of a large CT costs more than the network pass. Everything stays in canonical order until the
-    output: boxes and channels come back on the CT's own grid. Each ``models`` gets the boxes and channels it would
-    get alone, whatever else shares ``passes``."""
+    once; it holds the canonical CT, the network's map (:func:`~nnunet_ape.embed.network_map`), the maps made from
+    it, the BPR scores and the boxes found. ``localize_too``: organs of later
+    calls with the same localizer, localized in this call's pass (:func:`case_features_many`). Boxes are found on
+    the map at the model's own spacing (:func:`~nnunet_ape.embed.grid_map`, no resampling; within about one model
+    voxel of the boxes on the full-resolution map), except for an all-voxels localizer (label transfer needs the map
+    on every voxel); only APE channels resample the map onto every voxel, in slabs. Everything stays in canonical
+    order until the output: boxes and channels come back on the CT's own grid. Each ``models`` gets the boxes and
+    channels it would get alone, whatever else shares ``passes``."""
     passes = {} if passes is None else passes
     canon = _canonical(ct, passes)
     source = canon.source
-    embedding = scored = None
+    box_map = scored = None
     map_key = bpr_key = None
-    if models.ape is not None:
-        embedding, map_key = _ape_map(models, canon, passes)
+    if models.ape is not None and models.localizer is not None:
+        box_map, map_key = _box_map(models, canon, passes)
     if models.bpr is not None:
         bpr_key = ("bpr", str(models.bpr_path))
         if bpr_key not in passes:
@@ -172,14 +173,14 @@ def case_features(models: FeatureModels, ct: Volume | CanonicalCT, passes: dict 
         wanted = list(dict.fromkeys([*models.organs, *(o for o in localize_too if o in models.localizer["organs"])]))
         missing = [o for o in wanted if o not in found]
         if missing:
-            found.update(predict_organ_boxes(models.localizer, canon, embedding, scored, missing))
+            found.update(predict_organ_boxes(models.localizer, canon, box_map, scored, missing))
         boxes = {organ: copy.deepcopy(found[organ]) for organ in models.organs}
         for organ in models.organs:
             organ_box = crop_box(np.asarray(boxes[organ]["crop_box_voxels"]), source.shape)
             box = organ_box if box is None else union_box(box, organ_box)
     parts = []
     if "ape" in models.channels:  # the canonical map (stride 1) back on the CT's grid: the one trip back
-        parts.append(embedding.on_source_grid().array.astype(np.float32, copy=False))
+        parts.append(_full_map(models, canon, passes)[0].on_source_grid().array.astype(np.float32, copy=False))
     if "bpr" in models.channels:
         parts.append(bpr_channel(scored.scores, models.bpr_calibration, canon)[..., None])
     return CaseFeatures(boxes, box, np.concatenate(parts, axis=3) if parts else None)
@@ -206,20 +207,36 @@ def case_features_many(models: list[FeatureModels], ct: Volume | CanonicalCT, pa
     return [case_features(m, ct, passes, organs_of.get(id(m.localizer), [])) for m in models]
 
 
-def _ape_map(models: FeatureModels, ct: CanonicalCT, passes: dict) -> tuple[CanonicalMap, tuple]:
-    """The canonical APE map ``models`` needs (on every voxel for APE channels or an all-voxels localizer, else on
-    every few voxels) and its key in ``passes``; the network runs only when no map of its checkpoint and settings is
-    there yet."""
-    settings = models.embed_settings
-    boxes_only = "ape" not in models.channels and (models.localizer or {}).get("ape_boxes") != "all-voxels"
-    if boxes_only:  # boxes need the map at the model's coarse spacing only
-        settings = replace(settings, stride=map_stride(ct.source.spacing, settings.spacing))
+def _network(models: FeatureModels, ct: CanonicalCT, passes: dict):
+    """The APE network's map of ``ct`` (:func:`~nnunet_ape.embed.network_map`): computed by the first call for its
+    checkpoint and settings, shared by the others."""
+    settings = replace(models.embed_settings, stride=1, half=False)
+    key = ("ape-network", str(models.ape_path), repr(settings))
+    if key not in passes:
+        passes[key] = network_map(models.ape, ct, settings, device=models.device, progress=False)
+    return passes[key]
+
+
+def _full_map(models: FeatureModels, ct: CanonicalCT, passes: dict) -> tuple[CanonicalMap, tuple]:
+    """The canonical APE map on every CT voxel (what APE channels and an all-voxels localizer need) and its key in
+    ``passes``, resampled once per checkpoint and settings."""
+    settings = replace(models.embed_settings, stride=1, half=False)
     key = ("ape", str(models.ape_path), repr(settings))
     if key not in passes:
-        network_key = ("ape-network", str(models.ape_path), repr(replace(settings, stride=1, half=False)))
-        if network_key not in passes:
-            passes[network_key] = network_map(models.ape, ct, settings, device=models.device, progress=False)
-        passes[key] = canonical_map(passes[network_key], settings)
+        passes[key] = canonical_map(_network(models, ct, passes), settings)
+    return passes[key], key
+
+
+def _box_map(models: FeatureModels, ct: CanonicalCT, passes: dict) -> tuple[CanonicalMap | GridMap, tuple]:
+    """The APE map organ boxes are found on, and its key in ``passes``: the network's map on the model's own grid
+    (no resampling: boxes need no finer map, and a large CT's map on every voxel takes GBs), or for an all-voxels
+    localizer the map on every voxel."""
+    if (models.localizer or {}).get("ape_boxes") == "all-voxels":
+        return _full_map(models, ct, passes)
+    settings = replace(models.embed_settings, stride=1, half=False)
+    key = ("ape-grid", str(models.ape_path), repr(settings))
+    if key not in passes:
+        passes[key] = grid_map(_network(models, ct, passes), settings)
     return passes[key], key
 
 

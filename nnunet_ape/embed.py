@@ -188,14 +188,79 @@ def canonical_map(network: NetworkMap, settings: EmbedSettings | None = None) ->
     for n, s, m, first in zip(canon.shape, canon.spacing, settings.spacing, start):
         canonical_index = torch.arange(first, n, stride, dtype=torch.float32)
         coords.append(canonical_index * s / m)  # model-grid index = canonical index * s_in / s_model
-    array = resample_grid(network.array, coords).permute(1, 2, 3, 0).cpu().numpy()
-    array = np.ascontiguousarray(array.astype(np.float16 if settings.half else np.float32))
+    array = resample_in_slabs(network.array, coords, np.float16 if settings.half else np.float32)
     if stride == 1:
         volume = Volume(array, canon.spacing, canon.origin, np.array(canon.direction))
     else:
         origin = tuple(float(v) for v in canon.index_to_physical(np.asarray(start, dtype=np.float64)))
         volume = Volume(array, tuple(float(s) * stride for s in canon.spacing), origin, np.array(canon.direction))
     return CanonicalMap(volume, stride, network.ct)
+
+
+SLAB_ELEMENTS = 1 << 25  # output elements resampled at once (128 MB float32): a 512x512x300 CT's map is 30x that
+
+
+def resample_in_slabs(array: torch.Tensor, coords: Sequence[torch.Tensor], dtype: type = np.float32,
+                      slab_elements: int = SLAB_ELEMENTS) -> np.ndarray:
+    """:func:`~nnunet_ape.resample.resample_grid` of ``array`` ``(C, X, Y, Z)`` (any device) at ``coords`` -> a
+    numpy array ``(X', Y', Z', C)`` of ``dtype`` in host memory, the same values. Computed in slabs of output
+    slices (last axis), each from the few source slices it needs and moved to the host at once: on a GPU the
+    full-resolution temporaries of a large CT (GBs) would otherwise all be on the device together."""
+    cx, cy, cz = (c.to(torch.float32) for c in coords)
+    n = array.shape[-1]
+    # the lower neighbour of each output slice, as lerp_axis picks it: a slab from the lowest to the highest + 1 keeps
+    # every output voxel's pair of source slices and weight, so the values are bit for bit the unsliced ones
+    lower = cz.clamp(0, n - 1).floor().long().clamp(max=max(n - 2, 0))
+    out = np.empty((len(cx), len(cy), len(cz), array.shape[0]), dtype=dtype)
+    step = max(1, slab_elements // max(1, len(cx) * len(cy) * array.shape[0]))
+    for first in range(0, len(cz), step):
+        part = slice(first, first + step)
+        lo, hi = int(lower[part].min()), min(n, int(lower[part].max()) + 2)
+        slab = resample_grid(array[..., lo:hi], (cx, cy, cz[part] - lo))
+        out[:, :, part] = slab.permute(1, 2, 3, 0).cpu().numpy()
+    return out
+
+
+@dataclass
+class GridMap:
+    """An APE map on the model's own grid (canonical axes, the model's spacing), where the network computed it: no
+    resampling, a few times fewer voxels than the CT (a 512x512x300 CT at 0.8 x 0.8 x 1.5 mm has 5x more than its
+    map at 1.5 x 1.5 x 2.25 mm). What organ boxes are found on (:func:`grid_map`).
+
+    array: ``(X', Y', Z', C)`` float32 in host memory; map voxel ``j`` lies on canonical CT index ``j * step`` (voxel
+    0 on voxel 0, as :func:`~nnunet_ape.resample.resample_spacing` keeps it). step: canonical CT voxels per map voxel
+    per canonical axis (model spacing / CT spacing). ct: the CT, in canonical order, that the map belongs to."""
+
+    array: np.ndarray
+    step: tuple[float, float, float]
+    ct: CanonicalCT
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """mm between map voxels along the canonical axes."""
+        return tuple(float(s) * t for s, t in zip(self.ct.canon.spacing, self.step))  # type: ignore[return-value]
+
+    def nearest_voxels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per canonical axis the canonical CT index nearest each map voxel (int, within the CT)."""
+        return tuple(np.minimum(np.rint(np.arange(m) * t), n - 1).astype(np.int64)  # type: ignore[return-value]
+                     for m, t, n in zip(self.array.shape[:3], self.step, self.ct.canon.shape))
+
+    def box_to_canonical(self, box: np.ndarray) -> np.ndarray:
+        """A float box ``(2, 3)`` in map voxels -> canonical CT voxels, each side widened by half a map cell less half
+        a CT voxel (a map voxel stands for the CT voxels around it)."""
+        step = np.asarray(self.step, dtype=np.float64)
+        half = np.maximum(step - 1, 0) / 2
+        box = np.asarray(box, dtype=np.float64)
+        return np.stack([box[0] * step - half, box[1] * step + half])
+
+
+def grid_map(network: NetworkMap, settings: EmbedSettings | None = None) -> GridMap:
+    """A network map (computed with ``settings``' spacing) as it is, on the model's grid, in host memory
+    (:class:`GridMap`): map voxel ``j`` on canonical index ``j * model spacing / CT spacing``, per axis."""
+    settings = settings or EmbedSettings()
+    step = tuple(float(m) / float(s) for m, s in zip(settings.spacing, network.ct.canon.spacing))
+    array = np.ascontiguousarray(network.array.permute(1, 2, 3, 0).float().cpu().numpy())
+    return GridMap(array, step, network.ct)  # type: ignore[arg-type]
 
 
 def map_on_grid(network: NetworkMap, settings: EmbedSettings | None = None) -> Volume:

@@ -218,3 +218,30 @@ def test_canonical_map_is_the_map_on_the_ct_grid_made_canonical(phantoms, how, s
     assert np.array_equal(ct.array_to_canonical(label), to_canonical(ct.source.with_array(label))[0].array)
     assert np.array_equal(ct.array_to_source(ct.array_to_canonical(label)), label)
     assert canonical_ct(ct) is ct and isinstance(ct, CanonicalCT)
+
+
+def test_crop_boxes_come_from_the_map_at_the_model_spacing(phantoms, monkeypatch):
+    """Issue 29, item 8: a crop configuration's boxes come from the network's map on the model's grid, with no map
+    on every CT voxel (GBs for a 512x512x300 CT); a configuration with APE channels resamples the map onto every
+    voxel for its channels only, so both get the same boxes, from one network pass."""
+    from nnunet_ape import case_features as module
+    from nnunet_ape.case_features import FeatureModels, case_features_many
+    from nnunet_ape.checkpoint import load_ape_model
+    from nnunet_ape.embed import stored_settings
+
+    ape, state = load_ape_model(phantoms["ape"])
+    edges = (np.random.default_rng(0).standard_normal((6, 3)) * 0.1).tolist()
+    localizer = {"organs": {"liver": {"label": 1, "alpha": 1.0, "shots": [{"edge_embeddings": edges}]}}, "combine": "mean"}
+    crops, with_channels = (FeatureModels(localizer, ["liver"], channels, ape, None, stored_settings(state), None, "cpu",
+                                          phantoms["ape"]) for channels in ((), ("ape",)))
+    ct = read_volume(phantoms["phantom003"])
+    resampled, networks = [], []
+    real_resample, real_network = module.canonical_map, module.network_map
+    monkeypatch.setattr(module, "canonical_map", lambda *a, **k: resampled.append(1) or real_resample(*a, **k))
+    monkeypatch.setattr(module, "network_map", lambda *a, **k: networks.append(1) or real_network(*a, **k))
+    alone = case_features_many([crops], ct)[0]
+    assert resampled == [] and networks == [1] and alone.channels is None
+    both = case_features_many([crops, with_channels], ct)
+    assert resampled == [1] and networks == [1, 1]
+    assert np.array_equal(both[0].crop_box, alone.crop_box) and np.array_equal(both[1].crop_box, alone.crop_box)
+    assert both[1].channels.shape == (*ct.shape, 3)

@@ -61,12 +61,12 @@ def test_training_box_grows_to_hold_the_label_plus_margin():
 
 @pytest.mark.parametrize("key", ["A", "B"])  # RAS-like (flipped axes) and LPS
 def test_boxes_from_a_strided_map_are_in_ct_voxels(key):
-    """Crop-only localization uses an APE map on every few voxels; its boxes must come back in the CT's own voxels.
+    """A map on every few voxels (``embed --stride``, a map on disk) gives boxes in the CT's own voxels.
     With a map that is the physical position itself (retrieval exact on the full map) the full map finds the box the
     edge points span, and a map on every 3rd voxel finds it within one map cell."""
     from nnunet_ape.io import Volume
     from nnunet_ape.localize.body import body_box
-    from nnunet_ape.localize.predict_boxes import map_stride, predict_organ_boxes
+    from nnunet_ape.localize.predict_boxes import predict_organ_boxes
 
     ct = read_volume(patient(key))
     index = np.stack(np.meshgrid(*[np.arange(n) for n in ct.shape], indexing="ij"), axis=-1)
@@ -88,4 +88,45 @@ def test_boxes_from_a_strided_map_are_in_ct_voxels(key):
     assert np.allclose(exact, [lo, hi], atol=0.51)
     coarse = np.asarray(predict_organ_boxes(localizer, ct, strided)["liver"]["crop_box_voxels"])
     assert np.abs(coarse[0] - lo).max() <= 1.5 + 0.51 and np.abs(coarse[1] - hi).max() <= 3.5 + 0.51
-    assert map_stride((0.8, 0.8, 1.5), (4.5, 4.5, 6.75)) == 4 and map_stride((3.0, 3.0, 3.0), (1.5, 1.5, 2.25)) == 1
+
+
+@pytest.mark.parametrize("key", ["A", "B"])  # RAS-like (flipped axes) and LPS
+def test_boxes_from_the_map_at_the_model_spacing_are_within_a_model_voxel_of_the_full_maps(key):
+    """Preprocess and predict find boxes on the network's map as it is, on the model's coarse grid (issue 29, item
+    8: no full-resolution map, GBs for a 512x512x300 CT). A map that is the physical position itself, computed on a
+    model grid of 1.7-2.6 CT voxels per voxel (not whole numbers): resampled onto every voxel (the previous path) it
+    finds the edge points' box exactly; on the model grid, within one model voxel of it, in the CT's own voxels."""
+    import torch
+
+    from nnunet_ape.canonical import canonical_ct
+    from nnunet_ape.embed import EmbedSettings, NetworkMap, canonical_map, grid_map
+    from nnunet_ape.localize.body import body_box
+    from nnunet_ape.localize.predict_boxes import predict_organ_boxes
+
+    ct = canonical_ct(read_volume(patient(key)))
+    canon = ct.canon
+    settings = EmbedSettings(spacing=tuple(s * f for s, f in zip(canon.spacing, (1.7, 2.2, 2.6))))
+    step = np.array(settings.spacing) / np.array(canon.spacing)
+    shape = [int((n - 1) / t + 1e-6) + 1 for n, t in zip(canon.shape, step)]  # as resample_spacing makes it
+    index = np.stack(np.meshgrid(*[np.arange(n) * t for n, t in zip(shape, step)], indexing="ij"), axis=-1)
+    position = (canon.index_to_physical(index) / 100).astype(np.float32)  # (X', Y', Z', 3)
+    network = NetworkMap(torch.from_numpy(position).permute(3, 0, 1, 2).contiguous(), ct)
+    middle = np.round(body_box(ct.source.array).mean(0)).astype(int)
+    lo, hi = middle - np.array([12, 14, 4]), middle + np.array([12, 14, 4])
+    centre = (lo + hi) / 2
+    points = []
+    for axis in range(3):
+        for end in (lo, hi):
+            p = centre.copy()
+            p[axis] = end[axis]
+            points.append(np.round(p))
+    edges = ct.source.index_to_physical(np.array(points)) / 100
+    localizer = {"organs": {"liver": {"label": 1, "alpha": 1.0, "shots": [{"edge_embeddings": edges.tolist()}]}}, "combine": "mean"}
+    full = np.asarray(predict_organ_boxes(localizer, ct, canonical_map(network, settings))["liver"]["crop_box_voxels"])
+    assert np.allclose(full, [lo, hi], atol=0.51)
+    coarse = np.asarray(predict_organ_boxes(localizer, ct, grid_map(network, settings))["liver"]["crop_box_voxels"])
+    cell = np.empty(3)
+    cell[list(ct.orientation.perm)] = step  # one model voxel, in CT voxels along the CT's own axes
+    assert (np.abs(coarse - full) <= cell + 0.51).all(), (coarse, full, cell)
+    # widened by half a cell: never inside the full map's box by more than the half CT voxel a nearest map voxel can be
+    assert (coarse[0] <= full[0] + 0.51).all() and (coarse[1] >= full[1] - 0.51).all()

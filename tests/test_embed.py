@@ -141,3 +141,19 @@ def test_embed_over_a_folder_keeps_finished_maps_when_restarted(pretrained_run, 
     assert "1 of 2 maps exist already" in again.stdout and redo.exists() and kept.stat().st_mtime_ns == stamp
     forced = _cli("embed", "-m", model, "-i", str(folder), "-o", str(out), "--device", "cpu", "--overwrite")
     assert forced.returncode == 0 and kept.stat().st_mtime_ns != stamp
+
+
+def test_resampling_in_slabs_gives_the_same_values():
+    """``canonical_map`` resamples a large CT's map in slabs of slices (issue 29, item 8: GBs of full-resolution
+    temporaries on the GPU otherwise): bit for bit the one-piece resampling, also where coordinates run past the
+    source's last slice."""
+    from nnunet_ape.embed import resample_in_slabs
+    from nnunet_ape.resample import resample_grid
+
+    generator = torch.Generator().manual_seed(0)
+    array = torch.randn((3, 7, 6, 9), generator=generator)
+    coords = [torch.arange(13) * 0.47, torch.arange(11) * 0.5, torch.arange(23) * 0.3711]  # z runs past 8
+    whole = resample_grid(array, coords).permute(1, 2, 3, 0).numpy()
+    for elements in (1, 3 * 13 * 11 * 4, 10**9):  # one slice, four slices, all at once
+        assert np.array_equal(resample_in_slabs(array, coords, slab_elements=elements), whole)
+    assert np.array_equal(resample_in_slabs(array, coords, np.float16, 1), whole.astype(np.float16))

@@ -23,8 +23,8 @@ NAME = PACKAGE.name
 # The longest matching prefix wins, so ``bpr.train_bpr`` sits on pretraining while the rest of ``bpr`` is a feature.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("I/O and geometry", ("atomic", "errors", "io", "intensity", "resample", "crop_geometry", "canonical", "inputs",
-                          "input_checks", "cases", "case_variants", "locks", "threads", "distributed", "resume", "plots",
-                          "training_log", "phantoms", "position_fit", "segmentation_scores")),
+                          "input_checks", "cases", "case_variants", "locks", "threads", "gpu_processes", "distributed", "resume",
+                          "plots", "training_log", "phantoms", "position_fit", "segmentation_scores")),
     ("models", ("models", "checkpoint")),
     ("pretraining", ("pretrain", "bpr.train_bpr", "bpr.augment", "bpr.losses", "bpr.slices")),
     ("APE/BPR features", ("embed", "embed_files", "bpr")),

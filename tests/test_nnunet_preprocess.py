@@ -175,7 +175,7 @@ def _outputs(preprocessed: Path, configuration: str) -> dict:
 
 def test_configurations_together_get_one_ape_pass_per_case_and_the_files_of_separate_runs(planned, joint, monkeypatch, tmp_path):
     together, passes = joint
-    assert len(passes) == 3  # three cases, three configurations (two maps: strided and full)
+    assert len(passes) == 3  # three cases, three configurations: one network map per case (boxes on it, channels from it)
     separate = _copy_preprocessed(planned, tmp_path)
     _point_nnunet(monkeypatch, planned["roots"]["nnUNet_raw"], separate.parent)
     passes = _count_network_passes(monkeypatch)
@@ -229,6 +229,38 @@ def test_preprocess_default_processes_is_bounded(monkeypatch):
     assert preprocess_runner.default_num_processes("cuda:0") == 2
     monkeypatch.setattr(preprocess_runner, "available_cores", lambda: 1)
     assert preprocess_runner.default_num_processes("cpu") == 1
+
+
+def test_gpu_processes_are_bounded_by_free_memory_and_at_most_two():
+    """Issue 29, item 8: every process on the GPU holds its own CUDA context, models and a case's temporaries."""
+    from nnunet_ape.gpu_processes import free_gpu_memory, gpu_processes
+
+    gib = 1 << 30
+    assert gpu_processes(8, 22 * gib, 4 * gib) == 2  # a 24 GB card: the cap
+    assert gpu_processes(8, 6 * gib, 4 * gib) == 1  # a busy or small card
+    assert gpu_processes(8, 1 * gib, 4 * gib) == 1  # never none: one process may still fit a small CT
+    assert gpu_processes(8, 40 * gib, 4 * gib, most=4) == 4 and gpu_processes(3, 40 * gib, 4 * gib, most=8) == 3
+    assert gpu_processes(8, None) == 2  # free memory unknown: the cap
+    free = free_gpu_memory("cuda")  # read in a child process; None without CUDA
+    assert free is None or free > 0
+
+
+def test_preprocess_lowers_gpu_processes_with_one_line(monkeypatch):
+    from nnunet_ape.nnunet import preprocess_runner
+
+    monkeypatch.setattr(preprocess_runner, "available_cores", lambda: 16)
+    asked = []
+    monkeypatch.setattr(preprocess_runner, "free_gpu_memory", lambda device: asked.append(device) or 22 << 30)
+    processes, note = preprocess_runner.num_processes("cuda:1", 8)
+    assert processes == 2 and asked == ["cuda:1"]
+    assert "-np 8" in note and "running 2" in note and "\n" not in note
+    assert preprocess_runner.num_processes("cuda:1", None) == (2, None)  # the default: no note
+    monkeypatch.setattr(preprocess_runner, "free_gpu_memory", lambda device: 5 << 30)
+    assert preprocess_runner.num_processes("cuda", None) == (1, None)
+    assert preprocess_runner.num_processes("cuda", 2)[0] == 1
+    assert preprocess_runner.num_processes("cpu", 8) == (8, None)  # CPU processes are the user's choice
+    monkeypatch.setattr(preprocess_runner, "free_gpu_memory", lambda device: pytest.fail("queried for one process"))
+    assert preprocess_runner.num_processes("cuda", 1) == (1, None)  # nothing to bound: no query (it takes seconds)
 
 
 def _ape_entry(plans: dict, plans_identifier: str, base: str, name: str) -> None:

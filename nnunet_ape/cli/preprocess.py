@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         help="preprocess APE configurations added by 'nnunet-ape plan' (nnUNetv2_preprocess cannot run them)",
         description="nnU-Net's preprocessing of the training cases for APE configurations: per case one APE (and BPR) "
         "pass on the whole CT gives the organ boxes and/or the embedding channels of all the configurations given "
-        "together (e.g. one crop configuration per organ group); training boxes are grown to hold the "
+        "together (e.g. one crop configuration per organ group); boxes are found on the APE map at the model's own "
+        "spacing, only APE channels resample it onto every voxel; training boxes are grown to hold the "
         "whole label plus the margin; then nnU-Net's own steps (nonzero crop, normalization, resampling). Writes "
         "nnU-Net's files into $nnUNet_preprocessed/DatasetXXX/<data_identifier> and the full label maps into "
         "gt_segmentations; for crops, nnU-Net's planner then plans patch size, batch size and network for the crops' "
@@ -25,8 +26,9 @@ def add_parser(sub) -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (nnU-Net's -p)")
     parser.add_argument("-np", "--num-processes", type=int, default=None,
                         help="cases processed in parallel; default: nnU-Net's default ($nnUNet_def_n_proc, else 8), at most "
-                        "the CPU cores and at most 4 (2 with a GPU), because each process loads its own models and holds a "
-                        "whole CT with its maps (GBs for a 512x512x300 CT)")
+                        "the CPU cores and at most 4, because each process loads its own models and holds a whole CT (GBs "
+                        "for a 512x512x300 CT). With a GPU at most 2, and 1 where the free GPU memory holds only one (each "
+                        "process has its own CUDA context and models, about 4 GB): a larger -np is lowered, with a note")
     parser.add_argument("--device", default="auto", help="where the APE/BPR models run: auto, cpu, cuda or cuda:N")
     parser.set_defaults(func=_run)
 
@@ -37,7 +39,7 @@ def _run(args) -> None:
     from nnunet_ape.inputs import find_nnunet_raw_dataset
     from nnunet_ape.locks import plans_lock
     from nnunet_ape.nnunet.ape_plans import preprocessed_dataset, read_plans, resolved_configuration, settings_of
-    from nnunet_ape.nnunet.preprocess_runner import PreprocessJob, default_num_processes, describe_run, preprocess_configurations
+    from nnunet_ape.nnunet.preprocess_runner import PreprocessJob, describe_run, num_processes, preprocess_configurations
 
     if args.num_processes is not None and args.num_processes < 1:
         raise InputError(f"-np {args.num_processes}: must be at least 1")
@@ -46,7 +48,9 @@ def _run(args) -> None:
     if raw is None:
         raise InputError(f"{preprocessed.name}: its raw dataset is not in nnUNet_raw")
     device = str(resolve_device(args.device))
-    processes = args.num_processes or default_num_processes(device)
+    processes, note = num_processes(device, args.num_processes)
+    if note:
+        print(note)
     configurations = list(dict.fromkeys(args.configurations))
     jobs = [PreprocessJob(preprocessed, raw, args.plans, c, processes, device) for c in configurations]
     with plans_lock(preprocessed, args.plans, f"preprocess -d {args.dataset}"):  # one job per plans at a time

@@ -8,7 +8,7 @@ from torch import nn
 
 from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.crop_geometry import box_from_canonical, overlaps_image
-from nnunet_ape.embed import CanonicalMap, EmbedSettings, canonical_map, network_map
+from nnunet_ape.embed import CanonicalMap, EmbedSettings, GridMap, canonical_map, network_map
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
 from nnunet_ape.localize.body import body_box, search_region
@@ -55,12 +55,6 @@ def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Nei
             "per_shot": per_shot, "how": how, "alpha": alpha}
 
 
-def map_stride(ct_spacing: tuple[float, ...], model_spacing: tuple[float, ...], most: int = 4) -> int:
-    """The coarsest stride (1..``most``) at which a map sampled on every stride-th CT voxel is still no coarser than
-    the model's own grid along any axis: boxes need no finer map than that (and it is many times cheaper)."""
-    return int(max(1, min(most, np.floor(min(m / c for m, c in zip(model_spacing, ct_spacing)) + 1e-6))))
-
-
 def strided_to_full(box: np.ndarray, stride: int) -> np.ndarray:
     """A float box in the CT's own axes, in the voxels of a strided map (voxel j on CT voxel ``stride * j``) -> CT
     voxels, the high corner widened to the last CT voxel of its map cell (so that the box is not cut by the
@@ -69,24 +63,29 @@ def strided_to_full(box: np.ndarray, stride: int) -> np.ndarray:
     return np.stack([box[0] * steps, box[1] * steps + steps - 1])
 
 
-def searchable_map(embedding: CanonicalMap) -> np.ndarray:
+def searchable_map(embedding: CanonicalMap | GridMap) -> np.ndarray:
     """The canonical APE map's array ``(X', Y', Z', C)``, +inf outside the CT's body (grown by the search margin,
     :func:`~nnunet_ape.localize.body.search_region`) so that retrieval never answers from the air around it. The
-    region is found on the map's own voxels: ``embedding`` may be a map on every stride-th CT voxel."""
+    region is found on the map's own voxels: ``embedding`` may be a map on every stride-th CT voxel, or on the model's
+    grid (the CT voxel nearest each map voxel)."""
+    if isinstance(embedding, GridMap):
+        hu = embedding.ct.canon.array[np.ix_(*embedding.nearest_voxels())]
+        return outside_to_inf(embedding.array, search_region(hu, embedding.spacing))
     step = embedding.stride
     hu = embedding.ct.canon.array[tuple(slice(first, None, step) for first in embedding.start)]
     return outside_to_inf(embedding.volume.array, search_region(hu, embedding.volume.spacing))
 
 
-def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: CanonicalMap | Volume | None = None,
+def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: CanonicalMap | GridMap | Volume | None = None,
                         scored: ScoredCT | None = None, organs: list[str] | None = None, safety_nets: bool = True) -> dict:
     """Boxes per organ on a CT (HU, any orientation, or a :class:`~nnunet_ape.canonical.CanonicalCT`), in its own
     voxel indices and in mm. APE (with ``embedding``, the map: a :class:`~nnunet_ape.embed.CanonicalMap` of the CT,
     or a map on the CT's own grid as ``embed_volume`` returns it): ``box`` (retrieved) and ``enlarged_box``; BPR
     (with ``scored``, the canonical slice scores): ``bpr_z_range`` (slices) and ``bpr_box`` (full x/y); both:
     ``combined_box`` (APE's enlarged x/y, BPR's z). ``crop_box`` is the box to crop with: the combined one when both
-    are there, else the enlarged APE or the BPR box. ``embedding`` may be a map on every stride-th voxel (edge-point
-    localizers only): boxes are still in the CT's voxels. Boxes are found in canonical order and converted to the
+    are there, else the enlarged APE or the BPR box. ``embedding`` may be a map on every stride-th voxel or on the
+    model's grid (:class:`~nnunet_ape.embed.GridMap`; edge-point localizers only): boxes are still in the CT's voxels,
+    within about one map cell of the full map's. Boxes are found in canonical order and converted to the
     CT's own indices once each, here. ``crop_boxes_voxels``: the crop box of every method this CT allows (the
     alternatives to the organ's own method, by name as in :data:`~nnunet_ape.localize.choice.CANDIDATES`). ``safety_net``: True where
     the organ's crop is the union of its method's and the body box's because they disagreed beyond what the shots
@@ -105,12 +104,14 @@ def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: Ca
     body = body_box(canon.canon.array)  # every organ's alternative and safety net, whatever its method
     neighbours = None
     if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
-        if embedding.stride != 1:
+        if isinstance(embedding, GridMap) or embedding.stride != 1:
             raise ValueError("the all-voxels localizer needs the APE map on the CT's own grid (stride 1)")
         neighbours = _transfer_neighbours(localizer, canon.canon, body, canon_map)
     native = canon.box_to_source
     from_map = native
-    if embedding is not None and embedding.stride != 1:  # a map on every stride-th voxel: boxes in CT voxels
+    if isinstance(embedding, GridMap):  # a map on the model's grid: boxes in CT voxels
+        from_map = lambda b: native(embedding.box_to_canonical(b))  # noqa: E731
+    elif embedding is not None and embedding.stride != 1:  # a map on every stride-th voxel: boxes in CT voxels
         strided_shape = embedding.source_shape
         from_map = lambda b: strided_to_full(box_from_canonical(b, perm, flip, strided_shape), embedding.stride)  # noqa: E731
     methods = {organ: organ_method(localizer["organs"][organ], localizer)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nnunet_ape.atomic import atomic_path, staged_files, sweep
 from nnunet_ape.errors import InputError
+from nnunet_ape.gpu_processes import GPU_BYTES_PER_PROCESS, free_gpu_memory, gpu_processes
 from nnunet_ape.input_checks import check_cases
 from nnunet_ape.nnunet.ape_plans import (SETTINGS_KEY, APESettings, plan_for_crops, read_plans, resolved_configuration,
                                           settings_of)
@@ -158,6 +159,23 @@ def default_num_processes(device: str) -> int:
     from nnunetv2.configuration import default_num_processes as nnunet_default
 
     return max(1, min(nnunet_default, available_cores(), 2 if device.startswith("cuda") else 4))
+
+
+def num_processes(device: str, requested: int | None = None) -> tuple[int, str | None]:
+    """How many processes preprocess: ``requested`` (``-np``), else :func:`default_num_processes`; on a CUDA
+    ``device`` at most as many as share the GPU (:func:`~nnunet_ape.gpu_processes.gpu_processes`: each holds its own
+    CUDA context, models and a case's temporaries). Returns the number and, when it is fewer than ``requested``, a
+    line saying why."""
+    processes = requested or default_num_processes(device)
+    if not device.startswith("cuda") or processes == 1:
+        return processes, None
+    free = free_gpu_memory(device)
+    allowed = gpu_processes(processes, free)
+    if requested is None or allowed >= requested:
+        return allowed, None
+    memory = "" if free is None else f" ({free / 2**30:.1f} GiB free, about {GPU_BYTES_PER_PROCESS / 2**30:.0f} GiB each)"
+    return allowed, (f"-np {requested}: at most {allowed} processes run the models on {device}{memory}, each with its own "
+                     f"CUDA context; running {allowed} (--device cpu runs more, slower)")
 
 
 def preprocess_configuration(job: PreprocessJob) -> dict:
