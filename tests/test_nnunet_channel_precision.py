@@ -120,3 +120,36 @@ def test_plan_refuses_a_precision_without_channels(preprocessed, monkeypatch, ca
     monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed["roots"]["nnUNet_preprocessed"]))
     assert main(["plan", "-d", "777", "-l", "/nonexistent.json", "--channel-precision", "float16"]) == 2
     assert "applies to embedding channels; add --channels" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_predict_rounds_the_channels_of_a_float16_model_as_training_did(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from test_predict_paths import _ct, _stock_model
+
+    from nnunet_ape.nnunet.region_prediction import predict_region
+
+    ct = _ct(0)
+    added = np.random.default_rng(1).normal(size=(*ct.shape, 3)).astype(np.float32)
+    box = np.array([[2, 3, 1], [28, 24, 19]])
+    seen = {}
+
+    def record(data):
+        seen["data"] = data.numpy().copy()
+        raise _Stop  # the random stock network reads one channel: what it was given is all this test needs
+
+    stock = _stock_model(tmp_path)
+    monkeypatch.setattr(stock.predictor, "predict_logits_from_preprocessed_data", record)
+    inputs = {}
+    for precision in ("float32", "float16"):
+        model = replace(stock, kind="channels", added_channels=("ape",), channel_precision=precision)
+        with pytest.raises(_Stop):
+            predict_region(model, [ct], added, box, confidence=False)
+        inputs[precision] = seen["data"]
+    full, half = inputs["float32"], inputs["float16"]
+    assert full.shape[0] == half.shape[0] == 4 and np.array_equal(full[0], half[0])
+    assert np.array_equal(half[1:], full[1:].astype(np.float16).astype(np.float32)) and not np.array_equal(half[1:], full[1:])
