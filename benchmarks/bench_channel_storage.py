@@ -194,8 +194,9 @@ def loader_throughput(preprocessed: Path, configurations: list[str], rounds: int
     median over ``rounds`` rounds of ``batches`` batches (the configurations take turns in each round, so that
     load from other work spreads over all of them; each starts a round from the same random seed, so that all draw
     the same cases, patches and augmentations: the intensity augmentations draw for the image channel only, whatever
-    the channel count), the transforms' share of the time, the last batch's shape and
-    whether every value of every batch was finite."""
+    the channel count), the median over the rounds of its rate divided by the first configuration's in the same
+    round (paired: same batches), the transforms' share of the time, the last batch's shape and whether every
+    value of every batch was finite."""
     import random
 
     import torch
@@ -218,34 +219,43 @@ def loader_throughput(preprocessed: Path, configurations: list[str], rounds: int
             rates[name].append(batches / seconds)
             shares[name].append(timed.seconds / seconds)
             out[name]["batch_shape"] = list(batch["data"].shape)
+    first = np.asarray(rates[configurations[0]])
     for name in configurations:
+        ratios = np.asarray(rates[name]) / first
         out[name].update(batches_per_s=float(np.median(rates[name])), transform_share=float(np.median(shares[name])),
-                         spread=(float(min(rates[name])), float(max(rates[name]))))
+                         ratio=float(np.median(ratios)), ratio_spread=(float(ratios.min()), float(ratios.max())))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phantoms", type=int, default=4, help="phantom cases (all training)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing (the configurations take turns in each)")
-    parser.add_argument("--batches", type=int, default=3, help="timed batches per configuration and round")
+    parser.add_argument("--phantoms", type=int, default=3, help="phantom cases (all training)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of timing (the configurations take turns in each)")
+    parser.add_argument("--batches", type=int, default=2, help="timed batches per configuration and round")
     parser.add_argument("--patch", type=int, nargs=3, help="patch size (nnU-Net's axis order, as in the plans) instead of the planned one")
     parser.add_argument("--model", type=Path, help="APE checkpoint (with --bpr-model; default: untrained tiny networks)")
     parser.add_argument("--bpr-model", type=Path, help="BPR checkpoint")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_channel_storage"))
+    parser.add_argument("--reuse", action="store_true", help="measure the preprocessed data of an earlier run in --work again")
     args = parser.parse_args()
-    if args.work.exists():
-        shutil.rmtree(args.work)
     roots = {k: args.work / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    reuse = args.reuse and (roots["nnUNet_preprocessed"] / DATASET / "nnunet_ape" / f"nnUNetPlans_{list(CONFIGURATIONS)[-1]}.crops.json").is_file()
+    if args.work.exists() and not reuse:
+        shutil.rmtree(args.work)
+    shutil.rmtree(roots["nnUNet_results"], ignore_errors=True)
     for path in roots.values():
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
     # before nnU-Net is first imported: it reads its folders from the environment then
     os.environ.update({**{k: str(v) for k, v in roots.items()}, "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
                        "OMP_NUM_THREADS": "1"})
     print(f"machine: {machine()}")
     print(f"niceness {os.nice(0)}, load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: absolute "
           f"figures are not clean when other work runs beside; the ratios are measured in the same run")
-    preprocessed = prepare(args, roots)
+    if reuse:
+        preprocessed = roots["nnUNet_preprocessed"] / DATASET
+        print(f"  reusing the preprocessed data in {preprocessed}")
+    else:
+        preprocessed = prepare(args, roots)
     import torch
 
     os.environ["nnUNet_n_proc_DA"] = "0"  # the trainers' loaders then run in this process (nnU-Net's planner needs >= 1)
@@ -266,14 +276,15 @@ def report(args, rows: dict, whole_float16: float, patch: list[int], batch_size:
     ct = rows["3d_fullres"]
     mb = 1e6
     print(f"\n{ct['cases']} phantom cases, patch {'x'.join(map(str, patch))}, batch {batch_size}, median of {args.rounds} "
-          f"rounds of {args.batches} batches per configuration (min-max in brackets), one process, one torch thread; APE/BPR models: "
+          f"rounds of {args.batches} batches per configuration, one process, one torch thread (x CT only: the median of "
+          f"the rounds' paired ratios, min-max in brackets); APE/BPR models: "
           f"{'given' if args.model else 'untrained tiny networks'}; load average at end {os.getloadavg()[0]:.1f}\n")
     print("| configuration | channels | data MB / case (uncompressed) | x CT only | seg MB / case | batches / CPU s | x CT only | transforms share |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| `{name}`: {r['label']} | {r['channels']} | {r['data'] / mb:.2f} ({r['raw'] / mb:.1f}) | "
-              f"{r['data'] / ct['data']:.2f} | {r['seg'] / mb:.2f} | {r['batches_per_s']:.2f} ({r['spread'][0]:.2f}-{r['spread'][1]:.2f}) | "
-              f"{r['batches_per_s'] / ct['batches_per_s']:.2f} | {r['transform_share']:.0%} |")
+              f"{r['data'] / ct['data']:.2f} | {r['seg'] / mb:.2f} | {r['batches_per_s']:.2f} | "
+              f"{r['ratio']:.2f} ({r['ratio_spread'][0]:.2f}-{r['ratio_spread'][1]:.2f}) | {r['transform_share']:.0%} |")
     print(f"| (not offered) CT + APE + BPR as one float16 array, CT included | 5 | {whole_float16 / mb:.2f} | "
           f"{whole_float16 / ct['data']:.2f} | - | - | - | - |")
     bad = [name for name, r in rows.items() if not r["finite"] or r["batch_shape"][1] != r["channels"]]
