@@ -232,14 +232,16 @@ def main() -> None:
     parser.add_argument("--phantoms", type=int, default=3, help="phantom cases (all training)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of timing (the configurations take turns in each)")
     parser.add_argument("--batches", type=int, default=2, help="timed batches per configuration and round")
-    parser.add_argument("--patch", type=int, nargs=3, help="patch size (nnU-Net's axis order, as in the plans) instead of the planned one")
+    parser.add_argument("--patch", type=int, nargs=3,
+                        help="patch size (nnU-Net's axis order, as in the plans) instead of the planned one")
     parser.add_argument("--model", type=Path, help="APE checkpoint (with --bpr-model; default: untrained tiny networks)")
     parser.add_argument("--bpr-model", type=Path, help="BPR checkpoint")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_channel_storage"))
     parser.add_argument("--reuse", action="store_true", help="measure the preprocessed data of an earlier run in --work again")
     args = parser.parse_args()
     roots = {k: args.work / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    reuse = args.reuse and (roots["nnUNet_preprocessed"] / DATASET / "nnunet_ape" / f"nnUNetPlans_{list(CONFIGURATIONS)[-1]}.crops.json").is_file()
+    last_summary = roots["nnUNet_preprocessed"] / DATASET / "nnunet_ape" / f"nnUNetPlans_{list(CONFIGURATIONS)[-1]}.crops.json"
+    reuse = args.reuse and last_summary.is_file()  # written when preprocessing finished
     if args.work.exists() and not reuse:
         shutil.rmtree(args.work)
     shutil.rmtree(roots["nnUNet_results"], ignore_errors=True)
