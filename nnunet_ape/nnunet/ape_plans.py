@@ -12,7 +12,8 @@ Each configuration ``inherits_from`` its base and adds:
 - our settings under ``nnunet_ape`` (:class:`APESettings`), which nnU-Net carries through untouched.
 
 Names: ``{base}_ape_{organ}`` (crop), ``{base}_{channels}`` such as ``3d_fullres_ape`` or ``3d_fullres_ape_bpr``
-(channels on whole images), ``{base}_ape_{organ}_{channels}`` (crop + channels).
+(channels on whole images), ``{base}_ape_{organ}_{channels}`` (crop + channels); ``_fp16`` appended when the
+channels are stored at float16 precision (:data:`CHANNEL_PRECISIONS`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from nnunet_ape.errors import InputError
 SETTINGS_KEY = "nnunet_ape"
 PLANS_FORMAT = "nnunet-ape/plans-v1"
 PREPROCESSOR_NAME = "nnUNetAPEPreprocessor"
+# how the added channels are stored: "float32" as computed; "float16" rounded to the nearest float16 value (relative
+# error at most 2**-11, about 0.05%), still in nnU-Net's float32 arrays, whose compression then halves their size on disk
+CHANNEL_PRECISIONS = ("float32", "float16")
 TRAINER_FOR_KIND = {"crop": "nnUNetTrainerAPECrop", "channels": "nnUNetTrainerAPEChannels",
                     "crop+channels": "nnUNetTrainerAPECropChannels"}
 
@@ -45,7 +49,9 @@ class APESettings:
     ``organs``: the organs whose union box each case is cropped to (empty: whole images); ``labels``: their label
     values in ``dataset.json`` (the other labels become background); ``channels``: added channel kinds (``ape``,
     ``bpr``); ``margin_mm``: how far a training case's box reaches beyond its label; ``models``: localizer and
-    checkpoints with their SHA-256; ``crop_plan``: what ``nnunet-ape preprocess`` planned the patch size from."""
+    checkpoints with their SHA-256; ``crop_plan``: what ``nnunet-ape preprocess`` planned the patch size from;
+    ``channel_precision``: how the added channels are stored (:data:`CHANNEL_PRECISIONS`; kept out of the plans
+    when ``float32``, so plans written before it existed read, and compare, as they were)."""
 
     base: str
     organs: list[str]
@@ -56,9 +62,14 @@ class APESettings:
     crop_plan: dict | None = None
     format: str = PLANS_FORMAT
     channel_names: list[str] = field(default_factory=list)
+    channel_precision: str = "float32"
 
     def __post_init__(self) -> None:
         self.channel_names = added_channel_names(self.channels)
+        if self.channel_precision not in CHANNEL_PRECISIONS:
+            raise InputError(f"channel precision '{self.channel_precision}': choose from {', '.join(CHANNEL_PRECISIONS)}")
+        if self.channel_precision != "float32" and not self.channels:
+            raise InputError(f"--channel-precision {self.channel_precision} applies to embedding channels; add --channels")
 
     @property
     def kind(self) -> str:
@@ -80,12 +91,14 @@ class APESettings:
 
     def to_json(self) -> dict:
         out = asdict(self)
+        if self.channel_precision == "float32":
+            del out["channel_precision"]
         out.update({"kind": self.kind, "trainer": self.trainer})
         return out
 
     @classmethod
     def from_json(cls, entry: dict) -> "APESettings":
-        keys = ("base", "organs", "labels", "channels", "margin_mm", "models", "crop_plan", "format")
+        keys = ("base", "organs", "labels", "channels", "margin_mm", "models", "crop_plan", "format", "channel_precision")
         return cls(**{k: entry[k] for k in keys if k in entry})
 
 
@@ -95,12 +108,15 @@ def settings_of(configuration: dict) -> APESettings | None:
     return APESettings.from_json(entry) if entry else None
 
 
-def configuration_name(base: str, organs: list[str], channels: list[str]) -> str:
-    """The configuration name for a base, an organ group (empty: whole images) and channel kinds."""
+def configuration_name(base: str, organs: list[str], channels: list[str], channel_precision: str = "float32") -> str:
+    """The configuration name for a base, an organ group (empty: whole images), channel kinds and their precision
+    (``_fp16`` appended for ``float16``)."""
     parts = [base]
     if organs:
         parts += ["ape", *organs]
     parts += list(channels)
+    if channel_precision == "float16":
+        parts.append("fp16")
     return "_".join(parts)
 
 

@@ -9,6 +9,8 @@ background). The crop is cut in the source's own voxel grid; then nnU-Net's own 
 nonzero crop, normalization, resampling) and the crop is composed into nnU-Net's ``bbox_used_for_cropping`` and
 ``shape_before_cropping``, so that nnU-Net's export pastes every prediction back into the full image by itself.
 What the crop was is kept in the case's properties under ``nnunet_ape`` (source voxel boxes, x/y/z order).
+A configuration with ``channel_precision`` ``float16`` gets its added channels rounded to float16 values after
+nnU-Net's resampling (:func:`round_added_channels`); nnU-Net still writes and reads float32 arrays.
 """
 
 from __future__ import annotations
@@ -171,10 +173,29 @@ class nnUNetAPEPreprocessor(SourceChannelsPreprocessor):
             data = data[cut]
             seg = seg[cut] if seg is not None else None
         data, seg, properties = super().run_case_npy(data, seg, properties, plans_manager, configuration_manager, dataset_json)
+        data = round_added_channels(data, len(settings.channel_names), settings.channel_precision)
         if box is not None:
             compose_crop(properties, box, full_shape, plans_manager.transpose_forward)
         properties["nnunet_ape"] = record
         return data, seg, properties
+
+
+def round_added_channels(data: np.ndarray, n_added: int, precision: str) -> np.ndarray:
+    """``data`` ``(C, Z, Y, X)`` as float32 with its last ``n_added`` channels rounded to the nearest ``precision``
+    value (``float16``: relative error at most 2**-11; ``float32``: unchanged), in place where ``data`` is float32
+    already. The float32 array's low mantissa bits are then zero, which nnU-Net's blosc2 compression stores in about
+    half the bytes. InputError when a value is beyond float16's range (65504)."""
+    data = data.astype(np.float32, copy=False)
+    if precision == "float32" or n_added == 0:
+        return data
+    for channel in data[data.shape[0] - n_added:]:  # one channel at a time: a float16 copy of one, not of all
+        with np.errstate(over="ignore"):  # beyond the range: inf, refused below
+            rounded = channel.astype(precision)
+        if not np.isfinite(rounded).all():
+            raise InputError(f"an embedding channel has values beyond {precision}'s range; plan this configuration "
+                             f"with --channel-precision float32")
+        channel[...] = rounded
+    return data
 
 
 def _features_key(settings: APESettings) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from nnunet_ape.crop_geometry import slices
 from nnunet_ape.io import Volume
-from nnunet_ape.nnunet.preprocessor import SourceChannelsPreprocessor
+from nnunet_ape.nnunet.preprocessor import SourceChannelsPreprocessor, round_added_channels
 from nnunet_ape.nnunet.trained_model import TrainedModel
 
 
@@ -57,6 +57,7 @@ def predict_region(model: TrainedModel, channels: list[Volume], added: np.ndarra
     data, properties = network_input(channels, added, box)
     data, _, properties = SourceChannelsPreprocessor(verbose=False).run_case_npy(
         data, None, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+    data = round_added_channels(data, data.shape[0] - model.source_channels, model.channel_precision)  # as in training
     logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
     del data
     probabilities_wanted = confidence or keep_probabilities

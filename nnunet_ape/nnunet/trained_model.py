@@ -52,7 +52,8 @@ class TrainedModel:
     every label); ``to_output``: model label value -> output label value (the source dataset's; other model labels
     are dropped); ``output_labels``: output name -> value; ``feature_args``: the arguments of
     :func:`nnunet_ape.case_features.load_feature_models` (None for ``full``); ``source_channels``: how many image
-    channels the model reads before the added ones; ``added_channels``: the added channel kinds (``ape``, ``bpr``)."""
+    channels the model reads before the added ones; ``added_channels``: the added channel kinds (``ape``, ``bpr``);
+    ``channel_precision``: the precision the added channels were trained at (``float16``: rounded as in training)."""
 
     name: str
     folder: Path
@@ -65,6 +66,7 @@ class TrainedModel:
     source_channels: int
     added_channels: tuple[str, ...]
     file_ending: str
+    channel_precision: str = "float32"
 
     @property
     def crops(self) -> bool:
@@ -178,7 +180,7 @@ def open_model(folder: Path, folds: list[str] | None, checkpoint: str, options: 
         return TrainedModel(kind=settings.kind, organs=organs, to_output=values, output_labels=labels,
                             feature_args=settings.feature_model_args(),
                             source_channels=len(dataset_json["channel_names"]) - len(settings.channel_names),
-                            added_channels=tuple(settings.channels), **common)
+                            added_channels=tuple(settings.channels), channel_precision=settings.channel_precision, **common)
     if info.get("kind") in ("crops", "channels"):
         manifest = find_manifest(folder, kinds=("crops", "channels"))
         added = tuple(kind for kind, names in CHANNEL_NAMES.items() if names[0] in manifest["channels"])
