@@ -85,7 +85,13 @@ def _localizer_lines(facts: Facts) -> list[str]:
     return [f"- localizer `localizer.json`: {len(facts.train)} training phantoms, every one a shot; method chosen per "
             f"organ on the shots (leave-one-out): {chosen}",
             f"- crop dataset `nnUNet_raw/{facts.manifest['dataset']}`: one crop per phantom around "
-            f"{' + '.join(facts.organs)}; source / crop voxels median {s['voxel_ratio']['median']:.1f}x"]
+            f"{' + '.join(facts.organs)}; source / crop voxels median {s['voxel_ratio']['median']:.1f}x; "
+            f"{s['training_cases']} training crops ({_skipped(facts.manifest)} left out: their scan does not show every "
+            f"organ; the full-image model trains on all {len(facts.train)})"]
+
+
+def _skipped(manifest: dict) -> int:
+    return sum(c["split"] == "train" for c in manifest.get("skipped_cases", []))
 
 
 def _inside(facts: Facts, organ: str) -> list[float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from nnunet_ape.demo import segmentation as seg
 from nnunet_ape.demo.pretraining import DEMO_ITERATIONS, embed_heldout, pretrain
 from nnunet_ape.distributed import resolve_device
 from nnunet_ape.errors import InputError
-from nnunet_ape.phantoms import write_cohort
+from nnunet_ape.phantoms import ORGAN_LABELS, write_cohort
 
 STEPS = 8
 
@@ -47,6 +48,10 @@ def run_demo(
         raise InputError(f"--cases {cases}: at least 3 training phantoms are needed (pretraining, shots, nnU-Net's split)")
     if heldout < 1:
         raise InputError(f"--heldout {heldout}: at least 1 held-out phantom is needed to score the models")
+    unknown = [o for o in organs if o not in ORGAN_LABELS]
+    if unknown or not organs:
+        raise InputError(f"--organs: the phantoms have no organ '{unknown[0] if unknown else ''}'; choose among "
+                         f"{', '.join(ORGAN_LABELS)}")
     if out.exists() and any(out.iterdir()) and not resume:
         raise InputError(f"{out}: already exists; choose a new folder or pass --resume to continue that demo")
     began = time.monotonic()
@@ -67,6 +72,7 @@ def run_demo(
     _step(3, f"embedding held-out phantom {test[0]}")
     embedded = embed_heldout(checkpoint, cohort / "imagesTr" / f"{test[0]}_0000.nii.gz", out, device)
     source = seg.write_source_dataset(cohort, out / "nnUNet_raw", train, test, list(organs))
+    _drop_outputs_of_older_model(out, checkpoint)
     _step(4, f"fitting the localizer for {', '.join(organs)} on the {cases} training phantoms (every one a shot)")
     localizer = _fit_localizer(source, out / "localizer.json", list(organs), checkpoint, device)
     env = seg.nnunet_environment(out, device)
@@ -94,6 +100,26 @@ def run_demo(
             machine=_machine(device), env=env))
     print(text)
     return out / "report.md"
+
+
+def _drop_outputs_of_older_model(out: Path, checkpoint: Path) -> None:
+    """A resumed demo whose pretraining went on has a newer APE model than its localizer: the localizer and what was
+    made from it (the crop dataset, its nnU-Net data and model, the crop predictions) are removed to be made again.
+    The full-image model does not depend on it and is kept."""
+    from nnunet_ape.checkpoint import file_hash
+
+    path = out / "localizer.json"
+    if not path.exists() or json.loads(path.read_text()).get("ape_sha256") == file_hash(checkpoint):
+        return
+    print("  the APE model changed since the localizer was fitted: fitting it again and remaking the crop model")
+    stale = [path, out / "predictions" / "crop", out / "contours.png"]
+    stale += [d for root in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+              for pattern in (f"Dataset{seg.CROP_ID}_*", f".Dataset{seg.CROP_ID}_*") for d in (out / root).glob(pattern)]
+    for item in stale:
+        if item.is_dir():
+            shutil.rmtree(item)
+        elif item.exists():
+            item.unlink()
 
 
 def _fit_localizer(source: Path, path: Path, organs: list[str], checkpoint: Path, device: str) -> dict:
