@@ -272,7 +272,8 @@ def contours_png(ct: Volume, truth: np.ndarray, predictions: dict[str, np.ndarra
     coronal = lambda a: np.swapaxes(a[:, y, :], 0, 1)[::-1]  # noqa: E731  rows superior -> inferior, as _planes
     aspect = _aspects(canon.spacing)[1]
     colours = dict(zip(organs, plt.cm.tab10(np.arange(len(organs)) % 10)))
-    fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), 6.5), squeeze=False)
+    height = 6 * canon.shape[2] * canon.spacing[2] / (canon.shape[0] * canon.spacing[0])  # panel height at 6 in width
+    fig, axes = plt.subplots(1, len(predictions), figsize=(6 * len(predictions), height + 1.6), squeeze=False)
     for ax, (name, labels) in zip(axes[0], predictions.items()):
         pred_canon = oriented.array_to_canonical(labels)
         ax.imshow(coronal(gray), cmap="gray", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
@@ -299,5 +300,5 @@ def contours_png(ct: Volume, truth: np.ndarray, predictions: dict[str, np.ndarra
                 plt.Line2D([], [], color="yellow", label="crop box")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, facecolor="0.85")
     fig.suptitle((title + ": " if title else "") + f"coronal slice {y + 1} of {canon.shape[1]} (from anterior)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1 - 0.3 / fig.get_figheight()))
     return save_figure(fig, path)

@@ -3,8 +3,9 @@
 The default suite runs it at toy sizes (3 training phantoms, a pretraining cut short, seconds of nnU-Net training):
 every step runs, the outputs lie where the report says and on the phantoms' grids, a cut-short run says so, a
 resumed one continues and remakes what depends on the APE model. The ``slow`` test runs the demo as a user does
-(its defaults) and checks what it promises: a localizer that keeps the organs on held-out phantoms, and a crop
-model that predicts faster than the full-image model trained for the same time, at a Dice close to it or better.
+(its defaults) and checks what it promises: a localizer that keeps the organs on held-out phantoms, crops that
+leave out part of each image, and a crop model whose Dice is close to that of the full-image model trained for the
+same time, or better.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _table(text: str) -> dict[str, dict[str, str]]:
 
 def test_demo_at_toy_size_runs_every_step_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    report = run_demo(out, cases=3, heldout=1, minutes=0.2, model="tiny", device="cpu", workers=1, train_minutes=0.05)
+    report = run_demo(out, cases=3, heldout=1, minutes=0.2, model="tiny", device="cpu", workers=1, train_minutes=0.05,
+                      organs=("liver", "spleen"))  # two organs: one crop around both
     text = report.read_text()
     done = torch.load(out / "ape" / "checkpoint_final.pt", weights_only=False)["iteration"]
     assert 0 < done < DEMO_ITERATIONS
@@ -56,6 +58,7 @@ def test_demo_at_toy_size_runs_every_step_and_resumes(tmp_path, capsys):
     assert set(table) == {"localized crop model", "full-image model"}
     for row in table.values():
         assert 0.0 <= float(row["Dice liver"]) <= 1.0 and float(row["predict s / case"]) > 0
+    assert table["full-image model"]["image share predicted: first crop / after regrowth"] == "100% / 100%"
     assert "localizer on the held-out phantoms: its crop held" in text
     assert (out / "contours.png").stat().st_size > 20_000 and (out / "heldout_ape.png").exists()
 
@@ -67,7 +70,7 @@ def test_demo_at_toy_size_runs_every_step_and_resumes(tmp_path, capsys):
     full_time = full_model.stat().st_mtime
     old_localizer = json.loads((out / "localizer.json").read_text())["ape_sha256"]
     text = run_demo(out, cases=3, heldout=1, minutes=5, device="cpu", workers=1, resume=True, iterations=done + 20,
-                    train_minutes=0.05).read_text()
+                    train_minutes=0.05, organs=("liver", "spleen")).read_text()
     assert torch.load(out / "ape" / "checkpoint_final.pt", weights_only=False)["iteration"] == done + 20
     assert "cut short" not in text and f"pretraining: {done + 20} iterations" in text
     assert json.loads((out / "localizer.json").read_text())["ape_sha256"] != old_localizer
@@ -93,9 +96,10 @@ def test_demo_with_its_defaults_shows_the_product(tmp_path):
     print(text)  # the demo's figures, for the README's timing line (pytest -s)
     assert "cut short" not in text
     inside = [float(v) for v in re.findall(r"its crop held [0-9.]+ of the \w+ on average, at least ([0-9.]+)", text)]
-    assert len(inside) == 2 and min(inside) >= 0.99, text
+    assert len(inside) == 1 and min(inside) >= 0.99, text
     table = _table(text)
     crop, full = table["localized crop model"], table["full-image model"]
-    assert float(crop["predict s / case"]) < float(full["predict s / case"])
-    for organ in ("liver", "spleen"):
+    first_crop = float(crop["image share predicted: first crop / after regrowth"].split("%")[0])
+    assert first_crop < 30  # the localizer's spleen crops leave out most of each image
+    for organ in ("spleen",):
         assert float(crop[f"Dice {organ}"]) >= float(full[f"Dice {organ}"]) - 0.05, text

@@ -22,11 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, default=Path("nnunet_ape_demo"), help="demo folder (must not exist yet, unless --resume)")
     p.add_argument("--cases", type=int, default=12, help="training phantoms: APE pretraining, localizer shots, nnU-Net training")
     p.add_argument("--heldout", type=int, default=3, help="held-out phantoms, used only to score the models")
-    p.add_argument("--organs", nargs="+", default=["liver", "spleen"], help="organs to localize, crop for and segment")
+    p.add_argument("--organs", nargs="+", default=["spleen"], help="organs to localize, crop for and segment")
     p.add_argument("--iterations", type=int, default=None, help="APE pretraining iterations (default: 2000, about 4 min on 2 quiet CPU cores)")
     p.add_argument("--minutes", type=float, default=10.0, help="time cap of the pretraining: it stops there even if the "
                    "iterations are not done, and the report says so")
-    p.add_argument("--train-minutes", type=float, default=1.5, help="training time of each nnU-Net model (the crop and the full-image one get the same)")
+    p.add_argument("--train-minutes", type=float, default=2.5, help="training time of each nnU-Net model (the crop and the full-image one get the same)")
     p.add_argument("--no-nnunet", action="store_true", help="stop after the localizer and the crop dataset (no nnU-Net training)")
     p.add_argument("--model", default="tiny", choices=("tiny", "small", "base"), help="APE network size (tiny trains fastest on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

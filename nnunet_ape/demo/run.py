@@ -32,7 +32,7 @@ def _step(n: int, text: str) -> None:
 def run_demo(
     out: Path, cases: int = 12, minutes: float = 10.0, model: str = "tiny", device: str = "auto",
     workers: int = 2, seed: int = 0, resume: bool = False, iterations: int = DEMO_ITERATIONS,
-    heldout: int = 3, organs: tuple[str, ...] = ("liver", "spleen"), train_minutes: float = 1.5, nnunet: bool = True,
+    heldout: int = 3, organs: tuple[str, ...] = ("spleen",), train_minutes: float = 2.5, nnunet: bool = True,
 ) -> Path:
     """Run the demo into ``out``; returns the path of its report (``out/report.md``).
 

@@ -180,7 +180,8 @@ def predict(env: dict, model: str, images: Path, out: Path, device: str, logs: P
 def score(predictions: Path, labels: Path, organs: list[str]) -> dict[str, dict]:
     """Per held-out case (the label files in ``labels``): per organ its Dice, and for a crop model the fraction of
     the organ inside the localizer's crop (before any regrowth) and after it; the case's prediction seconds
-    (``CASE_boxes.json``: reading, localizing, nnU-Net and pasting back) and the voxels nnU-Net predicted on."""
+    (``CASE_boxes.json``: reading, localizing, nnU-Net and pasting back; ``localize_seconds`` of those), the first
+    box (low corner included, high excluded; the whole image for a full-image model) and the voxels of the last."""
     out = {}
     for label_file in sorted(labels.glob("*.nii.gz")):
         case = label_file.name[: -len(".nii.gz")]
@@ -198,6 +199,7 @@ def score(predictions: Path, labels: Path, organs: list[str]) -> dict[str, dict]
             organs_scores[organ] = {"dice": dice(pred == value, t), "inside_first_box": _inside(t, first),
                                     "inside_final_box": _inside(t, final)}
         out[case] = {"organs": organs_scores, "seconds": report["seconds"].get("case"),
+                     "localize_seconds": report["seconds"].get("localize", 0.0),
                      "voxels_predicted": int(np.prod(final[1] - final[0])), "voxels_image": int(np.prod(truth.shape)),
                      "first_box": first.tolist(), "regrown": entry.get("regrown", 0)}
     return out
