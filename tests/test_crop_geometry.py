@@ -65,7 +65,6 @@ def test_boxes_from_a_strided_map_are_in_ct_voxels(key):
     With a map that is the physical position itself (retrieval exact on the full map) the full map finds the box the
     edge points span, and a map on every 3rd voxel finds it within one map cell."""
     from nnunet_ape.io import Volume
-    from nnunet_ape.localize.body import body_box
     from nnunet_ape.localize.predict_boxes import predict_organ_boxes
 
     ct = read_volume(patient(key))
@@ -73,17 +72,7 @@ def test_boxes_from_a_strided_map_are_in_ct_voxels(key):
     full = ct.with_array((ct.index_to_physical(index) / 100).astype(np.float32))
     strided = Volume(full.array[::3, ::3, ::3], tuple(3 * s for s in ct.spacing), ct.origin, ct.direction)
     # an "organ" in the middle of the body: retrieval searches the body only (air never matches)
-    middle = np.round(body_box(ct.array).mean(0)).astype(int)
-    lo, hi = middle - np.array([12, 14, 4]), middle + np.array([12, 14, 4])
-    centre = (lo + hi) / 2
-    points = []
-    for axis in range(3):
-        for end in (lo, hi):
-            p = centre.copy()
-            p[axis] = end[axis]
-            points.append(np.round(p))
-    edges = ct.index_to_physical(np.array(points)) / 100
-    localizer = {"organs": {"liver": {"label": 1, "alpha": 1.0, "shots": [{"edge_embeddings": edges.tolist()}]}}, "combine": "mean"}
+    localizer, lo, hi = _position_localizer(ct)
     exact = np.asarray(predict_organ_boxes(localizer, ct, full)["liver"]["crop_box_voxels"])
     assert np.allclose(exact, [lo, hi], atol=0.51)
     coarse = np.asarray(predict_organ_boxes(localizer, ct, strided)["liver"]["crop_box_voxels"])
@@ -100,7 +89,6 @@ def test_boxes_from_the_map_at_the_model_spacing_are_within_a_model_voxel_of_the
 
     from nnunet_ape.canonical import canonical_ct
     from nnunet_ape.embed import EmbedSettings, NetworkMap, canonical_map, grid_map
-    from nnunet_ape.localize.body import body_box
     from nnunet_ape.localize.predict_boxes import predict_organ_boxes
 
     ct = canonical_ct(read_volume(patient(key)))
@@ -111,17 +99,7 @@ def test_boxes_from_the_map_at_the_model_spacing_are_within_a_model_voxel_of_the
     index = np.stack(np.meshgrid(*[np.arange(n) * t for n, t in zip(shape, step)], indexing="ij"), axis=-1)
     position = (canon.index_to_physical(index) / 100).astype(np.float32)  # (X', Y', Z', 3)
     network = NetworkMap(torch.from_numpy(position).permute(3, 0, 1, 2).contiguous(), ct)
-    middle = np.round(body_box(ct.source.array).mean(0)).astype(int)
-    lo, hi = middle - np.array([12, 14, 4]), middle + np.array([12, 14, 4])
-    centre = (lo + hi) / 2
-    points = []
-    for axis in range(3):
-        for end in (lo, hi):
-            p = centre.copy()
-            p[axis] = end[axis]
-            points.append(np.round(p))
-    edges = ct.source.index_to_physical(np.array(points)) / 100
-    localizer = {"organs": {"liver": {"label": 1, "alpha": 1.0, "shots": [{"edge_embeddings": edges.tolist()}]}}, "combine": "mean"}
+    localizer, lo, hi = _position_localizer(ct.source)
     full = np.asarray(predict_organ_boxes(localizer, ct, canonical_map(network, settings))["liver"]["crop_box_voxels"])
     assert np.allclose(full, [lo, hi], atol=0.51)
     coarse = np.asarray(predict_organ_boxes(localizer, ct, grid_map(network, settings))["liver"]["crop_box_voxels"])
@@ -130,3 +108,22 @@ def test_boxes_from_the_map_at_the_model_spacing_are_within_a_model_voxel_of_the
     assert (np.abs(coarse - full) <= cell + 0.51).all(), (coarse, full, cell)
     # widened by half a cell: never inside the full map's box by more than the half CT voxel a nearest map voxel can be
     assert (coarse[0] <= full[0] + 0.51).all() and (coarse[1] >= full[1] - 0.51).all()
+
+
+def _position_localizer(ct) -> tuple[dict, np.ndarray, np.ndarray]:
+    """A one-shot edge-point localizer for a box-shaped "organ" in the middle of ``ct``'s body (retrieval searches
+    the body only), on a map that is the physical position / 100: (localizer, the box's low and high voxel)."""
+    from nnunet_ape.localize.body import body_box
+
+    middle = np.round(body_box(ct.array).mean(0)).astype(int)
+    lo, hi = middle - np.array([12, 14, 4]), middle + np.array([12, 14, 4])
+    centre = (lo + hi) / 2
+    points = []
+    for axis in range(3):
+        for end in (lo, hi):
+            p = centre.copy()
+            p[axis] = end[axis]
+            points.append(np.round(p))
+    edges = ct.index_to_physical(np.array(points)) / 100
+    shot = {"edge_embeddings": edges.tolist()}
+    return {"organs": {"liver": {"label": 1, "alpha": 1.0, "shots": [shot]}}, "combine": "mean"}, lo, hi
