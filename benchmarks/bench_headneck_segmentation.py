@@ -633,7 +633,9 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
         t1 = time.perf_counter()
         logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
         t2 = time.perf_counter()
-        export_prediction_from_logits(logits, properties, cm, pm, dj, str(out / case), False)
+        # written under a hidden name and renamed: a run killed while writing leaves no file that counts as done
+        export_prediction_from_logits(logits, properties, cm, pm, dj, str(out / f".partial_{case}"), False)
+        os.replace(out / f".partial_{case}{dj['file_ending']}", out / f"{case}{dj['file_ending']}")
         t3 = time.perf_counter()
         gpu = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
         record = {"case": case, "preprocess": round(t1 - t0, 3), "network": round(t2 - t1, 3), "export": round(t3 - t2, 3),

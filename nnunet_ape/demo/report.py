@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,15 +41,13 @@ def contours_figure(out: Path, source: Path, test: list[str], organs: list[str],
     case = max(test, key=lambda c: (len(np.unique(labels[c].array)), int((labels[c].array > 0).sum())))
     ct = read_volume(source / "imagesTs" / f"{case}_0000.nii.gz")
     predictions = {TITLES[m]: read_volume(out / "predictions" / m / f"{case}.nii.gz").array for m in results}
-    crop_box = results["crop"]["scores"][case]
-    boxes = {TITLES["crop"]: np.asarray(_final_box(out, case))} if crop_box else {}
+    boxes = {TITLES["crop"]: np.asarray(_final_box(out, case))} if "crop" in results else {}
     return contours_png(ct, labels[case].array, predictions, {o: i for i, o in enumerate(organs, 1)}, out / "contours.png",
                         boxes, title=f"held-out phantom {case}")
 
 
 def _final_box(out: Path, case: str) -> list:
-    import json
-
+    """The crop model's last box on ``case`` (``nnunet-ape predict``'s ``box_voxels``)."""
     report = json.loads((out / "predictions" / "crop" / f"{case}_boxes.json").read_text())
     return report["models"][0]["box_voxels"]
 
@@ -151,7 +150,7 @@ def _command_lines(out: Path, facts: Facts) -> list[str]:
         "```",
         f"export nnUNet_raw={env['nnUNet_raw']} nnUNet_preprocessed={env['nnUNet_preprocessed']} "
         f"nnUNet_results={env['nnUNet_results']} nnUNet_extTrainer=$(nnunet-ape trainers-path)",
-        f"nnunet-ape localize fit ...   # localizer.json, from an APE model and the training labels",
+        "nnunet-ape localize fit ...   # localizer.json, from an APE model and the training labels",
         f"nnunet-ape crop-dataset -d {SOURCE_ID} -o {CROP_ID} -l {out / 'localizer.json'} --organs {' '.join(facts.organs)}",
         f"nnUNetv2_plan_and_preprocess -d {SOURCE_ID} {CROP_ID} -c 3d_fullres --verify_dataset_integrity",
         f"nnUNetv2_train {CROP_ID} 3d_fullres 0 -tr {TRAINER}   # and {SOURCE_ID} for the full-image model; "
