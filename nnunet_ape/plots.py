@@ -269,7 +269,7 @@ def contours_png(ct: Volume, truth: np.ndarray, predictions: dict[str, np.ndarra
     present = np.isin(true_canon, list(organs.values()))
     y = int(np.round(np.argwhere(present)[:, 1].mean())) if present.any() else canon.shape[1] // 2
     gray = np.clip((canon.array.astype(np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
-    coronal = lambda a: np.swapaxes(a[:, y, :], 0, 1)[::-1]  # noqa: E731  rows superior -> inferior, as _planes
+    coronal = lambda a: _planes(a, (0, y, 0))[1]  # noqa: E731
     aspect = _aspects(canon.spacing)[1]
     colours = dict(zip(organs, plt.cm.tab10(np.arange(len(organs)) % 10)))
     height = 6 * canon.shape[2] * canon.spacing[2] / (canon.shape[0] * canon.spacing[0])  # panel height at 6 in width

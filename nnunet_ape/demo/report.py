@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +40,9 @@ def contours_figure(out: Path, source: Path, test: list[str], organs: list[str],
     case = max(test, key=lambda c: (len(np.unique(labels[c].array)), int((labels[c].array > 0).sum())))
     ct = read_volume(source / "imagesTs" / f"{case}_0000.nii.gz")
     predictions = {TITLES[m]: read_volume(out / "predictions" / m / f"{case}.nii.gz").array for m in results}
-    boxes = {TITLES["crop"]: np.asarray(_final_box(out, case))} if "crop" in results else {}
+    boxes = {TITLES["crop"]: np.asarray(results["crop"]["scores"][case]["final_box"])} if "crop" in results else {}
     return contours_png(ct, labels[case].array, predictions, {o: i for i, o in enumerate(organs, 1)}, out / "contours.png",
                         boxes, title=f"held-out phantom {case}")
-
-
-def _final_box(out: Path, case: str) -> list:
-    """The crop model's last box on ``case`` (``nnunet-ape predict``'s ``box_voxels``)."""
-    report = json.loads((out / "predictions" / "crop" / f"{case}_boxes.json").read_text())
-    return report["models"][0]["box_voxels"]
 
 
 def write_report(out: Path, facts: Facts) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ape.cases import remap_labels
+from nnunet_ape.crop_geometry import fraction_inside
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import read_volume
 from nnunet_ape.segmentation_scores import dice
@@ -54,10 +56,7 @@ def write_source_dataset(cohort: Path, raw: Path, train: list[str], heldout: lis
         for case in cases:
             shutil.copyfile(cohort / "imagesTr" / f"{case}_0000.nii.gz", partial / f"images{split}" / f"{case}_0000.nii.gz")
             label = sitk.ReadImage(str(cohort / "labelsTr" / f"{case}.nii.gz"))
-            array = sitk.GetArrayFromImage(label)
-            kept = np.zeros(array.shape, np.uint8)
-            for value, organ in enumerate(organs, start=1):
-                kept[array == names[organ]] = value
+            kept = remap_labels(sitk.GetArrayFromImage(label), {names[o]: v for v, o in enumerate(organs, start=1)})
             out = sitk.GetImageFromArray(kept)
             out.CopyInformation(label)
             sitk.WriteImage(out, str(partial / f"labels{split}" / f"{case}.nii.gz"), True)
@@ -118,7 +117,7 @@ def plan_and_preprocess(env: dict, logs: Path) -> dict[str, dict]:
     """nnU-Net's planning and preprocessing of both datasets (``3d_fullres``), its plans then shrunk for a CPU the
     same way for both (:mod:`nnunet_ape.nnunet.small_plans`), and a split that trains on all but the last training
     case (nnU-Net's validation batches come from that one). Returns per model its shrunk configuration."""
-    from nnunet_ape.nnunet.small_plans import shrink_configuration
+    from nnunet_ape.nnunet.small_plans import shrink_plans
 
     preprocessed = Path(env["nnUNet_preprocessed"])
     folders = {m: _dataset_folder(preprocessed, i) for m, i in MODELS.items()}
@@ -128,15 +127,7 @@ def plan_and_preprocess(env: dict, logs: Path) -> dict[str, dict]:
         folders = {m: _dataset_folder(preprocessed, i) for m, i in MODELS.items()}
     configurations = {}
     for model, folder in folders.items():
-        plans_file = folder / "nnUNetPlans.json"
-        plans = json.loads(plans_file.read_text())
-        config = plans["configurations"][CONFIGURATION]
-        if not config.get("nnunet_ape_demo_small"):
-            config = shrink_configuration(config)
-            config["nnunet_ape_demo_small"] = True
-            plans["configurations"][CONFIGURATION] = config
-            plans_file.write_text(json.dumps(plans, indent=1))
-        configurations[model] = config
+        configurations[model] = shrink_plans(folder / "nnUNetPlans.json", CONFIGURATION)  # a no-op when shrunk already
         cases = sorted(p.stem for p in (folder / f"nnUNetPlans_{CONFIGURATION}").glob("*.pkl"))
         (folder / "splits_final.json").write_text(json.dumps([{"train": cases[:-1], "val": cases[-1:]}], indent=1))
     return configurations
@@ -181,7 +172,8 @@ def score(predictions: Path, labels: Path, organs: list[str]) -> dict[str, dict]
     """Per held-out case (the label files in ``labels``): per organ its Dice, and for a crop model the fraction of
     the organ inside the localizer's crop (before any regrowth) and after it; the case's prediction seconds
     (``CASE_boxes.json``: reading, localizing, nnU-Net and pasting back; ``localize_seconds`` of those), the first
-    box (low corner included, high excluded; the whole image for a full-image model) and the voxels of the last."""
+    and the final box (low corner included, high excluded; the whole image for a full-image model) and the voxels
+    of the final one."""
     out = {}
     for label_file in sorted(labels.glob("*.nii.gz")):
         case = label_file.name[: -len(".nii.gz")]
@@ -196,15 +188,11 @@ def score(predictions: Path, labels: Path, organs: list[str]) -> dict[str, dict]
             t = truth == value
             if not t.any():
                 continue
-            organs_scores[organ] = {"dice": dice(pred == value, t), "inside_first_box": _inside(t, first),
-                                    "inside_final_box": _inside(t, final)}
+            organs_scores[organ] = {"dice": dice(pred == value, t), "inside_first_box": fraction_inside(t, first),
+                                    "inside_final_box": fraction_inside(t, final)}
         out[case] = {"organs": organs_scores, "seconds": report["seconds"].get("case"),
                      "localize_seconds": report["seconds"].get("localize", 0.0),
                      "voxels_predicted": int(np.prod(final[1] - final[0])), "voxels_image": int(np.prod(truth.shape)),
-                     "first_box": first.tolist(), "regrown": entry.get("regrown", 0)}
+                     "first_box": first.tolist(), "final_box": final.tolist(), "regrown": entry.get("regrown", 0)}
     return out
 
-
-def _inside(mask: np.ndarray, box: np.ndarray) -> float:
-    """Fraction of ``mask``'s voxels inside ``box`` (low corner included, high corner excluded)."""
-    return float(mask[tuple(slice(int(a), int(b)) for a, b in zip(*box))].sum() / mask.sum())
