@@ -19,7 +19,10 @@ Stages (models; issue 28's list):
             mandible; cns: brainstem + spinal cord; neck: larynx + esophagus; why: ``headneck_seg_crops``),
             predicted with ``nnunet-ape predict`` (regrowth on). The localizer: ``--localizer`` (fitted on the
             training cases), or fitted here from ``--ape-model`` (all-voxels, every training case a shot).
-  channels  nnUNetTrainerAPEChannels: whole images + APE and BPR channels.                       [not yet]
+  channels  ``nnunet-ape plan --channels ape bpr`` + nnUNetTrainerAPEChannels: whole images + the 3 APE and the 1 BPR
+            input channels (``--ape-model``, and ``--bpr-model`` or a tiny BPR pretrained here on the training CTs:
+            ``nnunet-ape pretrain bpr --trunk tiny``, :data:`BPR_ITERATIONS` iterations, cosine schedule), trained
+            like full, predicted with ``nnunet-ape predict`` (which embeds each test CT; TTA on).
   oracle    the crop models on the ground-truth box of their organs plus the training margin (10 mm).
 
 Planning: nnU-Net's own planner (``nnUNetv2_plan_and_preprocess -c 3d_fullres``, default ExperimentPlanner) makes
@@ -63,6 +66,7 @@ stage is unfinished) and ``WORK/dice_vs_training_time.png``.
 
     python benchmarks/bench_headneck_segmentation.py run --stages full --minutes 120          # start, and resume
     python benchmarks/bench_headneck_segmentation.py run --stages crop oracle --ape-model runs/ape_hn/checkpoint_final.pt
+    python benchmarks/bench_headneck_segmentation.py run --stages channels --ape-model runs/ape_hn/checkpoint_final.pt
     python benchmarks/bench_headneck_segmentation.py run --prepare-only                        # plan + preprocess
     python benchmarks/bench_headneck_segmentation.py report                                   # tables + PNG only
     python benchmarks/bench_headneck_segmentation.py run --architecture planned --device cuda --work /data/hn_gpu
@@ -102,16 +106,20 @@ STAGES = {
     "full": "stock 3d_fullres, all 7 organs in one model (implemented)",
     "coarse": "stock 3d_fullres planned at 1.6x the spacing, predicted without TTA (implemented)",
     "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ group (jaw, cns, neck), nnunet-ape predict (implemented)",
-    "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (not implemented yet)",
+    "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (implemented)",
     "oracle": "the crop models on the ground-truth box plus the same margin (implemented; needs crop)",
 }
 TEST_CASES_N = 40  # hn_169..hn_214 (headneck_split)
 CROP_TRAINER = "nnUNetTrainerHeadNeckBenchCrop"
+CHANNELS_TRAINER = "nnUNetTrainerHeadNeckBenchChannels"
+BPR_ITERATIONS = 12000  # the tiny trunk ran 14,856 iterations in 8 CPU minutes on this cohort (docs/benchmarks.md)
 # How each implemented stage is trained and predicted (the later stages add their entries).
 IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta": True},
                "coarse": {"configuration": "3d_fullres", "plans": "nnUNetPlans_coarse", "trainer": TRAINER, "tta": False},
                "crop": {"groups": list(GROUPS), "trainer": CROP_TRAINER, "tta": True},
+               "channels": {"configuration": "3d_fullres_ape_bpr", "trainer": CHANNELS_TRAINER, "tta": True},
                "oracle": {"models_of": "crop", "trainer": CROP_TRAINER, "tta": True}}
+WHOLE_IMAGE = ("full", "coarse", "channels")  # stages of one model of every organ on the whole image
 DEFAULTS = {"epochs": 50, "iterations_per_epoch": 100, "val_iterations": 10, "curve_every": 2, "curve_cases": 8}
 
 
@@ -378,12 +386,13 @@ class ResumableTraining:
 
 def trainer_classes() -> dict[str, type]:
     """The benchmark's trainer classes by name (registered in this module, so nnU-Net's workers can pickle them):
-    the stock trainer and nnUNetTrainerAPECrop, each with the benchmark's mixin."""
+    the stock trainer, nnUNetTrainerAPECrop and nnUNetTrainerAPEChannels, each with the benchmark's mixin."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPECrop
+    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels, nnUNetTrainerAPECrop
 
-    bases = {TRAINER: (nnUNetTrainer, "Stock nnUNetTrainer"), CROP_TRAINER: (nnUNetTrainerAPECrop, "nnUNetTrainerAPECrop")}
+    bases = {TRAINER: (nnUNetTrainer, "Stock nnUNetTrainer"), CROP_TRAINER: (nnUNetTrainerAPECrop, "nnUNetTrainerAPECrop"),
+             CHANNELS_TRAINER: (nnUNetTrainerAPEChannels, "nnUNetTrainerAPEChannels")}
     classes = {name: type(name, (ResumableTraining, base), {
         "__module__": __name__, "__qualname__": name,
         "__doc__": f"{what} with the benchmark's resumable epochs and learning curve."}) for name, (base, what) in bases.items()}
@@ -446,9 +455,10 @@ def stage_settings(work: Path, stage: str, args) -> dict:
 
 def stage_models(work: Path, stage: str) -> list[dict]:
     """The nnU-Net models a stage trains: name, configuration, trainer, the organs it segments ({name: value}) and
-    its training log. full: one model of every organ; crop: one per organ group; oracle: none (the crop models)."""
+    its training log. full, coarse, channels: one model of every organ; crop: one per organ group; oracle: none (the
+    crop models)."""
     spec, organs = IMPLEMENTED[stage], organ_labels()
-    if stage in ("full", "coarse"):
+    if stage in WHOLE_IMAGE:
         return [{"name": stage, "configuration": spec["configuration"], "trainer": spec["trainer"], "organs": organs,
                  "log": work / stage / "training_log.jsonl", **({"plans": spec["plans"]} if "plans" in spec else {})}]
     if stage == "crop":
@@ -546,6 +556,47 @@ def prepare_crops(work: Path, env: dict, settings: dict, localizer: Path | None,
     plans_file.write_text(json.dumps(content, indent=1))
     info = {"localizer": str(localizer or loc), "localizer_sha256": file_hash(loc), "seconds": seconds, "groups": described,
             "date": date.today().isoformat(), "machine": machine()}
+    marker.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def prepare_channels(work: Path, env: dict, settings: dict, ape_model: Path | None, bpr_model: Path | None,
+                     processes: int) -> dict:
+    """Stage channels' configuration, made as a user makes it: the BPR model (``bpr_model``, or a tiny trunk
+    pretrained here on the training CTs, resumable), ``nnunet-ape plan --channels ape bpr`` on the (reduced)
+    3d_fullres and ``nnunet-ape preprocess`` (one APE and one BPR pass per training case). Done once per ``work``
+    (``WORK/channels/prepared.json``); returns its content."""
+    marker = work / "channels" / "prepared.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    if ape_model is None:
+        raise SystemExit("stage channels needs --ape-model (an APE checkpoint pretrained on the training cases)")
+    from nnunet_ape.checkpoint import file_hash
+
+    folder = work / "channels"
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    if bpr_model is None:
+        run_dir = folder / "bpr"
+        bpr_model = run_dir / "checkpoint_final.pt"
+        if not bpr_model.exists():
+            images = work / "nnUNet_raw" / DATASET / "imagesTr"  # the training split only
+            resume = ["--resume"] if (run_dir / "checkpoint_last.pt").exists() else []
+            _, seconds["bpr_pretrain"] = _run(env, "nnunet-ape", "pretrain", "bpr", "-i", str(images), "-o", str(run_dir),
+                                              "--trunk", "tiny", "--iterations", str(BPR_ITERATIONS), "--lr-schedule",
+                                              "cosine", "--workers", "1", "--checkpoint-every", "1000", *resume)
+    plans = PLANS[settings["architecture"]]
+    configuration = IMPLEMENTED["channels"]["configuration"]
+    _run(env, "nnunet-ape", "plan", "-d", str(DATASET_ID), "-p", plans, "-c", "3d_fullres", "--channels", "ape", "bpr",
+         "-m", str(ape_model), "--bpr-model", str(bpr_model))
+    _, seconds["preprocess"] = _run(env, "nnunet-ape", "preprocess", "-d", str(DATASET_ID), "-p", plans, "-c", configuration,
+                                    "-np", str(processes), "--device", "cpu")
+    content = json.loads((work / "nnUNet_preprocessed" / DATASET / f"{plans}.json").read_text())
+    base = content["configurations"]["3d_fullres"]
+    info = {"configuration": configuration, "ape_model": str(ape_model), "ape_sha256": file_hash(ape_model),
+            "bpr_model": str(bpr_model), "bpr_sha256": file_hash(bpr_model), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "trained": describe({**base, **content["configurations"][configuration]}), "date": date.today().isoformat(),
+            "machine": machine()}
     marker.write_text(json.dumps(info, indent=1))
     return info
 
@@ -670,11 +721,13 @@ CHUNK = 5  # localized/oracle prediction runs this many cases per process, so --
 
 def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, images: list[Path], out: Path,
                              device: str, deadline: float | None, test: list[str]) -> dict[str, dict]:
-    """Stages crop (``nnunet-ape predict``, regrowth on) and oracle (the same models on ground-truth boxes), in
-    processes of their own, :data:`CHUNK` cases each; returns the per-case timings with the process's peak memory."""
+    """Stages crop (``nnunet-ape predict``, regrowth on), channels (``nnunet-ape predict``: embeddings + the whole
+    image) and oracle (the crop models on ground-truth boxes), in processes of their own, :data:`CHUNK` cases each;
+    returns the per-case timings with the process's peak memory."""
     from headneck_seg_crops import localized_timings
 
-    configurations = [m["configuration"] for m in stage_models(work, "crop")]
+    models = stage_models(work, "channels" if stage == "channels" else "crop")
+    configurations, trainer = [m["configuration"] for m in models], models[0]["trainer"]
     plans, tta = PLANS[settings["architecture"]], IMPLEMENTED[stage]["tta"]
     runs = out / "runs.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -686,12 +739,12 @@ def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, 
             break
         chunk = todo[i:i + CHUNK]
         record = out / ".run.json"
-        if stage == "crop":
+        if stage in ("crop", "channels"):
             listing = out / ".chunk.txt"
             listing.write_text("\n".join(map(str, chunk)) + "\n")
             command = [sys.executable, str(Path(__file__).resolve()), "predict-measured", "--record", str(record), "--",
                        "predict", "-i", str(listing), "-o", str(out), "-d", str(DATASET_ID), "-c", *configurations,
-                       "-tr", CROP_TRAINER, "-p", plans, "-f", "0", "--device", device] + ([] if tta else ["--disable_tta"])
+                       "-tr", trainer, "-p", plans, "-f", "0", "--device", device] + ([] if tta else ["--disable_tta"])
         else:
             command = [sys.executable, str(Path(__file__).resolve()), "predict-oracle", "--record", str(record), "--images",
                        *map(str, chunk), "--labels", str(work / "nnUNet_raw" / DATASET / "labelsTs"), "--out", str(out),
@@ -724,7 +777,7 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text("\n".join(map(str, images)) + "\n")
     how = {"full": "stock nnUNetPredictor", "coarse": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
-           "oracle": "crop models on ground-truth boxes + margin"}[stage]
+           "channels": "nnunet-ape predict, APE + BPR channels", "oracle": "crop models on ground-truth boxes + margin"}[stage]
     print(f"{stage}: predicting {len(test)} test cases ({how}, TTA {'on' if IMPLEMENTED[stage]['tta'] else 'off'})", flush=True)
     if stage in ("full", "coarse"):
         timings = _predict_stock_stage(work, stage, settings, env, listing, out, device, threads, deadline)
@@ -802,12 +855,14 @@ def is_quiet(record: dict) -> bool:
     return not record.get("shared") and record.get("load_1min", 0.0) <= 2 * (os.cpu_count() or 1) + 0.5
 
 
-def _prediction_cells(test: dict) -> tuple[str, str, str]:
+def _prediction_cells(test: dict, stage: str) -> tuple[str, str, str]:
     """(seconds per case with its split, TTA, peak prediction memory) for the model table."""
     t = list(test["timings"].values())
     mean = lambda k: float(np.mean([x[k] for x in t]))  # noqa: E731
     if "preprocess" in t[0]:
         split = f"{mean('case_seconds'):.1f} (preprocess {mean('preprocess'):.1f} + network {mean('network'):.1f} + export {mean('export'):.1f})"
+    elif stage == "channels":
+        split = f"{mean('case_seconds'):.1f} (embed {mean('localize'):.1f} + nnU-Net {mean('nnunet'):.1f} + read/write {mean('rest'):.1f})"
     else:
         split = f"{mean('case_seconds'):.1f} (localize {mean('localize'):.1f} + nnU-Net on crops {mean('nnunet'):.1f} + read/paste {mean('rest'):.1f})"
     peaks = [x["peak_rss_gib"] for x in t if x.get("peak_rss_gib") is not None]
@@ -840,7 +895,7 @@ def model_row(work: Path, stage: str, settings: dict, test: dict | None) -> str:
     cells[8] = f"{train_rss} / -"
     if test and test["cases"]:
         cells[5] = f"{len(test['cases'])}" + ("" if test.get("complete") and len(test["cases"]) == TEST_CASES_N else " (partial)")
-        cells[6], cells[7], peak = _prediction_cells(test)
+        cells[6], cells[7], peak = _prediction_cells(test, stage)
         cells[8] = f"{train_rss} / {peak}"
     return "| " + " | ".join(cells) + " |"
 
@@ -902,6 +957,11 @@ def report(work: Path, stages: list[str]) -> str:
         lines += ["Crop models (one per organ group; localizer " + info["localizer"] + "):", ""]
         lines += [f"- {g}: {', '.join(d['organs'])}; median crop {d['median_crop_voxels']} voxels; planned: {d['planned']}; "
                   f"trained: {d['trained']}" for g, d in info["groups"].items()] + [""]
+    channels = work / "channels" / "prepared.json"
+    if channels.exists():
+        info = json.loads(channels.read_text())
+        lines += [f"Channels model: {info['configuration']} (CT + APE x, y, z + BPR; APE {info['ape_model']}, BPR "
+                  f"{info['bpr_model']}); trained: {info['trained']}.", ""]
     lines += ["| model | status | iterations | s / iteration | training h | test cases | prediction s / case | TTA | "
               "peak RSS GiB training / prediction |", "|---|---|---|---|---|---|---|---|---|"]
     curves, tests = {}, {}
@@ -986,6 +1046,9 @@ def run(args) -> None:
         else:
             if stage == "coarse":
                 print(f"coarse: {prepare_coarse(args.work, env, args.processes)['trained']}", flush=True)
+            if stage == "channels":
+                print(f"channels: {prepare_channels(args.work, env, settings, args.ape_model, args.bpr_model, args.processes)['trained']}",
+                      flush=True)
             if stage == "crop":
                 info = prepare_crops(args.work, env, settings, args.localizer, args.ape_model, args.processes)
                 print("crop configurations: " + "; ".join(f"{g}: {d['trained']}" for g, d in info["groups"].items()), flush=True)
@@ -1031,8 +1094,11 @@ def main(argv: list[str] | None = None) -> None:
                    "below this cohort's 2.5-3.9 mm voxels, 4 mm about one voxel")
     p.add_argument("--localizer", type=Path, help="stage crop: a localizer JSON fitted on the 163 training cases "
                    "(copied into WORK/crop); without it the benchmark fits one from --ape-model")
-    p.add_argument("--ape-model", type=Path, help="stage crop: APE checkpoint pretrained on the training cases (the "
-                   "recipe in docs/benchmarks.md), for fitting the localizer (nnunet-ape localize fit, all-voxels, every case a shot)")
+    p.add_argument("--ape-model", type=Path, help="APE checkpoint pretrained on the training cases (the recipe in "
+                   "docs/benchmarks.md): stage crop fits the localizer with it (nnunet-ape localize fit, all-voxels, every "
+                   "case a shot) unless --localizer is given; stage channels embeds with it")
+    p.add_argument("--bpr-model", type=Path, help="stage channels: BPR checkpoint trained on the training cases [a tiny "
+                   f"trunk pretrained here, {BPR_ITERATIONS} iterations]")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[cpu]")
     p.add_argument("--threads", type=int, help="torch threads of training and prediction [nnU-Net's: all cores]")
     p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes [1]")

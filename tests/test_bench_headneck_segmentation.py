@@ -29,22 +29,23 @@ def _run(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def bench_work(tmp_path_factory, pretrained_run) -> Path:
+def bench_work(tmp_path_factory, pretrained_run, bpr_run) -> Path:
     if not HEADNECK.exists():
         pytest.skip(f"head-and-neck cohort not found: {HEADNECK}")
     work = tmp_path_factory.mktemp("bench_hn")
     common = ["--work", str(work), "--train-cases", "10", "--test-cases", "2", "--epochs", "2", "--iterations-per-epoch", "3",
               "--val-iterations", "1", "--curve-every", "1", "--curve-cases", "2", "--ape-model",
-              str(pretrained_run / "checkpoint_final.pt")]
-    with announced("head-and-neck benchmark on 10 cases: full, crop (3 group models) and oracle, 2 epochs of 3 iterations"):
-        _run("run", "--stages", "full", "crop", "oracle", *common)
-        _run("run", "--stages", "full", "crop", "oracle", *common)  # a rerun finds everything done
+              str(pretrained_run / "checkpoint_final.pt"), "--bpr-model", str(bpr_run / "checkpoint_final.pt")]
+    stages = ["full", "crop", "channels", "oracle"]
+    with announced("head-and-neck benchmark on 10 cases: full, crop (3 group models), channels and oracle, 2 epochs of 3 iterations"):
+        _run("run", "--stages", *stages, *common)
+        _run("run", "--stages", *stages, *common)  # a rerun finds everything done
     return work
 
 
 def test_every_stage_pastes_back_onto_the_source_grid_and_scores_each_organ(bench_work: Path) -> None:
     labels = json.loads((HEADNECK / "dataset.json").read_text())["labels"]
-    for stage in ("full", "crop", "oracle"):
+    for stage in ("full", "crop", "channels", "oracle"):
         scores = json.loads((bench_work / stage / "test_scores.json").read_text())
         assert scores["complete"] and len(scores["cases"]) == 2
         for case in scores["cases"]:
@@ -58,7 +59,7 @@ def test_every_stage_pastes_back_onto_the_source_grid_and_scores_each_organ(benc
             for organ in present:
                 s = scores["scores"][case][organ]
                 assert 0.0 <= s["dice"] <= 1.0 and {"nsd_2mm", "nsd_4mm"} <= set(s)
-        if stage != "full":  # localized stages: each contoured organ's share inside its model's final box
+        if stage in ("crop", "oracle"):  # localized stages: each contoured organ's share inside its model's final box
             assert all(set(scores["organ_in_box"][c]) == set(scores["scores"][c]) for c in scores["cases"])
     oracle = json.loads((bench_work / "oracle" / "test_scores.json").read_text())
     assert all(f >= 0.999 for c in oracle["cases"] for f in oracle["organ_in_box"][c].values())
@@ -79,3 +80,16 @@ def test_crop_models_are_reduced_and_logged_per_group(bench_work: Path) -> None:
     report = (bench_work / "report.md").read_text()
     assert "| crop | trained |" in report and "| oracle |" in report
     assert (bench_work / "dice_vs_training_time.png").stat().st_size > 10_000
+
+
+def test_channels_model_trains_on_ct_plus_four_embedding_channels(bench_work: Path) -> None:
+    info = json.loads((bench_work / "channels" / "prepared.json").read_text())
+    plans = json.loads(next((bench_work / "nnUNet_preprocessed").glob("Dataset902_*/nnUNetPlansCPU.json")).read_text())
+    assert info["configuration"] in plans["configurations"]
+    case = next((bench_work / "nnUNet_preprocessed").glob(f"Dataset902_*/*{info['configuration']}*/*.b2nd"))
+    import blosc2
+
+    assert blosc2.open(str(case), mode="r").shape[0] == 5  # CT + APE x, y, z + BPR
+    epochs = [json.loads(line) for line in (bench_work / "channels" / "training_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [0, 1]
+    assert "| channels | trained |" in (bench_work / "report.md").read_text()

@@ -42,7 +42,8 @@ def tight_localizer(pretrained_run, roots, tmp_path_factory) -> Path:
     from nnunet_ape.localize.localizer import save_localizer
 
     cases = [c for c in cases_from_nnunet(str(roots["nnUNet_raw"] / "Dataset501_Abd")) if c.name in ("A", "B")]
-    localizer = fit_localizer(cases, {o: i for i, o in enumerate(ORGANS, 1)}, pretrained_run / "checkpoint_final.pt", method="ape")
+    localizer = fit_localizer(cases, {o: i for i, o in enumerate(ORGANS, 1)}, pretrained_run / "checkpoint_final.pt", method="ape",
+                              enlargement="alpha")  # alpha 1 below: tight boxes
     for entry in localizer["organs"].values():
         entry["alpha"] = 1.0
     return save_localizer(localizer, tmp_path_factory.mktemp("loc") / "tight.json")

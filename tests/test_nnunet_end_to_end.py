@@ -53,7 +53,8 @@ def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrain
            "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2", "OMP_NUM_THREADS": "2"}
     source = write_raw_dataset(roots["nnUNet_raw"] / "Dataset501_Abd", phantom_seeds=(1, 2), test_phantoms=(3,))
     shots = [c for c in cases_from_nnunet(str(source)) if c.name in ("A", "B")]
-    fitted = fit_localizer(shots, {o: i for i, o in enumerate(ORGANS, 1)}, pretrained_run / "checkpoint_final.pt", method="ape")
+    fitted = fit_localizer(shots, {o: i for i, o in enumerate(ORGANS, 1)}, pretrained_run / "checkpoint_final.pt", method="ape",
+                           enlargement="alpha")  # alpha 1 below: tight boxes
     for entry in fitted["organs"].values():
         entry["alpha"] = 1.0  # tight boxes: small crops (and training boxes that must grow to hold their labels)
     localizer = save_localizer(fitted, tmp_path / "localizer.json")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nnunet_ape.cli.common import HelpFormatter, add_case_source_args, add_labeled_case_args, labeled_cases
 from nnunet_ape.errors import InputError
+from nnunet_ape.localize.margins import ENLARGEMENTS
 
 
 def add_parser(sub) -> None:
@@ -16,7 +17,7 @@ def add_parser(sub) -> None:
         "localization",
         help="the paper's k-shot localization protocol with a body-box baseline",
         description="Cross-validated k-shot localization on labeled cases: landmark retrieval errors (MRE_c, MRE_ep), "
-        "box IoU, VR@99, and recall/volume ratio with the shot-calibrated alpha; APE against a baseline that places each "
+        "box IoU, VR@99, and recall/volume ratio with the enlargement calibrated on the shots (--enlargement, as 'localize fit'); APE against a baseline that places each "
         "organ at its average fraction of the body's bounding box, measured in the same run; with --bpr-model also BPR "
         "z-ranges (full x/y) and APE x/y with BPR z; and the method 'localize fit' chooses per organ on each fold's shots. "
         "Per organ only the cases that contour it count. Writes OUT/localization.md "
@@ -26,6 +27,8 @@ def add_parser(sub) -> None:
     add_labeled_case_args(p, "k: labeled cases per fold")
     p.add_argument("--folds", type=int, default=None, help="evaluate the first N folds only (default: all, len/k folds, each "
                    "testing on every other case; on hundreds of cases a few folds say as much in a fraction of the time)")
+    p.add_argument("--enlargement", default="margins", choices=ENLARGEMENTS,
+                   help="how the calibrated crops grow from the boxes, as in 'localize fit': face margins in mm, or alpha")
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     p.set_defaults(func=_run_evaluate_localization)
 
@@ -86,7 +89,7 @@ def _run_evaluate_localization(args) -> None:
     bpr_model = load_bpr_model(args.bpr_model)[0] if args.bpr_model else None
     result = evaluate_localization(cases, organs, model, embed_settings_for(args.model), args.shots,
                                    str(resolve_device(args.device)), args.target_recall, args.combine, bpr_model,
-                                   args.folds)
+                                   args.folds, args.enlargement)
     table = markdown_tables(result)
     with atomic_path(args.output / "localization.json") as tmp:
         Path(tmp).write_text(json.dumps(result, indent=1))

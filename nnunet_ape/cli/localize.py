@@ -8,6 +8,7 @@ from pathlib import Path
 from nnunet_ape.cli.common import HelpFormatter, add_labeled_case_args, labeled_cases
 from nnunet_ape.errors import InputError
 from nnunet_ape.localize.choice import CANDIDATES
+from nnunet_ape.localize.margins import ENLARGEMENTS
 
 
 def add_parser(sub) -> None:
@@ -21,8 +22,8 @@ def add_parser(sub) -> None:
         "queries (--ape-boxes edge-points, the paper's method); or every voxel of the shots, labeled organ or background, is "
         "a sample in embedding space, and a test voxel belongs to an organ when enough of its nearest samples do "
         "(all-voxels; falls back to the edge points for an organ it does not find; measured against edge points by "
-        "'nnunet-ape evaluate localization'). Each organ's box enlargement is calibrated "
-        "leave-one-shot-out so that the crop keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
+        "'nnunet-ape evaluate localization'). Each organ's box grows into its crop by face margins in mm (--enlargement), "
+        "calibrated leave-one-shot-out so that the crop keeps --target-recall of the organ. With a BPR checkpoint (--bpr-model): each organ's slice-score interval and "
         "a z margin calibrated the same way (boxes crop along z only). Always: the organ's average place in the body's "
         "bounding box (no model needed). Per organ, every method (body box, APE, BPR z, APE or body box x/y with BPR z) "
         "is measured leave-one-shot-out, and the model's own method (APE all voxels, else APE 6 points, else BPR z) is "
@@ -36,6 +37,10 @@ def add_parser(sub) -> None:
                      help="how APE finds an organ: the paper's 6 edge points, or label transfer from all shot voxels")
     fit.add_argument("--method", default="auto", choices=("auto", *CANDIDATES),
                      help="auto: each organ's method chosen leave-one-shot-out on its shots; or one method for every organ")
+    fit.add_argument("--enlargement", default="margins", choices=ENLARGEMENTS,
+                     help="how a box becomes a crop: margins (each face grown by millimetres, shaped by where the held-out "
+                     "shots missed; with 2+ shots) or alpha (the paper: every side scaled about the box's centre). Both "
+                     "are calibrated to --target-recall and stored; this one is used")
     fit.set_defaults(func=_run_localize_fit)
     pred = loc_sub.add_parser(
         "predict",
@@ -74,7 +79,8 @@ def _run_localize_fit(args) -> None:
         raise InputError(f"--target-recall {args.target_recall}: must be in (0, 1]")
     organs = resolve_organs(args.organs, cases[0].labels)
     localizer = fit_localizer(cases, organs, args.model, str(resolve_device(args.device)), args.target_recall,
-                              args.combine, args.bpr_model, args.ape_boxes, shots=args.shots, method=args.method)
+                              args.combine, args.bpr_model, args.ape_boxes, shots=args.shots, method=args.method,
+                              enlargement=args.enlargement)
     save_localizer(localizer, args.output)
     for note in localizer["warnings"]:
         print(f"nnunet-ape: warning: {note}", file=sys.stderr)

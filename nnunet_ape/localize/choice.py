@@ -24,8 +24,9 @@ from typing import Callable
 
 import numpy as np
 
+from nnunet_ape.localize.boxes import box_inside_fraction, box_recall, calibrated_alpha, mask_box, shot_alphas, volume_ratio
+from nnunet_ape.localize.margins import enlarge
 from nnunet_ape.localize.masks import CroppedMask
-from nnunet_ape.localize.boxes import box_inside_fraction, box_recall, calibrated_alpha, enlarge_box, mask_box, shot_alphas, volume_ratio
 
 CANDIDATES = ("body_box", "ape", "ape_all", "bpr_z", "ape_bpr", "body_bpr")
 TITLES = {"body_box": "body box", "ape": "APE 6 points", "ape_all": "APE all voxels", "bpr_z": "BPR z",
@@ -67,16 +68,19 @@ def with_z(box: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def held_out_crops(
-    masks: list, boxes: dict[str, list[np.ndarray]], alphas: dict[str, list[float]],
-    z_ranges: list[tuple[int, int]] | None = None, ape_xy: str = "ape",
+    masks: list, boxes: dict[str, list[np.ndarray]], alphas: dict[str, list],
+    z_ranges: list[tuple[int, int]] | None = None, ape_xy: str = "ape", spacings: list | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """Per candidate, each shot's held-out crop box (canonical voxels). ``boxes``: per box method its held-out raw
-    boxes, enlarged here by ``alphas[method][shot]``; ``z_ranges``: per shot the held-out BPR slice range (None
+    boxes, enlarged here by ``alphas[method][shot]`` (an alpha, or face margins in mm with the shot's ``spacings``,
+    :func:`~nnunet_ape.localize.margins.enlarge`); ``z_ranges``: per shot the held-out BPR slice range (None
     without BPR), which gives ``bpr_z`` and replaces z for ``ape_bpr`` (x/y from ``ape_xy``: the localizer's APE box,
     label transfer where it has one) and ``body_bpr``."""
     from nnunet_ape.localize.zrange import z_box  # here, not at the top: zrange needs torch, the CLI's --help does not
 
-    crops = {m: [enlarge_box(b, a, mask.shape) for b, a, mask in zip(held, alphas[m], masks)] for m, held in boxes.items()}
+    spacings = spacings if spacings is not None else [(1.0, 1.0, 1.0)] * len(masks)
+    crops = {m: [enlarge(b, a, mask.shape, sp) for b, a, mask, sp in zip(held, alphas[m], masks, spacings)]
+             for m, held in boxes.items()}
     if z_ranges is not None:
         crops["bpr_z"] = [z_box(mask.shape, *z) for mask, z in zip(masks, z_ranges)]
         for combined, xy in (("ape_bpr", ape_xy), ("body_bpr", "body_box")):
@@ -97,7 +101,8 @@ def _calibration_of_others(values: list[float]) -> list[float]:
 
 def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: float, ape_xy: str = "ape",
                      bpr: tuple[list[np.ndarray], list, Callable] | None = None,
-                     needed: dict[str, list[float]] | None = None) -> dict[str, dict]:
+                     needed: dict[str, list[float]] | None = None, scales: dict[str, np.ndarray] | None = None,
+                     spacings: list | None = None) -> dict[str, dict]:
     """Each candidate's leave-one-shot-out scores on two or more shots (:func:`crop_scores`).
 
     ``held``: per box method (body_box, ape, ape_all) each shot's box predicted from the other shots; ``bpr``:
@@ -105,13 +110,17 @@ def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: flo
     case would meet it: each shot's crop enlarged by the calibration of the *other* shots alone (the alpha of
     :func:`~nnunet_ape.localize.boxes.calibrated_alpha`, or the largest score margin they need); the crop fraction at the calibration of all shots, which the localizer stores.
     ``needed``: each box method's per-shot alphas (:func:`~nnunet_ape.localize.boxes.shot_alphas`) when the caller
-    has them already.
+    has them already. ``scales``: face margins instead of alphas (:mod:`nnunet_ape.localize.margins`): per box
+    method the margins' shape, ``needed`` then holds each shot's ``t`` and ``spacings`` each shot's voxel size.
     """
     from nnunet_ape.localize.zrange import margin_for_recall, z_range
 
     needed = {m: needed[m] if needed and m in needed else shot_alphas(boxes, masks, target) for m, boxes in held.items()}
     full = {m: [calibrated_alpha(a, 1.0)[0]] * len(a) for m, a in needed.items()}
     nested = {m: _calibration_of_others(a) for m, a in needed.items()}
+    if scales:  # each t times the method's margin shape
+        full = {m: [scales[m] * t for t in ts] for m, ts in full.items()}
+        nested = {m: [scales[m] * t for t in ts] for m, ts in nested.items()}
     z_full = z_nested = None
     if bpr is not None:
         intervals, scored, combine = bpr
@@ -119,8 +128,8 @@ def selection_scores(masks: list, held: dict[str, list[np.ndarray]], target: flo
         margins = [margin_for_recall(mask, s.scores, iv, target) for mask, s, iv in zip(masks, scored, others)]
         z_full = [z_range(s.scores, iv, max(margins)) for s, iv in zip(scored, others)]
         z_nested = [z_range(s.scores, iv, m) for s, iv, m in zip(scored, others, _max_of_others(margins))]
-    crops_full = held_out_crops(masks, held, full, z_full, ape_xy)
-    crops_nested = held_out_crops(masks, held, nested, z_nested, ape_xy)
+    crops_full = held_out_crops(masks, held, full, z_full, ape_xy, spacings)
+    crops_nested = held_out_crops(masks, held, nested, z_nested, ape_xy, spacings)
     return {m: crop_scores(masks, crops_nested[m], crops_full[m], target) for m in crops_full}
 
 
@@ -175,15 +184,17 @@ def default_method(has_ape: bool, has_bpr: bool, transfer: bool) -> str:
 SAFETY_NET_SLACK = 0.9  # a case agrees when its crop lies inside the body box's at least this fraction of the shots' lowest
 
 
-def shot_agreement(held: dict[str, list[np.ndarray]], alphas: dict[str, float], masks: list, method: str) -> float | None:
+def shot_agreement(held: dict[str, list[np.ndarray]], alphas: dict, masks: list, method: str,
+                   spacings: list | None = None) -> float | None:
     """How far ``method``'s crops lay inside the body box's on the shots: the lowest, over shots, fraction of its
-    held-out crop (box enlarged by ``alphas[method]``) inside the held-out body-box crop. None when ``method`` is the
-    body box or has no held-out boxes (one shot, or a BPR method). A new case below this gets the safety net
-    (:func:`safety_net`)."""
+    held-out crop (box enlarged by ``alphas[method]``: an alpha, or face margins in mm with the shots' ``spacings``)
+    inside the held-out body-box crop. None when ``method`` is the body box or has no held-out boxes (one shot, or a
+    BPR method). A new case below this gets the safety net (:func:`safety_net`)."""
     if method == "body_box" or method not in held or not held[method] or "body_box" not in held:
         return None
-    return float(min(box_inside_fraction(enlarge_box(own, alphas[method], m.shape), enlarge_box(body, alphas["body_box"], m.shape))
-                     for own, body, m in zip(held[method], held["body_box"], masks)))
+    spacings = spacings if spacings is not None else [(1.0, 1.0, 1.0)] * len(masks)
+    return float(min(box_inside_fraction(enlarge(own, alphas[method], m.shape, sp), enlarge(body, alphas["body_box"], m.shape, sp))
+                     for own, body, m, sp in zip(held[method], held["body_box"], masks, spacings)))
 
 
 def safety_net(crop: np.ndarray, body_crop: np.ndarray, agreement: float | None) -> tuple[np.ndarray, float | None, bool]:

@@ -33,6 +33,7 @@ from nnunet_ape.localize.boxes import (
     volume_ratio,
 )
 from nnunet_ape.localize.body import SEARCH_MARGIN_MM, body_box, search_region
+from nnunet_ape.localize.margins import calibrated_margins, enlarge, face_scale, shot_ts
 from nnunet_ape.localize.choice import (
     CANDIDATES,
     TITLES as CHOICE_TITLES,
@@ -160,13 +161,15 @@ def _mm(case: PreparedCase, index: np.ndarray) -> np.ndarray:
     return case.ct.index_to_physical(np.asarray(index, dtype=np.float64))
 
 
-def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str, transfer: TransferBoxes | None):
+def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: str, transfer: TransferBoxes | None,
+                enlargement: str = "margins"):
     """Per-fold predictors: returns (edge queries per shot, the held-out selection scores on the shots (None with
     one shot), the method chosen on them, and a function test -> ({method: raw box}, {method: calibrated crop box})).
     An organ label transfer does not find falls back to the 6-point box (as the localizer does); ``transfer`` None:
     no label transfer (no ``ape_all``). The choice is the localizer's (:mod:`nnunet_ape.localize.choice`), made
     leave-one-shot-out on this fold's shots; its crop is measured as ``chosen``. APE x/y with BPR z uses the
-    label-transfer box when there is one, as the localizer does."""
+    label-transfer box when there is one, as the localizer does. Crops grow by ``enlargement`` as ``localize fit``
+    calibrates it (face margins from two shots on, else alpha)."""
     masks = [c.label == value for c in train]
     bodies = [c.body for c in train]
     edges = [shot_queries(c.embedding, m) for c, m in zip(train, masks)]
@@ -176,8 +179,15 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
             "ape": [held_out_box(edges, c.embedding, i, combine, cuts) for i, c in enumerate(train)] if k > 1 else []}
     if transfer is not None:
         held["ape_all"] = [b[value] if b[value] is not None else edge for b, edge in zip(transfer.held_out(train), held["ape"])]
-    needed = {m: shot_alphas(boxes, masks, target) for m, boxes in held.items()}
-    alphas = {m: calibrated_alpha(a, DEFAULT_ALPHA)[0] for m, a in needed.items()}
+    spacings = [c.ct.spacing for c in train]
+    scales = None
+    if enlargement == "margins" and k > 1:
+        scales = {m: face_scale(boxes, [mask_box(mask) for mask in masks], spacings) for m, boxes in held.items()}
+        needed = {m: shot_ts(boxes, masks, scales[m], spacings, target) for m, boxes in held.items()}
+        alphas = {m: calibrated_margins(ts, scales[m])[0] for m, ts in needed.items()}
+    else:
+        needed = {m: shot_alphas(boxes, masks, target) for m, boxes in held.items()}
+        alphas = {m: calibrated_alpha(a, DEFAULT_ALPHA)[0] for m, a in needed.items()}
     xy = "ape" if transfer is None else "ape_all"
     relative = mean_relative_box(masks, bodies)
     use_bpr = all(c.scored is not None for c in train)
@@ -187,22 +197,22 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
         margin = calibrate_margin(intervals, [c.scored for c in train], masks, target, combine)
     if k > 1:
         scores = (intervals, [c.scored for c in train], lambda ivs: combine_intervals(ivs, combine)) if use_bpr else None
-        selection = selection_scores(masks, held, target, xy, scores, needed)
+        selection = selection_scores(masks, held, target, xy, scores, needed, scales, spacings)
         chosen = choose(selection)
     else:
         selection, chosen = None, default_method(True, use_bpr, transfer is not None)
 
     def predict(test: PreparedCase, found: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Raw and crop boxes on ``test``; ``found``: the voxels of the shots' edge queries on its map."""
-        shape = test.label.shape
+        shape, spacing = test.label.shape, test.ct.spacing
         ape, _ = predict_box(edges, test.embedding, combine, cuts, found)
         body = box_in_body(relative, test.body)
         raw = {"ape": ape, "body_box": body}
-        crops = {"ape": enlarge_box(ape, alphas["ape"], shape), "body_box": enlarge_box(body, alphas["body_box"], shape)}
+        crops = {"ape": enlarge(ape, alphas["ape"], shape, spacing), "body_box": enlarge(body, alphas["body_box"], shape, spacing)}
         if transfer is not None:
             transferred = transfer.boxes(train, test)[value]
             raw["ape_all"] = ape if transferred is None else transferred
-            crops["ape_all"] = enlarge_box(raw["ape_all"], alphas["ape_all"], shape)
+            crops["ape_all"] = enlarge(raw["ape_all"], alphas["ape_all"], shape, spacing)
         if use_bpr and test.scored is not None:
             z_raw, z_crop = z_range(test.scored.scores, interval), z_range(test.scored.scores, interval, margin)
             raw.update({"bpr_z": z_box(shape, *z_raw), "ape_bpr": with_z(raw[xy], *z_raw)})
@@ -216,7 +226,8 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
 
 
 def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean",
-                   transfer: TransferBoxes | None = None, max_folds: int | None = None, all_voxels: bool = True) -> dict:
+                   transfer: TransferBoxes | None = None, max_folds: int | None = None, all_voxels: bool = True,
+                   enlargement: str = "margins") -> dict:
     """All metrics of one organ (label ``value``) over the folds; cases lacking the organ are left out. Methods:
     APE's 6 edge points (the paper), APE label transfer over all voxels, the body-box baseline, and with BPR scores
     the BPR z-range (full x/y) and APE x/y with BPR z. ``transfer``: shared by the organs of one data set, so the
@@ -232,7 +243,7 @@ def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: fl
     for fold in range(folds):
         train = present[fold * shots : (fold + 1) * shots]
         tests = [c for c in present if all(c is not t for t in train)]
-        edges, selection, chosen, predict = _fold_boxes(train, value, target, combine, transfer)
+        edges, selection, chosen, predict = _fold_boxes(train, value, target, combine, transfer, enlargement)
         rows.setdefault("chosen", []).append(chosen)
         fold_crops: dict[str, list] = {}
         centres = [np.round(ndimage.center_of_mass(c.label == value)).astype(int) for c in train]
@@ -298,21 +309,22 @@ def mean_over_organs(per_organ: dict[str, dict]) -> dict[str, float]:
 
 def evaluate_localization(
     cases: list[LabeledCase], organs: dict[str, int], model, settings: EmbedSettings, shots: int = 5, device: str = "cpu",
-    target: float = 0.99, combine: str = "mean", bpr_model=None, max_folds: int | None = None,
+    target: float = 0.99, combine: str = "mean", bpr_model=None, max_folds: int | None = None, enlargement: str = "margins",
 ) -> dict:
     """Run the protocol on labeled cases; returns ``{"organs": {name: metrics}, "mean": {...}, "settings": ...}``.
-    With ``bpr_model`` the BPR methods are measured in the same run."""
+    With ``bpr_model`` the BPR methods are measured in the same run; the calibrated crops grow by ``enlargement``
+    (``localize fit --enlargement``)."""
     with tempfile.TemporaryDirectory(prefix="nnunet-ape-maps-") as store:
         prepared = [prepare(c, model, settings, device, bpr_model, Path(store))
                     for c in tqdm(cases, desc="embedding cases", unit="case")]
         transfer = TransferBoxes(list(organs.values()))
-        per_organ = {name: evaluate_organ(prepared, value, shots, target, combine, transfer, max_folds)
+        per_organ = {name: evaluate_organ(prepared, value, shots, target, combine, transfer, max_folds, enlargement=enlargement)
                      for name, value in tqdm(organs.items(), desc="evaluating organs", unit="organ")}
         del prepared  # memory maps close before their folder goes
     methods = [*METHODS, *(BPR_METHODS if bpr_model is not None else ())]
     return {"organs": per_organ, "mean": mean_over_organs(per_organ),
             "settings": {"shots": shots, "target_recall": target, "combine": combine, "cases": len(cases), "methods": methods,
-                         "max_folds": max_folds}}
+                         "max_folds": max_folds, "enlargement": enlargement}}
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:

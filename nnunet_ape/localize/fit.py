@@ -40,6 +40,7 @@ from nnunet_ape.localize.label_transfer import (
     held_out_boxes,
 )
 from nnunet_ape.localize.localizer import APE_BOXES, LOCALIZER_FORMAT, embed_settings_for
+from nnunet_ape.localize.margins import ENLARGEMENTS, calibrated_margins, face_scale, shot_ts
 from nnunet_ape.localize.masks import CroppedMask
 from nnunet_ape.localize.retrieval import outside_to_inf
 from nnunet_ape.localize.store import spill
@@ -82,15 +83,19 @@ def select_shots(cases: list[LabeledCase], organs: dict[str, int], shots: int | 
 def fit_localizer(
     cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path | None, device: str = "cpu",
     target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None, ape_boxes: str = "edge-points",
-    shots: int | None = None, method: str = "auto",
+    shots: int | None = None, method: str = "auto", enlargement: str = "margins",
 ) -> dict:
     """Fit a localizer on labeled shots: per organ the first ``shots`` of ``cases`` that contour it (all of them when
     None). Always the organ's place in the body box; with ``checkpoint`` APE queries (``ape_boxes`` edge-points:
     the paper's 6 points, or all-voxels: label transfer from every shot voxel; an organ's label counts only among
     the samples of the shots that contour it); with ``bpr_checkpoint`` BPR score intervals. Each organ's method is chosen leave-one-shot-out among
     these and their combinations (:mod:`nnunet_ape.localize.choice`), or is ``method`` for every organ when that is
-    not ``auto``."""
+    not ``auto``. ``enlargement``: how raw boxes become crops, ``margins`` (face margins in mm,
+    :mod:`nnunet_ape.localize.margins`) or ``alpha`` (the paper's scaling about the centre); both are calibrated and
+    stored, this one is used."""
     models = _method(checkpoint, bpr_checkpoint)
+    if enlargement not in ENLARGEMENTS:
+        raise InputError(f"--enlargement {enlargement}: choose one of {', '.join(ENLARGEMENTS)}")
     if ape_boxes not in APE_BOXES:
         raise InputError(f"--ape-boxes {ape_boxes}: choose one of {', '.join(APE_BOXES)}")
     transfer = checkpoint is not None and ape_boxes == "all-voxels"
@@ -128,7 +133,7 @@ def fit_localizer(
                 if index not in per_organ[organ]:
                     continue
                 mask = canon_label == value
-                fits[organ].add(case.name, mask, body, embedding, maps[-1] if maps else None, scored)
+                fits[organ].add(case.name, mask, body, canon_ct.spacing, embedding, maps[-1] if maps else None, scored)
                 if fits[organ].cuts[-1][:, 2].any():
                     notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so that "
                                  "end is not a landmark and the box reaches the image border there; prefer shots that show "
@@ -136,7 +141,7 @@ def fit_localizer(
         held = held_out_boxes(samples, maps, grids, list(organs.values())) if transfer else []
         organ_held = {o: [held[used.index(i)] for i in per_organ[o]] if held else [] for o in organs}  # its shots'
         organ_entries = {organ: fits[organ].entry(value, organ_held[organ], target_recall, combine, ape_model is not None,
-                                                  bpr_model is not None, transfer, method)
+                                                  bpr_model is not None, transfer, method, enlargement)
                          for organ, value in tqdm(organs.items(), desc="calibrating and choosing", unit="organ",
                                                   disable=len(used) < 10)}
         for fit in fits.values():
@@ -151,7 +156,7 @@ def fit_localizer(
         })
     if bpr_checkpoint:
         localizer.update({"bpr_checkpoint": str(Path(bpr_checkpoint).resolve()), "bpr_sha256": file_hash(bpr_checkpoint)})
-    localizer.update({"combine": combine, "target_recall": target_recall, "shots": [cases[i].name for i in used],
+    localizer.update({"combine": combine, "target_recall": target_recall, "enlargement": enlargement, "shots": [cases[i].name for i in used],
                       "warnings": notes})
     if checkpoint:
         localizer["ape_boxes"] = ape_boxes
@@ -166,17 +171,19 @@ def fit_localizer(
 
 
 class _OrganShots:
-    """What one organ's shots give a localizer: names, masks (cropped), body boxes, APE edge queries and maps, cut
-    sides, BPR intervals and scores, all canonical."""
+    """What one organ's shots give a localizer: names, masks (cropped), body boxes, voxel spacings, APE edge queries
+    and maps, cut sides, BPR intervals and scores, all canonical."""
 
     def __init__(self) -> None:
-        self.names, self.masks, self.bodies, self.edges, self.cuts = [], [], [], [], []
+        self.names, self.masks, self.bodies, self.spacings, self.edges, self.cuts = [], [], [], [], [], []
         self.maps, self.intervals, self.scored = [], [], []
 
-    def add(self, name: str, mask: np.ndarray, body: np.ndarray, embedding: np.ndarray | None, stored_map, scored) -> None:
+    def add(self, name: str, mask: np.ndarray, body: np.ndarray, spacing, embedding: np.ndarray | None, stored_map,
+            scored) -> None:
         self.names.append(name)
         self.masks.append(CroppedMask(mask))
         self.bodies.append(body)
+        self.spacings.append(tuple(float(s) for s in spacing))
         self.cuts.append(cut_sides(mask))
         if embedding is not None:
             self.edges.append(shot_queries(embedding, mask))
@@ -186,22 +193,33 @@ class _OrganShots:
             self.scored.append(scored)
 
     def entry(self, value: int, transfer_held: list, target: float, combine: str, ape: bool, bpr: bool, transfer: bool,
-              method: str = "auto") -> dict:
-        """The organ's localizer entry: label, shots, body box, APE / BPR settings, and the method (chosen
-        leave-one-shot-out unless ``method`` names one) with each candidate's held-out scores (``selection``; None
-        with one shot)."""
+              method: str = "auto", enlargement: str = "margins") -> dict:
+        """The organ's localizer entry: label, shots, body box, APE / BPR settings, each box method's alpha and (with
+        two or more shots) face margins (``margins``), and the method (chosen leave-one-shot-out unless ``method``
+        names one) with each candidate's held-out scores (``selection``; None with one shot), all with the
+        ``enlargement`` (margins or alpha; with one shot the default alpha)."""
         k = len(self.masks)
+        use_margins = enlargement == "margins" and k > 1
         entry: dict = {"label": int(value), "shot_cases": self.names}
         held: dict[str, list[np.ndarray]] = {"body_box": held_out_body_boxes(self.masks, self.bodies)}
-        needed: dict[str, list[float]] = {}  # per method, each shot's alpha: calibration and selection share them
-
-        calibrated: dict[str, float] = {}  # per method, the stored alpha
+        needed: dict[str, list[float]] = {}  # per method, each shot's alpha or t: calibration and selection share them
+        scales: dict[str, np.ndarray] = {}  # per method, the margins' shape (margins only)
+        calibrated: dict = {}  # per method, the enlargement used: alpha, or margins (2, 3) mm
         coverage: dict[str, float | None] = {}
 
         def alpha(method: str) -> float:
-            needed[method] = shot_alphas(held[method], self.masks, target)
-            calibrated[method], coverage[method] = calibrated_alpha(needed[method], DEFAULT_ALPHA)
-            return calibrated[method]
+            alphas = shot_alphas(held[method], self.masks, target)
+            stored, alpha_coverage = calibrated_alpha(alphas, DEFAULT_ALPHA)
+            if use_margins:
+                scales[method] = face_scale(held[method], [m.box() for m in self.masks], self.spacings)
+                needed[method] = shot_ts(held[method], self.masks, scales[method], self.spacings, target)
+                calibrated[method], coverage[method] = calibrated_margins(needed[method], scales[method])
+                t = calibrated_alpha(needed[method], 0.0)[0]
+                entry.setdefault("margins", {})[method] = {"mm": np.round(calibrated[method], 2).tolist(), "t": round(t, 3),
+                                                            "scale_mm": np.round(scales[method], 2).tolist()}
+            else:
+                needed[method], calibrated[method], coverage[method] = alphas, stored, alpha_coverage
+            return stored
 
         entry["body_box"] = {"relative": mean_relative_box(self.masks, self.bodies).round(5).tolist(), "alpha": alpha("body_box")}
         if ape:
@@ -220,12 +238,13 @@ class _OrganShots:
         entry["selection"] = None
         if k > 1:
             scores = (self.intervals, self.scored, lambda ivs: combine_intervals(ivs, combine)) if bpr else None
-            entry["selection"] = selection_scores(self.masks, held, target, "ape_all" if transfer else "ape", scores, needed)
+            entry["selection"] = selection_scores(self.masks, held, target, "ape_all" if transfer else "ape", scores, needed,
+                                                  scales if use_margins else None, self.spacings)
         if method != "auto":
             entry["method"] = method
         else:
             entry["method"] = choose(entry["selection"]) if entry["selection"] else default_method(ape, bpr, transfer)
-        agreement = shot_agreement(held, calibrated, self.masks, entry["method"]) if k > 1 else None
+        agreement = shot_agreement(held, calibrated, self.masks, entry["method"], self.spacings) if k > 1 else None
         if entry["method"] in coverage:  # a box method: the share of new cases its enlargement is expected to cover
             entry["coverage"] = None if coverage[entry["method"]] is None else round(coverage[entry["method"]], 4)
         if agreement is not None:

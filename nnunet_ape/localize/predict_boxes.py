@@ -12,11 +12,11 @@ from nnunet_ape.embed import CanonicalMap, EmbedSettings, GridMap, canonical_map
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
 from nnunet_ape.localize.body import body_box, search_region
-from nnunet_ape.localize.boxes import enlarge_box
 from nnunet_ape.localize.choice import box_in_body, safety_net, with_z
 from nnunet_ape.localize.fewshot import cut_sides, predict_box
 from nnunet_ape.localize.label_transfer import LabelSamples, LabelTransfer, Neighbours, body_grid
 from nnunet_ape.localize.localizer import check_organs, load_localizer, organ_method
+from nnunet_ape.localize.margins import enlarge, stored_enlargement
 from nnunet_ape.localize.retrieval import outside_to_inf
 from nnunet_ape.localize.zrange import ScoredCT, combine_intervals, in_range, score_ct, z_box, z_range
 
@@ -38,20 +38,23 @@ def _transfer_neighbours(localizer: dict, canon_ct: Volume, body: np.ndarray, ca
     return LabelTransfer(samples, stored["k"]).neighbours(canon_map, grid)
 
 
-def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Neighbours | None, threshold: float) -> dict:
+def _ape_boxes(entry: dict, canon_map: np.ndarray, combine: str, neighbours: Neighbours | None, threshold: float,
+               spacing) -> dict:
     """Canonical boxes of one organ: ``box`` (label transfer with ``neighbours``, else or where it finds nothing the
     edge points), ``enlarged``, the edge points' own ``edge_enlarged`` and ``per_shot`` boxes; ``how`` says which
-    method gave the box."""
+    method gave the box, ``alpha`` its enlargement (an alpha, or face margins in mm: ``spacing`` is the map's
+    voxel size)."""
     edges = [np.asarray(s["edge_embeddings"], dtype=np.float64) for s in entry["shots"]]
     cuts = [np.asarray(s.get("cut_sides", np.zeros((2, 3))), dtype=bool) for s in entry["shots"]]
     box, per_shot = predict_box(edges, canon_map, combine, cuts)
-    edge_alpha = entry.get("edge_points_alpha", entry["alpha"])
-    edge_enlarged = enlarge_box(box, edge_alpha, canon_map.shape[:3])
+    shape = canon_map.shape[:3]
+    edge_alpha = stored_enlargement(entry, "ape")
+    edge_enlarged = enlarge(box, edge_alpha, shape, spacing)
     how, alpha = "edge-points", edge_alpha
     found = neighbours.organ_box(entry["label"], threshold) if neighbours is not None else None
     if found is not None:
-        box, how, alpha = found, "all-voxels", entry["alpha"]
-    return {"box": box, "enlarged": enlarge_box(box, alpha, canon_map.shape[:3]), "edge_enlarged": edge_enlarged,
+        box, how, alpha = found, "all-voxels", stored_enlargement(entry, "ape_all")
+    return {"box": box, "enlarged": enlarge(box, alpha, shape, spacing), "edge_enlarged": edge_enlarged,
             "per_shot": per_shot, "how": how, "alpha": alpha}
 
 
@@ -101,6 +104,7 @@ def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: Ca
     if isinstance(embedding, Volume):  # a map on the CT's own grid
         embedding = CanonicalMap.from_source_grid(embedding, canon)
     canon_map = searchable_map(embedding) if embedding is not None else None
+    map_spacing = None if embedding is None else embedding.spacing if isinstance(embedding, GridMap) else embedding.volume.spacing
     body = body_box(canon.canon.array)  # every organ's alternative and safety net, whatever its method
     neighbours = None
     if canon_map is not None and localizer.get("ape_boxes") == "all-voxels":
@@ -123,16 +127,19 @@ def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: Ca
         crops: dict[str, np.ndarray] = {}  # native (CT voxel) crop box of each method this CT allows
         placed = True
         if canon_map is not None and "shots" in entry:
-            found = _ape_boxes(entry, canon_map, localizer["combine"], neighbours, localizer.get("label_transfer", {}).get("threshold", 0))
+            found = _ape_boxes(entry, canon_map, localizer["combine"], neighbours,
+                               localizer.get("label_transfer", {}).get("threshold", 0), map_spacing)
             box, big = from_map(found["box"]), from_map(found["enlarged"])
-            result.update({"ape_boxes": found["how"], "alpha": found["alpha"], "box_voxels": box.round(2).tolist(),
+            enlargement = {"margin_mm": np.round(found["alpha"], 2).tolist()} if np.ndim(found["alpha"]) else {"alpha": found["alpha"]}
+            result.update({"ape_boxes": found["how"], **enlargement, "box_voxels": box.round(2).tolist(),
                            "box": _corners_mm(ct, box), "enlarged_box_voxels": big.round(2).tolist(),
                            "enlarged_box": _corners_mm(ct, big),
                            "edge_points_per_shot_box_voxels": [from_map(b).tolist() for b in found["per_shot"]]})
             crops["ape"] = from_map(found["edge_enlarged"])
             crops["ape_all"] = big
         if "body_box" in entry:
-            canon_body = enlarge_box(box_in_body(entry["body_box"]["relative"], body), entry["body_box"]["alpha"], canon_shape)
+            canon_body = enlarge(box_in_body(entry["body_box"]["relative"], body), stored_enlargement(entry, "body_box"),
+                                 canon_shape, canon.canon.spacing)
             crops["body_box"] = native(canon_body)
             result.update({"body_box_voxels": crops["body_box"].round(2).tolist(), "body_box": _corners_mm(ct, crops["body_box"])})
         if scored is not None and "bpr" in entry:

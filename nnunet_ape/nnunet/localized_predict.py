@@ -224,8 +224,8 @@ class LocalizedPredictor:
         if not model.crops:
             return entry, box
         boxes = features.boxes
-        entry["localizer"] = {o: {k: boxes[o][k] for k in ("crop_box_voxels", "crop_box", "placed", "method", "ape_boxes", "alpha", "bpr_z_range")
-                                  if k in boxes[o]} for o in model.organs}
+        keys = ("crop_box_voxels", "crop_box", "placed", "method", "ape_boxes", "alpha", "margin_mm", "bpr_z_range")
+        entry["localizer"] = {o: {k: boxes[o][k] for k in keys if k in boxes[o]} for o in model.organs}
         placed = [o for o in model.organs if boxes[o]["placed"]]
         unplaced = [o for o in model.organs if not boxes[o]["placed"]]
         if unplaced:
