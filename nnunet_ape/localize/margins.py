@@ -11,9 +11,8 @@ coverage.
 Why not the paper's alpha (each side scaled about the box's centre): with many shots the calibrated enlargement is
 the largest the shots needed, and one shot missed by a few centimetres along one axis then scales all three axes of
 every crop by that factor. Margins grow only the faces that the shots missed on, by millimetres, not by the box's
-size. On the head-and-neck training split (5-fold cross-validation of the body box, 2026-12-05) margins kept the
-same share of organ-cases at >= 0.99 as alpha (0.988 against 0.989) with crops 2.9x smaller (volume ratio 23
-against 8).
+size. On the head-and-neck cohort (docs/localization.md, docs/benchmarks.md) margins kept as many organs as alpha in
+crops several times smaller.
 
 Boxes are ``(2, 3)`` float arrays of inclusive voxel indices (low corner, high corner); margins ``(2, 3)`` mm
 (low faces, high faces), both in the axes of the CT they are applied to (canonical in the localizer).
