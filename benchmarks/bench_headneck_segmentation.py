@@ -650,8 +650,8 @@ def train_stage(work: Path, stage: str, settings: dict, env: dict, deadline: flo
 # ----------------------------------------------------------------------------------------------------- prediction
 
 def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: bool, threads: int | None,
-                  deadline: float | None = None) -> None:
-    """Predict ``images`` with stock nnU-Net's ``nnUNetPredictor`` (fold 0, checkpoint_final) into ``out``, one case
+                  deadline: float | None = None, fold: int = 0) -> None:
+    """Predict ``images`` with stock nnU-Net's ``nnUNetPredictor`` (``fold``, checkpoint_final) into ``out``, one case
     after another in this process, skipping cases already predicted and stopping before a case that would end after
     ``deadline`` (unix seconds; the last case's time as the estimate). Appends per case to ``out/timings.jsonl``:
     seconds of preprocessing (read + resample + normalize), network (sliding window, TTA if ``tta``) and export
@@ -669,7 +669,7 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
     began = time.perf_counter()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, device=torch.device(device),
                                 perform_everything_on_device=device == "cuda", verbose=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model), (0,), "checkpoint_final.pth")
+    predictor.initialize_from_trained_model_folder(str(model), (fold,), "checkpoint_final.pth")
     load_seconds = time.perf_counter() - began
     pm, cm, dj = predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
     preprocessor = cm.preprocessor_class(verbose=False)
@@ -1114,6 +1114,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--tta", action="store_true", help="nnU-Net's mirroring")
     s.add_argument("--threads", type=int)
     s.add_argument("--deadline", type=float, help="unix seconds: stop before a case that would end after it")
+    s.add_argument("--fold", type=int, default=0, help="the model's fold [0]")
     m = sub.add_parser("predict-measured", help="internal: run 'nnunet-ape ARGS' in this process and record its peak memory")
     m.add_argument("--record", type=Path, required=True, help="JSON to write: seconds, peak RSS")
     m.add_argument("nnunet_ape_args", nargs=argparse.REMAINDER, help="-- then the nnunet-ape command line")
@@ -1146,7 +1147,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
     else:
         images = [Path(line) for line in args.images.read_text().splitlines() if line.strip()]
-        predict_stock(args.model, images, args.out, args.device, args.tta, args.threads, args.deadline)
+        predict_stock(args.model, images, args.out, args.device, args.tta, args.threads, args.deadline, args.fold)
 
 
 if __name__ == "__main__":

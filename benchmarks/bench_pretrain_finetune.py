@@ -1,5 +1,14 @@
 """Benchmark: nnU-Net segmentation with few labeled cases, from scratch vs initialised from nnUNetTrainerAPEPretrain.
 
+``--cohort headneck`` runs the resumable few-label benchmark of :mod:`headneck_finetune` (the README's split: APE
+pretraining on the 163 training CTs, fine-tuning on 2/5/10/20 labeled training cases with 2 seeds for the smallest
+counts, scratch / APE / APE with the last decoder stage re-initialised, test Dice on the 40 held-out cases, learning
+curves); run it again to continue, ``--minutes`` bounds one invocation, ``--report`` only rewrites the report:
+
+    python benchmarks/bench_pretrain_finetune.py --cohort headneck --minutes 120 [--work /work/bench_hn_finetune]
+
+``--cohort phantoms`` is the earlier one-shot design below, on generated phantoms.
+
 One nnU-Net dataset per cohort, planned by nnU-Net (3d_fullres) and shrunk to a CPU-sized network (--features,
 --patch; the same plans for every run). Then, in one run of this script:
 
@@ -31,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
 from bench_trainers import _run, write_dataset  # noqa: E402
 
-HEADNECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"
+PHANTOM_PRETRAIN_ITERATIONS = 600
 PHANTOM_ORGANS = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4, "aorta": 5}
 
 TRAINERS = '''
@@ -83,23 +92,6 @@ class nnUNetTrainerBenchFromAPE(_FineTune):
 '''
 
 
-def headneck_dataset(raw: Path) -> tuple[str, list[str]]:
-    """Link the head-and-neck cohort into ``raw``; returns its folder name and the cases that contour every organ."""
-    import SimpleITK as sitk
-
-    target = raw / HEADNECK.name
-    if not target.exists():
-        target.symlink_to(HEADNECK)
-    labels = json.loads((HEADNECK / "dataset.json").read_text())["labels"]
-    organs = [v for k, v in labels.items() if k != "background"]
-    complete = []
-    for path in sorted((HEADNECK / "labelsTr").glob("*.nii.gz")):
-        present = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
-        if all(o in present for o in organs):
-            complete.append(path.name[: -len(".nii.gz")])
-    return HEADNECK.name, complete
-
-
 def phantom_dataset(raw: Path, n: int) -> tuple[str, list[str]]:
     """``n`` labeled phantoms as Dataset903_BenchPhantomsAPE; returns its name and all case names."""
     folder = raw / "Dataset903_BenchPhantomsAPE"
@@ -137,14 +129,39 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--evaluation-cases", type=int, default=8)
     parser.add_argument("--phantoms", type=int, default=24, help="phantom cohort size")
-    parser.add_argument("--pretrain-iterations", type=int, default=600)
+    parser.add_argument("--pretrain-iterations", type=int, default=PHANTOM_PRETRAIN_ITERATIONS,
+                        help="APE pretraining iterations [phantoms: 600; headneck: 1000, fixed at the first start]")
     parser.add_argument("--finetune-iterations", type=int, default=200)
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64])
     parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", action="store_true", help="keep the work folder's planned data and pretraining")
+    hn = parser.add_argument_group("--cohort headneck (resumable; see headneck_finetune)")
+    hn.add_argument("--labeled", type=int, nargs="+", default=[2, 5, 10, 20], help="labeled training cases per run")
+    hn.add_argument("--seeds", type=int, default=2, help="seeds for 5 or fewer labeled cases (one above)")
+    hn.add_argument("--variants", nargs="+", default=["scratch", "ape", "ape_reinit"], choices=("scratch", "ape", "ape_reinit"))
+    hn.add_argument("--minutes", type=float, help="budget of this invocation (training stops cleanly at an epoch end)")
+    hn.add_argument("--epochs", type=int, help="fine-tuning epochs, fixed at the first start [20]")
+    hn.add_argument("--iterations-per-epoch", type=int, help="fine-tuning iterations per epoch, fixed at the first start [50]")
+    hn.add_argument("--test-cases", type=int, help="the first N test cases only (smoke checks)")
+    hn.add_argument("--train-cases", type=int, help="the first N training cases only (smoke checks; a new --work)")
+    hn.add_argument("--threads", type=int, help="torch threads [nnU-Net's]")
+    hn.add_argument("--processes", type=int, default=1, help="nnU-Net preprocessing processes [1]")
+    hn.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA [1]")
+    hn.add_argument("--report", action="store_true", help="only rewrite WORK/finetune/report.md and curves.png")
     args = parser.parse_args()
+    if args.cohort == "headneck":
+        import headneck_finetune
+
+        args.work = args.work or Path("/work/bench_hn_finetune")
+        if args.pretrain_iterations == PHANTOM_PRETRAIN_ITERATIONS:  # the phantom default: use the head-and-neck one
+            args.pretrain_iterations = None
+        if args.report:
+            print(headneck_finetune.report(args.work))
+        else:
+            headneck_finetune.run(args)
+        return
 
     work = args.work or Path(f"/tmp/bench_pretrain_{args.cohort}")
     if work.exists() and not args.reuse:
@@ -164,12 +181,8 @@ def main() -> None:
           f"fine-tuning {args.finetune_iterations} iterations per run; seed {args.seed}", flush=True)
     seconds = {}
 
-    if args.cohort == "headneck":
-        name, labeled = headneck_dataset(roots["nnUNet_raw"])
-        cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (HEADNECK / "imagesTr").glob("*_0000.nii.gz"))
-    else:
-        name, cases = phantom_dataset(roots["nnUNet_raw"], args.phantoms)
-        labeled = list(cases)
+    name, cases = phantom_dataset(roots["nnUNet_raw"], args.phantoms)
+    labeled = list(cases)
     rng = np.random.default_rng(args.seed)
     labeled = [str(case) for case in rng.permutation(labeled)]
     evaluation = sorted(labeled[: args.evaluation_cases])

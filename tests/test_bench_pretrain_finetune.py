@@ -1,0 +1,60 @@
+"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the three variants, the report.
+
+Slow (about 6 minutes on 2 cores): planning 40 training cases, one pretraining epoch, three 4-iteration fine-tuning
+runs and their test prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+HEADNECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")]
+
+
+def _run(work: Path) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_pretrain_finetune.py"), "--cohort", "headneck", "--work",
+                           str(work), "--train-cases", "40", "--labeled", "2", "--seeds", "1", "--pretrain-iterations", "25",
+                           "--epochs", "2", "--iterations-per-epoch", "2", "--test-cases", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_few_label_benchmark_keeps_the_split_and_compares_the_three_starts(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from headneck_split import is_test_case
+
+    work = tmp_path / "ft"
+    out = _run(work)
+    raw = work / "nnUNet_raw" / "Dataset902_HeadNeckSplit"
+    assert not any(is_test_case(p.name[:-12]) for p in (raw / "imagesTr").glob("*_0000.nii.gz"))  # pretraining sees no test CT
+    folds = json.loads((work / "finetune" / "folds.json").read_text())
+    run = folds["k2_s0"]
+    assert len(run["train"]) == 2 and not set(run["train"]) & set(run["val"]) and len(run["val"]) <= 8
+    labels = {v for k, v in json.loads((HEADNECK / "dataset.json").read_text())["labels"].items() if k != "background"}
+    import numpy as np
+    import SimpleITK as sitk
+
+    for case in run["train"]:  # labeled cases contour every organ
+        assert labels <= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{case}.nii.gz")))))
+    splits = json.loads((work / "nnUNet_preprocessed" / "Dataset902_HeadNeckSplit" / "splits_final.json").read_text())
+    assert splits[run["fold"]]["train"] == run["train"]
+    assert "re-initialised" in out
+    report = (work / "finetune" / "report.md").read_text()
+    for variant in ("scratch", "ape", "ape_reinit"):
+        assert f"| 2 | {variant} | 1 |" in report
+        scores = json.loads((work / "finetune" / f"{variant}_k2_s0" / "test_scores.json").read_text())
+        assert len(scores["scores"]) == 1 and set(scores["dice"]) == {k for k in json.loads(
+            (HEADNECK / "dataset.json").read_text())["labels"] if k != "background"}
+    final = next((work / "nnUNet_results").glob("*/nnUNetTrainerFinetuneAPE__*/fold_1/checkpoint_final.pth"))
+    stamp = final.stat().st_mtime_ns
+    _run(work)  # a rerun finds every step done
+    assert final.stat().st_mtime_ns == stamp
+    assert (work / "finetune" / "curves.png").stat().st_size > 5000
