@@ -24,6 +24,8 @@ Stages (models; issue 28's list):
             ``nnunet-ape pretrain bpr --trunk tiny``, :data:`BPR_ITERATIONS` iterations, cosine schedule), trained
             like full, predicted with ``nnunet-ape predict`` (which embeds each test CT; TTA on).
   oracle    the crop models on the ground-truth box of their organs plus the training margin (10 mm).
+  crop_tight the crop models, predicted with ``nnunet-ape predict -l`` and another localizer (``--tight-localizer``,
+            e.g. one fitted with face margins): how much smaller crops save at prediction without retraining.
 
 Planning: nnU-Net's own planner (``nnUNetv2_plan_and_preprocess -c 3d_fullres``, default ExperimentPlanner) makes
 ``nnUNetPlans``. ``--architecture reduced`` (the CPU default) trains every model with the same reduction, written as
@@ -108,6 +110,7 @@ STAGES = {
     "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ group (jaw, cns, neck), nnunet-ape predict (implemented)",
     "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (implemented)",
     "oracle": "the crop models on the ground-truth box plus the same margin (implemented; needs crop)",
+    "crop_tight": "the crop models localized by --tight-localizer (nnunet-ape predict -l; implemented; needs crop)",
 }
 TEST_CASES_N = 40  # hn_169..hn_214 (headneck_split)
 CROP_TRAINER = "nnUNetTrainerHeadNeckBenchCrop"
@@ -118,7 +121,9 @@ IMPLEMENTED = {"full": {"configuration": "3d_fullres", "trainer": TRAINER, "tta"
                "coarse": {"configuration": "3d_fullres", "plans": "nnUNetPlans_coarse", "trainer": TRAINER, "tta": False},
                "crop": {"groups": list(GROUPS), "trainer": CROP_TRAINER, "tta": True},
                "channels": {"configuration": "3d_fullres_ape_bpr", "trainer": CHANNELS_TRAINER, "tta": True},
-               "oracle": {"models_of": "crop", "trainer": CROP_TRAINER, "tta": True}}
+               "oracle": {"models_of": "crop", "trainer": CROP_TRAINER, "tta": True},
+               "crop_tight": {"models_of": "crop", "trainer": CROP_TRAINER, "tta": True}}
+LOCALIZED = ("crop", "oracle", "crop_tight")  # stages whose test table reports each organ's share inside its box
 WHOLE_IMAGE = ("full", "coarse", "channels")  # stages of one model of every organ on the whole image
 DEFAULTS = {"epochs": 50, "iterations_per_epoch": 100, "val_iterations": 10, "curve_every": 2, "curve_cases": 8}
 
@@ -601,6 +606,20 @@ def prepare_channels(work: Path, env: dict, settings: dict, ape_model: Path | No
     return info
 
 
+def prepare_tight(work: Path, localizer: Path | None) -> None:
+    """Stage crop_tight's localizer: ``localizer`` copied to ``WORK/crop_tight/localizer.json`` at the first start
+    (later starts keep the copy; another file then is a one-line error)."""
+    target = work / "crop_tight" / "localizer.json"
+    if target.exists():
+        if localizer is not None and Path(localizer).read_bytes() != target.read_bytes():
+            raise SystemExit(f"stage crop_tight was started with another localizer ({target}); start a new --work to change it")
+        return
+    if localizer is None:
+        raise SystemExit("stage crop_tight needs --tight-localizer (a localizer fitted on the training cases, e.g. with face margins)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(localizer, target)
+
+
 def train_model(work: Path, model: dict, settings: dict, env: dict, deadline: float | None, threads: int | None,
                 device: str) -> bool:
     """Train (or continue) one model of :func:`stage_models` until its epochs are done or ``deadline`` (unix
@@ -726,7 +745,7 @@ def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, 
     returns the per-case timings with the process's peak memory."""
     from headneck_seg_crops import localized_timings
 
-    models = stage_models(work, "channels" if stage == "channels" else "crop")
+    models = stage_models(work, "channels" if stage == "channels" else "crop")  # oracle, crop_tight: the crop models
     configurations, trainer = [m["configuration"] for m in models], models[0]["trainer"]
     plans, tta = PLANS[settings["architecture"]], IMPLEMENTED[stage]["tta"]
     runs = out / "runs.jsonl"
@@ -739,12 +758,13 @@ def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, 
             break
         chunk = todo[i:i + CHUNK]
         record = out / ".run.json"
-        if stage in ("crop", "channels"):
+        if stage in ("crop", "channels", "crop_tight"):
             listing = out / ".chunk.txt"
             listing.write_text("\n".join(map(str, chunk)) + "\n")
             command = [sys.executable, str(Path(__file__).resolve()), "predict-measured", "--record", str(record), "--",
                        "predict", "-i", str(listing), "-o", str(out), "-d", str(DATASET_ID), "-c", *configurations,
-                       "-tr", trainer, "-p", plans, "-f", "0", "--device", device] + ([] if tta else ["--disable_tta"])
+                       "-tr", trainer, "-p", plans, "-f", "0", "--device", device] + ([] if tta else ["--disable_tta"]) + \
+                (["-l", str(work / "crop_tight" / "localizer.json")] if stage == "crop_tight" else [])
         else:
             command = [sys.executable, str(Path(__file__).resolve()), "predict-oracle", "--record", str(record), "--images",
                        *map(str, chunk), "--labels", str(work / "nnUNet_raw" / DATASET / "labelsTs"), "--out", str(out),
@@ -777,7 +797,8 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text("\n".join(map(str, images)) + "\n")
     how = {"full": "stock nnUNetPredictor", "coarse": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
-           "channels": "nnunet-ape predict, APE + BPR channels", "oracle": "crop models on ground-truth boxes + margin"}[stage]
+           "channels": "nnunet-ape predict, APE + BPR channels", "oracle": "crop models on ground-truth boxes + margin",
+           "crop_tight": "nnunet-ape predict -l (the tight localizer), regrowth on"}[stage]
     print(f"{stage}: predicting {len(test)} test cases ({how}, TTA {'on' if IMPLEMENTED[stage]['tta'] else 'off'})", flush=True)
     if stage in ("full", "coarse"):
         timings = _predict_stock_stage(work, stage, settings, env, listing, out, device, threads, deadline)
@@ -788,7 +809,7 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, nsd_mm) for c in done}
     result = {"cases": done, "complete": len(done) == len(test), "scores": scores, "timings": {c: timings[c] for c in done},
               "nsd_mm": list(nsd_mm), "machine": machine(), "date": date.today().isoformat(), "device": device}
-    if stage in ("crop", "oracle"):
+    if stage in LOCALIZED:
         result["organ_in_box"] = {c: organ_box_fractions(raw / "labelsTs" / f"{c}.nii.gz", timings[c]["boxes"], organs)
                                   for c in done}
     (work / stage / "test_scores.json").write_text(json.dumps(result, indent=1))
@@ -875,7 +896,7 @@ def model_row(work: Path, stage: str, settings: dict, test: dict | None) -> str:
     models = stage_models(work, stage)
     logs = {m["name"]: with_quiet_seconds(read_log(m["log"])) for m in models}
     name = stage + ("" if settings["architecture"] == "reduced" else f" ({settings['architecture']} network)")
-    if stage == "oracle":
+    if "models_of" in IMPLEMENTED[stage]:
         status = "uses the crop models"
     elif is_trained(work, stage, settings):
         status = "trained"
@@ -975,7 +996,7 @@ def report(work: Path, stages: list[str]) -> str:
         test = json.loads(score_file.read_text()) if score_file.exists() else None
         if test and test["cases"]:
             tests[stage] = test
-        if stage == "oracle" and not test:
+        if "models_of" in IMPLEMENTED[stage] and not test:
             continue
         lines.append(model_row(work, stage, settings, test))
     lines += ["", "s / iteration: wall seconds of nnU-Net's epochs (training iterations and its validation batches) per "
@@ -1039,10 +1060,12 @@ def run(args) -> None:
             print(f"{stage}: the budget is spent; run again to continue", flush=True)
             break
         settings = stage_settings(args.work, IMPLEMENTED[stage].get("models_of", stage), args)
-        if stage == "oracle":
+        if stage in ("oracle", "crop_tight"):
             if not is_trained(args.work, stage, settings):
-                print("oracle: the crop models are not trained yet (run --stages crop first)", flush=True)
+                print(f"{stage}: the crop models are not trained yet (run --stages crop first)", flush=True)
                 continue
+            if stage == "crop_tight":
+                prepare_tight(args.work, args.tight_localizer)
         else:
             if stage == "coarse":
                 print(f"coarse: {prepare_coarse(args.work, env, args.processes)['trained']}", flush=True)
@@ -1097,6 +1120,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ape-model", type=Path, help="APE checkpoint pretrained on the training cases (the recipe in "
                    "docs/benchmarks.md): stage crop fits the localizer with it (nnunet-ape localize fit, all-voxels, every "
                    "case a shot) unless --localizer is given; stage channels embeds with it")
+    p.add_argument("--tight-localizer", type=Path, help="stage crop_tight: the localizer its predictions use (copied at "
+                   "its first start)")
     p.add_argument("--bpr-model", type=Path, help="stage channels: BPR checkpoint trained on the training cases [a tiny "
                    f"trunk pretrained here, {BPR_ITERATIONS} iterations]")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[cpu]")

@@ -40,12 +40,13 @@ def bench_work(tmp_path_factory, pretrained_run, bpr_run) -> Path:
     with announced("head-and-neck benchmark on 10 cases: full, crop (3 group models), channels and oracle, 2 epochs of 3 iterations"):
         _run("run", "--stages", *stages, *common)
         _run("run", "--stages", *stages, *common)  # a rerun finds everything done
+        _run("run", "--stages", "crop_tight", *common, "--tight-localizer", str(work / "crop" / "localizer.json"))
     return work
 
 
 def test_every_stage_pastes_back_onto_the_source_grid_and_scores_each_organ(bench_work: Path) -> None:
     labels = json.loads((HEADNECK / "dataset.json").read_text())["labels"]
-    for stage in ("full", "crop", "channels", "oracle"):
+    for stage in ("full", "crop", "channels", "oracle", "crop_tight"):
         scores = json.loads((bench_work / stage / "test_scores.json").read_text())
         assert scores["complete"] and len(scores["cases"]) == 2
         for case in scores["cases"]:
@@ -59,7 +60,7 @@ def test_every_stage_pastes_back_onto_the_source_grid_and_scores_each_organ(benc
             for organ in present:
                 s = scores["scores"][case][organ]
                 assert 0.0 <= s["dice"] <= 1.0 and {"nsd_2mm", "nsd_4mm"} <= set(s)
-        if stage in ("crop", "oracle"):  # localized stages: each contoured organ's share inside its model's final box
+        if stage in ("crop", "oracle", "crop_tight"):  # localized stages: each contoured organ's share inside its model's final box
             assert all(set(scores["organ_in_box"][c]) == set(scores["scores"][c]) for c in scores["cases"])
     oracle = json.loads((bench_work / "oracle" / "test_scores.json").read_text())
     assert all(f >= 0.999 for c in oracle["cases"] for f in oracle["organ_in_box"][c].values())

@@ -313,6 +313,20 @@ def test_predict_command_writes_full_geometry_splits_parts_and_resumes(planned, 
     assert report["models"][0]["kind"] == "crop" and report["models"][0]["localizer"]["liver"]["placed"]
     assert json.loads((out / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1}
 
+    # -l: the same model localized by another localizer (here the planned one with a larger enlargement)
+    wider = json.loads((root / "localizer.json").read_text())
+    wider["organs"]["liver"]["alpha"] = 2.0
+    (tmp_path / "wider.json").write_text(json.dumps(wider))
+    other = tmp_path / "seg_wider"
+    _run(env, "nnunet-ape", "predict", "-i", str(cases / "B_0000.nii.gz"), "-o", str(other), "-d", "501", "-c",
+         "3d_fullres_ape_liver", "-f", "0", "-device", "cpu", "--disable_tta", "--max-regrow", "0", "-l", str(tmp_path / "wider.json"))
+    planned_box = np.array(report["models"][0]["localizer"]["liver"]["crop_box_voxels"])
+    wider_box = np.array(json.loads((other / "B_boxes.json").read_text())["models"][0]["localizer"]["liver"]["crop_box_voxels"])
+    assert np.prod(np.diff(wider_box, axis=0)) > 2 * np.prod(np.diff(planned_box, axis=0))
+    missing = _run(env, "nnunet-ape", "predict", "-i", str(cases), "-o", str(tmp_path / "none"), "-d", "501", "-c",
+                   "3d_fullres_ape_liver", "-l", str(tmp_path / "nothing.json"), expect_ok=False)
+    assert missing.returncode == 2 and "no such localizer" in missing.stderr and not (tmp_path / "none").exists()
+
     bad = _run(env, "nnunet-ape", "predict", "-i", str(cases), "-o", str(tmp_path / "none"), "-d", "501", "-c", "3d_fullres",
                expect_ok=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "-tr" in bad.stderr.strip().splitlines()[-1]

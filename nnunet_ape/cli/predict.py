@@ -42,6 +42,11 @@ def add_parser(sub) -> None:
                         help="also write CASE.npz: probabilities (C, Z, Y, X) float16, background first, then the labels listed in it")
     parser.add_argument("--max-regrow", type=int, default=2, help="times a crop may grow where a predicted organ touches its face")
     parser.add_argument("--regrow-mm", type=float, default=20.0, help="how far a touched face moves out (at least; or 25%% of the box's extent)")
+    parser.add_argument("-l", "--localizer", type=Path, help="crop models: localize with this localizer instead of the one "
+                        "they were planned with (refitted on more cases, or with other margins; it must know their "
+                        "organs). The models were trained on the planned localizer's crops: a tighter box relies on "
+                        "regrowth where an organ reaches its face. Not for crop+channels models (their channels "
+                        "come from the planned APE model)")
     parser.add_argument("--fallback-full", action="store_true", help="an organ the localizer cannot place is predicted on the "
                         "whole image (default: left empty, with a warning)")
     parser.add_argument("-num_parts", "--num-parts", type=int, default=1, help="split the cases into this many parts (SLURM arrays, several GPUs)")
@@ -68,6 +73,23 @@ def _trainers_for(args, results_root: Path) -> list[str]:
     return trainers
 
 
+def with_localizer(models: list, localizer: Path) -> None:
+    """Point every crop model of ``models`` (TrainedModel) at ``localizer`` (its own APE/BPR checkpoints);
+    InputError when the file is missing, no model crops, or a model crops with channels."""
+    from nnunet_ape.nnunet.trained_model import CROP, CROP_CHANNELS
+
+    if not Path(localizer).is_file():
+        raise InputError(f"-l {localizer}: no such localizer file; write one with 'nnunet-ape localize fit'")
+    if any(m.kind == CROP_CHANNELS for m in models):
+        raise InputError("-l: a crop+channels model's channels come from the APE model it was planned with; predict it "
+                         "with its own localizer (drop -l)")
+    crop = [m for m in models if m.kind == CROP]
+    if not crop:
+        raise InputError("-l: none of the models crops (-l replaces the localizer of crop models only)")
+    for model in crop:
+        model.feature_args = {**model.feature_args, "localizer_path": Path(localizer), "ape_path": None, "bpr_path": None}
+
+
 def _run(args) -> None:
     from nnunet_ape.distributed import resolve_device
     from nnunet_ape.inputs import resolve_images
@@ -86,6 +108,8 @@ def _run(args) -> None:
     options = PredictorOptions(args.step_size, not args.no_gaussian, not args.disable_tta, device)
     models = [open_model(results_folder(args.dataset, tr, args.plans, c), args.folds, args.checkpoint, options)
               for c, tr in zip(args.configurations, trainers)]
+    if args.localizer is not None:
+        with_localizer(models, args.localizer)
     predictor = LocalizedPredictor(models, device, PredictOptions(args.max_regrow, args.regrow_mm, 0.25, args.fallback_full,
                                                                   args.save_probabilities, args.overwrite,
                                                                   background_io=not args.sequential))
