@@ -122,10 +122,14 @@ def alpha_for_recall(mask: np.ndarray, box: np.ndarray, target: float = 0.99, ma
     if total == 0:
         raise ValueError("mask is empty")
     recall = lambda a: float(mask[box_slices(enlarge_box(box, a, mask.shape), mask.shape)].sum()) / total  # noqa: E731
-    high = covering_alpha(box, mask.shape) if max_alpha is None else max_alpha
+    return smallest_reaching(recall, 0.0, covering_alpha(box, mask.shape) if max_alpha is None else max_alpha, target)
+
+
+def smallest_reaching(recall, low: float, high: float, target: float) -> float:
+    """Bisection for the smallest growth ``x`` in ``[low, high]`` (to 0.01, rounded up) with ``recall(x) >=
+    target``, ``recall`` growing with ``x``; ``high`` itself when even it misses the target."""
     if recall(high) < target:
         return high
-    low = 0.0  # recall grows with alpha: bisection
     while high - low > 0.005:
         mid = (low + high) / 2
         if recall(mid) >= target:

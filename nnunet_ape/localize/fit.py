@@ -40,7 +40,7 @@ from nnunet_ape.localize.label_transfer import (
     held_out_boxes,
 )
 from nnunet_ape.localize.localizer import APE_BOXES, LOCALIZER_FORMAT, embed_settings_for
-from nnunet_ape.localize.margins import ENLARGEMENTS, calibrated_margins, face_scale, shot_ts
+from nnunet_ape.localize.margins import ENLARGEMENTS, face_scale, shot_ts
 from nnunet_ape.localize.masks import CroppedMask
 from nnunet_ape.localize.retrieval import outside_to_inf
 from nnunet_ape.localize.store import spill
@@ -213,8 +213,8 @@ class _OrganShots:
             if use_margins:
                 scales[method] = face_scale(held[method], [m.box() for m in self.masks], self.spacings)
                 needed[method] = shot_ts(held[method], self.masks, scales[method], self.spacings, target)
-                calibrated[method], coverage[method] = calibrated_margins(needed[method], scales[method])
-                t = calibrated_alpha(needed[method], 0.0)[0]
+                t, coverage[method] = calibrated_alpha(needed[method], 0.0)  # margins = t x scale (calibrated_margins)
+                calibrated[method] = scales[method] * t
                 entry.setdefault("margins", {})[method] = {"mm": np.round(calibrated[method], 2).tolist(), "t": round(t, 3),
                                                             "scale_mm": np.round(scales[method], 2).tolist()}
             else:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnunet_ape.localize.boxes import box_slices, calibrated_alpha, clip_box
+from nnunet_ape.localize.boxes import box_slices, calibrated_alpha, clip_box, smallest_reaching
 
 SCALE_QUANTILE = 0.9  # of the shots' misses per face: the margins' shape
 MIN_SCALE_MM = 2.0  # a face the shots never missed on still grows with t
@@ -73,15 +73,7 @@ def t_for_recall(mask, box: np.ndarray, scale: np.ndarray, spacing, target: floa
     high = float(np.max(extent_mm / scale.min(axis=0))) + 1.0  # every face past the image's far side
     half_mm = (np.asarray(box[1]) - np.asarray(box[0])) / 2 * np.asarray(spacing, dtype=np.float64)[:3]
     low = -float(np.max(half_mm / scale.max(axis=0))) - 0.01  # every face at the centre
-    if recall(high) < target:
-        return high
-    while high - low > 0.005:
-        mid = (low + high) / 2
-        if recall(mid) >= target:
-            high = mid
-        else:
-            low = mid
-    return float(np.ceil(high * 100) / 100)
+    return smallest_reaching(recall, low, high, target)
 
 
 def shot_ts(boxes: list[np.ndarray], masks: list, scale: np.ndarray, spacings: list, target: float) -> list[float]:
