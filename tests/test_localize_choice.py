@@ -53,6 +53,28 @@ def test_a_model_must_match_the_body_box_on_the_shots_to_replace_it():
             default_method(False, False, False)] == ["ape_all", "ape", "bpr_z", "body_box"]
 
 
+def test_with_many_shots_every_candidate_competes():
+    from nnunet_ape.localize.choice import MANY_SHOTS
+
+    scores = {"body_box": _scores([1.0, 0.998], 0.05), "ape": _scores([1.0, 0.999], 0.02),
+              "ape_all": _scores([1.0, 0.998], 0.03), "bpr_z": _scores([1.0, 0.97], 0.01)}
+    assert choose(scores, MANY_SHOTS - 1) == "ape_all"  # few shots: only the principal method (label transfer) competes
+    assert choose(scores, MANY_SHOTS) == "ape"  # many: the smallest crop that kept as much as the body box
+    scores["ape"]["recall_mean"] = 0.99  # kept less than the body box on the shots: out
+    assert choose(scores, MANY_SHOTS) == "ape_all"
+    scores["body_box"]["crop_fraction"] = 0.01
+    assert choose(scores, 200) == "body_box"  # the body box is the smallest: no model replaces it
+
+
+def test_shots_with_an_organ_of_another_size_are_named():
+    from nnunet_ape.localize.fit import volume_outliers
+
+    names = [f"s{i}" for i in range(8)]
+    volumes = [25.0, 24.0, 26.0, 27.0, 23.0, 480.0, 2.0, 25.5]  # ml: a contour of another structure, a partial one
+    assert [(n, round(r, 1)) for n, r in volume_outliers(names, volumes)] == [("s5", 19.0), ("s6", 0.1)]
+    assert volume_outliers(names[:4], volumes[:3] + [480.0]) == []  # too few shots to tell
+
+
 def test_relative_body_boxes_follow_the_body():
     body = np.array([[10.0, 20.0, 0.0], [50.0, 60.0, 99.0]])
     organ = np.array([[20.0, 30.0, 33.0], [30.0, 40.0, 66.0]])
@@ -224,6 +246,11 @@ def test_the_safety_net_joins_the_body_box_where_map_and_outline_disagree_beyond
     alphas = {"body_box": 1.5, "ape_all": 1.2}
     agreement = shot_agreement(held, alphas, masks, "ape_all")
     assert 0.8 < agreement <= 1.0  # on the shots the map's crops lay (almost) inside the body box's
+    # one shot of many where the map failed sets the lowest agreement, not the net's threshold (a low quantile)
+    many = {"body_box": [organ.copy() for _ in range(40)], "ape_all": [organ + (15 if i == 0 else 0) for i in range(40)]}
+    many_masks = [masks[0]] * 40
+    assert shot_agreement(many, alphas, many_masks, "ape_all", quantile=0.0) < 0.2
+    assert shot_agreement(many, alphas, many_masks, "ape_all") > 0.9
     assert shot_agreement(held, alphas, masks, "body_box") is None and shot_agreement(held, alphas, masks, "bpr_z") is None
     body_crop = np.array([[5, 5, 5], [24, 24, 24]], float)
     near = np.array([[6, 6, 6], [23, 23, 23]], float)

@@ -198,7 +198,7 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     if k > 1:
         scores = (intervals, [c.scored for c in train], lambda ivs: combine_intervals(ivs, combine)) if use_bpr else None
         selection = selection_scores(masks, held, target, xy, scores, needed, scales, spacings)
-        chosen = choose(selection)
+        chosen = choose(selection, k)
     else:
         selection, chosen = None, default_method(True, use_bpr, transfer is not None)
 

@@ -21,12 +21,12 @@ from nnunet_ape.io import read_volume
 from nnunet_ape.localize.body import body_box, search_region
 from nnunet_ape.localize.boxes import calibrated_alpha, shot_alphas
 from nnunet_ape.localize.choice import (
+    SAFETY_NET_QUANTILE,
     available_methods,
     choose,
     default_method,
     held_out_body_boxes,
     mean_relative_box,
-    safety_net,
     selection_scores,
     shot_agreement,
 )
@@ -78,6 +78,20 @@ def select_shots(cases: list[LabeledCase], organs: dict[str, int], shots: int | 
     notes = [f"{o} is contoured in only {len(c)} of the {len(cases)} labeled cases; fitted on those {len(c)} shot(s)"
              for o, c in chosen.items() if shots is not None and len(c) < shots]
     return chosen, notes
+
+
+VOLUME_OUTLIER = 4.0  # a shot's organ this many times larger (or smaller) than the shots' median is flagged
+
+
+def volume_outliers(names: list[str], volumes: list[float], factor: float = VOLUME_OUTLIER) -> list[tuple[str, float]]:
+    """Shots whose organ volume (any unit) is more than ``factor`` times the median of ``volumes``, or less than
+    1 / ``factor`` of it: (name, volume / median). Needs 5 shots; on the head-and-neck cohort these were
+    contours of other structures (two 'spinal cords' of 19 and 21x the median, one 160 mm wide) or partial ones
+    (larynxes of 0.1x)."""
+    if len(volumes) < 5:
+        return []
+    median = float(np.median(volumes))
+    return [(n, float(v / median)) for n, v in zip(names, volumes) if median > 0 and (v > factor * median or v * factor < median)]
 
 
 def fit_localizer(
@@ -138,6 +152,11 @@ def fit_localizer(
                     notes.append(f"{organ} reaches the first or last slice of case '{case.name}': the scan cuts it, so that "
                                  "end is not a landmark and the box reaches the image border there; prefer shots that show "
                                  "the whole organ")
+        for organ, fit in fits.items():
+            volumes = [float(m.sum()) * float(np.prod(sp)) / 1000 for m, sp in zip(fit.masks, fit.spacings)]
+            notes += [f"{organ}: shot '{name}' contours {ratio:.2g}x the median volume of the organ's shots: check its "
+                      "label (the calibration keeps every shot's organ inside its crop, so one contour of another "
+                      "structure widens every crop)" for name, ratio in volume_outliers(fit.names, volumes)]
         held = held_out_boxes(samples, maps, grids, list(organs.values())) if transfer else []
         organ_held = {o: [held[used.index(i)] for i in per_organ[o]] if held else [] for o in organs}  # its shots'
         organ_entries = {organ: fits[organ].entry(value, organ_held[organ], target_recall, combine, ape_model is not None,
@@ -243,10 +262,10 @@ class _OrganShots:
         if method != "auto":
             entry["method"] = method
         else:
-            entry["method"] = choose(entry["selection"]) if entry["selection"] else default_method(ape, bpr, transfer)
+            entry["method"] = choose(entry["selection"], k) if entry["selection"] else default_method(ape, bpr, transfer)
         agreement = shot_agreement(held, calibrated, self.masks, entry["method"], self.spacings) if k > 1 else None
         if entry["method"] in coverage:  # a box method: the share of new cases its enlargement is expected to cover
             entry["coverage"] = None if coverage[entry["method"]] is None else round(coverage[entry["method"]], 4)
         if agreement is not None:
-            entry["safety_net"] = {"agreement": round(agreement, 4)}
+            entry["safety_net"] = {"agreement": round(agreement, 4), "quantile": SAFETY_NET_QUANTILE}
         return entry

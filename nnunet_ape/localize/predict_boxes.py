@@ -12,7 +12,7 @@ from nnunet_ape.embed import CanonicalMap, EmbedSettings, GridMap, canonical_map
 from nnunet_ape.errors import InputError
 from nnunet_ape.io import Volume
 from nnunet_ape.localize.body import body_box, search_region
-from nnunet_ape.localize.choice import box_in_body, safety_net, with_z
+from nnunet_ape.localize.choice import SAFETY_NET_SLACK, box_in_body, safety_net, with_z
 from nnunet_ape.localize.fewshot import cut_sides, predict_box
 from nnunet_ape.localize.label_transfer import LabelSamples, LabelTransfer, Neighbours, body_grid
 from nnunet_ape.localize.localizer import check_organs, load_localizer, organ_method
@@ -160,7 +160,8 @@ def predict_organ_boxes(localizer: dict, ct: Volume | CanonicalCT, embedding: Ca
             raise InputError(f"organ '{organ}': its method {methods[organ]} needs a model this localization was not given")
         crop = crops[methods[organ]]
         if "safety_net" in entry and "body_box" in crops and safety_nets:
-            crop, inside, used = safety_net(crop, crops["body_box"], entry["safety_net"]["agreement"])
+            net = entry["safety_net"]  # without "quantile": the shots' lowest agreement, used with the old slack
+            crop, inside, used = safety_net(crop, crops["body_box"], net["agreement"], 1.0 if "quantile" in net else SAFETY_NET_SLACK)
             result.update({"inside_body_box": None if inside is None else round(inside, 4), "safety_net": used})
         placed = placed and overlaps_image(crop, ct.shape)
         result.update({"crop_box_voxels": crop.round(2).tolist(), "crop_box": _corners_mm(ct, crop), "placed": placed,
