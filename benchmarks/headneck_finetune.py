@@ -15,6 +15,11 @@ and it continues; ``--minutes`` bounds one invocation).
      ape         ``-pretrained_weights`` from step 2 (nnU-Net's loader: every weight but the segmentation heads);
      ape_reinit  the same, then the last decoder stage re-initialised as well: the check of the issue's suspect, that
                  the pretrained decoder's output statistics slow the start of fine-tuning.
+     channels    the same pretraining minutes used the other way (item 2 of the issue): the standalone ``nnunet-ape
+                 pretrain ape`` (the CPU recipe of ``bench_headneck.RECIPE``) on the same fold-0 training CTs for as
+                 long as step 2 took (its measured seconds), then ``nnunet-ape plan --channels ape`` (the same reduced
+                 plans, configuration ``3d_fullres_ape``: CT + the 3 APE channels) and ``nnUNetTrainerAPEChannels``
+                 from random initialisation; test cases predicted with ``nnunet-ape predict`` (embeddings included).
    Learning curve: every ``--curve-every`` epochs nnU-Net's validation path predicts the 8 curve cases (training
    split, not the test cases; no mirroring) and Dice per organ is scored in the source geometry.
 4. Each finished run predicts the 40 test cases (stock ``nnUNetPredictor``, fold of the run, no mirroring) and scores
@@ -42,12 +47,19 @@ import bench_headneck_segmentation as seg
 from bench_embed import machine
 
 VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
-            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit"}
+            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "channels": "nnUNetTrainerFinetuneChannels"}
 PRETRAIN_TRAINER = "nnUNetTrainerFinetunePretrain"
 PLANS = seg.PLANS["reduced"]
 CONFIGURATION = "3d_fullres"
+CHANNELS_CONFIGURATION = "3d_fullres_ape"  # nnunet-ape plan --channels ape on CONFIGURATION
 NNUNET_ITERATIONS = 1000 * 250  # nnU-Net's default schedule: 1000 epochs of 250 iterations
 PRETRAIN_EPOCH = 25  # iterations per pretraining epoch (a checkpoint after each)
+STANDALONE_ITERATIONS = 100_000  # an upper bound: the standalone APE pretraining ends by the clock (its cosine follows it)
+
+
+def configuration_of(variant: str) -> str:
+    """The plans configuration a variant trains: the APE-channel one for ``channels``, else 3d_fullres."""
+    return CHANNELS_CONFIGURATION if variant == "channels" else CONFIGURATION
 
 
 # ------------------------------------------------------------------------------------------------------- trainers
@@ -81,6 +93,7 @@ def trainer_classes() -> dict[str, type]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
+    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels
 
     class _Pretrain(nnUNetTrainerAPEPretrain):
         """APE pretraining for BENCH_FT_SETTINGS' iterations, a checkpoint every epoch, a clean stop before its
@@ -133,8 +146,15 @@ def trainer_classes() -> dict[str, type]:
                 self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads",
                                        also_print_to_console=True)
 
+    class _FineTuneChannels(seg.ResumableTraining, nnUNetTrainerAPEChannels):
+        """nnUNetTrainerAPEChannels (CT + APE channels, random initialisation) with the same mixin, seeded."""
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=None):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            _seed_everything(self.bench["seed"])
+
     named = {PRETRAIN_TRAINER: (_Pretrain, {}), VARIANTS["scratch"]: (_FineTune, {}), VARIANTS["ape"]: (_FineTune, {}),
-             VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True})}
+             VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True}), VARIANTS["channels"]: (_FineTuneChannels, {})}
     classes = {name: type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs})
                for name, (base, attrs) in named.items()}
     globals().update(classes)
@@ -183,8 +203,52 @@ def register_folds(work: Path, runs: list[tuple[int, int]], train: dict[tuple[in
 
 # ------------------------------------------------------------------------------------------------------ the steps
 
-def results_folder(work: Path, trainer: str) -> Path:
-    return work / "nnUNet_results" / seg.DATASET / f"{trainer}__{PLANS}__{CONFIGURATION}"
+def results_folder(work: Path, trainer: str, configuration: str = CONFIGURATION) -> Path:
+    return work / "nnUNet_results" / seg.DATASET / f"{trainer}__{PLANS}__{configuration}"
+
+
+def pretrain_seconds(work: Path) -> float | None:
+    """Wall seconds step 2 took over its invocations (``WORK/finetune/pretrain_seconds.jsonl``), None until it
+    finished."""
+    file = work / "finetune" / "pretrain_seconds.jsonl"
+    records = [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+    if not any(r["finished"] for r in records):
+        return None
+    return float(sum(r["seconds"] for r in records))
+
+
+def pretrain_standalone(work: Path, seconds: float, deadline: float | None) -> Path | None:
+    """The channels variant's APE model: ``nnunet-ape pretrain ape`` with the CPU recipe on fold 0's training CTs
+    for ``seconds`` (step 2's wall time; one invocation, skipped while the budget has less left); returns its
+    final checkpoint, or None when it did not run."""
+    from bench_headneck import RECIPE, pretrain as pretrain_ape
+
+    run_dir = work / "finetune" / "ape_standalone"
+    final = run_dir / "checkpoint_final.pt"
+    if final.exists():
+        return final
+    if deadline is not None and time.time() + seconds > deadline:
+        print(f"standalone APE pretraining ({seconds / 60:.1f} min) does not fit this budget; next run", flush=True)
+        return None
+    split = json.loads((work / "nnUNet_preprocessed" / seg.DATASET / "splits_final.json").read_text())[0]["train"]
+    images = [work / "nnUNet_raw" / seg.DATASET / "imagesTr" / f"{c}_0000.nii.gz" for c in split]
+    print(f"standalone APE pretraining on {len(images)} training CTs for {seconds / 60:.1f} minutes (step 2's time)", flush=True)
+    reached = pretrain_ape(images, run_dir, STANDALONE_ITERATIONS, seconds / 60, reuse=True, recipe=RECIPE)
+    (work / "finetune" / "ape_standalone.json").write_text(json.dumps({**reached, "budget_seconds": round(seconds, 1)}, indent=1))
+    return final
+
+
+def prepare_channels(work: Path, env: dict, ape_model: Path, processes: int) -> None:
+    """``nnunet-ape plan --channels ape`` on the reduced 3d_fullres with ``ape_model`` and ``nnunet-ape preprocess``
+    of its configuration; once per ``work`` (``WORK/finetune/channels_prepared.json``)."""
+    marker = work / "finetune" / "channels_prepared.json"
+    if marker.exists():
+        return
+    seg._run(env, "nnunet-ape", "plan", "-d", str(seg.DATASET_ID), "-p", PLANS, "-c", CONFIGURATION, "--channels", "ape",
+             "-m", str(ape_model))
+    _, seconds = seg._run(env, "nnunet-ape", "preprocess", "-d", str(seg.DATASET_ID), "-p", PLANS, "-c",
+                          CHANNELS_CONFIGURATION, "-np", str(processes), "--device", "cpu")
+    marker.write_text(json.dumps({"ape_model": str(ape_model), "preprocess_seconds": round(seconds, 1)}, indent=1))
 
 
 def pretrain(work: Path, env: dict, settings: dict, deadline: float | None, device: str) -> Path | None:
@@ -210,7 +274,7 @@ def finetune(work: Path, env: dict, settings: dict, variant: str, k: int, seed: 
              pretrained: Path | None, deadline: float | None, device: str, threads: int | None) -> bool:
     """Step 3 for one run; returns whether its training is finished."""
     trainer = VARIANTS[variant]
-    folder = results_folder(work, trainer) / f"fold_{fold}"
+    folder = results_folder(work, trainer, configuration_of(variant)) / f"fold_{fold}"
     if (folder / "checkpoint_final.pth").exists():
         return True
     run_dir = work / "finetune" / f"{variant}_k{k}_s{seed}"
@@ -222,11 +286,11 @@ def finetune(work: Path, env: dict, settings: dict, variant: str, k: int, seed: 
              "curve_dir": str(run_dir / "curve"), "labels_dir": str(raw / "labelsTr"), "organs": seg.organ_labels(),
              "threads": threads, "seed": seed}
     resume = (folder / "checkpoint_latest.pth").exists()
-    command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(seg.DATASET_ID), CONFIGURATION, str(fold), "-tr",
-               trainer, "-p", PLANS, "-device", device]
+    command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(seg.DATASET_ID), configuration_of(variant), str(fold),
+               "-tr", trainer, "-p", PLANS, "-device", device]
     if resume:
         command.append("--c")
-    elif variant != "scratch":
+    elif variant not in ("scratch", "channels"):
         command += ["-pretrained_weights", str(pretrained)]
     print(f"{variant}, {k} labeled, seed {seed} (fold {fold}): {'continuing' if resume else 'starting'}", flush=True)
     if subprocess.run(command, env={**env, "BENCH_HN_SETTINGS": json.dumps(bench)}).returncode != 0:
@@ -248,12 +312,22 @@ def evaluate(work: Path, env: dict, variant: str, k: int, seed: int, fold: int, 
     out = run_dir / "test_predictions"
     listing = run_dir / "test_images.txt"
     listing.write_text("\n".join(str(raw / "imagesTs" / f"{c}_0000.nii.gz") for c in test) + "\n")
-    command = [sys.executable, str(Path(seg.__file__).resolve()), "predict-stock", "--model",
-               str(results_folder(work, VARIANTS[variant])), "--images", str(listing), "--out", str(out), "--device", device,
-               "--fold", str(fold)] + (["--threads", str(threads)] if threads else []) + \
-        (["--deadline", str(deadline)] if deadline is not None else [])
-    if subprocess.run(command, env=env).returncode != 0:
-        raise SystemExit(f"{variant} k={k} seed={seed}: test prediction failed")
+    if variant == "channels":  # nnunet-ape predict embeds each case itself; cases left by a stop are predicted next run
+        todo = [c for c in test if not (out / f"{c}.nii.gz").exists()]
+        if todo and (deadline is None or time.time() < deadline):
+            listing.write_text("\n".join(str(raw / "imagesTs" / f"{c}_0000.nii.gz") for c in todo) + "\n")
+            command = [str(Path(sys.executable).parent / "nnunet-ape"), "predict", "-i", str(listing), "-o", str(out), "-d",
+                       str(seg.DATASET_ID), "-c", CHANNELS_CONFIGURATION, "-tr", VARIANTS[variant], "-p", PLANS, "-f",
+                       str(fold), "--device", device, "--disable_tta"]
+            if subprocess.run(command, env=env).returncode != 0:
+                raise SystemExit(f"{variant} k={k} seed={seed}: test prediction failed")
+    else:
+        command = [sys.executable, str(Path(seg.__file__).resolve()), "predict-stock", "--model",
+                   str(results_folder(work, VARIANTS[variant])), "--images", str(listing), "--out", str(out), "--device", device,
+                   "--fold", str(fold)] + (["--threads", str(threads)] if threads else []) + \
+            (["--deadline", str(deadline)] if deadline is not None else [])
+        if subprocess.run(command, env=env).returncode != 0:
+            raise SystemExit(f"{variant} k={k} seed={seed}: test prediction failed")
     done = [c for c in test if (out / f"{c}.nii.gz").exists()]
     if len(done) < len(test):
         return None
@@ -321,12 +395,22 @@ def run(args) -> None:
     print(f"{len(pool)} training cases contour all {len(organs)} organs (the labeled pool; the {len(curve_cases)} curve "
           f"cases left out); runs: " + ", ".join(f"k={k} seed {s}" for k, s in runs), flush=True)
     pretrained = pretrain(work, env, settings, deadline, args.device) if set(args.variants) - {"scratch"} else None
+    channels_ready = False
+    if "channels" in args.variants and pretrained is not None:
+        seconds = pretrain_seconds(work)
+        if seconds is None:
+            raise SystemExit("channels: the APE pretraining's time is not recorded in WORK/finetune/pretrain_seconds.jsonl; "
+                             "run the channels variant in a new --work")
+        standalone = pretrain_standalone(work, seconds, deadline)
+        if standalone is not None:
+            prepare_channels(work, env, standalone, args.processes)
+            channels_ready = True
     for k, seed in runs:
         for variant in args.variants:
             if deadline is not None and time.time() > deadline:
                 print("budget spent; run the same command again to continue", flush=True)
                 return finish(work)
-            if variant != "scratch" and pretrained is None:
+            if variant != "scratch" and pretrained is None or variant == "channels" and not channels_ready:
                 continue  # pretraining not finished within this budget
             fold = folds[f"k{k}_s{seed}"]
             if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads):
@@ -357,7 +441,7 @@ def report(work: Path) -> str:
              f"fine-tuning run {iterations} iterations ({settings['epochs']} epochs of {settings['iterations_per_epoch']}), "
              f"{100 * iterations / NNUNET_ITERATIONS:.2f}% of nnU-Net's default schedule (1000 epochs of 250). Test Dice on "
              "the 40 held-out cases, no mirroring, source geometry; mean over the cases contouring each organ, then over "
-             "seeds; spread: the lowest and highest seed's mean over organs.", "",
+             "seeds; spread: the lowest and highest seed's mean over organs.", "", *_channels_note(work),
              "| labeled cases | variant | seeds | mean Dice (spread) | " + " | ".join(organs) + " |",
              "|---|---|---|---|" + "---|" * len(organs)]
     groups: dict[tuple[int, str], list[dict]] = {}
@@ -375,6 +459,17 @@ def report(work: Path) -> str:
     (work / "finetune" / "report.md").write_text(text)
     plot_curves(work, work / "finetune" / "curves.png")
     return text
+
+
+def _channels_note(work: Path) -> list[str]:
+    """The channels variant's pretraining, as report lines (none before it ran)."""
+    file = work / "finetune" / "ape_standalone.json"
+    if not file.exists():
+        return []
+    info = json.loads(file.read_text())
+    return [f"channels: the standalone APE model (CPU recipe) ran {info['iterations']} iterations in the "
+            f"{info['budget_seconds'] / 60:.1f} minutes the nnU-Net APE pretraining took; its 3 embedding channels are "
+            "input channels beside the CT, trained from random initialisation (`nnUNetTrainerAPEChannels`).", ""]
 
 
 def plot_curves(work: Path, png: Path) -> None:
@@ -395,7 +490,7 @@ def plot_curves(work: Path, png: Path) -> None:
     if not series:
         return
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
-    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange")))
+    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:green")))
     for ax, k in zip(axes[0], sorted(series)):
         seen = set()
         for variant, points in series[k]:

@@ -1,7 +1,7 @@
-"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the three variants, the report.
+"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the four variants, the report.
 
-Slow (about 6 minutes on 2 cores): planning 40 training cases, one pretraining epoch, three 4-iteration fine-tuning
-runs and their test prediction.
+Slow (about 10 minutes on 2 cores): planning 40 training cases, one pretraining epoch, the standalone APE pretraining
+for as long, the APE-channel plans, four 4-iteration fine-tuning runs and their test prediction.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _run(work: Path) -> str:
     return done.stdout
 
 
-def test_few_label_benchmark_keeps_the_split_and_compares_the_three_starts(tmp_path):
+def test_few_label_benchmark_keeps_the_split_and_compares_the_four_starts(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from headneck_split import is_test_case
 
@@ -48,11 +48,16 @@ def test_few_label_benchmark_keeps_the_split_and_compares_the_three_starts(tmp_p
     assert splits[run["fold"]]["train"] == run["train"]
     assert "re-initialised" in out
     report = (work / "finetune" / "report.md").read_text()
-    for variant in ("scratch", "ape", "ape_reinit"):
+    for variant in ("scratch", "ape", "ape_reinit", "channels"):
         assert f"| 2 | {variant} | 1 |" in report
         scores = json.loads((work / "finetune" / f"{variant}_k2_s0" / "test_scores.json").read_text())
         assert len(scores["scores"]) == 1 and set(scores["dice"]) == {k for k in json.loads(
             (HEADNECK / "dataset.json").read_text())["labels"] if k != "background"}
+    pretrained = sum(json.loads(line)["seconds"] for line in (work / "finetune" / "pretrain_seconds.jsonl").read_text().splitlines())
+    standalone = json.loads((work / "finetune" / "ape_standalone.json").read_text())
+    assert standalone["budget_seconds"] == pytest.approx(pretrained, abs=0.2)  # the same pretraining minutes
+    plans = json.loads(next((work / "nnUNet_preprocessed").glob("*/nnUNetPlansCPU.json")).read_text())
+    assert "3d_fullres_ape" in plans["configurations"]
     final = next((work / "nnUNet_results").glob("*/nnUNetTrainerFinetuneAPE__*/fold_1/checkpoint_final.pth"))
     stamp = final.stat().st_mtime_ns
     _run(work)  # a rerun finds every step done
