@@ -23,7 +23,8 @@ Stages (models; issue 28's list):
             input channels (``--ape-model``, and ``--bpr-model`` or a tiny BPR pretrained here on the training CTs:
             ``nnunet-ape pretrain bpr --trunk tiny``, :data:`BPR_ITERATIONS` iterations, cosine schedule), trained
             like full, predicted with ``nnunet-ape predict`` (which embeds each test CT; TTA on).
-  oracle    the crop models on the ground-truth box of their organs plus the training margin (10 mm).
+  oracle    the crop models on the ground-truth box of each organ enlarged as the crop stage's localizer enlarges
+            its own boxes, the union over the group (a perfect localizer).
   crop_tight the crop models, predicted with ``nnunet-ape predict -l`` and another localizer (``--tight-localizer``,
             e.g. one fitted with face margins): how much smaller crops save at prediction without retraining.
 
@@ -109,7 +110,7 @@ STAGES = {
     "coarse": "stock 3d_fullres planned at 1.6x the spacing, predicted without TTA (implemented)",
     "crop": "nnunet-ape plan + nnUNetTrainerAPECrop per organ group (jaw, cns, neck), nnunet-ape predict (implemented)",
     "channels": "nnUNetTrainerAPEChannels, whole images + APE and BPR channels (implemented)",
-    "oracle": "the crop models on the ground-truth box plus the same margin (implemented; needs crop)",
+    "oracle": "the crop models on the ground-truth boxes enlarged as the localizer enlarges its own (implemented; needs crop)",
     "crop_tight": "the crop models localized by --tight-localizer (nnunet-ape predict -l; implemented; needs crop)",
 }
 TEST_CASES_N = 40  # hn_169..hn_214 (headneck_split)
@@ -768,7 +769,8 @@ def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, 
         else:
             command = [sys.executable, str(Path(__file__).resolve()), "predict-oracle", "--record", str(record), "--images",
                        *map(str, chunk), "--labels", str(work / "nnUNet_raw" / DATASET / "labelsTs"), "--out", str(out),
-                       "--configurations", *configurations, "--plans", plans, "--device", device] + (["--tta"] if tta else [])
+                       "--configurations", *configurations, "--plans", plans, "--device", device,
+                       "--localizer", str(work / "crop" / "localizer.json")] + (["--tta"] if tta else [])
         began = time.perf_counter()
         if subprocess.run(command, env=env).returncode != 0:
             raise SystemExit(f"{stage}: prediction failed")
@@ -1152,6 +1154,7 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--plans", required=True)
     o.add_argument("--device", default="cpu")
     o.add_argument("--tta", action="store_true")
+    o.add_argument("--localizer", type=Path, required=True, help="the crop stage's localizer (its enlargement per organ)")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args)
@@ -1167,7 +1170,7 @@ def main(argv: list[str] | None = None) -> None:
 
         began = time.perf_counter()
         predict_oracle(DATASET, args.configurations, CROP_TRAINER, args.plans, args.images, args.labels, args.out,
-                       args.device, args.tta)
+                       args.device, args.tta, args.localizer)
         args.record.write_text(json.dumps({"seconds": round(time.perf_counter() - began, 2),
                                            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}))
     else:

@@ -14,8 +14,12 @@ group on the reduced plans, ``nnunet-ape preprocess`` for the three together (nn
 crop's patch and network for the crops' median shape), then the same CPU reduction as every other model
 (``reduce_configuration``), with the batch size capped at the full-image plan's.
 
-Oracle: the crop models on the ground-truth box of their group's organs plus the training margin (10 mm), on the
-test cases (regrowth as in localized prediction): the ceiling of what localization can give.
+Oracle: the crop models on boxes a perfect localizer would give, on the test cases (regrowth as in localized
+prediction): each contoured organ's ground-truth box enlarged as the crop stage's localizer enlarges its own raw
+boxes (the stored alpha or face margins of the organ's chosen method), the union over the group. The gap between
+the crop stage and this is what localization errors cost. (Until 2026-12-05 the oracle was the ground-truth box
+plus the 10 mm training margin: much tighter than any crop the models were trained on, which lost the context
+above the brainstem and put it 15-50 voxels too low; brainstem Dice 0.05.)
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ GROUPS = {
     "neck": ["larynx", "esophagus"],
 }
 BASE = "3d_fullres"
-MARGIN_MM = 10.0  # nnunet-ape plan's default: training boxes reach this far beyond the label; also the oracle's
 
 
 def group_configuration(group: str) -> str:
@@ -107,13 +110,29 @@ def organ_box_fractions(label_file: Path, boxes: dict[str, dict], organs: dict[s
 
 # ---------------------------------------------------------------------------------------------------------- oracle
 
-def oracle_box(label: np.ndarray, values: list[int], spacing: tuple[float, float, float]) -> np.ndarray | None:
-    """The ground-truth box of the organs ``values`` in ``label`` ``(X, Y, Z)`` grown by the training margin (voxels,
-    ``(2, 3)`` low/high, clipped to the image); None when the case contours none of them."""
-    from nnunet_ape.crop_geometry import grow_box, margin_voxels, mask_crop_box
+def oracle_box(label, values: list[int], localizer: dict) -> np.ndarray | None:
+    """The oracle crop box ``(2, 3)`` (inclusive float voxel indices of ``label``'s grid, as a localizer gives them)
+    of the organs ``values``: each contoured organ's ground-truth box enlarged by ``localizer``'s enlargement of its
+    chosen method (in canonical space, as the localizer applies it), their union; None when the case contours none
+    of them. ``label``: the case's label :class:`~nnunet_ape.io.Volume`."""
+    from nnunet_ape.canonical import canonical_ct
+    from nnunet_ape.localize.boxes import mask_box
+    from nnunet_ape.localize.margins import enlarge, stored_enlargement
 
-    tight = mask_crop_box(np.isin(label, values))
-    return None if tight is None else grow_box(tight, margin_voxels(MARGIN_MM, spacing), label.shape)
+    canon = canonical_ct(label)
+    array, spacing = canon.canon.array, canon.canon.spacing
+    entries = {e["label"]: e for e in localizer["organs"].values()}
+    boxes = []
+    for value in values:
+        mask = array == value
+        if value not in entries or not mask.any():
+            continue
+        entry = entries[value]
+        crop = enlarge(mask_box(mask), stored_enlargement(entry, entry["method"]), array.shape, spacing)
+        boxes.append(canon.box_to_source(crop))
+    if not boxes:
+        return None
+    return np.stack([np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)])
 
 
 def oracle_predictor_class():
@@ -127,8 +146,10 @@ def oracle_predictor_class():
         def __post_init__(self) -> None:
             self.feature_models = [None] * len(self.models)
 
+        localizer = None  # the crop stage's localizer (its enlargement per organ)
+
         def _first_box(self, model, features, ct):
-            box = oracle_box(self.label.array, list(model.to_output), self.label.spacing)
+            box = oracle_box(self.label, list(model.to_output), self.localizer)
             if box is None:
                 return {"model": model.name, "kind": model.kind, "organs": model.organs, "skipped": "no organ contoured"}, None
             boxes = {o: {"crop_box_voxels": box.tolist(), "placed": True, "method": "oracle"} for o in model.organs}
@@ -138,10 +159,10 @@ def oracle_predictor_class():
 
 
 def predict_oracle(dataset: str, configurations: list[str], trainer: str, plans: str, images: list[Path],
-                   labels_dir: Path, out: Path, device: str, tta: bool) -> None:
+                   labels_dir: Path, out: Path, device: str, tta: bool, localizer: Path) -> None:
     """Predict ``images`` (``CASE_0000.nii.gz``) with the crop models of ``configurations`` on their oracle boxes
-    (labels from ``labels_dir``), merged and pasted back as ``nnunet-ape predict`` does, into ``out``
-    (``CASE.nii.gz`` + ``CASE_boxes.json``); finished cases are skipped."""
+    (labels from ``labels_dir``, enlarged as ``localizer`` enlarges its boxes), merged and pasted back as
+    ``nnunet-ape predict`` does, into ``out`` (``CASE.nii.gz`` + ``CASE_boxes.json``); finished cases are skipped."""
     from nnunet_ape.io import read_channels, read_volume
     from nnunet_ape.nnunet.localized_predict import PredictOptions, is_done, write_case
     from nnunet_ape.nnunet.trained_model import PredictorOptions, open_model, results_folder
@@ -150,6 +171,7 @@ def predict_oracle(dataset: str, configurations: list[str], trainer: str, plans:
     models = [open_model(results_folder(dataset, trainer, plans, c), ["0"], "checkpoint_final.pth", options)
               for c in configurations]
     predictor = oracle_predictor_class()(models, device, PredictOptions())
+    predictor.localizer = json.loads(Path(localizer).read_text())
     out.mkdir(parents=True, exist_ok=True)
     for image in images:
         case = image.name[: -len("_0000.nii.gz")]
