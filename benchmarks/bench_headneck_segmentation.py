@@ -1131,6 +1131,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA: data-augmentation worker processes [1]")
     p.add_argument("--processes", type=int, default=1,
                    help="nnUNet_def_n_proc and plan_and_preprocess -np/-npfp: nnU-Net's other worker processes [1]")
+    t = sub.add_parser("timing", help="prediction seconds of trained stages on the same test cases, side by side in "
+                       "one run (headneck_seg_timing)")
+    t.add_argument("--work", type=Path, default=Path("/work/bench_headneck_seg"))
+    t.add_argument("--stages", nargs="+", default=["full", "crop", "crop_tight"], help="the first is the baseline "
+                   "[full crop crop_tight]")
+    t.add_argument("--cases", type=int, default=10, help="the first N test cases [10]")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     r = sub.add_parser("report", help="print and write the tables and the learning-curve PNG from what exists")
     r.add_argument("--work", type=Path, default=Path("/work/bench_headneck_seg"))
     s = sub.add_parser("predict-stock", help="internal: stock nnU-Net prediction of a list of images in this process")
@@ -1160,6 +1167,11 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     elif args.command == "report":
         print(report(args.work, list(STAGES)))
+    elif args.command == "timing":
+        from headneck_seg_timing import run_timing
+
+        print(run_timing(sys.modules[__name__], args.work, args.stages, args.cases, args.device,
+                         environment(args.work, 1, 1, None)))
     elif args.command == "predict-measured":
         from headneck_seg_crops import predict_measured
 
