@@ -116,16 +116,14 @@ def box_of(parts: dict, method: str) -> np.ndarray:
 def calibrate(shots: dict, keep: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray, list, list, list]:
     """Face margins of ``method`` calibrated on the shots ``keep`` (indices): (margins mm, each shot's t, held-out
     boxes, masks, spacings)."""
-    from nnunet_ape.localize.boxes import calibrated_alpha
-    from nnunet_ape.localize.margins import face_scale, shot_ts
+    from nnunet_ape.localize.margins import calibrated_margins, face_scale, shot_ts
 
     held = [box_of({m: shots["held"][m][i] for m in METHODS}, method) for i in keep]
     masks = [shots["masks"][i] for i in keep]
     spacings = [shots["spacings"][i] for i in keep]
     scale = face_scale(held, [m.box() for m in masks], spacings)
     ts = np.asarray(shot_ts(held, masks, scale, spacings, 0.99))
-    t, _ = calibrated_alpha(list(ts), 0.0)
-    return scale * t, ts, held, masks, spacings
+    return calibrated_margins(list(ts), scale)[0], ts, held, masks, spacings
 
 
 def measure(tests: list, organ: str, method: str, margins: np.ndarray, kind: str, body_margins=None,

@@ -723,14 +723,43 @@ def predict_stock(model: Path, images: list[Path], out: Path, device: str, tta: 
         print(f"  {case}: {record['case_seconds']:.1f} s", flush=True)
 
 
+def stock_predict_command(work: Path, stage: str, settings: dict, listing: Path, out: Path, device: str,
+                          threads: int | None = None, deadline: float | None = None) -> list[str]:
+    """The command that predicts the images of ``listing`` with a whole-image stage's model (full, coarse) through
+    stock nnUNetPredictor (``predict-stock``) into ``out``."""
+    model = stage_models(work, stage)[0]
+    return [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, model, settings)),
+            "--images", str(listing), "--out", str(out), "--device", device] + \
+        (["--tta"] if IMPLEMENTED[stage]["tta"] else []) + (["--threads", str(threads)] if threads else []) + \
+        (["--deadline", str(deadline)] if deadline is not None else [])
+
+
+def localized_predict_command(work: Path, stage: str, settings: dict, images: list[Path], out: Path, record: Path,
+                              device: str) -> list[str]:
+    """The command that predicts ``images`` with the models of stage crop, crop_tight or channels (``nnunet-ape
+    predict``, crop_tight with ``-l`` its localizer) or oracle (``predict-oracle``) into ``out``, in a process that
+    writes its seconds and peak memory to ``record``."""
+    models = stage_models(work, "channels" if stage == "channels" else "crop")  # oracle, crop_tight: the crop models
+    configurations, trainer = [m["configuration"] for m in models], models[0]["trainer"]
+    plans, tta = PLANS[settings["architecture"]], IMPLEMENTED[stage]["tta"]
+    script = str(Path(__file__).resolve())
+    if stage == "oracle":
+        return [sys.executable, script, "predict-oracle", "--record", str(record), "--images", *map(str, images),
+                "--labels", str(work / "nnUNet_raw" / DATASET / "labelsTs"), "--out", str(out), "--configurations",
+                *configurations, "--plans", plans, "--device", device, "--localizer", str(work / "crop" / "localizer.json")] + \
+            (["--tta"] if tta else [])
+    listing = out / ".chunk.txt"
+    listing.write_text("\n".join(map(str, images)) + "\n")
+    return [sys.executable, script, "predict-measured", "--record", str(record), "--", "predict", "-i", str(listing), "-o",
+            str(out), "-d", str(DATASET_ID), "-c", *configurations, "-tr", trainer, "-p", plans, "-f", "0", "--device",
+            device] + ([] if tta else ["--disable_tta"]) + \
+        (["-l", str(work / "crop_tight" / "localizer.json")] if stage == "crop_tight" else [])
+
+
 def _predict_stock_stage(work: Path, stage: str, settings: dict, env: dict, listing: Path, out: Path, device: str,
                          threads: int | None, deadline: float | None) -> dict[str, dict]:
     """Stage full: stock nnUNetPredictor in a process of its own; returns the per-case timings."""
-    model = stage_models(work, stage)[0]
-    command = [sys.executable, str(Path(__file__).resolve()), "predict-stock", "--model", str(model_folder(work, model, settings)),
-               "--images", str(listing), "--out", str(out), "--device", device] + \
-        (["--tta"] if IMPLEMENTED[stage]["tta"] else []) + (["--threads", str(threads)] if threads else []) + \
-        (["--deadline", str(deadline)] if deadline is not None else [])
+    command = stock_predict_command(work, stage, settings, listing, out, device, threads, deadline)
     if subprocess.run(command, env=env).returncode != 0:
         raise SystemExit(f"{stage}: prediction failed")
     timings = {}
@@ -751,9 +780,7 @@ def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, 
     returns the per-case timings with the process's peak memory."""
     from headneck_seg_crops import localized_timings
 
-    models = stage_models(work, "channels" if stage == "channels" else "crop")  # oracle, crop_tight: the crop models
-    configurations, trainer = [m["configuration"] for m in models], models[0]["trainer"]
-    plans, tta = PLANS[settings["architecture"]], IMPLEMENTED[stage]["tta"]
+    tta = IMPLEMENTED[stage]["tta"]
     runs = out / "runs.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     todo = [im for im, c in zip(images, test) if not (out / f"{c}_boxes.json").exists()]
@@ -764,18 +791,7 @@ def _predict_localized_stage(work: Path, stage: str, settings: dict, env: dict, 
             break
         chunk = todo[i:i + CHUNK]
         record = out / ".run.json"
-        if stage in ("crop", "channels", "crop_tight"):
-            listing = out / ".chunk.txt"
-            listing.write_text("\n".join(map(str, chunk)) + "\n")
-            command = [sys.executable, str(Path(__file__).resolve()), "predict-measured", "--record", str(record), "--",
-                       "predict", "-i", str(listing), "-o", str(out), "-d", str(DATASET_ID), "-c", *configurations,
-                       "-tr", trainer, "-p", plans, "-f", "0", "--device", device] + ([] if tta else ["--disable_tta"]) + \
-                (["-l", str(work / "crop_tight" / "localizer.json")] if stage == "crop_tight" else [])
-        else:
-            command = [sys.executable, str(Path(__file__).resolve()), "predict-oracle", "--record", str(record), "--images",
-                       *map(str, chunk), "--labels", str(work / "nnUNet_raw" / DATASET / "labelsTs"), "--out", str(out),
-                       "--configurations", *configurations, "--plans", plans, "--device", device,
-                       "--localizer", str(work / "crop" / "localizer.json")] + (["--tta"] if tta else [])
+        command = localized_predict_command(work, stage, settings, chunk, out, record, device)
         began = time.perf_counter()
         if subprocess.run(command, env=env).returncode != 0:
             raise SystemExit(f"{stage}: prediction failed")
@@ -804,7 +820,7 @@ def evaluate_stage(work: Path, stage: str, settings: dict, env: dict, test: list
     listing.parent.mkdir(parents=True, exist_ok=True)
     listing.write_text("\n".join(map(str, images)) + "\n")
     how = {"full": "stock nnUNetPredictor", "coarse": "stock nnUNetPredictor", "crop": "nnunet-ape predict, regrowth on",
-           "channels": "nnunet-ape predict, APE + BPR channels", "oracle": "crop models on ground-truth boxes + margin",
+           "channels": "nnunet-ape predict, APE + BPR channels", "oracle": "crop models on ground-truth boxes enlarged as the localizer's",
            "crop_tight": "nnunet-ape predict -l (the tight localizer), regrowth on"}[stage]
     print(f"{stage}: predicting {len(test)} test cases ({how}, TTA {'on' if IMPLEMENTED[stage]['tta'] else 'off'})", flush=True)
     if stage in ("full", "coarse"):
@@ -1067,7 +1083,7 @@ def run(args) -> None:
             print(f"{stage}: the budget is spent; run again to continue", flush=True)
             break
         settings = stage_settings(args.work, IMPLEMENTED[stage].get("models_of", stage), args)
-        if stage in ("oracle", "crop_tight"):
+        if "models_of" in IMPLEMENTED[stage]:  # oracle, crop_tight: the crop models
             if not is_trained(args.work, stage, settings):
                 print(f"{stage}: the crop models are not trained yet (run --stages crop first)", flush=True)
                 continue

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -29,23 +27,12 @@ TIMED = ("full", "coarse", "crop", "crop_tight", "channels")
 
 
 def _command(seg, work: Path, stage: str, settings: dict, image: Path, out: Path, device: str) -> list[str]:
-    """The prediction command of one case with ``stage``'s model(s), as the stage itself predicts."""
-    script = str(Path(seg.__file__).resolve())
-    listing = out / ".case.txt"
-    listing.write_text(f"{image}\n")
-    tta = seg.IMPLEMENTED[stage]["tta"]
+    """The prediction command of one case with ``stage``'s model(s), the one the stage itself runs."""
     if stage in seg.WHOLE_IMAGE and stage != "channels":
-        model = seg.stage_models(work, stage)[0]
-        return [sys.executable, script, "predict-stock", "--model", str(seg.model_folder(work, model, settings)),
-                "--images", str(listing), "--out", str(out), "--device", device] + (["--tta"] if tta else [])
-    models = seg.stage_models(work, "channels" if stage == "channels" else "crop")
-    command = [sys.executable, script, "predict-measured", "--record", str(out / ".run.json"), "--", "predict", "-i",
-               str(listing), "-o", str(out), "-d", str(seg.DATASET_ID), "-c", *[m["configuration"] for m in models],
-               "-tr", models[0]["trainer"], "-p", seg.PLANS[settings["architecture"]], "-f", "0", "--device", device]
-    command += [] if tta else ["--disable_tta"]
-    if stage == "crop_tight":
-        command += ["-l", str(work / "crop_tight" / "localizer.json")]
-    return command
+        listing = out / ".case.txt"
+        listing.write_text(f"{image}\n")
+        return seg.stock_predict_command(work, stage, settings, listing, out, device)
+    return seg.localized_predict_command(work, stage, settings, [image], out, out / ".run.json", device)
 
 
 def _seconds(out: Path, case: str) -> float:
