@@ -53,10 +53,12 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
 
 
 def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu",
-             bpr_checkpoint: Path | None = None, all_voxels: bool = True, search_margin_mm: float | None = 5.0) -> dict:
+             bpr_checkpoint: Path | None = None, all_voxels: bool = True, search_margin_mm: float | None = 5.0,
+             combine: str = "mean") -> dict:
     """The protocol at each k in ``shots`` on ``cases`` (embedded, and scored with ``bpr_checkpoint``, once);
     ``{"embed_seconds": s, "results": {k: evaluate_localization-like result}}``. ``search_margin_mm``: retrieval
-    searches the body grown by this much (None: the whole image, as before 2026-12-05)."""
+    searches the body grown by this much (None: the whole image, as before 2026-12-05); ``combine``: how the shots'
+    boxes are combined (``localize fit --combine``)."""
     from tqdm import tqdm
 
     from nnunet_ape.bpr.scoring import load_bpr_model
@@ -77,10 +79,11 @@ def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[
         for k in shots:
             t0 = time.perf_counter()
             transfer = TransferBoxes(list(organs.values()))
-            per_organ = {name: evaluate_organ(prepared, value, k, transfer=transfer, max_folds=folds, all_voxels=all_voxels)
+            per_organ = {name: evaluate_organ(prepared, value, k, combine=combine, transfer=transfer, max_folds=folds,
+                                               all_voxels=all_voxels)
                          for name, value in tqdm(organs.items(), desc=f"{k}-shot", unit="organ")}
             out[k] = {"organs": per_organ, "mean": mean_over_organs(per_organ), "seconds": time.perf_counter() - t0,
-                      "settings": {"shots": k, "target_recall": 0.99, "combine": "mean", "cases": len(cases),
+                      "settings": {"shots": k, "target_recall": 0.99, "combine": combine, "cases": len(cases),
                                    "methods": [m for m in methods if all_voxels or m != "ape_all"], "max_folds": folds}}
         del prepared
     return {"embed_seconds": embed_s, "results": out}
@@ -118,6 +121,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spacing", default=RECIPE[RECIPE.index("--spacing") + 1],
                         help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
+    parser.add_argument("--combine", default="mean", choices=("mean", "median", "trimmed"),
+                        help="how the shots' boxes are combined, as localize fit --combine [mean]")
     parser.add_argument("--search-margin", default="5",
                         help="retrieval searches the body grown by this many mm; 'none': the whole image (the old search)")
     args = parser.parse_args()
@@ -140,12 +145,12 @@ def main() -> None:
     print(f"APE pretraining: {run}; recipe: {' '.join(recipe)}")
     print(f"retrieval searches: {'the whole image' if margin is None else f'the body grown by {margin:g} mm'}")
     evaluation = evaluate(Path(run["checkpoint"]), held_out, organs, args.shots, args.folds, args.device, args.bpr_model,
-                          search_margin_mm=margin)
+                          search_margin_mm=margin, combine=args.combine)
     from nnunet_ape.localize.evaluate import markdown_tables
 
     report = [f"# Head-and-neck localization ({time.strftime('%Y-%m-%d')}, {machine()})", "",
               f"Pretraining: {run}", f"Recipe: {' '.join(recipe)}", f"BPR: {args.bpr_model}",
-              f"Search: {'whole image' if margin is None else f'body + {margin:g} mm'}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
+              f"Search: {'whole image' if margin is None else f'body + {margin:g} mm'}", f"Shots' boxes combined: {args.combine}", f"Embedding {len(held_out)} cases: {evaluation['embed_seconds']:.0f} s", "",
               summary(evaluation["results"]), ""]
     for k, result in evaluation["results"].items():
         report += [f"({k}-shot evaluation: {result['seconds']:.0f} s)", "", markdown_tables(result), ""]

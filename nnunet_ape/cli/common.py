@@ -7,6 +7,9 @@ from pathlib import Path
 
 from nnunet_ape.errors import InputError
 
+# nnunet_ape.localize.fewshot.COMBINE, spelled out so that --help does not import torch (a test keeps them equal)
+COMBINE_CHOICES = ("mean", "median", "trimmed")
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default where it says something: not for required options, flags, unset (None) or empty
@@ -47,7 +50,9 @@ def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> N
     parser.add_argument("--organs", nargs="+", help="organ names (or label values); default: every labeled organ")
     parser.add_argument("--shots", type=int, default=5, help=shots_help)
     parser.add_argument("--target-recall", type=float, default=0.99, help="fraction of each organ the enlarged box must keep")
-    parser.add_argument("--combine", choices=("mean", "median"), default="mean", help="combine per-shot boxes: mean (paper) or median (robust)")
+    parser.add_argument("--combine", choices=COMBINE_CHOICES, default="mean",
+                        help="combine per-shot boxes side by side: mean (paper), median or trimmed (the mean without the "
+                             "lowest and highest 20%% of the shots per side; robust to a stray shot) [mean]")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import trim_mean
 
 from nnunet_ape.localize.boxes import alpha_over_shots, edge_points, mask_box, points_box
 from nnunet_ape.localize.retrieval import nearest_voxels
 
-COMBINE = ("mean", "median")
+COMBINE = ("mean", "median", "trimmed")
+TRIM = 0.2  # "trimmed": the share of shots left out at each end, per box side (1 of 5 shots, none of 2)
 DEFAULT_ALPHA = 1.5  # used when a single shot leaves nothing to calibrate on
 
 
@@ -49,12 +51,22 @@ def point_queries(embedding: np.ndarray, points: np.ndarray, mask: np.ndarray) -
     return values
 
 
-def combine_boxes(boxes: list[np.ndarray], how: str = "mean") -> np.ndarray:
-    """Combine per-shot boxes ``(2, 3)``: the paper averages corners; ``median`` ignores a stray shot."""
+def combine_values(stack: np.ndarray, how: str = "mean") -> np.ndarray:
+    """Combine the shots' values ``(S, ...)`` over axis 0: ``mean`` (the paper), ``median`` (ignores stray shots),
+    or ``trimmed`` (the mean without the :data:`TRIM` lowest and highest shots, per value)."""
     if how not in COMBINE:
         raise ValueError(f"unknown combination {how!r}; choose one of {COMBINE}")
-    stack = np.stack(boxes)
-    return stack.mean(0) if how == "mean" else np.median(stack, axis=0)
+    stack = np.asarray(stack, dtype=np.float64)
+    if how == "mean":
+        return stack.mean(0)
+    if how == "median":
+        return np.median(stack, axis=0)
+    return trim_mean(stack, TRIM, axis=0)
+
+
+def combine_boxes(boxes: list[np.ndarray], how: str = "mean") -> np.ndarray:
+    """Combine per-shot boxes ``(2, 3)`` corner by corner (:func:`combine_values`)."""
+    return combine_values(np.stack(boxes), how)
 
 
 def cut_sides(mask: np.ndarray) -> np.ndarray:
@@ -98,20 +110,15 @@ def predict_box(
 
 
 def _combine_sides(boxes: list[np.ndarray], how: str) -> np.ndarray:
-    """Per side, the mean or median over the boxes that have it (NaN where none does)."""
+    """Per side, the combination (:func:`combine_values`) over the boxes that have it (NaN where none does)."""
     stack = np.stack(boxes)
     known = ~np.isnan(stack)
     if known.all():
-        return combine_boxes(boxes, how)
-    with np.errstate(invalid="ignore"):
-        if how == "mean":
-            return np.where(known.any(0), np.nansum(stack, 0) / np.maximum(known.sum(0), 1), np.nan)
-        if how not in COMBINE:
-            raise ValueError(f"unknown combination {how!r}; choose one of {COMBINE}")
-        out = np.full(stack.shape[1:], np.nan)
-        for index in zip(*np.nonzero(known.any(0))):
-            out[index] = np.median(stack[(slice(None), *index)][known[(slice(None), *index)]])
-        return out
+        return combine_values(stack, how)
+    out = np.full(stack.shape[1:], np.nan)
+    for index in zip(*np.nonzero(known.any(0))):
+        out[index] = combine_values(stack[(slice(None), *index)][known[(slice(None), *index)]], how)
+    return out
 
 
 def calibrate_alpha(

@@ -15,7 +15,7 @@ import numpy as np
 from nnunet_ape.bpr.scoring import clean_slice_scores, fitted_slope, score_at
 from nnunet_ape.canonical import CanonicalCT, canonical_ct
 from nnunet_ape.io import Volume
-from nnunet_ape.localize.fewshot import COMBINE
+from nnunet_ape.localize.fewshot import COMBINE, combine_values
 
 DEFAULT_MARGIN_MM = 20.0  # single shot: nothing to calibrate on; TotalSegmentator's ROI margin, in score units via the shot's slope
 
@@ -48,15 +48,16 @@ def organ_interval(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def combine_intervals(intervals: list[np.ndarray], how: str = "mean") -> np.ndarray:
-    """Combine the shots' intervals ``(2,)`` end by end (mean as the paper does for boxes, or median), over the
-    shots whose interval is finite (:func:`organ_interval`); NaN twice when none is."""
+    """Combine the shots' intervals ``(2,)`` end by end (:func:`~nnunet_ape.localize.fewshot.combine_values`: mean as
+    the paper does for boxes, median or trimmed), over the shots whose interval is finite (:func:`organ_interval`);
+    NaN twice when none is."""
     if how not in COMBINE:
         raise ValueError(f"unknown combination {how!r}; choose one of {COMBINE}")
     stack = np.stack(intervals)
     stack = stack[np.isfinite(stack).all(axis=1)]
     if len(stack) == 0:
         return np.array([np.nan, np.nan])
-    return stack.mean(0) if how == "mean" else np.median(stack, axis=0)
+    return combine_values(stack, how)
 
 
 def in_range(scores: np.ndarray, interval: np.ndarray, margin: float = 0.0) -> np.ndarray:
