@@ -1,8 +1,9 @@
 """Benchmark: quality levers of APE pretraining on the head-and-neck cohort, each against a default in the same run.
 
-Every configuration pretrains the tiny APE network on the same cases (the first ``--pretrain-cases`` of
-../shared/data/Dataset901_HeadNeckCT) for the same number of iterations and seed, then the localization protocol
-runs at ``--shots`` shots (``--folds`` folds) on the first ``--eval-cases`` remaining cases. One flag differs from the
+Every configuration pretrains the tiny APE network on the same cases (the cohort's 163 training cases,
+:mod:`headneck_split`) for the same number of iterations and seed, then the localization protocol runs at
+``--shots`` shots (``--folds`` folds) on the first ``--eval-cases`` of the 40 held-out cases, searching the body
+as ``localize`` does (until 2026-12-05 the levers were ranked on the first 143 cases with the whole-image search). One flag differs from the
 default per row: spacing range, view volume, variant, ``--max-scan-fraction``. APE 6 points, the body box and the
 chosen method are columns of every row (all voxels is measured by bench_headneck.py: its neighbour searches would
 take most of this benchmark's time). Short runs: they rank levers at CPU scale, not at GPU-length training.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from bench_embed import machine
 from bench_headneck import HEADNECK, evaluate, pretrain
+from headneck_split import split
 
 DEFAULT = {"--model": "tiny", "--spacing": "4,4,4:5,5,5", "--patch-volume": "300000", "--pairs": "4", "--voxels": "2048",
            "--variant": "equiv", "--lr": "2e-3", "--lr-schedule": "cosine", "--workers": "1", "--max-scan-fraction": "0.6",
@@ -44,7 +46,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=HEADNECK)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_headneck_levers"))
-    parser.add_argument("--pretrain-cases", type=int, default=143)
     parser.add_argument("--iterations", type=int, default=800)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--folds", type=int, default=1)
@@ -57,7 +58,8 @@ def main() -> None:
     from nnunet_ape.cases import cases_from_nnunet
 
     cases = sorted(cases_from_nnunet(str(args.data)), key=lambda c: c.name)
-    train, held_out = cases[: args.pretrain_cases], cases[args.pretrain_cases :][: args.eval_cases]
+    train, held_out = split(cases)
+    held_out = held_out[: args.eval_cases]
     organs = {k: v for k, v in cases[0].labels.items() if v}
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}; {args.iterations} iterations per lever; "
           f"pretraining on {len(train)} cases, {args.shots}-shot evaluation ({args.folds} folds) on {len(held_out)}")
