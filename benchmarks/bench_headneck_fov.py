@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--max-cut", type=float, default=0.3, help="most of the body's slices removed at each end")
     parser.add_argument("--enlargement", default="margins", choices=("margins", "alpha"),
                         help="localize fit --enlargement: face margins in mm (default since 2026-12-05) or the paper's alpha")
+    parser.add_argument("--combine", default="mean", choices=("mean", "median", "trimmed"),
+                        help="localize fit --combine: how the shots' boxes are combined [mean]")
     parser.add_argument("--shots", type=int, default=None, help="shots per organ (default: every training case contouring it)")
     parser.add_argument("--test-cases", type=int, default=None, help="the first N test cases only")
     parser.add_argument("--seed", type=int, default=0)
@@ -136,14 +138,14 @@ def main() -> None:
     test = test[: args.test_cases]
     organs = {k: v for k, v in train[0].labels.items() if v}
     print(f"machine: {machine()}; date {time.strftime('%Y-%m-%d')}")
-    print(f"enlargement: {args.enlargement}; shots: {len(train)} training cases ({args.shots or 'all'} per organ), tests: {len(test)} cases x (1 + {args.cuts} cuts)")
+    print(f"enlargement: {args.enlargement}; shots' boxes combined: {args.combine}; shots: {len(train)} training cases ({args.shots or 'all'} per organ), tests: {len(test)} cases x (1 + {args.cuts} cuts)")
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.work / "localizer.json"
     fit_seconds = None
     if not (args.reuse and path.exists()):
         began = time.perf_counter()
         save_localizer(fit_localizer(train, organs, args.model, ape_boxes=args.ape_boxes, shots=args.shots,
-                                    enlargement=args.enlargement), path)
+                                    enlargement=args.enlargement, combine=args.combine), path)
         fit_seconds = time.perf_counter() - began
     localizer = json.loads(path.read_text())
     print(f"localizer fit: {fit_seconds if fit_seconds is None else round(fit_seconds)} s; methods: " +
