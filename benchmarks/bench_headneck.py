@@ -26,6 +26,8 @@ from pathlib import Path
 from bench_embed import machine
 from headneck_split import HEADNECK, split
 
+from nnunet_ape.cli.common import COMBINE_CHOICES
+
 # The CPU recipe: a 'small' network on views at 4-5 mm (the cohort's own in-plane spacing; its 2.5-3 mm slices are
 # coarsened a little), 300k-voxel views (about 300 mm across: most of a head and neck), 4 view pairs and 2048
 # voxel pairs per batch, equivariance variant, cosine learning rate from 1e-3. About 0.45 s per iteration on 2 cores.
@@ -121,7 +123,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spacing", default=RECIPE[RECIPE.index("--spacing") + 1],
                         help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
-    parser.add_argument("--combine", default="mean", choices=("mean", "median", "trimmed"),
+    parser.add_argument("--combine", default="mean", choices=COMBINE_CHOICES,
                         help="how the shots' boxes are combined, as localize fit --combine [mean]")
     parser.add_argument("--search-margin", default="5",
                         help="retrieval searches the body grown by this many mm; 'none': the whole image (the old search)")

@@ -3,10 +3,10 @@
 Every configuration pretrains the tiny APE network on the same cases (the cohort's 163 training cases,
 :mod:`headneck_split`) for the same number of iterations and seed, then the localization protocol runs at
 ``--shots`` shots (``--folds`` folds) on the first ``--eval-cases`` of the 40 held-out cases, searching the body
-as ``localize`` does (until 2026-12-05 the levers were ranked on the first 143 cases with the whole-image search). One flag differs from the
-default per row: spacing range, view volume, variant, ``--max-scan-fraction``. APE 6 points, the body box and the
-chosen method are columns of every row (all voxels is measured by bench_headneck.py: its neighbour searches would
-take most of this benchmark's time). Short runs: they rank levers at CPU scale, not at GPU-length training.
+as ``localize`` does (until 2026-12-05 the levers were ranked on the first 143 cases with the whole-image search).
+One flag differs from the default per row: spacing range, view volume, variant, ``--max-scan-fraction``. APE 6
+points, the body box and the chosen method are columns of every row (all voxels is measured by bench_headneck.py:
+its neighbour searches would take most of this benchmark's time). Short runs: they rank levers at CPU scale, not at GPU-length training.
 
     python benchmarks/bench_headneck_levers.py [--iterations 1000] [--levers default naive ...] [--work DIR]
 """

@@ -227,7 +227,7 @@ def test_the_calibrated_alpha_is_a_conformal_quantile_of_the_shots():
 
 def test_trimmed_combination_leaves_out_the_extreme_shots_per_side():
     from nnunet_ape.cli.common import COMBINE_CHOICES
-    from nnunet_ape.localize.fewshot import COMBINE
+    from nnunet_ape.localize.fewshot import COMBINE, _combine_sides
 
     assert COMBINE_CHOICES == COMBINE
     low = [0.0, 1.0, 2.0, 3.0, 40.0]  # five shots' low x side; one stray shot at 40
@@ -235,8 +235,6 @@ def test_trimmed_combination_leaves_out_the_extreme_shots_per_side():
     assert combine_boxes(boxes, "trimmed")[0, 0] == pytest.approx(2.0)  # mean of 1, 2, 3
     assert combine_boxes(boxes, "mean")[0, 0] == pytest.approx(9.2)
     assert combine_boxes(boxes[:2], "trimmed")[0, 0] == pytest.approx(0.5)  # two shots: nothing to leave out
-    from nnunet_ape.localize.fewshot import _combine_sides
-
     sides = [b.copy() for b in boxes]
     for box, top in zip(sides, (np.nan, 10.0, 11.0, 12.0, 50.0)):
         box[1, 2] = top  # the first shot cannot tell the top: the other four are combined (4 shots: none trimmed)
