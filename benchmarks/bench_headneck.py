@@ -26,7 +26,7 @@ from pathlib import Path
 from bench_embed import machine
 from headneck_split import HEADNECK, split
 
-from nnunet_ape.cli.common import COMBINE_CHOICES
+from nnunet_ape.cli.common import COMBINE_CHOICES, DEFAULT_COMBINE
 
 # The CPU recipe: a 'small' network on views at 4-5 mm (the cohort's own in-plane spacing; its 2.5-3 mm slices are
 # coarsened a little), 300k-voxel views (about 300 mm across: most of a head and neck), 4 view pairs and 2048
@@ -56,7 +56,7 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
 
 def evaluate(checkpoint: Path, cases: list, organs: dict[str, int], shots: list[int], folds: int, device: str = "cpu",
              bpr_checkpoint: Path | None = None, all_voxels: bool = True, search_margin_mm: float | None = 5.0,
-             combine: str = "mean") -> dict:
+             combine: str = DEFAULT_COMBINE) -> dict:
     """The protocol at each k in ``shots`` on ``cases`` (embedded, and scored with ``bpr_checkpoint``, once);
     ``{"embed_seconds": s, "results": {k: evaluate_localization-like result}}``. ``search_margin_mm``: retrieval
     searches the body grown by this much (None: the whole image, as before 2026-12-05); ``combine``: how the shots'
@@ -123,8 +123,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spacing", default=RECIPE[RECIPE.index("--spacing") + 1],
                         help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
-    parser.add_argument("--combine", default="mean", choices=COMBINE_CHOICES,
-                        help="how the shots' boxes are combined, as localize fit --combine [mean]")
+    parser.add_argument("--combine", default=DEFAULT_COMBINE, choices=COMBINE_CHOICES,
+                        help="how the shots' boxes are combined, as localize fit --combine [trimmed since 2026-12-06; mean before]")
     parser.add_argument("--search-margin", default="5",
                         help="retrieval searches the body grown by this many mm; 'none': the whole image (the old search)")
     args = parser.parse_args()

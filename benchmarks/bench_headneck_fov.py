@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
 from headneck_split import HEADNECK, split  # noqa: E402
 
-from nnunet_ape.cli.common import COMBINE_CHOICES  # noqa: E402
+from nnunet_ape.cli.common import COMBINE_CHOICES, DEFAULT_COMBINE  # noqa: E402
 
 # crop: what the localizer crops with (its choice, safety net included); chosen: the chosen method without the net
 METHODS = ("crop", "chosen", "body_box", "ape", "ape_all")
@@ -121,8 +121,8 @@ def main() -> None:
     parser.add_argument("--max-cut", type=float, default=0.3, help="most of the body's slices removed at each end")
     parser.add_argument("--enlargement", default="margins", choices=("margins", "alpha"),
                         help="localize fit --enlargement: face margins in mm (default since 2026-12-05) or the paper's alpha")
-    parser.add_argument("--combine", default="mean", choices=COMBINE_CHOICES,
-                        help="localize fit --combine: how the shots' boxes are combined [mean]")
+    parser.add_argument("--combine", default=DEFAULT_COMBINE, choices=COMBINE_CHOICES,
+                        help="localize fit --combine: how the shots' boxes are combined [trimmed since 2026-12-06; mean before]")
     parser.add_argument("--shots", type=int, default=None, help="shots per organ (default: every training case contouring it)")
     parser.add_argument("--test-cases", type=int, default=None, help="the first N test cases only")
     parser.add_argument("--seed", type=int, default=0)

@@ -226,10 +226,11 @@ def test_the_calibrated_alpha_is_a_conformal_quantile_of_the_shots():
 
 
 def test_trimmed_combination_leaves_out_the_extreme_shots_per_side():
-    from nnunet_ape.cli.common import COMBINE_CHOICES
-    from nnunet_ape.localize.fewshot import COMBINE, _combine_sides
+    from nnunet_ape.cli import common
+    from nnunet_ape.localize import fewshot
+    from nnunet_ape.localize.fewshot import _combine_sides
 
-    assert COMBINE_CHOICES == COMBINE
+    assert common.COMBINE_CHOICES == fewshot.COMBINE and common.DEFAULT_COMBINE == fewshot.DEFAULT_COMBINE
     low = [0.0, 1.0, 2.0, 3.0, 40.0]  # five shots' low x side; one stray shot at 40
     boxes = [np.array([[x, 0, 0], [x + 10, 10, 10]]) for x in low]
     assert combine_boxes(boxes, "trimmed")[0, 0] == pytest.approx(2.0)  # mean of 1, 2, 3

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from nnunet_ape.errors import InputError
 
-# nnunet_ape.localize.fewshot.COMBINE, spelled out so that --help does not import torch (a test keeps them equal)
+# nnunet_ape.localize.fewshot.COMBINE and DEFAULT_COMBINE, spelled out so that --help does not import torch (a test
+# keeps them equal)
 COMBINE_CHOICES = ("mean", "median", "trimmed")
+DEFAULT_COMBINE = "trimmed"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -50,9 +52,10 @@ def add_labeled_case_args(parser: argparse.ArgumentParser, shots_help: str) -> N
     parser.add_argument("--organs", nargs="+", help="organ names (or label values); default: every labeled organ")
     parser.add_argument("--shots", type=int, default=5, help=shots_help)
     parser.add_argument("--target-recall", type=float, default=0.99, help="fraction of each organ the enlarged box must keep")
-    parser.add_argument("--combine", choices=COMBINE_CHOICES, default="mean",
-                        help="combine per-shot boxes side by side: mean (paper), median or trimmed (the mean without the "
-                             "lowest and highest 20%% of the shots per side; robust to a stray shot) [mean]")
+    parser.add_argument("--combine", choices=COMBINE_CHOICES, default=DEFAULT_COMBINE,
+                        help="combine per-shot boxes side by side: trimmed (the mean without the lowest and highest 20%% "
+                             "of the shots per side; robust to a stray shot; the mean below 5 shots), mean (the paper) "
+                             "or median")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 

@@ -48,6 +48,7 @@ from nnunet_ape.localize.choice import (
 from nnunet_ape.cases import LabeledCase, read_case
 from nnunet_ape.localize.fewshot import (
     DEFAULT_ALPHA,
+    DEFAULT_COMBINE,
     cut_sides,
     held_out_box,
     point_queries,
@@ -225,7 +226,7 @@ def _fold_boxes(train: list[PreparedCase], value: int, target: float, combine: s
     return edges, selection, chosen, predict
 
 
-def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = "mean",
+def evaluate_organ(cases: list[PreparedCase], value: int, shots: int, target: float = 0.99, combine: str = DEFAULT_COMBINE,
                    transfer: TransferBoxes | None = None, max_folds: int | None = None, all_voxels: bool = True,
                    enlargement: str = "margins") -> dict:
     """All metrics of one organ (label ``value``) over the folds; cases lacking the organ are left out. Methods:
@@ -309,7 +310,7 @@ def mean_over_organs(per_organ: dict[str, dict]) -> dict[str, float]:
 
 def evaluate_localization(
     cases: list[LabeledCase], organs: dict[str, int], model, settings: EmbedSettings, shots: int = 5, device: str = "cpu",
-    target: float = 0.99, combine: str = "mean", bpr_model=None, max_folds: int | None = None, enlargement: str = "margins",
+    target: float = 0.99, combine: str = DEFAULT_COMBINE, bpr_model=None, max_folds: int | None = None, enlargement: str = "margins",
 ) -> dict:
     """Run the protocol on labeled cases; returns ``{"organs": {name: metrics}, "mean": {...}, "settings": ...}``.
     With ``bpr_model`` the BPR methods are measured in the same run; the calibrated crops grow by ``enlargement``

@@ -30,7 +30,7 @@ from nnunet_ape.localize.choice import (
     selection_scores,
     shot_agreement,
 )
-from nnunet_ape.localize.fewshot import DEFAULT_ALPHA, cut_sides, held_out_box, shot_queries
+from nnunet_ape.localize.fewshot import DEFAULT_ALPHA, DEFAULT_COMBINE, cut_sides, held_out_box, shot_queries
 from nnunet_ape.localize.label_transfer import (
     DEFAULT_K,
     DEFAULT_STEP_MM,
@@ -96,7 +96,7 @@ def volume_outliers(names: list[str], volumes: list[float], factor: float = VOLU
 
 def fit_localizer(
     cases: list[LabeledCase], organs: dict[str, int], checkpoint: Path | None, device: str = "cpu",
-    target_recall: float = 0.99, combine: str = "mean", bpr_checkpoint: Path | None = None, ape_boxes: str = "edge-points",
+    target_recall: float = 0.99, combine: str = DEFAULT_COMBINE, bpr_checkpoint: Path | None = None, ape_boxes: str = "edge-points",
     shots: int | None = None, method: str = "auto", enlargement: str = "margins",
 ) -> dict:
     """Fit a localizer on labeled shots: per organ the first ``shots`` of ``cases`` that contour it (all of them when
