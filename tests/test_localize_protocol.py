@@ -236,6 +236,7 @@ def test_trimmed_combination_leaves_out_the_extreme_shots_per_side():
     assert combine_boxes(boxes, "trimmed")[0, 0] == pytest.approx(2.0)  # mean of 1, 2, 3
     assert combine_boxes(boxes, "mean")[0, 0] == pytest.approx(9.2)
     assert combine_boxes(boxes[:2], "trimmed")[0, 0] == pytest.approx(0.5)  # two shots: nothing to leave out
+    assert np.array_equal(combine_boxes(boxes[:4], "trimmed"), combine_boxes(boxes[:4], "mean"))  # the mean, exactly
     sides = [b.copy() for b in boxes]
     for box, top in zip(sides, (np.nan, 10.0, 11.0, 12.0, 50.0)):
         box[1, 2] = top  # the first shot cannot tell the top: the other four are combined (4 shots: none trimmed)
