@@ -4,11 +4,12 @@ Every configuration pretrains the tiny APE network on the same cases (the cohort
 :mod:`headneck_split`) for the same number of iterations and seed, then the localization protocol runs at
 ``--shots`` shots (``--folds`` folds) on the first ``--eval-cases`` of the 40 held-out cases, searching the body
 as ``localize`` does (until 2026-12-05 the levers were ranked on the first 143 cases with the whole-image search).
-One flag differs from the default per row: spacing range, view volume, variant, ``--max-scan-fraction``. APE 6
+One flag differs from the default per row: spacing range, view volume, variant, ``--max-scan-fraction``,
+``--points``; ``--seeds`` repeats every row per seed and adds the mean. APE 6
 points, the body box and the chosen method are columns of every row (all voxels is measured by bench_headneck.py:
 its neighbour searches would take most of this benchmark's time). Short runs: they rank levers at CPU scale, not at GPU-length training.
 
-    python benchmarks/bench_headneck_levers.py [--iterations 1000] [--levers default naive ...] [--work DIR]
+    python benchmarks/bench_headneck_levers.py [--iterations 1000] [--levers default naive ...] [--seeds 0 1] [--work DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ LEVERS = {
     "variant aug": {"--variant": "aug"},
     "max scan fraction none": {"--max-scan-fraction": "0"},
     "max scan fraction 0.8": {"--max-scan-fraction": "0.8"},
+    "points body": {"--points": "body"},
+    "points balanced": {"--points": "balanced"},
 }
 
 
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--eval-cases", type=int, default=40)
     parser.add_argument("--levers", nargs="+", default=[n for n in LEVERS if n not in ("view volume 600k", "variant aug", "max scan fraction 0.8")],
                         help="names of LEVERS rows to run (default: all but 600k views, aug and 0.8, for time)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="pretraining seeds per lever (several: a row each and their mean)")
     parser.add_argument("--reuse", action="store_true", help="keep finished pretraining runs")
     args = parser.parse_args()
 
@@ -66,16 +70,24 @@ def main() -> None:
     print(f"default: {' '.join(flags({}))}")
     rows = {}
     for name in args.levers:
-        run = args.work / name.replace(" ", "_").replace("/", "-").replace(",", "_").replace(":", "-").replace("(", "").replace(")", "")
-        reached = pretrain([c.image for c in train], run, args.iterations, 120.0, args.reuse, flags(LEVERS[name]))
-        result = evaluate(Path(reached["checkpoint"]), held_out, organs, [args.shots], args.folds, all_voxels=False)["results"][args.shots]
-        m = result["mean"]
-        parotids = [result["organs"][o] for o in ("parotid_left", "parotid_right")]
-        rows[name] = {"seconds": reached["seconds"], **m,
-                      "iou_ape_parotids": sum(p["iou_ape"] for p in parotids) / 2,
-                      "iou_body_box_parotids": sum(p["iou_body_box"] for p in parotids) / 2}
-        print(f"{name}: pretraining {reached['seconds'] or 0:.0f} s, MRE_c {m['mre_c']:.1f} mm, IoU APE {m['iou_ape']:.3f} "
-              f"/ body box {m['iou_body_box']:.3f}", flush=True)
+        for seed in args.seeds:
+            row = name if len(args.seeds) == 1 else f"{name} (seed {seed})"
+            slug = name.replace(" ", "_").replace("/", "-").replace(",", "_").replace(":", "-").replace("(", "").replace(")", "")
+            run = args.work / (slug if seed == 0 else f"{slug}_seed{seed}")
+            reached = pretrain([c.image for c in train], run, args.iterations, 120.0, args.reuse,
+                               flags({**LEVERS[name], "--seed": str(seed)}))
+            result = evaluate(Path(reached["checkpoint"]), held_out, organs, [args.shots], args.folds, all_voxels=False)["results"][args.shots]
+            m = result["mean"]
+            parotids = [result["organs"][o] for o in ("parotid_left", "parotid_right")]
+            rows[row] = {"seconds": reached["seconds"] or 0, **m,
+                         "iou_ape_parotids": sum(p["iou_ape"] for p in parotids) / 2,
+                         "iou_body_box_parotids": sum(p["iou_body_box"] for p in parotids) / 2}
+            print(f"{row}: pretraining {reached['seconds'] or 0:.0f} s, MRE_c {m['mre_c']:.1f} mm, IoU APE {m['iou_ape']:.3f} "
+                  f"/ body box {m['iou_body_box']:.3f}", flush=True)
+        if len(args.seeds) > 1:
+            runs = [rows[f"{name} (seed {seed})"] for seed in args.seeds]
+            rows[f"{name} (mean of {len(runs)} seeds)"] = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]
+                                                          if all(isinstance(r[key], (int, float)) for r in runs)}
     head = ("| lever | pretraining (s) | MRE_c (mm) | IoU APE 6 points | IoU body box | "
             "IoU APE parotids | IoU body box parotids | recall / VR APE 6 points | recall / VR chosen | recall / VR body box |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

@@ -10,7 +10,7 @@ from scipy import ndimage
 from conftest import patient
 from nnunet_ape.io import read_volume, to_canonical
 from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
-from nnunet_ape.pretrain.batches import BatchConfig, make_batch
+from nnunet_ape.pretrain.batches import BODY_HU, BatchConfig, PairBatches, make_batch, sample_view_points
 from nnunet_ape.pretrain.cache import foreground_box, prepare_cache
 from nnunet_ape.pretrain.loss import sample_embeddings
 from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, ViewBox, fit_scan_axis, keep_inside, sample_patch_shape, sample_spacing
@@ -131,3 +131,45 @@ def test_foreground_crop_on_real_ct_removes_air_keeps_body(tmp_path):
     assert np.load(cached[0].path).shape == cropped.shape
     again = prepare_cache([patient("B")], tmp_path / "cache")  # reused, not rewritten
     assert again == cached
+
+
+def _body_in_air(shape=(40, 40, 40), spacing=(2.0, 2.0, 3.0)):
+    """A CT ``(X, Y, Z)`` in HU: a soft-tissue block (40 HU) in its middle half along x and y, air elsewhere."""
+    volume = np.full(shape, -1000.0, dtype=np.float32)
+    a, b = shape[0] // 4, shape[0] * 3 // 4
+    volume[a:b, a:b, :] = 40.0
+    return volume, np.asarray(spacing)
+
+
+def _hu_at(volume, spacing, points):
+    index = np.clip(np.rint(points / spacing).astype(int), 0, np.asarray(volume.shape) - 1)
+    return volume[index[:, 0], index[:, 1], index[:, 2]]
+
+
+@pytest.mark.parametrize("mode, body_share", [("uniform", (0.18, 0.32)), ("body", (1.0, 1.0)), ("balanced", (0.5, 0.5))])
+def test_view_points_fall_where_their_mode_says(mode, body_share):
+    volume, spacing = _body_in_air()
+    lo, hi = np.zeros(3), (np.asarray(volume.shape) - 1) * spacing
+    points = sample_view_points(np.random.default_rng(0), lo, hi, 400, volume, spacing, mode)
+    assert points.shape == (400, 3) and np.all(points >= lo) and np.all(points <= hi)
+    share = float(np.mean(_hu_at(volume, spacing, points) > BODY_HU))
+    assert body_share[0] <= share <= body_share[1]  # the block is a quarter of the volume
+
+
+def test_body_points_fill_up_with_air_where_a_view_holds_little_body():
+    volume, spacing = _body_in_air()
+    lo, hi = np.zeros(3), np.array([22.0, 22.0, 60.0])  # a corner box touching the block's edge only
+    points = sample_view_points(np.random.default_rng(0), lo, hi, 300, volume, spacing, "body")
+    inside = _hu_at(volume, spacing, points) > BODY_HU
+    assert len(points) == 300 and 0 < inside.sum() < 300
+
+
+def test_batches_with_body_points_read_them_in_both_views():
+    volume, spacing = _body_in_air((60, 60, 60))
+    cfg = BatchConfig(variant="equiv", pairs=2, voxels=200, patch_volume=20**3, spacing_range=((2, 2, 3), (2.5, 2.5, 3.5)),
+                      augment=NO_AUGMENT, points="body")
+    batch = make_batch(volume, tuple(spacing), cfg, np.random.default_rng(1))
+    positions = batch["positions"].numpy().reshape(-1, 3)
+    assert np.mean(_hu_at(volume, spacing, positions) > BODY_HU) > 0.9
+    with pytest.raises(ValueError, match="point mode"):
+        PairBatches([], BatchConfig(points="organs"))

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
     """Register ``ape`` and ``bpr`` under the ``pretrain`` command's subparsers ``sub``."""
     from nnunet_ape.models.ape import PRESETS
     from nnunet_ape.models.bpr import TRUNKS
-    from nnunet_ape.pretrain.batches import VARIANTS
+    from nnunet_ape.pretrain.batches import POINT_MODES, VARIANTS
 
     p = sub.add_parser(
         "ape",
@@ -68,6 +68,10 @@ def add_parser(sub) -> None:
                    help="a view spans at most this fraction of its CT along z (0 = no limit). Views longer than the "
                    "scan show its cut ends, and the model then learns position within the scan window instead of "
                    "anatomy (see docs/pretraining.md)")
+    p.add_argument("--points", choices=POINT_MODES, default="uniform",
+                   help="where each view's voxel pairs fall: uniform (anywhere in the view, air around the body "
+                   "included), body (above -500 HU only: the map is searched only there), balanced (half body, half "
+                   "air, as the APE authors' released code)")
     p.set_defaults(func=_run_pretrain_ape)
 
     b = sub.add_parser(
@@ -105,7 +109,8 @@ def _run_pretrain_ape(args) -> None:
         equiv_weight=args.equiv_weight,
         model=args.model,
         batch=BatchConfig(variant=args.variant, pairs=args.pairs, voxels=args.voxels, patch_volume=args.patch_volume,
-                          spacing_range=spacing_range, max_scan_fraction=args.max_scan_fraction),
+                          spacing_range=spacing_range, max_scan_fraction=args.max_scan_fraction,
+                          points=args.points),
     )
     final = pretrain_ape(images, args.output, cfg, resume=args.resume)
     print(f"model: {final}")

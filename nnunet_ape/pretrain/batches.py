@@ -38,6 +38,8 @@ from nnunet_ape.pretrain.views import (
 from nnunet_ape.resample import axis_coords, resample_grid
 
 VARIANTS = ("naive", "aug", "equiv")
+POINT_MODES = ("uniform", "body", "balanced")
+BODY_HU = -500.0  # what counts as body when sampling points: the threshold of the localizer's body mask
 
 
 @dataclass
@@ -52,6 +54,7 @@ class BatchConfig:
     max_shift: float = 0.25
     max_scan_fraction: float = 0.6  # views span at most this fraction of the CT along z (0: no limit); see fit_scan_axis
     spacing_range: tuple[tuple[float, ...], tuple[float, ...]] = PAPER_SPACING_RANGE
+    points: str = "uniform"  # where a view's points fall: one of POINT_MODES (see sample_view_points)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     @property
@@ -78,6 +81,28 @@ def extract_view(volume: np.ndarray, spacing: np.ndarray, box: ViewBox) -> np.nd
     return resample_grid(block, local, fill=AIR_HU).numpy()
 
 
+def sample_view_points(
+    rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, k: int, volume: np.ndarray, spacing: np.ndarray, mode: str
+) -> np.ndarray:
+    """``k`` random points ``(k, 3)`` in mm inside the box ``[lo, hi]`` of ``volume`` (``(X, Y, Z)`` HU, voxel 0 at 0 mm).
+
+    ``mode``: ``uniform`` anywhere in the box (air around the body included); ``body`` only where the nearest voxel
+    is above -500 HU; ``balanced`` half body, half not (the APE authors' released code samples 1024 body and 1024
+    background voxels per view). Where the box holds too few points of a kind, the others fill the rest.
+    """
+    if mode not in POINT_MODES:
+        raise ValueError(f"unknown point mode {mode!r}; choose one of {POINT_MODES}")
+    if mode == "uniform":
+        return sample_points(rng, lo, hi, k)
+    candidates = sample_points(rng, lo, hi, 8 * k)
+    index = np.clip(np.rint(candidates / spacing).astype(np.intp), 0, np.asarray(volume.shape) - 1)
+    inside = np.asarray(volume[index[:, 0], index[:, 1], index[:, 2]]) > BODY_HU
+    body, other = candidates[inside], candidates[~inside]
+    wanted = k if mode == "body" else k // 2
+    n_body = min(len(body), max(wanted, k - len(other)))
+    return np.concatenate([body[:n_body], other[: k - n_body]])
+
+
 def make_batch(volume: np.ndarray, spacing: tuple[float, ...], cfg: BatchConfig, rng: np.random.Generator) -> dict:
     """Build one batch (see module docstring) from a canonical, foreground-cropped CT ``(X, Y, Z)`` in HU."""
     spacing_arr = np.asarray(spacing, dtype=np.float64)
@@ -100,7 +125,7 @@ def make_batch(volume: np.ndarray, spacing: tuple[float, ...], cfg: BatchConfig,
                     break
             boxes.append(second)
             lo, hi = lo2, hi2
-        points = sample_points(rng, lo, hi, k)
+        points = sample_view_points(rng, lo, hi, k, volume, spacing_arr, cfg.points)
         positions.append(points)
         for box in boxes:
             views.append(augment_view(extract_view(volume, spacing_arr, box), rng, cfg.augment))
@@ -122,6 +147,8 @@ class PairBatches(IterableDataset):
         super().__init__()
         if cfg.variant not in VARIANTS:
             raise ValueError(f"unknown variant {cfg.variant!r}; choose one of {VARIANTS}")
+        if cfg.points not in POINT_MODES:
+            raise ValueError(f"unknown point mode {cfg.points!r}; choose one of {POINT_MODES}")
         self.cts, self.cfg, self.seed, self.rank = cts, cfg, seed, rank
 
     def __iter__(self) -> Iterator[dict]:
