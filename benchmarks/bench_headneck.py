@@ -125,11 +125,13 @@ def main() -> None:
                         help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
     parser.add_argument("--combine", default=DEFAULT_COMBINE, choices=COMBINE_CHOICES,
                         help="how the shots' boxes are combined, as localize fit --combine [trimmed since 2026-12-06; mean before]")
+    parser.add_argument("--points", default="uniform", choices=("uniform", "body", "balanced"),
+                        help="where the recipe's voxel pairs fall (pretrain ape --points)")
     parser.add_argument("--search-margin", default="5",
                         help="retrieval searches the body grown by this many mm; 'none': the whole image (the old search)")
     args = parser.parse_args()
     margin = None if args.search_margin.lower() == "none" else float(args.search_margin)
-    recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)]
+    recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)] + ["--points", args.points]
 
     from nnunet_ape.cases import cases_from_nnunet
 

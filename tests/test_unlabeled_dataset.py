@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from conftest import DATA, patient
@@ -33,7 +34,9 @@ def test_case_names_are_unique():
     assert case_names([Path("a/ct.nii.gz"), Path("b/ct.nii.gz"), Path("c/x_0000.nrrd")]) == ["ct", "ct_2", "x"]
 
 
-def test_unlabeled_dataset_plans_and_pretrains(tmp_path):
+def _unlabeled_dataset(tmp_path: Path) -> tuple[dict, dict, Path]:
+    """Write Dataset701_Body from patients A and B (DICOM) and check it, its refusal and its resume; returns the nnU-Net
+    environment, its folders and the dataset folder."""
     roots = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for p in roots.values():
         p.mkdir()
@@ -63,7 +66,16 @@ def test_unlabeled_dataset_plans_and_pretrains(tmp_path):
     out = run_tool(env, "unlabeled", "nnunet-ape", "unlabeled-dataset", "-i", *map(str, images), "-o", "702", "--name", "Again").stdout
     assert "1 case(s) written by an earlier run are kept" in out and not partial.exists()
     assert (roots["nnUNet_raw"] / "Dataset702_Again" / "labelsTr" / "ts_b_upper_abdomen_dicom.nii.gz").is_file()
+    return env, roots, dataset
 
+
+def test_unlabeled_dataset_is_written_refused_and_resumed(tmp_path):
+    _unlabeled_dataset(tmp_path)
+
+
+@pytest.mark.slow
+def test_unlabeled_dataset_plans_and_pretrains(tmp_path):
+    env, roots, dataset = _unlabeled_dataset(tmp_path)
     # stock nnU-Net accepts it, and the APE pretraining trainer trains on it
     out = run_tool(env, "unlabeled", "nnUNetv2_plan_and_preprocess", "-d", "701", "-c", "3d_fullres", "-np", "2",
                    "--verify_dataset_integrity").stdout
