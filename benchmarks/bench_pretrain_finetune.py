@@ -147,6 +147,8 @@ def main() -> None:
     hn.add_argument("--minutes", type=float, help="budget of this invocation (training stops cleanly at an epoch end)")
     hn.add_argument("--epochs", type=int, help="fine-tuning epochs, fixed at the first start [20]")
     hn.add_argument("--iterations-per-epoch", type=int, help="fine-tuning iterations per epoch, fixed at the first start [50]")
+    hn.add_argument("--curve-every", type=int, help="epochs between learning-curve points (each costs about an epoch "
+                    "on CPU), fixed at the first start [4]")
     hn.add_argument("--test-cases", type=int, help="the first N test cases only (smoke checks)")
     hn.add_argument("--train-cases", type=int, help="the first N training cases only (smoke checks; a new --work)")
     hn.add_argument("--threads", type=int, help="torch threads [nnU-Net's]")

@@ -380,7 +380,7 @@ def run(args) -> None:
     print(f"prepared: {info['train_cases']} training / {info['test_cases']} test cases; trained network: "
           f"{info['reduced_3d_fullres']}", flush=True)
     settings = settings_of(work, {"pretrain_iterations": args.pretrain_iterations, "epochs": args.epochs,
-                                  "iterations_per_epoch": args.iterations_per_epoch})
+                                  "iterations_per_epoch": args.iterations_per_epoch, "curve_every": args.curve_every})
     organs = seg.organ_labels()
     raw = work / "nnUNet_raw" / seg.DATASET
     splits = json.loads((work / "nnUNet_preprocessed" / seg.DATASET / "splits_final.json").read_text())
