@@ -70,8 +70,9 @@ def add_parser(sub) -> None:
                    "anatomy (see docs/pretraining.md)")
     p.add_argument("--points", choices=POINT_MODES, default="uniform",
                    help="where each view's voxel pairs fall: uniform (anywhere in the view, air around the body "
-                   "included), body (above -500 HU only: the map is searched only there), balanced (half body, half "
-                   "air, as the APE authors' released code)")
+                   "included), body (above -500 HU only, where localize searches the map: better box IoU on real CT, "
+                   "but its label transfer lost organs on cut scans in one run; see docs/benchmarks.md), balanced "
+                   "(half body, half air, as the APE authors' released code)")
     p.set_defaults(func=_run_pretrain_ape)
 
     b = sub.add_parser(
