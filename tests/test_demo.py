@@ -1,8 +1,9 @@
 """``nnunet-ape demo``: the product end to end on phantoms (issue 32, item 1).
 
-The default suite runs it at toy sizes (3 training phantoms, a pretraining cut short, seconds of nnU-Net training):
-every step runs, the outputs lie where the report says and on the phantoms' grids, a cut-short run says so. The
-``slow`` tests check that a resumed run continues and remakes what depends on the APE model, and run the demo as a user does
+At toy sizes (3 training phantoms, a pretraining cut short, seconds of nnU-Net training; ``slow`` since 2026-12-06,
+3 minutes of the default suite's 20): every step runs, the outputs lie where the report says and on the phantoms'
+grids, a cut-short run says so; a resumed run continues and remakes what depends on the APE model. The default
+suite checks the refusals of bad numbers. Another ``slow`` test runs the demo as a user does
 (its defaults) and checks what it promises: a localizer that keeps the organs on held-out phantoms, crops that
 leave out part of each image, and a crop model whose Dice is close to that of the full-image model trained for the
 same time, or better.
@@ -65,6 +66,7 @@ def _toy_demo(out: Path) -> int:
     return done
 
 
+@pytest.mark.slow
 def test_demo_at_toy_size_runs_every_step(tmp_path, capsys):
     out = tmp_path / "demo"
     _toy_demo(out)
