@@ -10,8 +10,8 @@ from scipy import ndimage
 from conftest import patient
 from nnunet_ape.io import read_volume, to_canonical
 from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
-from nnunet_ape.pretrain.batches import BODY_HU, BatchConfig, PairBatches, make_batch, sample_view_points
-from nnunet_ape.pretrain.cache import foreground_box, prepare_cache
+from nnunet_ape.pretrain.batches import BatchConfig, PairBatches, make_batch, sample_view_points
+from nnunet_ape.pretrain.cache import FOREGROUND_HU, foreground_box, prepare_cache
 from nnunet_ape.pretrain.loss import sample_embeddings
 from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, ViewBox, fit_scan_axis, keep_inside, sample_patch_shape, sample_spacing
 
@@ -152,7 +152,7 @@ def test_view_points_fall_where_their_mode_says(mode, body_share):
     lo, hi = np.zeros(3), (np.asarray(volume.shape) - 1) * spacing
     points = sample_view_points(np.random.default_rng(0), lo, hi, 400, volume, spacing, mode)
     assert points.shape == (400, 3) and np.all(points >= lo) and np.all(points <= hi)
-    share = float(np.mean(_hu_at(volume, spacing, points) > BODY_HU))
+    share = float(np.mean(_hu_at(volume, spacing, points) > FOREGROUND_HU))
     assert body_share[0] <= share <= body_share[1]  # the block is a quarter of the volume
 
 
@@ -160,7 +160,7 @@ def test_body_points_fill_up_with_air_where_a_view_holds_little_body():
     volume, spacing = _body_in_air()
     lo, hi = np.zeros(3), np.array([22.0, 22.0, 60.0])  # a corner box touching the block's edge only
     points = sample_view_points(np.random.default_rng(0), lo, hi, 300, volume, spacing, "body")
-    inside = _hu_at(volume, spacing, points) > BODY_HU
+    inside = _hu_at(volume, spacing, points) > FOREGROUND_HU
     assert len(points) == 300 and 0 < inside.sum() < 300
 
 
@@ -170,6 +170,6 @@ def test_batches_with_body_points_read_them_in_both_views():
                       augment=NO_AUGMENT, points="body")
     batch = make_batch(volume, tuple(spacing), cfg, np.random.default_rng(1))
     positions = batch["positions"].numpy().reshape(-1, 3)
-    assert np.mean(_hu_at(volume, spacing, positions) > BODY_HU) > 0.9
+    assert np.mean(_hu_at(volume, spacing, positions) > FOREGROUND_HU) > 0.9
     with pytest.raises(ValueError, match="point mode"):
         PairBatches([], BatchConfig(points="organs"))

@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from nnunet_ape.intensity import AIR_HU, floor_at_air
 from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
-from nnunet_ape.pretrain.cache import CachedCT
+from nnunet_ape.pretrain.cache import FOREGROUND_HU, CachedCT
 from nnunet_ape.pretrain.views import (
     PAPER_PATCH_VOLUME,
     PAPER_SPACING_RANGE,
@@ -39,7 +39,6 @@ from nnunet_ape.resample import axis_coords, resample_grid
 
 VARIANTS = ("naive", "aug", "equiv")
 POINT_MODES = ("uniform", "body", "balanced")
-BODY_HU = -500.0  # what counts as body when sampling points: the threshold of the localizer's body mask
 
 
 @dataclass
@@ -96,7 +95,8 @@ def sample_view_points(
         return sample_points(rng, lo, hi, k)
     candidates = sample_points(rng, lo, hi, 8 * k)
     index = np.clip(np.rint(candidates / spacing).astype(np.intp), 0, np.asarray(volume.shape) - 1)
-    inside = np.asarray(volume[index[:, 0], index[:, 1], index[:, 2]]) > BODY_HU
+    # body: the threshold of the cache's foreground crop and of the localizer's body mask
+    inside = np.asarray(volume[index[:, 0], index[:, 1], index[:, 2]]) > FOREGROUND_HU
     body, other = candidates[inside], candidates[~inside]
     wanted = k if mode == "body" else k // 2
     n_body = min(len(body), max(wanted, k - len(other)))
