@@ -1,8 +1,8 @@
 """``nnunet-ape demo``: the product end to end on phantoms (issue 32, item 1).
 
 At toy sizes (3 training phantoms, a pretraining cut short, seconds of nnU-Net training; ``slow`` since 2026-12-06,
-3 minutes of the default suite's 20): every step runs, the outputs lie where the report says and on the phantoms'
-grids, a cut-short run says so; a resumed run continues and remakes what depends on the APE model. The default
+3-5 minutes of the default suite's 20): every step runs, the outputs lie where the report says and on the phantoms'
+grids, a cut-short run says so, a resumed one continues and remakes what depends on the APE model. The default
 suite checks the refusals of bad numbers. Another ``slow`` test runs the demo as a user does
 (its defaults) and checks what it promises: a localizer that keeps the organs on held-out phantoms, crops that
 leave out part of each image, and a crop model whose Dice is close to that of the full-image model trained for the
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +30,9 @@ def _table(text: str) -> dict[str, dict[str, str]]:
     return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
 
 
-def _toy_demo(out: Path) -> int:
-    """Run the demo at toy size into ``out``, check every step's output; returns the pretraining iterations done."""
+@pytest.mark.slow
+def test_demo_at_toy_size_runs_every_step_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
     report = run_demo(out, cases=3, heldout=1, minutes=0.2, model="tiny", device="cpu", workers=1, train_minutes=0.05,
                       organs=("liver", "spleen"))  # two organs: one crop around both
     text = report.read_text()
@@ -63,21 +63,9 @@ def _toy_demo(out: Path) -> int:
     assert table["full-image model"]["image share predicted: first crop / after regrowth"] == "100% / 100%"
     assert "localizer on the held-out phantoms: its crop held" in text
     assert (out / "contours.png").stat().st_size > 20_000 and (out / "heldout_ape.png").exists()
-    return done
 
-
-@pytest.mark.slow
-def test_demo_at_toy_size_runs_every_step(tmp_path, capsys):
-    out = tmp_path / "demo"
-    _toy_demo(out)
     assert main(["demo", "-o", str(out), "--cases", "3", "--minutes", "0.1", "--device", "cpu"]) == 2
     assert "already exists" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_at_toy_size_resumes(tmp_path):
-    out = tmp_path / "demo"
-    done = _toy_demo(out)
     # resumed to an iteration count it reaches: the pretraining goes on to it, the localizer and the crop model are
     # made again from the new APE model, the full-image model is kept
     full_model = next((out / "nnUNet_results").glob("Dataset900_*/*/fold_0/checkpoint_final.pth"))
