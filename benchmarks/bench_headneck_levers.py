@@ -70,9 +70,9 @@ def main() -> None:
     print(f"default: {' '.join(flags({}))}")
     rows = {}
     for name in args.levers:
+        slug = name.replace(" ", "_").replace("/", "-").replace(",", "_").replace(":", "-").replace("(", "").replace(")", "")
         for seed in args.seeds:
             row = name if len(args.seeds) == 1 else f"{name} (seed {seed})"
-            slug = name.replace(" ", "_").replace("/", "-").replace(",", "_").replace(":", "-").replace("(", "").replace(")", "")
             run = args.work / (slug if seed == 0 else f"{slug}_seed{seed}")
             reached = pretrain([c.image for c in train], run, args.iterations, 120.0, args.reuse,
                                flags({**LEVERS[name], "--seed": str(seed)}))
