@@ -36,7 +36,8 @@ RECIPE = ["--model", "small", "--spacing", "4,4,4:5,5,5", "--patch-volume", "300
 
 
 def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reuse: bool, recipe: list[str] = RECIPE) -> dict:
-    """Run ``nnunet-ape pretrain ape`` with ``recipe`` (flags) on ``images`` into ``run``; returns what it reached."""
+    """Run ``nnunet-ape pretrain ape`` with ``recipe`` (flags) on ``images`` into ``run``; returns what it reached
+    (``seconds``: wall time of this call; for a reused run, the training seconds its log.csv recorded)."""
     import torch
 
     final = run / "checkpoint_final.pt"
@@ -50,6 +51,11 @@ def pretrain(images: list[Path], run: Path, iterations: int, minutes: float, reu
         subprocess.run([sys.executable, "-m", "nnunet_ape", "pretrain", "ape", "-i", str(listing), "-o", str(run), *recipe,
                         "--iterations", str(iterations), "--max-minutes", str(minutes), *resume], check=True)
         seconds = time.perf_counter() - t0
+    elif (run / "log.csv").exists():
+        from nnunet_ape.training_log import CsvLog
+
+        rows = CsvLog(run / "log.csv", ["iteration", "seconds"]).read()
+        seconds = float(rows[-1]["seconds"]) if rows else None
     state = torch.load(final, map_location="cpu", weights_only=True)
     return {"checkpoint": str(final), "iterations": int(state.get("iteration", -1)), "seconds": seconds}
 
@@ -127,11 +133,13 @@ def main() -> None:
                         help="how the shots' boxes are combined, as localize fit --combine [trimmed since 2026-12-06; mean before]")
     parser.add_argument("--points", default="uniform", choices=("uniform", "body", "balanced"),
                         help="where the recipe's voxel pairs fall (pretrain ape --points)")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe's pretraining seed (pretrain ape --seed)")
     parser.add_argument("--search-margin", default="5",
                         help="retrieval searches the body grown by this many mm; 'none': the whole image (the old search)")
     args = parser.parse_args()
     margin = None if args.search_margin.lower() == "none" else float(args.search_margin)
-    recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)] + ["--points", args.points]
+    recipe = [args.spacing if i > 0 and RECIPE[i - 1] == "--spacing" else x for i, x in enumerate(RECIPE)]
+    recipe += ["--points", args.points, "--seed", str(args.seed)]
 
     from nnunet_ape.cases import cases_from_nnunet
 

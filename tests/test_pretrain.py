@@ -82,6 +82,10 @@ def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path):
     # a second run must not silently overwrite the first
     refused = subprocess.run(_cli(*args, "--iterations", str(target)), capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    # nor continue it as another recipe: the points' sampling is fixed at the start
+    changed = subprocess.run(_cli(*args, "--iterations", str(target), "--resume", "--points", "body"), capture_output=True, text=True)
+    assert changed.returncode == 2 and "batch.points uniform -> body" in changed.stderr
+    assert load_checkpoint(run / "checkpoint_last.pt")["iteration"] == saved
     subprocess.run(_cli(*args, "--iterations", str(target), "--resume"), check=True, capture_output=True)
     iterations, _ = _losses(run)
     assert iterations == list(range(1, target + 1))  # rows after the lost checkpoint dropped, no duplicates

@@ -50,8 +50,9 @@ def add_parser(sub) -> None:
         "ape",
         help="self-supervised APE pretraining on unlabeled CT",
         description="Pretrain an Anatomical Positional Embedding model on unlabeled CT (labels are ignored). "
-        "Defaults follow the paper: AdamW lr 3e-4, weight decay 1e-6, clipping 1.0, n=8 view pairs, N=8000 voxel "
-        "pairs, 150k iterations. Launch with 'torchrun --nproc_per_node G -m nnunet_ape pretrain ape ...' for data-parallel.",
+        "The optimization and batch defaults follow the paper: AdamW lr 3e-4, weight decay 1e-6, clipping 1.0, "
+        "n=8 view pairs, N=8000 voxel pairs, 150k iterations; where the voxel pairs fall (--points) the paper does not "
+        "say, and the default is ours. Launch with 'torchrun --nproc_per_node G -m nnunet_ape pretrain ape ...' for data-parallel.",
         formatter_class=HelpFormatter,
     )
     _add_loop_args(p, lr=3e-4)

@@ -142,6 +142,35 @@ def check_output_folder(out_dir: Path, resume: bool) -> None:
         raise InputError(f"{out_dir}: already holds a pretraining run; pass --resume to continue it or choose a new folder")
 
 
+# settings a resumed run may change: how long and where it runs, not what it learns from
+RESUMABLE_SETTINGS = frozenset({"iterations", "max_minutes", "device", "amp", "workers", "threads", "checkpoint_every"})
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested settings -> ``{"batch.points": ..., ...}``."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumed_settings(out_dir: Path, cfg: LoopConfig) -> None:
+    """Refuse to resume the run in ``out_dir`` with settings other than those it started with (its ``config.json``),
+    outside :data:`RESUMABLE_SETTINGS`: a run that changed its batches or schedule halfway is neither recipe."""
+    saved = out_dir / "config.json"
+    if not saved.exists():  # runs from before config.json
+        return
+    before, now = _flatten(json.loads(saved.read_text())), _flatten(cfg.to_dict())
+    changed = [f"{key} {before.get(key)} -> {now.get(key)}" for key in sorted(set(before) | set(now))
+               if key.split(".")[0] not in RESUMABLE_SETTINGS and before.get(key) != now.get(key)]
+    if changed:
+        raise InputError(f"{out_dir}: --resume with other settings than the run started with ({'; '.join(changed)}); "
+                         "pass the run's own flags (see its config.json) or start a new run in a new folder")
+
+
 def run_training(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resume: bool = False) -> Path:
     """Train ``task`` on ``images``; returns the final checkpoint path.
 
@@ -163,6 +192,8 @@ def run_training(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig,
 
 def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resume: bool, runtime: distributed.Runtime) -> Path:
     check_output_folder(out_dir, resume)
+    if resume:
+        check_resumed_settings(out_dir, cfg)
     if runtime.is_main:
         cached = prepare_cache(images, out_dir / "cache")
     distributed.barrier(runtime)
