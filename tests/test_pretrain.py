@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from conftest import real_patients
 from nnunet_ape.checkpoint import load_checkpoint
 from nnunet_ape.errors import InputError
 from nnunet_ape.pretrain.batches import BatchConfig
+from nnunet_ape.pretrain.loop import check_resumed_settings
 from nnunet_ape.pretrain.train_ape import PretrainConfig, pretrain_ape
 from nnunet_ape.training_log import CsvLog, loss_curves
 
@@ -93,6 +95,18 @@ def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path):
     assert last["iteration"] == target
     steps = {int(s["step"]) for s in last["optimizer"]["state"].values()}
     assert steps == {target}  # Adam moments continued from the checkpoint, not restarted
+
+
+def test_resume_checks_only_the_settings_the_run_recorded(tmp_path):
+    started = PretrainConfig(model="tiny", lr=1e-3, batch=BatchConfig(points="body")).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(started))
+    check_resumed_settings(tmp_path, PretrainConfig(model="tiny", lr=1e-3, iterations=9, workers=0, batch=BatchConfig(points="body")))
+    with pytest.raises(InputError, match=r"batch.points body -> uniform; lr 0.001 -> 0.002\)"):
+        check_resumed_settings(tmp_path, PretrainConfig(model="tiny", lr=2e-3))
+    # a run from before --points existed recorded no points: it resumes with the default it ran with
+    del started["batch"]["points"]
+    (tmp_path / "config.json").write_text(json.dumps(started))
+    check_resumed_settings(tmp_path, PretrainConfig(model="tiny", lr=1e-3))
 
 
 def test_resume_without_a_run_is_refused(tmp_path):

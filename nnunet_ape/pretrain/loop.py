@@ -164,8 +164,9 @@ def check_resumed_settings(out_dir: Path, cfg: LoopConfig) -> None:
     if not saved.exists():  # runs from before config.json
         return
     before, now = _flatten(json.loads(saved.read_text())), _flatten(cfg.to_dict())
-    changed = [f"{key} {before.get(key)} -> {now.get(key)}" for key in sorted(set(before) | set(now))
-               if key.split(".")[0] not in RESUMABLE_SETTINGS and before.get(key) != now.get(key)]
+    # a setting the run's config.json lacks came with a later version, whose default is what the run did
+    changed = [f"{key} {before[key]} -> {now[key]}" for key in sorted(set(before) & set(now))
+               if key.split(".")[0] not in RESUMABLE_SETTINGS and before[key] != now[key]]
     if changed:
         raise InputError(f"{out_dir}: --resume with other settings than the run started with ({'; '.join(changed)}); "
                          "pass the run's own flags (see its config.json) or start a new run in a new folder")
