@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
     from nnunet_ape.models.ape import PRESETS
     from nnunet_ape.models.bpr import TRUNKS
     from nnunet_ape.pretrain.batches import POINT_MODES, VARIANTS
+    from nnunet_ape.pretrain.cache import FOREGROUND_HU
 
     p = sub.add_parser(
         "ape",
@@ -52,7 +53,8 @@ def add_parser(sub) -> None:
         description="Pretrain an Anatomical Positional Embedding model on unlabeled CT (labels are ignored). "
         "The optimization and batch defaults follow the paper: AdamW lr 3e-4, weight decay 1e-6, clipping 1.0, "
         "n=8 view pairs, N=8000 voxel pairs, 150k iterations; where the voxel pairs fall (--points) the paper does not "
-        "say, and the default is ours. Launch with 'torchrun --nproc_per_node G -m nnunet_ape pretrain ape ...' for data-parallel.",
+        "say, and the default is ours. Launch with 'torchrun --nproc_per_node G -m nnunet_ape pretrain ape ...' for "
+        "data-parallel.",
         formatter_class=HelpFormatter,
     )
     _add_loop_args(p, lr=3e-4)
@@ -71,8 +73,9 @@ def add_parser(sub) -> None:
                    "anatomy (see docs/pretraining.md)")
     p.add_argument("--points", choices=POINT_MODES, default="uniform",
                    help="where each view's voxel pairs fall: uniform (anywhere in the view, air around the body "
-                   "included), body (above -500 HU only, where localize searches the map: better box IoU on real CT, "
-                   "but its label transfer lost organs on cut scans in one run; see docs/benchmarks.md), balanced "
+                   f"included), body (above {FOREGROUND_HU:g} HU only, where localize searches the map: better box "
+                   "IoU on real CT, but its label transfer lost organs on cut scans in one run; see "
+                   "docs/benchmarks.md), balanced "
                    "(half body, half air, as the APE authors' released code)")
     p.set_defaults(func=_run_pretrain_ape)
 

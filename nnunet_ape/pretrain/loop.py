@@ -28,6 +28,7 @@ from nnunet_ape.training_log import CsvLog, plot_loss_curve
 
 LAST = "checkpoint_last.pt"
 FINAL = "checkpoint_final.pt"
+CONFIG = "config.json"  # the settings a run started with; --resume checks them
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _flatten(settings: dict, prefix: str = "") -> dict:
 def check_resumed_settings(out_dir: Path, cfg: LoopConfig) -> None:
     """Refuse to resume the run in ``out_dir`` with settings other than those it started with (its ``config.json``),
     outside :data:`RESUMABLE_SETTINGS`: a run that changed its batches or schedule halfway is neither recipe."""
-    saved = out_dir / "config.json"
+    saved = out_dir / CONFIG
     if not saved.exists():  # runs from before config.json
         return
     before, now = _flatten(json.loads(saved.read_text())), _flatten(cfg.to_dict())
@@ -222,7 +223,7 @@ def _train(task: Task, images: list[Path], out_dir: Path, cfg: LoopConfig, resum
     log = CsvLog(out_dir / "log.csv", task.log_columns)
     if runtime.is_main:
         log.truncate(start)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out_dir / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
     # a resumed run draws new batches instead of replaying the first ones
     stream = task.stream(cached, cfg.seed * 1_000_003 + start, runtime.rank)
     loader = DataLoader(
