@@ -7,6 +7,11 @@ standalone APE model whose embeddings are input channels, test Dice on the 40 he
 
     python benchmarks/bench_pretrain_finetune.py --cohort headneck --minutes 120 [--work /work/bench_hn_finetune]
 
+A longer fine-tuning schedule on the same pretraining (--epochs and friends are fixed per work folder):
+
+    python benchmarks/bench_pretrain_finetune.py --cohort headneck --work /work/bench_hn_finetune_long \
+        --pretraining-from /work/bench_hn_finetune --epochs 40 --iterations-per-epoch 100 --curve-every 10
+
 ``--cohort phantoms`` is the earlier one-shot design below, on generated phantoms.
 
 One nnU-Net dataset per cohort, planned by nnU-Net (3d_fullres) and shrunk to a CPU-sized network (--features,
@@ -149,6 +154,9 @@ def main() -> None:
     hn.add_argument("--iterations-per-epoch", type=int, help="fine-tuning iterations per epoch, fixed at the first start [50]")
     hn.add_argument("--curve-every", type=int, help="epochs between learning-curve points (each costs about an epoch "
                     "on CPU), fixed at the first start [4]")
+    hn.add_argument("--pretraining-from", type=Path, metavar="WORK", help="start a new --work from the finished data "
+                    "preparation and APE pretraining of another work folder (copied), e.g. to try a longer fine-tuning "
+                    "schedule without pretraining again")
     hn.add_argument("--test-cases", type=int, help="the first N test cases only (smoke checks)")
     hn.add_argument("--train-cases", type=int, help="the first N training cases only (smoke checks; a new --work)")
     hn.add_argument("--threads", type=int, help="torch threads [nnU-Net's]")

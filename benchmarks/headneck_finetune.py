@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -340,6 +341,63 @@ def evaluate(work: Path, env: dict, variant: str, k: int, seed: int, fold: int, 
     return result
 
 
+# ------------------------------------------------------------------------------------------ reuse a pretraining
+
+ADOPTED = "pretraining_from.json"  # WORK/finetune/: written last, once the copy is complete
+
+
+def adopt_pretraining(source: Path, work: Path) -> dict:
+    """Start ``work`` from the finished steps 1-2 of another work folder ``source`` (``--pretraining-from``): its
+    prepared dataset (nnU-Net plans, preprocessed data, split; a different ``--train-cases`` is then refused), its pretraining checkpoint and seconds, and its
+    standalone APE model and channel preparation where present, copied (not linked: the runs rewrite some of these
+    files), so that a new fine-tuning schedule does not pay for pretraining again. Paths of ``source`` inside copied
+    JSON files are rewritten to ``work``. A rerun with the same ``source`` is a no-op; a ``work`` that has data of
+    its own, or a ``source`` whose pretraining has not finished, is a one-line error. Returns the record written to
+    ``WORK/finetune/pretraining_from.json`` (source, pretraining iterations)."""
+    source, work = source.resolve(), work.resolve()
+    marker = work / "finetune" / ADOPTED
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        if record["source"] != str(source):
+            raise SystemExit(f"{work} was started from the pretraining of {record['source']}; use another --work")
+        return record
+    pretrained = results_folder(source, PRETRAIN_TRAINER) / "fold_0"
+    seconds = pretrain_seconds(source)
+    if not (pretrained / "checkpoint_final.pth").exists() or seconds is None:
+        raise SystemExit(f"--pretraining-from {source}: its APE pretraining has not finished there (no {pretrained}/"
+                         "checkpoint_final.pth); run that work folder first")
+    if source == work or (work / "prepared.json").exists() or (work / "finetune" / "settings.json").exists():
+        raise SystemExit(f"--pretraining-from needs a new --work; {work} already has data of its own")
+    carried = [f"nnUNet_raw/{seg.DATASET}/split.json", f"nnUNet_preprocessed/{seg.DATASET}", str(pretrained.parent.relative_to(source)),
+               "finetune/pretrain_seconds.jsonl", "finetune/ape_standalone", "finetune/ape_standalone.json",
+               "finetune/channels_prepared.json", "prepared.json"]  # prepared.json last: it marks the data as ready
+    for name in carried:
+        _copy_rewritten(source / name, work / name, source, work)
+    stored = json.loads((source / "finetune" / "settings.json").read_text())
+    (work / "finetune" / "settings.json").write_text(json.dumps({"pretrain_iterations": stored["pretrain_iterations"]}, indent=1))
+    record = {"source": str(source), "pretrain_iterations": stored["pretrain_iterations"], "pretrain_seconds": seconds}
+    marker.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _copy_rewritten(src: Path, dst: Path, source: Path, work: Path) -> None:
+    """Copy file or folder ``src`` to ``dst`` (replacing what a killed earlier copy left); in JSON files, the
+    absolute path ``source`` becomes ``work``. A missing ``src`` is skipped."""
+    if not src.exists():
+        return
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    for file in files:
+        target = dst / file.relative_to(src) if src.is_dir() else dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if file.suffix == ".json":
+            text = file.read_text().replace(f'"{source}"', f'"{work}"').replace(f'"{source}/', f'"{work}/')
+            target.write_text(text)
+        else:
+            shutil.copy2(file, target)
+
+
 # ---------------------------------------------------------------------------------------------------- run, report
 
 DEFAULTS = {"pretrain_iterations": 1000, "epochs": 20, "iterations_per_epoch": 50, "val_iterations": 5, "curve_every": 4,
@@ -376,6 +434,10 @@ def run(args) -> None:
     print(f"machine: {machine()}\nwork folder: {work}\ndate: {date.today().isoformat()}", flush=True)
     env = seg.environment(work, args.loader_processes, args.processes, args.threads)
     (work / "ext" / "bench_finetune_trainers.py").write_text(TRAINER_SHIM.format(benchmarks=str(Path(__file__).resolve().parent)))
+    if args.pretraining_from is not None:
+        adopted = adopt_pretraining(args.pretraining_from, work)
+        print(f"data and APE pretraining ({adopted['pretrain_iterations']} iterations, {adopted['pretrain_seconds'] / 60:.0f} "
+              f"min) taken from {adopted['source']}", flush=True)
     info = seg.prepare(work, env, args.processes, args.train_cases)
     print(f"prepared: {info['train_cases']} training / {info['test_cases']} test cases; trained network: "
           f"{info['reduced_3d_fullres']}", flush=True)
