@@ -14,6 +14,7 @@ MIN_VOXELS = 8  # = nnunet_ape.nnunet.crop_dataset.MIN_VOXELS
 
 
 def add_parser(sub) -> None:
+    """Register the ``crop-dataset`` command on the ``nnunet-ape`` subparsers ``sub``."""
     crop = sub.add_parser(
         "crop-dataset",
         help="write a new nnU-Net raw dataset of organ crops (and embedding channels) from an existing one",

@@ -9,6 +9,7 @@ from nnunet_ape.cli.common import HelpFormatter
 
 
 def add_parser(sub) -> None:
+    """Register the ``demo`` command on the ``nnunet-ape`` subparsers ``sub``."""
     p = sub.add_parser(
         "demo",
         help="the product end to end on built-in synthetic CT phantoms (no data needed, about 10 min on 2 CPU cores)",

@@ -10,6 +10,7 @@ from nnunet_ape.errors import InputError
 
 
 def add_parser(sub) -> None:
+    """Register the ``embed`` command on the ``nnunet-ape`` subparsers ``sub``."""
     p = sub.add_parser(
         "embed",
         help="APE map of whole CT volumes (3-component NIfTI in the input's geometry)",

@@ -11,6 +11,7 @@ from nnunet_ape.localize.margins import ENLARGEMENTS
 
 
 def add_parser(sub) -> None:
+    """Register the ``evaluate`` command on the ``nnunet-ape`` subparsers ``sub``."""
     ev = sub.add_parser("evaluate", help="evaluation protocols (localization, bpr)", description="Evaluation protocols.")
     ev_sub = ev.add_subparsers(dest="evaluate_command", required=True, metavar="WHAT")
     p = ev_sub.add_parser(

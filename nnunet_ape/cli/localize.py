@@ -12,6 +12,7 @@ from nnunet_ape.localize.margins import ENLARGEMENTS
 
 
 def add_parser(sub) -> None:
+    """Register the ``localize`` command on the ``nnunet-ape`` subparsers ``sub``."""
     loc = sub.add_parser("localize", help="few-shot organ boxes from APE maps and/or BPR slice scores (fit, predict)",
                          description="Few-shot organ localization: fit a localizer on K labeled cases, predict boxes.")
     loc_sub = loc.add_subparsers(dest="localize_command", required=True, metavar="STEP")

@@ -12,6 +12,7 @@ DEFAULT_MARGIN_MM = 10.0  # = nnunet_ape.nnunet.crop_dataset.DEFAULT_MARGIN_MM; 
 
 
 def add_parser(sub) -> None:
+    """Register the ``plan`` command on the ``nnunet-ape`` subparsers ``sub``."""
     parser = sub.add_parser(
         "plan",
         help="add APE configurations (organ crops, embedding channels) to a planned nnU-Net dataset",

@@ -10,6 +10,7 @@ from nnunet_ape.errors import InputError
 
 
 def add_parser(sub) -> None:
+    """Register the ``predict`` command on the ``nnunet-ape`` subparsers ``sub``."""
     parser = sub.add_parser(
         "predict",
         help="segment CTs with nnU-Net models on their organ crops only (localize, crop, nnU-Net, paste back)",

@@ -8,6 +8,7 @@ from nnunet_ape.cli.common import HelpFormatter
 
 
 def add_parser(sub) -> None:
+    """Register the ``preprocess`` command on the ``nnunet-ape`` subparsers ``sub``."""
     parser = sub.add_parser(
         "preprocess",
         help="preprocess APE configurations added by 'nnunet-ape plan' (nnUNetv2_preprocess cannot run them)",

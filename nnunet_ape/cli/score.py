@@ -10,6 +10,7 @@ from nnunet_ape.errors import InputError
 
 
 def add_parser(sub) -> None:
+    """Register the ``score`` command on the ``nnunet-ape`` subparsers ``sub``."""
     score = sub.add_parser(
         "score",
         help="BPR slice scores of CTs (JSON with bpreg's keys, optional PNG)",

@@ -18,6 +18,7 @@ def trainers_folder() -> Path:
 
 
 def add_parser(sub) -> None:
+    """Register the ``trainers-path`` command on the ``nnunet-ape`` subparsers ``sub``."""
     parser = sub.add_parser(
         "trainers-path",
         help="print the folder for nnUNet_extTrainer (export nnUNet_extTrainer=$(nnunet-ape trainers-path))",

@@ -9,6 +9,7 @@ from nnunet_ape.cli.common import HelpFormatter
 
 
 def add_parser(sub) -> None:
+    """Register the ``uncrop`` command on the ``nnunet-ape`` subparsers ``sub``."""
     parser = sub.add_parser(
         "uncrop",
         help="paste nnUNetv2_predict outputs of crop datasets back onto the source CTs",

@@ -8,6 +8,7 @@ from nnunet_ape.cli.common import HelpFormatter
 
 
 def add_parser(sub) -> None:
+    """Register the ``unlabeled-dataset`` command on the ``nnunet-ape`` subparsers ``sub``."""
     parser = sub.add_parser(
         "unlabeled-dataset",
         help="unlabeled CTs as an nnU-Net raw dataset (body labels), for APE pretraining inside nnU-Net",

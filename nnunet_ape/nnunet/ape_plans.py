@@ -121,6 +121,7 @@ def configuration_name(base: str, organs: list[str], channels: list[str], channe
 
 
 def plans_path(preprocessed: Path, plans_identifier: str) -> Path:
+    """The plans file ``PLANS.json`` of a preprocessed dataset folder (it need not exist)."""
     return preprocessed / f"{plans_identifier}.json"
 
 
@@ -141,6 +142,8 @@ def preprocessed_dataset(spec: str) -> Path:
 
 
 def read_plans(preprocessed: Path, plans_identifier: str) -> dict:
+    """The plans ``plans_identifier`` of a preprocessed dataset folder, as a dict; InputError naming the nnU-Net
+    command to run when the file is missing."""
     path = plans_path(preprocessed, plans_identifier)
     if not path.is_file():
         raise InputError(f"{path}: no plans; run 'nnUNetv2_plan_experiment -d {preprocessed.name}' "

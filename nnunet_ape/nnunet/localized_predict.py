@@ -310,6 +310,8 @@ def write_case(result: CaseResult, output: Path, case: str, ending: str, inputs:
 
 
 def is_done(output: Path, case: str, ending: str) -> bool:
+    """Whether ``case`` is finished in ``output``: its segmentation (``ending``) and its ``_boxes.json`` report,
+    written last, are both there."""
     return (output / f"{case}{ending}").is_file() and (output / f"{case}_boxes.json").is_file()
 
 
