@@ -9,7 +9,8 @@ command of the installed tools as a user runs it, its output in ``WORK/logs/NN_s
  4. ``nnunet-ape plan`` (a liver crop, APE channels) and ``nnunet-ape preprocess`` on the GPU;
  5. ``nnUNetTrainerAPECrop_smoke`` and ``nnUNetTrainerAPEChannels_smoke`` (5 iterations + validation) with
     ``torch.compile`` off and on (``nnUNet_compile=0`` / ``1``; nnU-Net compiles by default on CUDA);
- 6. ``nnUNetTrainerAPEPretrain_smoke`` on one GPU, and with ``-num_gpus 2`` where there are 2 GPUs;
+ 6. ``nnUNetTrainerAPEPretrain_smoke`` on one GPU (its checkpoint then read as nnU-Net main's nnssl fine-tuning
+    reads it: every network weight must load onto the CPU), and with ``-num_gpus 2`` where there are 2 GPUs;
  7. a 512x512x300 CT (a phantom resampled onto that grid), a stock ``3d_fullres`` model (random weights: time and
     memory do not depend on them), ``nnUNetv2_predict`` against ``nnunet-ape predict`` with the same model (label
     maps compared), and ``nnunet-ape predict`` with the liver crop model.
@@ -98,6 +99,7 @@ def steps(work: Path, device: str, tiny: bool, gpus: int) -> list[Step]:
                             "nnU-Net turns torch.compile off on CPU: the same as compile off" if on_cpu and compiled == "1" else None))
     pretrain_trainer = [tool("nnUNetv2_train"), DATASET_ID, "3d_fullres", "all", "-tr", "nnUNetTrainerAPEPretrain_smoke", "-device", device]
     out.append(Step("nnUNetTrainerAPEPretrain_smoke, 1 GPU" if not on_cpu else "nnUNetTrainerAPEPretrain_smoke", pretrain_trainer))
+    out.append(Step("pretraining checkpoint loads without a GPU", helper("portable-checkpoint", str(work))))
     out.append(Step("nnUNetTrainerAPEPretrain_smoke, 2 GPUs", [*pretrain_trainer, "-num_gpus", "2"],
                     skip="no CUDA: nnU-Net's multi-GPU training needs CUDA devices" if on_cpu else
                     (f"{gpus} GPU(s) here" if gpus < 2 else None)))
@@ -306,6 +308,18 @@ def stock_model(work: Path) -> None:
                 "inference_allowed_mirroring_axes": [0, 1, 2]}, folder / "fold_0" / "checkpoint_final.pth")
 
 
+def portable_checkpoint(work: Path) -> int:
+    """The pretraining trainer's final checkpoint as nnU-Net main's nnssl fine-tuning reads it (``weights_only``, no
+    ``map_location``): exit 1 when a network weight would load onto a GPU, which fails on a machine without one."""
+    import torch
+
+    file = work / "nnUNet_results" / DATASET / "nnUNetTrainerAPEPretrain_smoke__nnUNetPlans__3d_fullres" / "fold_all" / "checkpoint_final.pth"
+    weights = torch.load(file, weights_only=True)["network_weights"]
+    devices = sorted({str(v.device) for v in weights.values()})
+    print(f"{file}: {len(weights)} network weights on {', '.join(devices)}")
+    return 0 if devices == ["cpu"] else 1
+
+
 def compare(a: Path, b: Path) -> int:
     """Voxel agreement of the label maps of two prediction folders; exit 1 below 99.9%."""
     import numpy as np
@@ -340,6 +354,8 @@ def run_helper(name: str, args: list[str]) -> int:
         make_ct(Path(args[0]), args[1] == "True")
     elif name == "stock-model":
         stock_model(Path(args[0]))
+    elif name == "portable-checkpoint":
+        return portable_checkpoint(Path(args[0]))
     elif name == "compare":
         return compare(Path(args[0]), Path(args[1]))
     else:

@@ -39,6 +39,7 @@ def test_gpu_check_refuses_without_a_gpu_and_dry_run_lists_every_step(tmp_path):
         for flag in ("0", "1"):
             assert any(line.startswith(f"nnUNet_compile={flag} ") and trainer in line for line in out.splitlines()), (trainer, flag)
     assert "-tr nnUNetTrainerAPEPretrain_smoke -device cuda -num_gpus 2" in out
+    assert "--helper portable-checkpoint" in out  # its checkpoint must load without a GPU (nnU-Net main's nnssl path)
     assert "nnUNetv2_predict -i" in out and "nnunet-ape predict -i" in out and "512x512x300 CT" in out
     assert "nnUNet_extTrainer=" in out
 

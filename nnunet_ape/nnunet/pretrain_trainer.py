@@ -372,8 +372,9 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint (same keys) plus ``nnunet_ape`` and nnssl's ``nnssl_adaptation_plan`` (also written as
-        ``adaptation_plan.json`` beside it), numpy values made plain so that ``torch.load(weights_only=True)`` reads
-        it (as nnU-Net's nnssl fine-tuning path loads it); written atomically."""
+        ``adaptation_plan.json`` beside it), numpy values made plain and network weights on the CPU, so that
+        ``torch.load(weights_only=True)`` reads it on any machine (as nnU-Net's nnssl fine-tuning path loads it);
+        written atomically."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -383,7 +384,9 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
         if isinstance(module, OptimizedModule):
             module = module._orig_mod
         checkpoint = {
-            "network_weights": module.state_dict(),
+            # on the CPU: nnU-Net main's nnssl fine-tuning loads with weights_only and no map_location, so weights
+            # saved on a GPU would not load on a machine without one (nnU-Net's own resume maps them to its device)
+            "network_weights": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
