@@ -348,12 +348,13 @@ ADOPTED = "pretraining_from.json"  # WORK/finetune/: written last, once the copy
 
 def adopt_pretraining(source: Path, work: Path) -> dict:
     """Start ``work`` from the finished steps 1-2 of another work folder ``source`` (``--pretraining-from``): its
-    prepared dataset (nnU-Net plans, preprocessed data, split; a different ``--train-cases`` is then refused), its pretraining checkpoint and seconds, and its
-    standalone APE model and channel preparation where present, copied (not linked: the runs rewrite some of these
-    files), so that a new fine-tuning schedule does not pay for pretraining again. Paths of ``source`` inside copied
-    JSON files are rewritten to ``work``. A rerun with the same ``source`` is a no-op; a ``work`` that has data of
-    its own, or a ``source`` whose pretraining has not finished, is a one-line error. Returns the record written to
-    ``WORK/finetune/pretraining_from.json`` (source, pretraining iterations)."""
+    prepared dataset (nnU-Net plans, preprocessed data, split; a different ``--train-cases`` is then refused), its
+    pretraining checkpoint and seconds, and its standalone APE model and channel preparation where present, copied
+    (not linked: the runs rewrite some of these files), so that a new fine-tuning schedule does not pay for
+    pretraining again. Paths of ``source`` inside copied JSON files are rewritten to ``work``. A rerun with the same
+    ``source`` is a no-op; a ``work`` that has data of its own, or a ``source`` whose pretraining has not finished,
+    is a one-line error. Returns the record written to ``WORK/finetune/pretraining_from.json`` (source, pretraining
+    iterations and seconds)."""
     source, work = source.resolve(), work.resolve()
     marker = work / "finetune" / ADOPTED
     if marker.exists():
@@ -368,8 +369,8 @@ def adopt_pretraining(source: Path, work: Path) -> dict:
                          "checkpoint_final.pth); run that work folder first")
     if source == work or (work / "prepared.json").exists() or (work / "finetune" / "settings.json").exists():
         raise SystemExit(f"--pretraining-from needs a new --work; {work} already has data of its own")
-    carried = [f"nnUNet_raw/{seg.DATASET}/split.json", f"nnUNet_preprocessed/{seg.DATASET}", str(pretrained.parent.relative_to(source)),
-               "finetune/pretrain_seconds.jsonl", "finetune/ape_standalone", "finetune/ape_standalone.json",
+    carried = [f"nnUNet_raw/{seg.DATASET}/split.json", f"nnUNet_preprocessed/{seg.DATASET}",
+               str(pretrained.parent.relative_to(source)), "finetune/pretrain_seconds.jsonl", "finetune/ape_standalone", "finetune/ape_standalone.json",
                "finetune/channels_prepared.json", "prepared.json"]  # prepared.json last: it marks the data as ready
     for name in carried:
         _copy_rewritten(source / name, work / name, source, work)
