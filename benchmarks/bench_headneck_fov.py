@@ -11,7 +11,8 @@ no voxel in its crop, the worst outcome (nnU-Net then predicts nothing there and
     python benchmarks/bench_headneck_fov.py --model CHECKPOINT [--cuts 3] [--max-cut 0.3] [--work /tmp/bench_headneck_fov]
 
 Prints the machine, the date, per organ and method: mean recall, the share of cases keeping >= 0.99 (coverage),
-the lowest recall, organs lost, the geometric-mean volume ratio; then the mean over organs. Writes
+the lowest recall, organs lost, the geometric-mean volume ratio; then the mean over organs. The last column, the
+organ's own tight box, is the scale of the volume ratios: what a perfect localizer gives before any enlargement. Writes
 ``WORK/fov.json`` (every case's figures) and ``WORK/fov.md``; the fitted localizer is ``WORK/localizer.json``
 (reused with ``--reuse``).
 """
@@ -32,10 +33,11 @@ from headneck_split import HEADNECK, split  # noqa: E402
 
 from nnunet_ape.cli.common import COMBINE_CHOICES, DEFAULT_COMBINE  # noqa: E402
 
-# crop: what the localizer crops with (its choice, safety net included); chosen: the chosen method without the net
-METHODS = ("crop", "chosen", "body_box", "ape", "ape_all")
+# crop: what the localizer crops with (its choice, safety net included); chosen: the chosen method without the net;
+# true_box: the organ's own tight box in the scan (no localizer: the volume ratio a perfect, unenlarged box gives)
+METHODS = ("crop", "chosen", "body_box", "ape", "ape_all", "true_box")
 TITLES = {"crop": "localizer's crop", "chosen": "chosen, no safety net", "body_box": "body box", "ape": "APE 6 points",
-          "ape_all": "APE all voxels"}
+          "ape_all": "APE all voxels", "true_box": "the organ's true box"}
 
 
 def z_cut(ct, label: np.ndarray, rng: np.random.Generator, max_cut: float):
@@ -62,7 +64,7 @@ def z_cut(ct, label: np.ndarray, rng: np.random.Generator, max_cut: float):
 def measure_case(localizer: dict, model, settings, ct, label: np.ndarray, organs: dict[str, int]) -> dict:
     """Per organ present in ``label``: {method: [recall, volume ratio]} and the localizer's own method and flags."""
     from nnunet_ape.embed import embed_volume
-    from nnunet_ape.localize.boxes import box_recall, volume_ratio
+    from nnunet_ape.localize.boxes import box_recall, mask_box, volume_ratio
     from nnunet_ape.localize.predict_boxes import predict_organ_boxes
 
     embedding = embed_volume(model, ct, settings, progress=False)
@@ -75,7 +77,7 @@ def measure_case(localizer: dict, model, settings, ct, label: np.ndarray, organs
         entry = boxes[organ]
         own = entry["crop_boxes_voxels"]
         crops = {"crop": np.asarray(entry["crop_box_voxels"]), "chosen": np.asarray(own[entry["method"]]),
-                 **{m: np.asarray(b) for m, b in own.items()}}
+                 **{m: np.asarray(b) for m, b in own.items()}, "true_box": mask_box(mask)}
         out[organ] = {"method": entry["method"], "safety_net": entry.get("safety_net", False),
                       **{m: [box_recall(mask, b), volume_ratio(mask.shape, b)] for m, b in crops.items() if m in METHODS}}
     return out
