@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATASET_ID = "960"
 DATASET = "Dataset960_GpuCheck"
+PRETRAIN_SMOKE = "nnUNetTrainerAPEPretrain_smoke"  # step 6's trainer; the checkpoint check reads its results folder
 ORGANS = {"liver": 1, "kidney_left": 2}
 TRAIN, VAL = [100, 101, 102, 103, 104, 105], [200, 201]
 TINY_TRAIN, TINY_VAL = [100, 101, 102], [200]
@@ -97,7 +98,7 @@ def steps(work: Path, device: str, tiny: bool, gpus: int) -> list[Step]:
                             [tool("nnUNetv2_train"), DATASET_ID, configuration, "0", "-tr", trainer, "-device", device],
                             {"nnUNet_compile": compiled},
                             "nnU-Net turns torch.compile off on CPU: the same as compile off" if on_cpu and compiled == "1" else None))
-    pretrain_trainer = [tool("nnUNetv2_train"), DATASET_ID, "3d_fullres", "all", "-tr", "nnUNetTrainerAPEPretrain_smoke", "-device", device]
+    pretrain_trainer = [tool("nnUNetv2_train"), DATASET_ID, "3d_fullres", "all", "-tr", PRETRAIN_SMOKE, "-device", device]
     out.append(Step("nnUNetTrainerAPEPretrain_smoke, 1 GPU" if not on_cpu else "nnUNetTrainerAPEPretrain_smoke", pretrain_trainer))
     out.append(Step("pretraining checkpoint loads without a GPU", helper("portable-checkpoint", str(work))))
     out.append(Step("nnUNetTrainerAPEPretrain_smoke, 2 GPUs", [*pretrain_trainer, "-num_gpus", "2"],
@@ -313,7 +314,7 @@ def portable_checkpoint(work: Path) -> int:
     ``map_location``): exit 1 when a network weight would load onto a GPU, which fails on a machine without one."""
     import torch
 
-    file = work / "nnUNet_results" / DATASET / "nnUNetTrainerAPEPretrain_smoke__nnUNetPlans__3d_fullres" / "fold_all" / "checkpoint_final.pth"
+    file = work / "nnUNet_results" / DATASET / f"{PRETRAIN_SMOKE}__nnUNetPlans__3d_fullres" / "fold_all" / "checkpoint_final.pth"
     weights = torch.load(file, weights_only=True)["network_weights"]
     devices = sorted({str(v.device) for v in weights.values()})
     print(f"{file}: {len(weights)} network weights on {', '.join(devices)}")

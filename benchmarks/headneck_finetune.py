@@ -370,8 +370,8 @@ def adopt_pretraining(source: Path, work: Path) -> dict:
     if source == work or (work / "prepared.json").exists() or (work / "finetune" / "settings.json").exists():
         raise SystemExit(f"--pretraining-from needs a new --work; {work} already has data of its own")
     carried = [f"nnUNet_raw/{seg.DATASET}/split.json", f"nnUNet_preprocessed/{seg.DATASET}",
-               str(pretrained.parent.relative_to(source)), "finetune/pretrain_seconds.jsonl", "finetune/ape_standalone", "finetune/ape_standalone.json",
-               "finetune/channels_prepared.json", "prepared.json"]  # prepared.json last: it marks the data as ready
+               str(pretrained.parent.relative_to(source)), "finetune/pretrain_seconds.jsonl", "finetune/ape_standalone",
+               "finetune/ape_standalone.json", "finetune/channels_prepared.json", "prepared.json"]  # prepared.json last: it marks the data as ready
     for name in carried:
         _copy_rewritten(source / name, work / name, source, work)
     stored = json.loads((source / "finetune" / "settings.json").read_text())

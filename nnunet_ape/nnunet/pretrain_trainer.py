@@ -386,7 +386,7 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
         checkpoint = {
             # on the CPU: nnU-Net main's nnssl fine-tuning loads with weights_only and no map_location, so weights
             # saved on a GPU would not load on a machine without one (nnU-Net's own resume maps them to its device)
-            "network_weights": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "network_weights": {k: v.cpu() for k, v in module.state_dict().items()},  # state_dict() is detached
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
