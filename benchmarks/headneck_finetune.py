@@ -313,6 +313,9 @@ def evaluate(work: Path, env: dict, variant: str, k: int, seed: int, fold: int, 
     out = run_dir / "test_predictions"
     listing = run_dir / "test_images.txt"
     listing.write_text("\n".join(str(raw / "imagesTs" / f"{c}_0000.nii.gz") for c in test) + "\n")
+    # nnU-Net caps its prediction's torch threads at nnUNet_def_n_proc, which env sets to the preprocessing process
+    # count (1 by default); only Dice is reported here, so prediction gets every core
+    env = {**env, "nnUNet_def_n_proc": str(threads or os.cpu_count() or 1)}
     if variant == "channels":  # nnunet-ape predict embeds each case itself; cases left by a stop are predicted next run
         todo = [c for c in test if not (out / f"{c}.nii.gz").exists()]
         if todo and (deadline is None or time.time() < deadline):
