@@ -18,11 +18,18 @@ from types import ModuleType
 import numpy as np
 
 
-def curve_series(seg: ModuleType, work: Path, stage: str) -> dict[str, list[tuple[float, float]]]:
-    """The stage's learning curve as ``{organ or "mean": [(training hours, Dice), ...]}``: each organ against the
-    training time of the model that segments it; the mean of the organs against the stage's total training time
-    (for crop: the groups' times added at the same epoch, where every group has a curve point)."""
-    logs = [seg.with_quiet_seconds(seg.read_log(m["log"])) for m in seg.stage_models(work, stage)]
+def stage_logs(seg: ModuleType, work: Path, stage: str) -> dict[str, list[dict]]:
+    """``{model name: its training-log records}`` for each model of ``stage``, in order, each record with its
+    ``quiet_train_seconds`` (``seg.with_quiet_seconds``)."""
+    return {m["name"]: seg.with_quiet_seconds(seg.read_log(m["log"])) for m in seg.stage_models(work, stage)}
+
+
+def curve_series(logs: dict[str, list[dict]]) -> dict[str, list[tuple[float, float]]]:
+    """A stage's learning curve from its models' ``logs`` (:func:`stage_logs`) as ``{organ or "mean": [(training
+    hours, Dice), ...]}``: each organ against the training time of the model that segments it; the mean of the
+    organs against the stage's total training time (for crop: the groups' times added at the same epoch, where every
+    group has a curve point)."""
+    logs = list(logs.values())
     series: dict[str, list[tuple[float, float]]] = {}
     for records in logs:
         for r in records:
@@ -83,11 +90,9 @@ def _prediction_cells(test: dict, stage: str) -> tuple[str, str, str]:
     return split, "on" if t[0]["tta"] else "off", f"{max(peaks):.2f}" if peaks else "-"
 
 
-def model_row(seg: ModuleType, work: Path, stage: str, settings: dict, test: dict | None) -> str:
-    """One Markdown row of the model table: training status, iterations, seconds, prediction seconds, memory
-    (a stage of several models: their iterations and hours added)."""
-    models = seg.stage_models(work, stage)
-    logs = {m["name"]: seg.with_quiet_seconds(seg.read_log(m["log"])) for m in models}
+def model_row(seg: ModuleType, work: Path, stage: str, settings: dict, logs: dict[str, list[dict]], test: dict | None) -> str:
+    """One Markdown row of the model table from the stage's ``logs`` (:func:`stage_logs`): training status,
+    iterations, seconds, prediction seconds, memory (a stage of several models: their iterations and hours added)."""
     name = stage + ("" if settings["architecture"] == "reduced" else f" ({settings['architecture']} network)")
     if "models_of" in seg.IMPLEMENTED[stage]:
         status = "uses the crop models"
@@ -99,7 +104,7 @@ def model_row(seg: ModuleType, work: Path, stage: str, settings: dict, test: dic
     iterations = sum(rs[-1]["iterations"] for rs in logs.values() if rs)
     cells = [name, status, "-", "-", "-", "-", "-", "-", "-"]
     if records:
-        cells[2] = str(iterations) if len(models) == 1 else " + ".join(f"{m} {rs[-1]['iterations'] if rs else 0}" for m, rs in logs.items())
+        cells[2] = str(iterations) if len(logs) == 1 else " + ".join(f"{m} {rs[-1]['iterations'] if rs else 0}" for m, rs in logs.items())
         quiet = [r for r in records if seg.is_quiet(r)]
         per_epoch = settings["iterations_per_epoch"]
         cells[3] = (f"{sum(r['epoch_seconds'] for r in quiet) / (len(quiet) * per_epoch):.2f}" if quiet else "-") + \
@@ -184,14 +189,15 @@ def report(seg: ModuleType, work: Path, stages: list[str]) -> str:
         if stage not in seg.IMPLEMENTED or not settings_file.exists():
             continue
         settings = json.loads(settings_file.read_text())
-        curves[stage] = curve_series(seg, work, stage)
+        logs = stage_logs(seg, work, stage)
+        curves[stage] = curve_series(logs)
         score_file = work / stage / "test_scores.json"
         test = json.loads(score_file.read_text()) if score_file.exists() else None
         if test and test["cases"]:
             tests[stage] = test
         if "models_of" in seg.IMPLEMENTED[stage] and not test:
             continue
-        lines.append(model_row(seg, work, stage, settings, test))
+        lines.append(model_row(seg, work, stage, settings, logs, test))
     lines += ["", "s / iteration: wall seconds of nnU-Net's epochs (training iterations and its validation batches) per "
               "training iteration, over the epochs that ran without other CPU work beside them (`is_quiet`); training h: the "
               "epochs' seconds added over every invocation and every model of the stage, an epoch that shared the CPU "

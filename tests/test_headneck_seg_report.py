@@ -87,7 +87,7 @@ def test_organ_table_averages_over_the_cases_that_contour_each_organ(work: Path)
 
 
 def test_learning_curve_puts_each_point_at_its_quiet_training_hours(work: Path) -> None:
-    series = rep.curve_series(seg, work, "full")
+    series = rep.curve_series(rep.stage_logs(seg, work, "full"))
     assert series["brainstem"] == [((10 + 15) / 3600, 0.2), ((10 + 15 + 20) / 3600, 0.4)]
     assert series["mean"][-1] == ((10 + 15 + 20) / 3600, pytest.approx(0.5))
 
