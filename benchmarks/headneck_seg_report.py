@@ -29,15 +29,15 @@ def curve_series(logs: dict[str, list[dict]]) -> dict[str, list[tuple[float, flo
     hours, Dice), ...]}``: each organ against the training time of the model that segments it; the mean of the
     organs against the stage's total training time (for crop: the groups' times added at the same epoch, where every
     group has a curve point)."""
-    logs = list(logs.values())
+    per_model = list(logs.values())
     series: dict[str, list[tuple[float, float]]] = {}
-    for records in logs:
+    for records in per_model:
         for r in records:
             if "curve" in r:
                 for organ, d in r["curve"]["dice"].items():
                     series.setdefault(organ, []).append((r["quiet_train_seconds"] / 3600, d))
-    if logs and all(logs):
-        by_epoch = [{r["epoch"]: r for r in records if "curve" in r} for records in logs]
+    if per_model and all(per_model):
+        by_epoch = [{r["epoch"]: r for r in records if "curve" in r} for records in per_model]
         for epoch in sorted(set.intersection(*(set(b) for b in by_epoch))):
             hours = sum(b[epoch]["quiet_train_seconds"] for b in by_epoch) / 3600
             dice = [d for b in by_epoch for d in b[epoch]["curve"]["dice"].values()]
