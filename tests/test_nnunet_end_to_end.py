@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nnunet_datasets import ORGANS, run_tool, tiny_plans, write_raw_dataset
 from nnunet_ape.io import read_volume
@@ -38,6 +39,10 @@ def _nnunet(env: dict, *args: str) -> str:
     return run_tool(env, "end-to-end", *args).stdout
 
 
+# slow: 2-2.5 minutes. The default run keeps its parts: crop-dataset's output passes nnU-Net's
+# verify_dataset_integrity (test_kill_rerun.py), uncrop pastes back (test_crop_dataset.py), stock nnU-Net trains and
+# predicts through the trainers' tests (test_nnunet_trainers.py).
+@pytest.mark.slow
 def test_crop_dataset_trains_predicts_and_pastes_back_with_stock_nnunet(pretrained_run, tmp_path):
     from nnunet_ape.cases import cases_from_nnunet
     from nnunet_ape.localize.fit import fit_localizer
