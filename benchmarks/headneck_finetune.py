@@ -1,6 +1,7 @@
 """Few labels on real CT (issue 31): nnU-Net fine-tuned from APE pretraining against nnU-Net from scratch, on the
 head-and-neck cohort. Run by ``bench_pretrain_finetune.py --cohort headneck``; resumable (run the same command again
-and it continues; ``--minutes`` bounds one invocation).
+and it continues; ``--minutes`` bounds one invocation: a run stops at an epoch end, and no run starts or
+continues when the longest epoch logged so far would end past the budget).
 
 1. Data: the split and preparation of :mod:`bench_headneck_segmentation` in WORK (``Dataset902_HeadNeckSplit``:
    imagesTr the 163 training cases, imagesTs/labelsTs the 40 test cases hn_169..hn_214), nnU-Net's own plan and
@@ -208,6 +209,11 @@ def results_folder(work: Path, trainer: str, configuration: str = CONFIGURATION)
     return work / "nnUNet_results" / seg.DATASET / f"{trainer}__{PLANS}__{configuration}"
 
 
+def fold_folder(work: Path, variant: str, fold: int) -> Path:
+    """The nnU-Net results folder of one fine-tuning run (``.../fold_N``: its checkpoints and log)."""
+    return results_folder(work, VARIANTS[variant], configuration_of(variant)) / f"fold_{fold}"
+
+
 def pretrain_seconds(work: Path) -> float | None:
     """Wall seconds step 2 took over its invocations (``WORK/finetune/pretrain_seconds.jsonl``), None until it
     finished."""
@@ -275,7 +281,7 @@ def finetune(work: Path, env: dict, settings: dict, variant: str, k: int, seed: 
              pretrained: Path | None, deadline: float | None, device: str, threads: int | None) -> bool:
     """Step 3 for one run; returns whether its training is finished."""
     trainer = VARIANTS[variant]
-    folder = results_folder(work, trainer, configuration_of(variant)) / f"fold_{fold}"
+    folder = fold_folder(work, variant, fold)
     if (folder / "checkpoint_final.pth").exists():
         return True
     run_dir = work / "finetune" / f"{variant}_k{k}_s{seed}"
@@ -430,6 +436,19 @@ def planned_runs(labeled: list[int], seeds: int) -> list[tuple[int, int]]:
     return [(k, s) for k in sorted(labeled) for s in range(seeds if k <= 5 else 1)]
 
 
+def longest_epoch_seconds(work: Path) -> float:
+    """The longest fine-tuning epoch logged so far in ``WORK/finetune/*/training_log.jsonl``, its learning-curve
+    point included (seconds; 0 before the first epoch)."""
+    epochs = [r for log in (work / "finetune").glob("*_k*_s*/training_log.jsonl") for r in seg.read_log(log)]
+    return max((r["epoch_seconds"] + r.get("curve", {}).get("seconds", 0.0) for r in epochs), default=0.0)
+
+
+def time_to_start(work: Path, deadline: float | None) -> bool:
+    """Whether one more fine-tuning epoch fits before ``deadline`` (unix seconds; None: no budget). A run stops at
+    its first epoch end past the deadline, so starting one with less time left would overrun by a whole epoch."""
+    return deadline is None or time.time() + longest_epoch_seconds(work) < deadline
+
+
 def run(args) -> None:
     """Steps 1-5 within ``args.minutes``; run again to continue."""
     began = time.time()
@@ -473,12 +492,13 @@ def run(args) -> None:
             channels_ready = True
     for k, seed in runs:
         for variant in args.variants:
-            if deadline is not None and time.time() > deadline:
-                print("budget spent; run the same command again to continue", flush=True)
-                return finish(work)
             if variant != "scratch" and pretrained is None or variant == "channels" and not channels_ready:
                 continue  # pretraining not finished within this budget
             fold = folds[f"k{k}_s{seed}"]
+            trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
+            if deadline is not None and time.time() > deadline or not trained and not time_to_start(work, deadline):
+                print("budget spent; run the same command again to continue", flush=True)
+                return finish(work)
             if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads):
                 if deadline is None or time.time() < deadline:
                     evaluate(work, env, variant, k, seed, fold, test, args.device, args.threads, deadline)
