@@ -42,7 +42,8 @@ iterations (nnU-Net's poly learning rate runs over the whole --epochs, so these 
 stage and a later invocation must not change them), ``--val-iterations`` of nnU-Net's own validation batches per
 epoch (its pseudo Dice and checkpoint_best), ``checkpoint_latest.pth`` after every epoch. With ``--minutes`` the
 trainer stops cleanly at the end of the epoch after which one more epoch (as long as the last one) would exceed
-the budget; nnU-Net's final full validation is skipped (the learning curve and the test table replace it). Fold 0
+the budget, and a model is not started or continued when an epoch as long as the stage's longest logged so far
+would (``epoch_fits``); nnU-Net's final full validation is skipped (the learning curve and the test table replace it). Fold 0
 of nnU-Net's own 5-fold split of the 163 training cases (seed 12345, written as splits_final.json): 130 train,
 33 validate.
 
@@ -432,6 +433,20 @@ def read_log(log: Path) -> list[dict]:
     return [records[e] for e in sorted(records)]
 
 
+def longest_epoch_seconds(logs: list[Path]) -> float:
+    """The longest epoch in the training ``logs`` (:func:`read_log`), its learning-curve point included (seconds;
+    0 with none logged)."""
+    return max((r["epoch_seconds"] + r.get("curve", {}).get("seconds", 0.0) for log in logs for r in read_log(log)),
+               default=0.0)
+
+
+def epoch_fits(logs: list[Path], deadline: float | None) -> bool:
+    """Whether one more training epoch, as long as the longest in ``logs``, ends before ``deadline`` (unix seconds;
+    None: no budget). A trainer stops at its first epoch end past the deadline, so a model started with less time
+    left would overrun it by a whole epoch."""
+    return deadline is None or time.time() + longest_epoch_seconds(logs) < deadline
+
+
 def with_quiet_seconds(records: list[dict]) -> list[dict]:
     """The epoch records of one model (:func:`read_log`) with ``quiet_train_seconds`` added: the training time up
     to and including each epoch as it would have been on a quiet machine. An epoch that shared the CPU
@@ -486,7 +501,12 @@ def model_folder(work: Path, model: dict, settings: dict) -> Path:
 def is_trained(work: Path, stage: str, settings: dict) -> bool:
     """Whether every model of the stage (for oracle: of crop) has its final checkpoint."""
     models = stage_models(work, IMPLEMENTED[stage].get("models_of", stage))
-    return all((model_folder(work, m, settings) / "fold_0" / "checkpoint_final.pth").exists() for m in models)
+    return all(model_trained(work, m, settings) for m in models)
+
+
+def model_trained(work: Path, model: dict, settings: dict) -> bool:
+    """Whether a model of :func:`stage_models` has its final checkpoint."""
+    return (model_folder(work, model, settings) / "fold_0" / "checkpoint_final.pth").exists()
 
 
 COARSE_FACTOR = 1.6  # the FLARE22 efficiency winner's ratio: 4 x 1.2 x 1.2 mm against about 2.5 x 0.8 x 0.8 mm
@@ -630,9 +650,9 @@ def train_model(work: Path, model: dict, settings: dict, env: dict, deadline: fl
                 device: str) -> bool:
     """Train (or continue) one model of :func:`stage_models` until its epochs are done or ``deadline`` (unix
     seconds); returns whether training is complete (checkpoint_final.pth exists)."""
-    fold = model_folder(work, model, settings) / "fold_0"
-    if (fold / "checkpoint_final.pth").exists():
+    if model_trained(work, model, settings):
         return True
+    fold = model_folder(work, model, settings) / "fold_0"
     raw = work / "nnUNet_raw" / DATASET
     split = json.loads((work / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())
     curve_cases = choose_curve_cases(split[0]["val"], raw / "labelsTr", model["organs"], settings["curve_cases"])
@@ -650,15 +670,17 @@ def train_model(work: Path, model: dict, settings: dict, env: dict, deadline: fl
     done = subprocess.run(command, env={**env, "BENCH_HN_SETTINGS": json.dumps(bench)})
     if done.returncode != 0:
         raise SystemExit(f"{model['name']}: nnUNetv2_train failed (exit {done.returncode}); its log is in {fold}")
-    return (fold / "checkpoint_final.pth").exists()
+    return model_trained(work, model, settings)
 
 
 def train_stage(work: Path, stage: str, settings: dict, env: dict, deadline: float | None, threads: int | None,
                 device: str) -> bool:
     """Train (or continue) the stage's models one after the other until done or ``deadline``; returns whether
-    every model is trained."""
-    for model in stage_models(work, stage):
-        if deadline is not None and time.time() > deadline:
+    every model is trained. A model is not started or continued when an epoch as long as the stage's longest so far
+    would end past ``deadline``."""
+    models = stage_models(work, stage)
+    for model in models:
+        if not model_trained(work, model, settings) and not epoch_fits([m["log"] for m in models], deadline):
             return False
         if not train_model(work, model, settings, env, deadline, threads, device):
             return False

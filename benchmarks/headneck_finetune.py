@@ -1,7 +1,7 @@
 """Few labels on real CT (issue 31): nnU-Net fine-tuned from APE pretraining against nnU-Net from scratch, on the
 head-and-neck cohort. Run by ``bench_pretrain_finetune.py --cohort headneck``; resumable (run the same command again
 and it continues; ``--minutes`` bounds one invocation: a run stops at an epoch end, and no run starts or
-continues when the longest epoch logged so far would end past the budget).
+continues when an epoch as long as the longest logged so far would end past the budget: ``seg.epoch_fits``).
 
 1. Data: the split and preparation of :mod:`bench_headneck_segmentation` in WORK (``Dataset902_HeadNeckSplit``:
    imagesTr the 163 training cases, imagesTs/labelsTs the 40 test cases hn_169..hn_214), nnU-Net's own plan and
@@ -436,19 +436,6 @@ def planned_runs(labeled: list[int], seeds: int) -> list[tuple[int, int]]:
     return [(k, s) for k in sorted(labeled) for s in range(seeds if k <= 5 else 1)]
 
 
-def longest_epoch_seconds(work: Path) -> float:
-    """The longest fine-tuning epoch logged so far in ``WORK/finetune/*/training_log.jsonl``, its learning-curve
-    point included (seconds; 0 before the first epoch)."""
-    epochs = [r for log in (work / "finetune").glob("*_k*_s*/training_log.jsonl") for r in seg.read_log(log)]
-    return max((r["epoch_seconds"] + r.get("curve", {}).get("seconds", 0.0) for r in epochs), default=0.0)
-
-
-def time_to_start(work: Path, deadline: float | None) -> bool:
-    """Whether one more fine-tuning epoch fits before ``deadline`` (unix seconds; None: no budget). A run stops at
-    its first epoch end past the deadline, so starting one with less time left would overrun by a whole epoch."""
-    return deadline is None or time.time() + longest_epoch_seconds(work) < deadline
-
-
 def run(args) -> None:
     """Steps 1-5 within ``args.minutes``; run again to continue."""
     began = time.time()
@@ -496,7 +483,8 @@ def run(args) -> None:
                 continue  # pretraining not finished within this budget
             fold = folds[f"k{k}_s{seed}"]
             trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
-            if deadline is not None and time.time() > deadline or not trained and not time_to_start(work, deadline):
+            logs = sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl"))  # every run has the same plans
+            if not trained and not seg.epoch_fits(logs, deadline):
                 print("budget spent; run the same command again to continue", flush=True)
                 return finish(work)
             if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads):

@@ -1,4 +1,5 @@
-"""bench_pretrain_finetune --minutes: a fine-tuning run is not started when its first epoch cannot end in time."""
+"""The benchmarks' --minutes: a training run is not started when an epoch as long as the longest logged so far
+cannot end in time (bench_headneck_segmentation.epoch_fits, used by its stages and by bench_pretrain_finetune)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,25 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import headneck_finetune as ft  # noqa: E402
+import bench_headneck_segmentation as seg  # noqa: E402
 
 
-def _log(work: Path, run: str, records: list[dict]) -> None:
-    folder = work / "finetune" / run
-    folder.mkdir(parents=True)
-    (folder / "training_log.jsonl").write_text("".join(json.dumps({"kind": "epoch", **r}) + "\n" for r in records))
+def _log(work: Path, run: str, records: list[dict]) -> Path:
+    log = work / run / "training_log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(json.dumps({"kind": "epoch", **r}) + "\n" for r in records))
+    return log
 
 
 def test_the_longest_logged_epoch_with_its_curve_point_sets_the_time_a_run_needs(tmp_path):
-    assert ft.longest_epoch_seconds(tmp_path) == 0.0
-    assert ft.time_to_start(tmp_path, time.time() + 5)  # nothing measured yet: start
-    _log(tmp_path, "scratch_k5_s0", [{"epoch": 0, "epoch_seconds": 190.0}, {"epoch": 1, "epoch_seconds": 210.0},
-                                     {"epoch": 2, "epoch_seconds": 200.0, "curve": {"seconds": 120.0}}])
-    _log(tmp_path, "ape_k5_s0", [{"epoch": 0, "epoch_seconds": 250.0}])
-    assert ft.longest_epoch_seconds(tmp_path) == 320.0  # epoch 2 and its learning-curve point
-    assert not ft.time_to_start(tmp_path, time.time() + 300)
-    assert ft.time_to_start(tmp_path, time.time() + 400)
-    assert ft.time_to_start(tmp_path, None)
+    missing = [tmp_path / "scratch_k5_s0" / "training_log.jsonl"]
+    assert seg.longest_epoch_seconds(missing) == 0.0
+    assert seg.epoch_fits(missing, time.time() + 5)  # nothing measured yet: start
+    logs = [_log(tmp_path, "scratch_k5_s0", [{"epoch": 0, "epoch_seconds": 190.0}, {"epoch": 1, "epoch_seconds": 210.0},
+                                              {"epoch": 2, "epoch_seconds": 200.0, "curve": {"seconds": 120.0}}]),
+            _log(tmp_path, "ape_k5_s0", [{"epoch": 0, "epoch_seconds": 250.0}])]
+    assert seg.longest_epoch_seconds(logs) == 320.0  # epoch 2 and its learning-curve point
+    assert not seg.epoch_fits(logs, time.time() + 300)
+    assert seg.epoch_fits(logs, time.time() + 400)
+    assert seg.epoch_fits(logs, None)
+    assert not seg.epoch_fits(missing, time.time() - 1)  # past the deadline: nothing starts
