@@ -297,12 +297,20 @@ class _OutOfTime(Exception):
     """Raised at an epoch end when the next epoch would overrun the invocation's budget."""
 
 
+def organ_volume_ratio(volumes: list[float]) -> float | None:
+    """Predicted (soft) over true organ voxels on an epoch's validation patches, rounded to 4 significant digits;
+    None without organ voxels."""
+    predicted, true = volumes
+    return float(f"{predicted / true:.4g}") if true > 0 else None
+
+
 class ResumableTraining:
     """Mixin for an nnU-Net trainer class (put it first in the bases). Settings come from the JSON in the
     environment variable BENCH_HN_SETTINGS (written by ``train_stage``): epochs, iterations per epoch, validation batches,
     curve cases and interval, the deadline (unix seconds or null), the log file, the source labels and organs,
     torch threads. Adds: a checkpoint every epoch, a clean stop at an epoch end before the deadline, one JSON line
-    per epoch in the log, the learning-curve prediction; skips nnU-Net's final full validation."""
+    per epoch in the log (with the predicted / true organ volume on the validation patches, the check for a network
+    that predicts no organ at all), the learning-curve prediction; skips nnU-Net's final full validation."""
 
     def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict, device=None):
         import torch
@@ -330,6 +338,33 @@ class ResumableTraining:
         self._epoch_began = time.perf_counter()
         super().on_epoch_start()
 
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._organ_volume = [0.0, 0.0]  # soft predicted, true organ voxels over the epoch's validation patches
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step; also adds up the organ volume the network predicts (softmax mass of the organ
+        channels) against the true organ voxels. A network that predicts no organ anywhere, with certainty, scores
+        about 0 here, while nnU-Net's soft-Dice term still rewards it on every patch without an organ."""
+        import torch
+
+        outputs = []
+        hook = self.network.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+        try:
+            result = super().validation_step(batch)
+        finally:
+            hook.remove()
+        if outputs and not self.label_manager.has_regions:
+            output = outputs[0][0] if isinstance(outputs[0], (list, tuple)) else outputs[0]
+            target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+            organ = target > 0
+            if self.label_manager.has_ignore_label:
+                organ &= target != self.label_manager.ignore_label
+            with torch.no_grad():
+                self._organ_volume[0] += float(torch.softmax(output.float(), 1)[:, 1:].sum())
+            self._organ_volume[1] += float(organ.sum())
+        return result
+
     def on_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_began
         epoch = self.current_epoch
@@ -339,6 +374,7 @@ class ResumableTraining:
                   "train_loss": float(self.logger.get_value("train_losses", step=-1)),
                   "val_loss": float(self.logger.get_value("val_losses", step=-1)),
                   "pseudo_dice": [float(d) for d in self.logger.get_value("dice_per_class_or_region", step=-1)],
+                  "organ_volume_ratio": organ_volume_ratio(getattr(self, "_organ_volume", [0.0, 0.0])),
                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "time": time.time(),
                   "load_1min": round(os.getloadavg()[0], 2)}
         if (epoch + 1) % self.bench["curve_every"] == 0 or epoch + 1 == self.num_epochs:

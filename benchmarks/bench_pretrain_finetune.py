@@ -2,7 +2,8 @@
 
 ``--cohort headneck`` runs the resumable few-label benchmark of :mod:`headneck_finetune` (the README's split: APE
 pretraining on the 163 training CTs, fine-tuning on 2/5/10/20 labeled training cases with 2 seeds for the smallest
-counts, scratch / APE / APE with the last decoder stage re-initialised / the same pretraining minutes spent on a
+counts, scratch / APE / APE with the last decoder stage re-initialised / nnU-Net's fine-tuning recipe (encoder
+init, warm-up) / the same pretraining minutes spent on a
 standalone APE model whose embeddings are input channels, test Dice on the 40 held-out cases, learning curves); run it again to continue, ``--minutes`` bounds one invocation, ``--report`` only rewrites the report:
 
     python benchmarks/bench_pretrain_finetune.py --cohort headneck --minutes 120 [--work /work/bench_hn_finetune]
@@ -145,10 +146,11 @@ def main() -> None:
     hn = parser.add_argument_group("--cohort headneck (resumable; see headneck_finetune)")
     hn.add_argument("--labeled", type=int, nargs="+", default=[2, 5, 10, 20], help="labeled training cases per run")
     hn.add_argument("--seeds", type=int, default=2, help="seeds for 5 or fewer labeled cases (one above)")
-    hn.add_argument("--variants", nargs="+", default=["scratch", "ape", "ape_reinit", "channels"],
-                    choices=("scratch", "ape", "ape_reinit", "channels"),
-                    help="scratch, ape (init), ape_reinit (init, decoder end reset), channels (the same pretraining "
-                         "minutes as a standalone APE model whose embeddings are input channels)")
+    hn.add_argument("--variants", nargs="+", default=["scratch", "ape", "ape_reinit", "ape_warmup", "channels"],
+                    choices=("scratch", "ape", "ape_reinit", "ape_warmup", "channels"),
+                    help="scratch, ape (init), ape_reinit (init, decoder end reset), ape_warmup (nnU-Net's fine-tuning "
+                         "recipe: encoder init, lr 1e-3 with a linear warm-up), channels (the same pretraining minutes "
+                         "as a standalone APE model whose embeddings are input channels)")
     hn.add_argument("--minutes", type=float, help="budget of this invocation (training stops cleanly at an epoch end)")
     hn.add_argument("--epochs", type=int, help="fine-tuning epochs, fixed at the first start [20]")
     hn.add_argument("--iterations-per-epoch", type=int, help="fine-tuning iterations per epoch, fixed at the first start [50]")

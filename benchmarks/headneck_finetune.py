@@ -16,6 +16,11 @@ continues when an epoch as long as the longest logged so far would end past the 
      ape         ``-pretrained_weights`` from step 2 (nnU-Net's loader: every weight but the segmentation heads);
      ape_reinit  the same, then the last decoder stage re-initialised as well: the check of the issue's suspect, that
                  the pretrained decoder's output statistics slow the start of fine-tuning.
+     ape_warmup  nnU-Net's own fine-tuning recipe (``PretrainedTrainer`` on nnU-Net's GitHub main, the path nnssl's
+                 checkpoints take): the encoder and stem from step 2, the decoder fresh (``nnUNetTrainerEncoderInit``'s
+                 loader), learning rate 1e-3 instead of 1e-2, raised linearly per iteration over the first 5% of the
+                 epochs (nnU-Net: 50 of 1000), then nnU-Net's poly decay from there. Deep supervision stays on, as in
+                 the other variants (``PretrainedTrainer`` turns it off).
      channels    the same pretraining minutes used the other way (item 2 of the issue): the standalone ``nnunet-ape
                  pretrain ape`` (the CPU recipe of ``bench_headneck.RECIPE``) on the same fold-0 training CTs for as
                  long as step 2 took (its measured seconds), then ``nnunet-ape plan --channels ape`` (the same reduced
@@ -49,12 +54,14 @@ import bench_headneck_segmentation as seg
 from bench_embed import machine
 
 VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
-            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "channels": "nnUNetTrainerFinetuneChannels"}
+            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "ape_warmup": "nnUNetTrainerFinetuneAPEWarmup",
+            "channels": "nnUNetTrainerFinetuneChannels"}
 PRETRAIN_TRAINER = "nnUNetTrainerFinetunePretrain"
 PLANS = seg.PLANS["reduced"]
 CONFIGURATION = "3d_fullres"
 CHANNELS_CONFIGURATION = "3d_fullres_ape"  # nnunet-ape plan --channels ape on CONFIGURATION
 NNUNET_ITERATIONS = 1000 * 250  # nnU-Net's default schedule: 1000 epochs of 250 iterations
+WARMUP_SHARE, WARMUP_LR = 0.05, 1e-3  # nnU-Net's PretrainedTrainer: 50 of 1000 epochs, initial_lr 1e-3
 PRETRAIN_EPOCH = 25  # iterations per pretraining epoch (a checkpoint after each)
 STANDALONE_ITERATIONS = 100_000  # an upper bound: the standalone APE pretraining ends by the clock (its cosine follows it)
 
@@ -72,6 +79,17 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def warmup_lr(epoch: int, step: int, epochs: int, iterations_per_epoch: int, peak: float = WARMUP_LR,
+              share: float = WARMUP_SHARE, exponent: float = 0.9) -> float:
+    """The ``ape_warmup`` learning rate at iteration ``step`` (0-based) of ``epoch``: linear from peak / (W x
+    iterations_per_epoch) to ``peak`` over the first W = max(1, round(share x epochs)) epochs, then nnU-Net's poly
+    decay from W to ``epochs`` (``PolyLRScheduler_offset``: one value per epoch)."""
+    warm = max(1, round(share * epochs))
+    if epoch < warm:
+        return peak * (epoch * iterations_per_epoch + step + 1) / (warm * iterations_per_epoch)
+    return peak * max(0.0, 1 - (epoch - warm) / max(1, epochs - warm)) ** exponent
 
 
 def _reinit_decoder_end(network) -> int:
@@ -95,7 +113,7 @@ def trainer_classes() -> dict[str, type]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
-    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels
+    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels, nnUNetTrainerEncoderInit
 
     class _Pretrain(nnUNetTrainerAPEPretrain):
         """APE pretraining for BENCH_FT_SETTINGS' iterations, a checkpoint every epoch, a clean stop before its
@@ -148,6 +166,32 @@ def trainer_classes() -> dict[str, type]:
                 self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads",
                                        also_print_to_console=True)
 
+    class _FineTuneWarmup(seg.ResumableTraining, nnUNetTrainerEncoderInit):
+        """nnU-Net's fine-tuning recipe (``ape_warmup`` in the module doc: encoder and stem loaded, learning rate
+        :func:`warmup_lr`) with the same mixin, seeded."""
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=None):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            _seed_everything(self.bench["seed"])
+            self.initial_lr = WARMUP_LR  # before initialize() builds the optimizer
+
+        def on_train_epoch_start(self) -> None:
+            super().on_train_epoch_start()  # nnU-Net's poly step, replaced here
+            self._step = 0
+            self._set_lr()
+            self.print_to_log_file(f"bench: ape_warmup learning rate {self.optimizer.param_groups[0]['lr']:.6f} at the epoch's "
+                                   "first iteration")
+
+        def train_step(self, batch: dict) -> dict:
+            self._set_lr()
+            self._step += 1
+            return super().train_step(batch)
+
+        def _set_lr(self) -> None:
+            lr = warmup_lr(self.current_epoch, self._step, self.num_epochs, self.num_iterations_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
     class _FineTuneChannels(seg.ResumableTraining, nnUNetTrainerAPEChannels):
         """nnUNetTrainerAPEChannels (CT + APE channels, random initialisation) with the same mixin, seeded."""
 
@@ -156,7 +200,8 @@ def trainer_classes() -> dict[str, type]:
             _seed_everything(self.bench["seed"])
 
     named = {PRETRAIN_TRAINER: (_Pretrain, {}), VARIANTS["scratch"]: (_FineTune, {}), VARIANTS["ape"]: (_FineTune, {}),
-             VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True}), VARIANTS["channels"]: (_FineTuneChannels, {})}
+             VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True}), VARIANTS["ape_warmup"]: (_FineTuneWarmup, {}),
+             VARIANTS["channels"]: (_FineTuneChannels, {})}
     classes = {name: type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs})
                for name, (base, attrs) in named.items()}
     globals().update(classes)
@@ -529,10 +574,33 @@ def report(work: Path) -> str:
         lines.append(f"| {k} | {variant} | {len(members)} | {np.mean(per_seed):.3f}{spread} | " + " | ".join(cells) + " |")
     if not runs:
         lines.append("| (no run has finished its test prediction yet) | | | | " + " | ".join("" for _ in organs) + " |")
+    lines += ["", *training_view(work)]
     text = "\n".join(lines) + "\n"
     (work / "finetune" / "report.md").write_text(text)
     plot_curves(work, work / "finetune" / "curves.png")
     return text
+
+
+def training_view(work: Path) -> list[str]:
+    """Every run's last logged epoch as report lines (a table): iterations, training and validation loss, nnU-Net's
+    pseudo Dice (mean over organs) and the predicted / true organ volume on the validation patches, which shows a
+    network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on patches
+    without an organ, still falls."""
+    rows = []
+    for log in sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl")):
+        epochs = [r for r in seg.read_log(log) if r.get("kind") == "epoch"]
+        if not epochs:
+            continue
+        last = epochs[-1]
+        ratio = last.get("organ_volume_ratio")
+        rows.append(f"| {log.parent.name} | {last['iterations']} | {last['train_loss']:.3f} | {last['val_loss']:.3f} | "
+                    f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} |")
+    if not rows:
+        return []
+    return ["Training's view, each run's last logged epoch (organ volume: the softmax mass of the organ channels over "
+            "the true organ voxels on nnU-Net's validation patches; '-' where it was not logged yet):", "",
+            "| run | iterations | train loss | val loss | pseudo Dice, mean | organ volume, predicted / true |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def _channels_note(work: Path) -> list[str]:
@@ -564,7 +632,7 @@ def plot_curves(work: Path, png: Path) -> None:
     if not series:
         return
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
-    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:green")))
+    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:purple", "tab:green")))
     for ax, k in zip(axes[0], sorted(series)):
         seen = set()
         for variant, points in series[k]:

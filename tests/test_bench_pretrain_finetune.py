@@ -1,7 +1,7 @@
-"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the four variants, the report.
+"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the five variants, the report.
 
-Slow (about 10 minutes on 2 cores): planning 40 training cases, one pretraining epoch, the standalone APE pretraining
-for as long, the APE-channel plans, four 4-iteration fine-tuning runs and their test prediction.
+Slow (about 11 minutes on 2 cores): planning 40 training cases, one pretraining epoch, the standalone APE pretraining
+for as long, the APE-channel plans, five 4-iteration fine-tuning runs and their test prediction.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _run(work: Path) -> str:
     return done.stdout
 
 
-def test_few_label_benchmark_keeps_the_split_and_compares_the_four_starts(tmp_path):
+def test_few_label_benchmark_keeps_the_split_and_compares_the_five_starts(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from headneck_split import is_test_case
 
@@ -47,9 +47,14 @@ def test_few_label_benchmark_keeps_the_split_and_compares_the_four_starts(tmp_pa
     splits = json.loads((work / "nnUNet_preprocessed" / "Dataset902_HeadNeckSplit" / "splits_final.json").read_text())
     assert splits[run["fold"]]["train"] == run["train"]
     assert "re-initialised" in out
+    warmup_log = next((work / "nnUNet_results").glob("*/nnUNetTrainerFinetuneAPEWarmup__*/fold_1/training_log_*.txt")).read_text()
+    assert "ape_warmup learning rate 0.000500" in warmup_log  # epoch 0 of 2: half-way up the one warm-up epoch
     report = (work / "finetune" / "report.md").read_text()
-    for variant in ("scratch", "ape", "ape_reinit", "channels"):
+    for variant in ("scratch", "ape", "ape_reinit", "ape_warmup", "channels"):
         assert f"| 2 | {variant} | 1 |" in report
+        epochs = [json.loads(line) for line in (work / "finetune" / f"{variant}_k2_s0" / "training_log.jsonl").read_text().splitlines()]
+        assert all(r["organ_volume_ratio"] is None or r["organ_volume_ratio"] >= 0 for r in epochs if r["kind"] == "epoch")
+        assert f"| {variant}_k2_s0 | 4 |" in report  # the training's view
         scores = json.loads((work / "finetune" / f"{variant}_k2_s0" / "test_scores.json").read_text())
         assert len(scores["scores"]) == 1 and set(scores["dice"]) == {k for k in json.loads(
             (HEADNECK / "dataset.json").read_text())["labels"] if k != "background"}

@@ -345,9 +345,12 @@ def test_pretrain_resume_finetune_and_embed(planned, tmp_path):
     assert not all(torch.equal(start[k].cpu(), weights[k].cpu()) for k in start if ".seg_layers." in k)
 
     # the same checkpoint is an APE model for embed: a 3-channel map on the input's grid, for both orientations
+    # (one call over a list file: each nnunet-ape start costs seconds of imports)
+    cases = tmp_path / "cases.txt"
+    cases.write_text(f"{patient('A')}\n{patient('B')}\n")
+    run_tool(env, "pretrain-trainer", "nnunet-ape", "embed", "-m", str(run / "checkpoint_final.pth"), "-i", str(cases),
+             "-o", str(tmp_path / "maps"), "--device", "cpu")
     for key in ("A", "B"):
-        out = run_tool(env, "pretrain-trainer", "nnunet-ape", "embed", "-m", str(run / "checkpoint_final.pth"), "-i",
-                       str(patient(key)), "-o", str(tmp_path / "maps"), "--device", "cpu")
         ct = sitk.ReadImage(str(patient(key)))
         image = sitk.ReadImage(str(next((tmp_path / "maps").glob(f"{patient(key).name.split('.')[0]}*_ape.nii.gz"))))
         assert image.GetSize() == ct.GetSize() and image.GetNumberOfComponentsPerPixel() == 3
