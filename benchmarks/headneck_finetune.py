@@ -16,11 +16,10 @@ continues when an epoch as long as the longest logged so far would end past the 
      ape         ``-pretrained_weights`` from step 2 (nnU-Net's loader: every weight but the segmentation heads);
      ape_reinit  the same, then the last decoder stage re-initialised as well: the check of the issue's suspect, that
                  the pretrained decoder's output statistics slow the start of fine-tuning.
-     ape_warmup  nnU-Net's own fine-tuning recipe (``PretrainedTrainer`` on nnU-Net's GitHub main, the path nnssl's
-                 checkpoints take): the encoder and stem from step 2, the decoder fresh (``nnUNetTrainerEncoderInit``'s
-                 loader), learning rate 1e-3 instead of 1e-2, raised linearly per iteration over the first 5% of the
-                 epochs (nnU-Net: 50 of 1000), then nnU-Net's poly decay from there. Deep supervision stays on, as in
-                 the other variants (``PretrainedTrainer`` turns it off).
+     ape_warmup  the plugin's ``nnUNetTrainerFinetune``, nnU-Net's own fine-tuning recipe (``PretrainedTrainer`` on
+                 nnU-Net's GitHub main, the path nnssl's checkpoints take): the encoder and stem from step 2, the
+                 decoder fresh, learning rate 1e-3 instead of 1e-2, raised linearly per iteration over the first 5% of
+                 the epochs (nnU-Net: 50 of 1000), then nnU-Net's poly decay from there.
      channels    the same pretraining minutes used the other way (item 2 of the issue): the standalone ``nnunet-ape
                  pretrain ape`` (the CPU recipe of ``bench_headneck.RECIPE``) on the same fold-0 training CTs for as
                  long as step 2 took (its measured seconds), then ``nnunet-ape plan --channels ape`` (the same reduced
@@ -61,7 +60,6 @@ PLANS = seg.PLANS["reduced"]
 CONFIGURATION = "3d_fullres"
 CHANNELS_CONFIGURATION = "3d_fullres_ape"  # nnunet-ape plan --channels ape on CONFIGURATION
 NNUNET_ITERATIONS = 1000 * 250  # nnU-Net's default schedule: 1000 epochs of 250 iterations
-WARMUP_SHARE, WARMUP_LR = 0.05, 1e-3  # nnU-Net's PretrainedTrainer: 50 of 1000 epochs, initial_lr 1e-3
 PRETRAIN_EPOCH = 25  # iterations per pretraining epoch (a checkpoint after each)
 STANDALONE_ITERATIONS = 100_000  # an upper bound: the standalone APE pretraining ends by the clock (its cosine follows it)
 
@@ -79,17 +77,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def warmup_lr(epoch: int, step: int, epochs: int, iterations_per_epoch: int, peak: float = WARMUP_LR,
-              share: float = WARMUP_SHARE, exponent: float = 0.9) -> float:
-    """The ``ape_warmup`` learning rate at iteration ``step`` (0-based) of ``epoch``: linear from peak / (W x
-    iterations_per_epoch) to ``peak`` over the first W = max(1, round(share x epochs)) epochs, then nnU-Net's poly
-    decay from W to ``epochs`` (``PolyLRScheduler_offset``: one value per epoch)."""
-    warm = max(1, round(share * epochs))
-    if epoch < warm:
-        return peak * (epoch * iterations_per_epoch + step + 1) / (warm * iterations_per_epoch)
-    return peak * max(0.0, 1 - (epoch - warm) / max(1, epochs - warm)) ** exponent
 
 
 def _reinit_decoder_end(network) -> int:
@@ -113,7 +100,8 @@ def trainer_classes() -> dict[str, type]:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
-    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels, nnUNetTrainerEncoderInit
+    from nnunet_ape.nnunet.finetune_trainer import nnUNetTrainerFinetune
+    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels
 
     class _Pretrain(nnUNetTrainerAPEPretrain):
         """APE pretraining for BENCH_FT_SETTINGS' iterations, a checkpoint every epoch, a clean stop before its
@@ -166,31 +154,12 @@ def trainer_classes() -> dict[str, type]:
                 self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads",
                                        also_print_to_console=True)
 
-    class _FineTuneWarmup(seg.ResumableTraining, nnUNetTrainerEncoderInit):
-        """nnU-Net's fine-tuning recipe (``ape_warmup`` in the module doc: encoder and stem loaded, learning rate
-        :func:`warmup_lr`) with the same mixin, seeded."""
+    class _FineTuneWarmup(seg.ResumableTraining, nnUNetTrainerFinetune):
+        """The plugin's nnUNetTrainerFinetune (nnU-Net main's fine-tuning recipe) with the same mixin, seeded."""
 
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
             super().__init__(plans, configuration, fold, dataset_json, device)
             _seed_everything(self.bench["seed"])
-            self.initial_lr = WARMUP_LR  # before initialize() builds the optimizer
-
-        def on_train_epoch_start(self) -> None:
-            super().on_train_epoch_start()  # nnU-Net's poly step, replaced here
-            self._step = 0
-            self._set_lr()
-            self.print_to_log_file(f"bench: ape_warmup learning rate {self.optimizer.param_groups[0]['lr']:.6f} at the epoch's "
-                                   "first iteration")
-
-        def train_step(self, batch: dict) -> dict:
-            self._set_lr()
-            self._step += 1
-            return super().train_step(batch)
-
-        def _set_lr(self) -> None:
-            lr = warmup_lr(self.current_epoch, self._step, self.num_epochs, self.num_iterations_per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
 
     class _FineTuneChannels(seg.ResumableTraining, nnUNetTrainerAPEChannels):
         """nnUNetTrainerAPEChannels (CT + APE channels, random initialisation) with the same mixin, seeded."""

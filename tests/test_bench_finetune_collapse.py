@@ -1,5 +1,5 @@
-"""The few-label benchmark's check for a network that predicts no organ at all (the organ volume its validation
-patches get, logged per epoch and shown in the report) and the ape_warmup variant's learning-rate schedule."""
+"""The few-label benchmark's check for a network that predicts no organ at all: the organ volume its validation
+patches get, logged per epoch and shown in the report."""
 
 from __future__ import annotations
 
@@ -83,15 +83,3 @@ def test_the_report_shows_each_runs_last_epoch_with_its_organ_volume(tmp_path):
     assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 |",
                     "| scratch_k5_s0 | 100 | -0.050 | -0.020 | 0.100 | - |"]
     assert ft.training_view(tmp_path / "nothing") == []
-
-
-def test_the_warmup_schedule_rises_per_iteration_to_nnunets_fine_tuning_rate_then_decays():
-    epochs, per_epoch = 40, 100
-    rates = [ft.warmup_lr(e, s, epochs, per_epoch) for e in range(epochs) for s in range(per_epoch)]
-    warm = round(ft.WARMUP_SHARE * epochs) * per_epoch  # 2 epochs
-    assert rates[0] == pytest.approx(ft.WARMUP_LR / warm)
-    assert all(a < b for a, b in zip(rates[:warm - 1], rates[1:warm]))  # rises every iteration
-    assert rates[warm - 1] == pytest.approx(ft.WARMUP_LR) and rates[warm] == pytest.approx(ft.WARMUP_LR)
-    assert all(a >= b for a, b in zip(rates[warm:-1], rates[warm + 1:]))  # then never rises
-    assert rates[-1] < 0.1 * ft.WARMUP_LR and max(rates) == pytest.approx(ft.WARMUP_LR)
-    assert ft.warmup_lr(0, 0, 5, 60) == pytest.approx(ft.WARMUP_LR / 60)  # a short schedule warms up for one epoch

@@ -48,7 +48,7 @@ def test_few_label_benchmark_keeps_the_split_and_compares_the_five_starts(tmp_pa
     assert splits[run["fold"]]["train"] == run["train"]
     assert "re-initialised" in out
     warmup_log = next((work / "nnUNet_results").glob("*/nnUNetTrainerFinetuneAPEWarmup__*/fold_1/training_log_*.txt")).read_text()
-    assert "ape_warmup learning rate 0.000500" in warmup_log  # epoch 0 of 2: half-way up the one warm-up epoch
+    assert "learning rate 0.000500 at this epoch's first iteration" in warmup_log  # epoch 0 of 2: half-way up its warm-up epoch
     report = (work / "finetune" / "report.md").read_text()
     for variant in ("scratch", "ape", "ape_reinit", "ape_warmup", "channels"):
         assert f"| 2 | {variant} | 1 |" in report

@@ -35,6 +35,15 @@ def _module(network: nn.Module) -> nn.Module:
     return module._orig_mod if isinstance(module, OptimizedModule) else module
 
 
+def _mark(module: nn.Module, fname: str) -> None:
+    module.nnunet_ape_pretrained_from = str(fname)
+
+
+def loaded_from(network: nn.Module) -> str | None:
+    """The checkpoint one of these loaders put into ``network`` (compiled or DDP-wrapped or not), or None."""
+    return getattr(_module(network), "nnunet_ape_pretrained_from", None)
+
+
 def widen_input_channels(pretrained: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """``pretrained`` grown along dim 1 (input channels) to ``target``'s shape, new channels zero; None when the
     shapes differ otherwise."""
@@ -73,6 +82,7 @@ def load_pretrained_weights_adding_channels(network: nn.Module, fname: str, verb
         loaded[key] = fitted
     model.update(loaded)
     module.load_state_dict(model)
+    _mark(module, fname)
     print(f"nnunet-ape: loaded pretrained weights from {fname}" + (f"; {len(widened)} input weight(s) widened with zero "
           f"weights for the added channels: {', '.join(widened)}" if widened else ""))
     if verbose:
@@ -152,6 +162,7 @@ def load_pretrained_encoder(network: nn.Module, fname: str, verbose: bool = Fals
     weights, repeated = encoder_weights(checkpoint["network_weights"], checkpoint.get("nnssl_adaptation_plan"), module)
     unexpected = module.load_state_dict(weights, strict=False).unexpected_keys
     assert not unexpected, unexpected  # encoder_weights names only the network's own keys
+    _mark(module, fname)
     print(f"nnunet-ape: encoder-only transfer from {fname}: {len(weights)} encoder/stem weights loaded, the decoder "
           f"and heads start fresh" + (f"; input projection repeated over {weights[repeated[0]].shape[1]} channels: "
                                       f"{', '.join(repeated)}" if repeated else ""))
