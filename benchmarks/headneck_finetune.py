@@ -29,8 +29,9 @@ continues when an epoch as long as the longest logged so far would end past the 
    split, not the test cases; no mirroring) and Dice per organ is scored in the source geometry.
 4. Each finished run predicts the 40 test cases (stock ``nnUNetPredictor``, fold of the run, no mirroring) and scores
    Dice per organ in the source geometry (an organ a case does not contour is skipped for it).
-5. ``WORK/finetune/report.md``: k x variant x organ, mean over seeds with the spread; ``WORK/finetune/curves.png``:
-   curve Dice against iterations per k and variant.
+5. ``WORK/finetune/report.md``: k x variant x organ, mean over seeds with the spread, and each run's last epoch
+   (losses, pseudo Dice, the organ volume it predicts: :func:`training_view`); ``WORK/finetune/curves.png``: curve
+   Dice against iterations per k and variant.
 
 The schedule is a small fraction of nnU-Net's (1000 epochs of 250 iterations): the report says how small.
 """
@@ -99,8 +100,8 @@ def trainer_classes() -> dict[str, type]:
     pretraining trainer with its iteration budget and deadline, and the fine-tuning variants."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
     from nnunet_ape.nnunet.finetune_trainer import nnUNetTrainerFinetune
+    from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
     from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels
 
     class _Pretrain(nnUNetTrainerAPEPretrain):
@@ -518,7 +519,7 @@ def _finished_runs(work: Path) -> list[dict]:
 
 def report(work: Path) -> str:
     """``WORK/finetune/report.md`` (test Dice per organ: labeled cases x variant, mean over seeds with the spread of
-    the organ-mean over seeds) and ``curves.png``; returns the text."""
+    the organ-mean over seeds; then :func:`training_view`) and ``curves.png``; returns the text."""
     settings = json.loads((work / "finetune" / "settings.json").read_text())
     organs = list(seg.organ_labels())
     runs = _finished_runs(work)
