@@ -498,7 +498,7 @@ def run(args) -> None:
                 continue  # pretraining not finished within this budget
             fold = folds[f"k{k}_s{seed}"]
             trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
-            logs = sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl"))  # every run has the same plans
+            logs = run_logs(work)  # every run has the same plans
             if not trained and not seg.epoch_fits(logs, deadline):
                 print("budget spent; run the same command again to continue", flush=True)
                 return finish(work)
@@ -511,6 +511,11 @@ def run(args) -> None:
 def finish(work: Path) -> None:
     text = report(work)
     print("\n" + text, flush=True)
+
+
+def run_logs(work: Path) -> list[Path]:
+    """Every fine-tuning run's ``WORK/finetune/VARIANT_kK_sS/training_log.jsonl`` (those started so far), sorted."""
+    return sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl"))
 
 
 def _finished_runs(work: Path) -> list[dict]:
@@ -557,7 +562,7 @@ def training_view(work: Path) -> list[str]:
     network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on patches
     without an organ, still falls."""
     rows = []
-    for log in sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl")):
+    for log in run_logs(work):
         epochs = [r for r in seg.read_log(log) if r.get("kind") == "epoch"]
         if not epochs:
             continue
@@ -593,7 +598,7 @@ def plot_curves(work: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[int, list[tuple[str, list[tuple[int, float]]]]] = {}
-    for log in sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl")):
+    for log in run_logs(work):
         variant, rest = log.parent.name.rsplit("_k", 1)
         k = int(rest.split("_s")[0])
         points = [(r["iterations"], float(np.nanmean(list(r["curve"]["dice"].values())))) for r in seg.read_log(log) if "curve" in r]
