@@ -165,6 +165,9 @@ def main() -> None:
     hn.add_argument("--processes", type=int, default=1, help="nnU-Net preprocessing processes [1]")
     hn.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA [1]")
     hn.add_argument("--report", action="store_true", help="only rewrite WORK/finetune/report.md and curves.png")
+    hn.add_argument("--record", type=Path, metavar="DIR", help="at the end, copy the report's sources (settings, "
+                    "training logs, test scores; no checkpoint) to DIR in WORK's layout, e.g. a folder of the "
+                    "repository to commit: --report --work DIR rewrites the report from it if WORK is lost")
     args = parser.parse_args()
     if args.cohort == "headneck":
         import headneck_finetune
@@ -176,6 +179,9 @@ def main() -> None:
             print(headneck_finetune.report(args.work))
         else:
             headneck_finetune.run(args)
+        if args.record is not None:
+            written = headneck_finetune.record(args.work, args.record)
+            print(f"recorded {len(written)} files in {args.record}")
         return
 
     work = args.work or Path(f"/tmp/bench_pretrain_{args.cohort}")
