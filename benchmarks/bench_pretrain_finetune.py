@@ -164,6 +164,8 @@ def main() -> None:
     hn.add_argument("--threads", type=int, help="torch threads [nnU-Net's]")
     hn.add_argument("--processes", type=int, default=1, help="nnU-Net preprocessing processes [1]")
     hn.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA [1]")
+    hn.add_argument("--parallel", type=int, default=1, help="fine-tuning runs at once [1]; more only where there is room "
+                    "(a GPU and many cores): seconds per epoch are then not comparable with a run alone")
     hn.add_argument("--report", action="store_true", help="only rewrite WORK/finetune/report.md and curves.png")
     hn.add_argument("--record", type=Path, metavar="DIR", help="at the end, copy the report's sources (settings, "
                     "training logs, test scores; no checkpoint) to DIR in WORK's layout, e.g. a folder of the "

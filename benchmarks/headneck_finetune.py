@@ -45,8 +45,10 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -492,20 +494,38 @@ def run(args) -> None:
         if standalone is not None:
             prepare_channels(work, env, standalone, args.processes)
             channels_ready = True
-    for k, seed in runs:
-        for variant in args.variants:
-            if variant != "scratch" and pretrained is None or variant == "channels" and not channels_ready:
-                continue  # pretraining not finished within this budget
-            fold = folds[f"k{k}_s{seed}"]
-            trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
-            logs = run_logs(work)  # every run has the same plans
-            if not trained and not seg.epoch_fits(logs, deadline):
-                print("budget spent; run the same command again to continue", flush=True)
-                return finish(work)
-            if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads):
-                if deadline is None or time.time() < deadline:
-                    evaluate(work, env, variant, k, seed, fold, test, args.device, args.threads, deadline)
+    jobs = [(variant, k, seed) for k, seed in runs for variant in args.variants
+            if not (variant != "scratch" and pretrained is None or variant == "channels" and not channels_ready)]
+
+    def train_and_test(variant: str, k: int, seed: int) -> bool:
+        fold = folds[f"k{k}_s{seed}"]
+        trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
+        if not trained and not seg.epoch_fits(run_logs(work), deadline):  # every run has the same plans
+            return False
+        if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads):
+            if deadline is None or time.time() < deadline:
+                evaluate(work, env, variant, k, seed, fold, test, args.device, args.threads, deadline)
+        return True
+
+    if not all(run_jobs(jobs, train_and_test, args.parallel)):
+        print("budget spent; run the same command again to continue", flush=True)
     return finish(work)
+
+
+def run_jobs(jobs: list[tuple], job: Callable[..., bool], parallel: int = 1) -> list[bool]:
+    """``job(*args)`` for each tuple in ``jobs``, in order; returns each one's result (False: it did not start, the
+    budget was spent). One at a time (``parallel`` 1) the first False ends the list; with ``parallel`` > 1 that many
+    run at once in threads (each job's work is a subprocess: an nnU-Net training per run, e.g. several on one GPU),
+    and every job is tried. An exception in a job is raised here."""
+    if parallel <= 1:
+        results = []
+        for args in jobs:
+            results.append(job(*args))
+            if not results[-1]:
+                break
+        return results
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda args: job(*args), jobs))
 
 
 def finish(work: Path) -> None:

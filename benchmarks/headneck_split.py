@@ -6,9 +6,12 @@ pretraining, fitting a localizer or training nnU-Net. Training cases: the other 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-HEADNECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"
+# $NNUNET_APE_HEADNECK: the dataset elsewhere (a GPU machine gets a copy inside the checkout)
+HEADNECK = Path(os.environ.get("NNUNET_APE_HEADNECK",
+                               Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"))
 TEST_NUMBERS = range(169, 215)
 
 

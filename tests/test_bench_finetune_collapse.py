@@ -4,7 +4,6 @@ patches get, logged per epoch and shown in the report."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,28 +84,3 @@ def test_the_report_shows_each_runs_last_epoch_with_its_organ_volume(tmp_path):
                     "| scratch_k5_s0 | 100 | -0.050 | -0.020 | 0.100 | - |"]
     assert ft.training_view(tmp_path / "nothing") == []
 
-
-def test_a_record_rebuilds_the_report_after_the_work_folder_is_gone(tmp_path):
-    organs = list(seg.organ_labels())
-    work, dest = tmp_path / "work", tmp_path / "record"
-    (work / "finetune" / "scratch_k5_s0").mkdir(parents=True)
-    (work / "finetune" / "settings.json").write_text(json.dumps({**ft.DEFAULTS, "epochs": 40, "iterations_per_epoch": 100}))
-    epoch = {"kind": "epoch", "epoch": 0, "iterations": 100, "train_loss": 0.2, "val_loss": 0.3, "pseudo_dice": [0.5] * 7,
-             "curve": {"dice": {o: 0.25 for o in organs}}}
-    (work / "finetune" / "scratch_k5_s0" / "training_log.jsonl").write_text(json.dumps(epoch) + "\n")
-    dice = {o: 0.1 * i for i, o in enumerate(organs)}
-    (work / "finetune" / "scratch_k5_s0" / "test_scores.json").write_text(
-        json.dumps({"variant": "scratch", "labeled": 5, "seed": 0, "dice": dice}))
-    (work / "finetune" / "scratch_k5_s0" / "checkpoint_latest.pth").write_bytes(b"weights stay behind")
-    original = ft.report(work)
-    written = ft.record(work, dest)
-    assert {p.relative_to(dest).as_posix() for p in written} == {
-        "finetune/settings.json", "finetune/report.md", "finetune/curves.png",
-        "finetune/scratch_k5_s0/training_log.jsonl", "finetune/scratch_k5_s0/test_scores.json"}
-    assert not list(dest.rglob("*.pth")) and not list(dest.rglob("*.partial"))
-    shutil.rmtree(work)
-    rebuilt = ft.report(dest)
-    table = [line for line in original.splitlines() if line.startswith("| 5 |") or line.startswith("| scratch_k5_s0 |")]
-    assert len(table) == 2 and "| 5 | scratch | 1 | 0.300 |" in table[0]
-    assert table == [line for line in rebuilt.splitlines() if line.startswith("| 5 |") or line.startswith("| scratch_k5_s0 |")]
-    assert (dest / "finetune" / "curves.png").stat().st_size > 0
