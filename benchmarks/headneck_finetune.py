@@ -533,36 +533,37 @@ def finish(work: Path) -> None:
     print("\n" + text, flush=True)
 
 
+RUNS = "*_k*_s*"  # WORK/finetune/VARIANT_kK_sS: one fine-tuning run's folder
 RECORD_FILES = ("finetune/settings.json", "finetune/folds.json", "finetune/pretrain_seconds.jsonl",
                 "finetune/ape_standalone.json", "finetune/report.md", "finetune/curves.png",
-                "finetune/*_k*_s*/training_log.jsonl", "finetune/*_k*_s*/test_scores.json")
+                f"finetune/{RUNS}/training_log.jsonl", f"finetune/{RUNS}/test_scores.json")
 
 
 def record(work: Path, dest: Path) -> list[Path]:
     """Copy what the report is built from (``RECORD_FILES``: the settings, the fold registry, each run's training log
     and test scores, the report and its plot; a few hundred kB, no checkpoint) from WORK to DEST in the same layout,
     so that ``--report --work DEST`` rewrites the report after WORK is gone. A record cannot resume a run. Each file
-    is written beside its target and renamed into place, so a killed copy leaves the previous one whole. Returns the
-    files written (paths under DEST)."""
+    is written atomically (:func:`nnunet_ape.atomic.atomic_path`), so a killed copy leaves the previous one whole.
+    Returns the files written (paths under DEST)."""
+    from nnunet_ape.atomic import atomic_path
+
     written = []
     for pattern in RECORD_FILES:
         for source in sorted(work.glob(pattern)):
             target = dest / source.relative_to(work)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.partial")
-            shutil.copyfile(source, partial)
-            partial.replace(target)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
             written.append(target)
     return written
 
 
 def run_logs(work: Path) -> list[Path]:
     """Every fine-tuning run's ``WORK/finetune/VARIANT_kK_sS/training_log.jsonl`` (those started so far), sorted."""
-    return sorted((work / "finetune").glob("*_k*_s*/training_log.jsonl"))
+    return sorted((work / "finetune").glob(f"{RUNS}/training_log.jsonl"))
 
 
 def _finished_runs(work: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted((work / "finetune").glob("*_k*_s*/test_scores.json"))]
+    return [json.loads(f.read_text()) for f in sorted((work / "finetune").glob(f"{RUNS}/test_scores.json"))]
 
 
 def report(work: Path) -> str:

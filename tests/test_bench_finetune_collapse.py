@@ -83,4 +83,3 @@ def test_the_report_shows_each_runs_last_epoch_with_its_organ_volume(tmp_path):
     assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 |",
                     "| scratch_k5_s0 | 100 | -0.050 | -0.020 | 0.100 | - |"]
     assert ft.training_view(tmp_path / "nothing") == []
-

@@ -57,13 +57,17 @@ def test_a_record_rebuilds_the_report_after_the_work_folder_is_gone(tmp_path):
     (work / "finetune" / "scratch_k5_s0" / "checkpoint_latest.pth").write_bytes(b"weights stay behind")
     original = ft.report(work)
     written = ft.record(work, dest)
-    assert {p.relative_to(dest).as_posix() for p in written} == {
-        "finetune/settings.json", "finetune/report.md", "finetune/curves.png",
-        "finetune/scratch_k5_s0/training_log.jsonl", "finetune/scratch_k5_s0/test_scores.json"}
-    assert not list(dest.rglob("*.pth")) and not list(dest.rglob("*.partial"))
+    expected = {"finetune/settings.json", "finetune/report.md", "finetune/curves.png",
+                "finetune/scratch_k5_s0/training_log.jsonl", "finetune/scratch_k5_s0/test_scores.json"}
+    assert {p.relative_to(dest).as_posix() for p in written} == expected
+    # nothing else under DEST: no checkpoint, no staging leftover of the atomic copies
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if not p.is_dir()} == expected
     shutil.rmtree(work)
     rebuilt = ft.report(dest)
-    table = [line for line in original.splitlines() if line.startswith("| 5 |") or line.startswith("| scratch_k5_s0 |")]
-    assert len(table) == 2 and "| 5 | scratch | 1 | 0.300 |" in table[0]
-    assert table == [line for line in rebuilt.splitlines() if line.startswith("| 5 |") or line.startswith("| scratch_k5_s0 |")]
+
+    def table(report: str) -> list[str]:
+        return [line for line in report.splitlines() if line.startswith(("| 5 |", "| scratch_k5_s0 |"))]
+
+    assert len(table(original)) == 2 and "| 5 | scratch | 1 | 0.300 |" in table(original)[0]
+    assert table(original) == table(rebuilt)
     assert (dest / "finetune" / "curves.png").stat().st_size > 0
