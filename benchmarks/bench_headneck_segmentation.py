@@ -308,8 +308,8 @@ class ResumableTraining:
     """Mixin for an nnU-Net trainer class (put it first in the bases). Settings come from the JSON in the
     environment variable BENCH_HN_SETTINGS (written by ``train_stage``): epochs, iterations per epoch, validation batches,
     curve cases and interval, the deadline (unix seconds or null), the log file, the source labels and organs,
-    torch threads. Adds: a checkpoint every epoch, a clean stop at an epoch end before the deadline, one JSON line
-    per epoch in the log (with the predicted / true organ volume on the validation patches, the check for a network
+    torch threads, ``compile`` (torch.compile also on CPU, with channels-last weights there). Adds: a checkpoint every
+    epoch, a clean stop at an epoch end before the deadline, one JSON line per epoch in the log (with the predicted / true organ volume on the validation patches, the check for a network
     that predicts no organ at all), the learning-curve prediction; skips nnU-Net's final full validation."""
 
     def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict, device=None):
@@ -325,6 +325,18 @@ class ResumableTraining:
             torch.set_num_threads(self.bench["threads"])
 
     # nnU-Net's hooks --------------------------------------------------------------------------------------------
+    def _do_i_compile(self) -> bool:
+        """nnU-Net's choice, or always with the ``compile`` setting: nnU-Net 2.8 never compiles on CPU."""
+        return bool(getattr(self, "bench", {}).get("compile")) or super()._do_i_compile()
+
+    def initialize(self) -> None:
+        super().initialize()
+        if self.bench.get("compile") and self.device.type == "cpu":
+            import torch
+
+            # channels-last weights take oneDNN's faster conv3d path; in place, so the optimizer keeps its parameters
+            getattr(self.network, "_orig_mod", self.network).to(memory_format=torch.channels_last_3d)
+
     def on_train_start(self) -> None:
         super().on_train_start()
         self._train_seconds_before = sum(r["epoch_seconds"] for r in read_log(Path(self.bench["log"]))
@@ -332,7 +344,8 @@ class ResumableTraining:
         self._epoch_seconds = []
         config = self.configuration_manager
         self._append({"kind": "start", "epoch": self.current_epoch, "time": time.time(), "patch_size": list(config.patch_size),
-                      "batch_size": self.batch_size, "features": config.network_arch_init_kwargs["features_per_stage"]})
+                      "batch_size": self.batch_size, "features": config.network_arch_init_kwargs["features_per_stage"],
+                      "compiled": self._do_i_compile()})
 
     def on_epoch_start(self) -> None:
         self._epoch_began = time.perf_counter()

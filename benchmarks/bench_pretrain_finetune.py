@@ -163,6 +163,9 @@ def main() -> None:
     hn.add_argument("--train-cases", type=int, help="the first N training cases only (smoke checks; a new --work)")
     hn.add_argument("--threads", type=int, help="torch threads [nnU-Net's]")
     hn.add_argument("--processes", type=int, default=1, help="nnU-Net preprocessing processes [1]")
+    hn.add_argument("--compile", action="store_true", help="torch.compile the fine-tuned networks also on CPU, with "
+                    "channels-last weights (nnU-Net 2.8 compiles only on CUDA; needs a C++ compiler; about a minute "
+                    "of compiling per start)")
     hn.add_argument("--loader-processes", type=int, default=1, help="nnUNet_n_proc_DA [1]")
     hn.add_argument("--parallel", type=int, default=1, help="fine-tuning runs at once [1]; more only where there is room "
                     "(a GPU and many cores): seconds per epoch are then not comparable with a run alone")

@@ -295,8 +295,10 @@ def pretrain(work: Path, env: dict, settings: dict, deadline: float | None, devi
 
 
 def finetune(work: Path, env: dict, settings: dict, variant: str, k: int, seed: int, fold: int, curve_cases: list[str],
-             pretrained: Path | None, deadline: float | None, device: str, threads: int | None) -> bool:
-    """Step 3 for one run; returns whether its training is finished."""
+             pretrained: Path | None, deadline: float | None, device: str, threads: int | None,
+             compiled: bool = False) -> bool:
+    """Step 3 for one run; returns whether its training is finished. ``compiled``: torch.compile the network also
+    on CPU (the mixin's ``compile`` setting; it changes the speed, not the schedule, so runs may switch)."""
     trainer = VARIANTS[variant]
     folder = fold_folder(work, variant, fold)
     if (folder / "checkpoint_final.pth").exists():
@@ -308,7 +310,7 @@ def finetune(work: Path, env: dict, settings: dict, variant: str, k: int, seed: 
              "val_iterations": settings["val_iterations"], "curve_every": settings["curve_every"],
              "curve_cases": curve_cases, "deadline": deadline, "log": str(run_dir / "training_log.jsonl"),
              "curve_dir": str(run_dir / "curve"), "labels_dir": str(raw / "labelsTr"), "organs": seg.organ_labels(),
-             "threads": threads, "seed": seed}
+             "threads": threads, "seed": seed, "compile": compiled}
     resume = (folder / "checkpoint_latest.pth").exists()
     command = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(seg.DATASET_ID), configuration_of(variant), str(fold),
                "-tr", trainer, "-p", PLANS, "-device", device]
@@ -502,7 +504,8 @@ def run(args) -> None:
         trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
         if not trained and not seg.epoch_fits(run_logs(work), deadline):  # every run has the same plans
             return False
-        if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads):
+        if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads,
+                    args.compile):
             if deadline is None or time.time() < deadline:
                 evaluate(work, env, variant, k, seed, fold, test, args.device, args.threads, deadline)
         return True
