@@ -605,24 +605,30 @@ def report(work: Path) -> str:
 
 def training_view(work: Path) -> list[str]:
     """Every run's last logged epoch as report lines (a table): iterations, training and validation loss, nnU-Net's
-    pseudo Dice (mean over organs) and the predicted / true organ volume on the validation patches, which shows a
+    pseudo Dice (mean over organs), the predicted / true organ volume on the validation patches, which shows a
     network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on patches
-    without an organ, still falls."""
+    without an organ, still falls, and the epoch's seconds per iteration (learning-curve prediction excluded), marked
+    when that invocation compiled the network (``--compile``)."""
     rows = []
     for log in run_logs(work):
+        per_epoch = json.loads((work / "finetune" / "settings.json").read_text())["iterations_per_epoch"]
         epochs = [r for r in seg.read_log(log) if r.get("kind") == "epoch"]
         if not epochs:
             continue
         last = epochs[-1]
         ratio = last.get("organ_volume_ratio")
+        started = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "start"
+                   and r["epoch"] <= last["epoch"]]
+        compiled = " (compiled)" if started and started[-1].get("compiled") else ""
         rows.append(f"| {log.parent.name} | {last['iterations']} | {last['train_loss']:.3f} | {last['val_loss']:.3f} | "
-                    f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} |")
+                    f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} | "
+                    f"{last['epoch_seconds'] / per_epoch:.2f}{compiled} |")
     if not rows:
         return []
     return ["Training's view, each run's last logged epoch (organ volume: the softmax mass of the organ channels over "
             "the true organ voxels on nnU-Net's validation patches; '-' where it was not logged yet):", "",
-            "| run | iterations | train loss | val loss | pseudo Dice, mean | organ volume, predicted / true |",
-            "|---|---|---|---|---|---|", *rows]
+            "| run | iterations | train loss | val loss | pseudo Dice, mean | organ volume, predicted / true | s / iteration |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def _channels_note(work: Path) -> list[str]:

@@ -73,13 +73,18 @@ def test_the_report_shows_each_runs_last_epoch_with_its_organ_volume(tmp_path):
         folder.mkdir(parents=True)
         (folder / "training_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    epoch = {"kind": "epoch", "train_loss": -0.05, "val_loss": -0.02, "pseudo_dice": [0.0] * 7}
-    log("ape_k5_s0", [{"kind": "start", "epoch": 0}, {**epoch, "epoch": 0, "iterations": 100, "organ_volume_ratio": 0.4},
-                      {**epoch, "epoch": 1, "iterations": 200, "organ_volume_ratio": 2.5e-9}])
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "settings.json").write_text(json.dumps({"iterations_per_epoch": 100}))
+    epoch = {"kind": "epoch", "train_loss": -0.05, "val_loss": -0.02, "pseudo_dice": [0.0] * 7, "epoch_seconds": 616.0}
+    log("ape_k5_s0", [{"kind": "start", "epoch": 0, "compiled": False},
+                      {**epoch, "epoch": 0, "iterations": 100, "organ_volume_ratio": 0.4},
+                      {"kind": "start", "epoch": 1, "compiled": True},  # continued with --compile
+                      {**epoch, "epoch": 1, "iterations": 200, "organ_volume_ratio": 2.5e-9, "epoch_seconds": 412.0},
+                      {"kind": "start", "epoch": 2, "compiled": False}])  # continued again, no epoch yet
     log("scratch_k5_s0", [{**epoch, "epoch": 0, "iterations": 100, "pseudo_dice": [0.7] + [0.0] * 6}])  # logged before the check
     log("scratch_k5_s1", [{"kind": "start", "epoch": 0}])  # started, no epoch yet
     lines = ft.training_view(tmp_path)
     rows = [line for line in lines if line.startswith("| ") and "_k5_" in line]
-    assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 |",
-                    "| scratch_k5_s0 | 100 | -0.050 | -0.020 | 0.100 | - |"]
+    assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 | 4.12 (compiled) |",
+                    "| scratch_k5_s0 | 100 | -0.050 | -0.020 | 0.100 | - | 6.16 |"]
     assert ft.training_view(tmp_path / "nothing") == []

@@ -48,8 +48,8 @@ def test_a_record_rebuilds_the_report_after_the_work_folder_is_gone(tmp_path):
     work, dest = tmp_path / "work", tmp_path / "record"
     (work / "finetune" / "scratch_k5_s0").mkdir(parents=True)
     (work / "finetune" / "settings.json").write_text(json.dumps({**ft.DEFAULTS, "epochs": 40, "iterations_per_epoch": 100}))
-    epoch = {"kind": "epoch", "epoch": 0, "iterations": 100, "train_loss": 0.2, "val_loss": 0.3, "pseudo_dice": [0.5] * 7,
-             "curve": {"dice": {o: 0.25 for o in organs}}}
+    epoch = {"kind": "epoch", "epoch": 0, "iterations": 100, "epoch_seconds": 600.0, "train_loss": 0.2, "val_loss": 0.3,
+             "pseudo_dice": [0.5] * 7, "curve": {"dice": {o: 0.25 for o in organs}}}
     (work / "finetune" / "scratch_k5_s0" / "training_log.jsonl").write_text(json.dumps(epoch) + "\n")
     dice = {o: 0.1 * i for i, o in enumerate(organs)}
     (work / "finetune" / "scratch_k5_s0" / "test_scores.json").write_text(
