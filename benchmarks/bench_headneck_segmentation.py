@@ -309,8 +309,9 @@ class ResumableTraining:
     environment variable BENCH_HN_SETTINGS (written by ``train_stage``): epochs, iterations per epoch, validation batches,
     curve cases and interval, the deadline (unix seconds or null), the log file, the source labels and organs,
     torch threads, ``compile`` (torch.compile also on CPU, with channels-last weights there). Adds: a checkpoint every
-    epoch, a clean stop at an epoch end before the deadline, one JSON line per epoch in the log (with the predicted / true organ volume on the validation patches, the check for a network
-    that predicts no organ at all), the learning-curve prediction; skips nnU-Net's final full validation."""
+    epoch, a clean stop at an epoch end before the deadline, one JSON line per epoch in the log (with the predicted /
+    true organ volume on the validation patches, the check for a network that predicts no organ at all), the
+    learning-curve prediction; skips nnU-Net's final full validation."""
 
     def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict, device=None):
         import torch

@@ -609,9 +609,12 @@ def training_view(work: Path) -> list[str]:
     network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on patches
     without an organ, still falls, and the epoch's seconds per iteration (learning-curve prediction excluded), marked
     when that invocation compiled the network (``--compile``)."""
+    logs = run_logs(work)
+    if not logs:
+        return []
+    per_epoch = json.loads((work / "finetune" / "settings.json").read_text())["iterations_per_epoch"]
     rows = []
-    for log in run_logs(work):
-        per_epoch = json.loads((work / "finetune" / "settings.json").read_text())["iterations_per_epoch"]
+    for log in logs:
         epochs = [r for r in seg.read_log(log) if r.get("kind") == "epoch"]
         if not epochs:
             continue
