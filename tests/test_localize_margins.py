@@ -107,6 +107,7 @@ def test_a_localizer_without_margins_still_enlarges_by_its_alpha():
     assert stored_enlargement(new, "ape_all") == 2.5  # a method without margins keeps its alpha
 
 
+@pytest.mark.slow  # 32 s on 2026-12-07; the margins' geometry and calibration stay in the default run above
 @pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
 def test_margins_give_smaller_crops_than_alpha_on_real_ct_at_the_same_recall():
     """Body-box localizers (no model) fitted on 100 head-and-neck training cases, applied to the other 63 training

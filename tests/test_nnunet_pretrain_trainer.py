@@ -312,6 +312,7 @@ def test_view_pairs_share_their_points(planned):
     assert all(n >= 8 for _, _, n in found["train"] + found["val"])
 
 
+@pytest.mark.slow  # 110 s on 2026-12-07 (seven nnU-Net / nnunet-ape processes); the trainer's own tests stay default
 def test_pretrain_resume_finetune_and_embed(planned, tmp_path):
     env, _, results = planned
     run = results / "nnUNetTrainerAPEPretrainTest__nnUNetPlans__3d_fullres" / "fold_all"

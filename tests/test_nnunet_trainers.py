@@ -288,6 +288,7 @@ def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(
         assert (merged.labels.array[crop] == (1 if liver_wins else 2)).all() and (merged.labels.array[outside] == 2).all()
 
 
+@pytest.mark.slow  # 59 s on 2026-12-07; the kill harness keeps predict's resume and parts in the default run
 def test_predict_command_writes_full_geometry_splits_parts_and_resumes(planned, crop_run, tmp_path):
     env, root = planned
     _, run = crop_run
