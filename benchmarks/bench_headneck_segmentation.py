@@ -335,8 +335,10 @@ class ResumableTraining:
         if self.bench.get("compile") and self.device.type == "cpu":
             import torch
 
+            from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
+
             # channels-last weights take oneDNN's faster conv3d path; in place, so the optimizer keeps its parameters
-            getattr(self.network, "_orig_mod", self.network).to(memory_format=torch.channels_last_3d)
+            unwrapped_network(self.network).to(memory_format=torch.channels_last_3d)
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -11,6 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_headneck_segmentation as seg  # noqa: E402
 
+from nnunet_ape.nnunet.pretrained_weights import unwrapped_network  # noqa: E402
+
 
 class _Trainer:
     """What the mixin's compile hooks use of nnU-Net's trainer: its CPU gate and an initialize that builds the
@@ -34,7 +36,7 @@ class _Bench(seg.ResumableTraining, _Trainer):
 
 
 def _weights(trainer: _Bench) -> torch.Tensor:
-    return getattr(trainer.network, "_orig_mod", trainer.network)[0].weight
+    return unwrapped_network(trainer.network)[0].weight
 
 
 def test_the_compile_setting_compiles_on_cpu_with_channels_last_weights_the_optimizer_still_holds():

@@ -40,12 +40,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast, nn
-from torch._dynamo import OptimizedModule
 
 from nnunet_ape.checkpoint import save_atomic
 from nnunet_ape.nnunet.channel_augmentation import intensity_on_image_channels
 from nnunet_ape.nnunet.nnssl_plan import adaptation_plan, without_numpy, write_plan_json
-from nnunet_ape.nnunet.pretrained_weights import _module
+from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
 from nnunet_ape.nnunet.trainers import _called_by_stock_predictor, short_variant
 from nnunet_ape.nnunet.view_pairs import ViewPairDataLoader
 from nnunet_ape.pretrain.batches import BatchConfig
@@ -194,7 +193,7 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
     @property
     def output_norm(self) -> OutputNorm:
         """The network's output norm (inside DDP and torch.compile's wrappers)."""
-        return _module(self.network).ape_output_norm
+        return unwrapped_network(self.network).ape_output_norm
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -380,9 +379,7 @@ class nnUNetTrainerAPEPretrain(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        module = self.network.module if self.is_ddp else self.network
-        if isinstance(module, OptimizedModule):
-            module = module._orig_mod
+        module = unwrapped_network(self.network)
         checkpoint = {
             # on the CPU: nnU-Net main's nnssl fine-tuning loads with weights_only and no map_location, so weights
             # saved on a GPU would not load on a machine without one (nnU-Net's own resume maps them to its device)

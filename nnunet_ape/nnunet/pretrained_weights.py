@@ -27,7 +27,9 @@ from nnunet_ape.nnunet.nnssl_plan import network_keys
 SKIPPED = (".seg_layers.",)  # as nnU-Net: the segmentation heads are never transferred
 
 
-def _module(network: nn.Module) -> nn.Module:
+def unwrapped_network(network: nn.Module) -> nn.Module:
+    """The network itself inside nnU-Net's wrappers (DistributedDataParallel, then torch.compile's
+    OptimizedModule), or ``network`` when it is not wrapped."""
     from torch._dynamo import OptimizedModule
     from torch.nn.parallel import DistributedDataParallel
 
@@ -41,7 +43,7 @@ def _mark(module: nn.Module, fname: str) -> None:
 
 def loaded_from(network: nn.Module) -> str | None:
     """The checkpoint one of these loaders put into ``network`` (compiled or DDP-wrapped or not), or None."""
-    return getattr(_module(network), "nnunet_ape_pretrained_from", None)
+    return getattr(unwrapped_network(network), "nnunet_ape_pretrained_from", None)
 
 
 def widen_input_channels(pretrained: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
@@ -65,7 +67,7 @@ def load_pretrained_weights_adding_channels(network: nn.Module, fname: str, verb
 
     location = torch.device("cuda", dist.get_rank()) if dist.is_initialized() else torch.device("cpu")
     pretrained = torch.load(fname, map_location=location, weights_only=False)["network_weights"]
-    module = _module(network)
+    module = unwrapped_network(network)
     model = module.state_dict()
     widened, loaded = [], {}
     for key, value in model.items():
@@ -158,7 +160,7 @@ def load_pretrained_encoder(network: nn.Module, fname: str, verbose: bool = Fals
 
     location = torch.device("cuda", dist.get_rank()) if dist.is_initialized() else torch.device("cpu")
     checkpoint = torch.load(fname, map_location=location, weights_only=False)
-    module = _module(network)
+    module = unwrapped_network(network)
     weights, repeated = encoder_weights(checkpoint["network_weights"], checkpoint.get("nnssl_adaptation_plan"), module)
     unexpected = module.load_state_dict(weights, strict=False).unexpected_keys
     assert not unexpected, unexpected  # encoder_weights names only the network's own keys
