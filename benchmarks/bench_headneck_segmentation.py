@@ -471,16 +471,16 @@ globals().update(trainer_classes())
 '''
 
 
-def read_log(log: Path) -> list[dict]:
-    """The epoch records of a training log, the last one per epoch (an epoch redone after a crash replaces the
-    first attempt), in epoch order."""
+def read_log(log: Path, kind: str = "epoch") -> list[dict]:
+    """The records of one ``kind`` of a training log ("epoch"; "start": one per invocation, at the epoch it began),
+    the last one per epoch (an epoch redone after a crash replaces the first attempt), in epoch order."""
     if not log.exists():
         return []
     records = {}
     for line in log.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            if r.get("kind") == "epoch":
+            if r.get("kind") == kind:
                 records[r["epoch"]] = r
     return [records[e] for e in sorted(records)]
 

@@ -615,13 +615,12 @@ def training_view(work: Path) -> list[str]:
     per_epoch = json.loads((work / "finetune" / "settings.json").read_text())["iterations_per_epoch"]
     rows = []
     for log in logs:
-        epochs = [r for r in seg.read_log(log) if r.get("kind") == "epoch"]
+        epochs = seg.read_log(log)
         if not epochs:
             continue
         last = epochs[-1]
         ratio = last.get("organ_volume_ratio")
-        started = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "start"
-                   and r["epoch"] <= last["epoch"]]
+        started = [r for r in seg.read_log(log, "start") if r["epoch"] <= last["epoch"]]
         compiled = " (compiled)" if started and started[-1].get("compiled") else ""
         rows.append(f"| {log.parent.name} | {last['iterations']} | {last['train_loss']:.3f} | {last['val_loss']:.3f} | "
                     f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} | "
