@@ -1,7 +1,7 @@
 """Few labels on real CT (issue 31): nnU-Net fine-tuned from APE pretraining against nnU-Net from scratch, on the
 head-and-neck cohort. Run by ``bench_pretrain_finetune.py --cohort headneck``; resumable (run the same command again
 and it continues; ``--minutes`` bounds one invocation: a run stops at an epoch end, and no run starts or
-continues when an epoch as long as the longest logged so far would end past the budget: ``seg.epoch_fits``).
+continues when an epoch as long as the longest logged so far would end past the budget: ``resumable_training.epoch_fits``).
 
 1. Data: the split and preparation of :mod:`bench_headneck_segmentation` in WORK (``Dataset902_HeadNeckSplit``:
    imagesTr the 163 training cases, imagesTs/labelsTs the 40 test cases hn_169..hn_214), nnU-Net's own plan and
@@ -53,6 +53,7 @@ from typing import Callable
 import numpy as np
 
 import bench_headneck_segmentation as seg
+import resumable_training as rt
 from bench_embed import machine
 
 VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
@@ -129,19 +130,19 @@ def trainer_classes() -> dict[str, type]:
             super().on_epoch_end()
             deadline, last = self.bench.get("deadline"), time.perf_counter() - self._epoch_began
             if deadline is not None and self.current_epoch < self.num_epochs and time.time() + last > deadline:
-                raise seg._OutOfTime
+                raise rt.OutOfTime
 
         def run_training(self) -> None:
             try:
                 super().run_training()
-            except seg._OutOfTime:
+            except rt.OutOfTime:
                 self.print_to_log_file(f"bench: budget spent after {self.current_epoch} of {self.num_epochs} epochs; "
                                        "continue with --c", also_print_to_console=True)
                 for loader in (self.dataloader_train, self.dataloader_val):
                     if hasattr(loader, "_finish"):
                         loader._finish()
 
-    class _FineTune(seg.ResumableTraining, nnUNetTrainer):
+    class _FineTune(rt.ResumableTraining, nnUNetTrainer):
         """Stock nnUNetTrainer with the segmentation benchmark's resumable epochs and learning curve, seeded."""
 
         reinit = False
@@ -157,14 +158,14 @@ def trainer_classes() -> dict[str, type]:
                 self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads",
                                        also_print_to_console=True)
 
-    class _FineTuneWarmup(seg.ResumableTraining, nnUNetTrainerFinetune):
+    class _FineTuneWarmup(rt.ResumableTraining, nnUNetTrainerFinetune):
         """The plugin's nnUNetTrainerFinetune (nnU-Net main's fine-tuning recipe) with the same mixin, seeded."""
 
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
             super().__init__(plans, configuration, fold, dataset_json, device)
             _seed_everything(self.bench["seed"])
 
-    class _FineTuneChannels(seg.ResumableTraining, nnUNetTrainerAPEChannels):
+    class _FineTuneChannels(rt.ResumableTraining, nnUNetTrainerAPEChannels):
         """nnUNetTrainerAPEChannels (CT + APE channels, random initialisation) with the same mixin, seeded."""
 
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
@@ -328,7 +329,7 @@ def evaluate(work: Path, env: dict, variant: str, k: int, seed: int, fold: int, 
              threads: int | None, deadline: float | None) -> dict | None:
     """Step 4 for one finished run; returns ``WORK/finetune/RUN/test_scores.json``'s content, or None while test
     cases are left (the budget ended)."""
-    from nnunet_ape.segmentation_scores import score_case
+    from nnunet_ape.segmentation_scores import mean_per_organ, score_case
 
     run_dir = work / "finetune" / f"{variant}_k{k}_s{seed}"
     scores_file = run_dir / "test_scores.json"
@@ -363,7 +364,7 @@ def evaluate(work: Path, env: dict, variant: str, k: int, seed: int, fold: int, 
     organs = seg.organ_labels()
     scores = {c: score_case(out / f"{c}.nii.gz", raw / "labelsTs" / f"{c}.nii.gz", organs, (2.0,)) for c in test}
     result = {"variant": variant, "labeled": k, "seed": seed, "fold": fold, "scores": scores,
-              "dice": {o: m for o, (m, _) in seg.mean_per_organ(scores, list(organs), "dice").items()},
+              "dice": {o: m for o, (m, _) in mean_per_organ(scores, list(organs), "dice").items()},
               "machine": machine(), "date": date.today().isoformat()}
     scores_file.write_text(json.dumps(result, indent=1))
     return result
@@ -502,7 +503,7 @@ def run(args) -> None:
     def train_and_test(variant: str, k: int, seed: int) -> bool:
         fold = folds[f"k{k}_s{seed}"]
         trained = (fold_folder(work, variant, fold) / "checkpoint_final.pth").exists()
-        if not trained and not seg.epoch_fits(run_logs(work), deadline):  # every run has the same plans
+        if not trained and not rt.epoch_fits(run_logs(work), deadline):  # every run has the same plans
             return False
         if finetune(work, env, settings, variant, k, seed, fold, curve_cases, pretrained, deadline, args.device, args.threads,
                     args.compile):
@@ -615,12 +616,12 @@ def training_view(work: Path) -> list[str]:
     per_epoch = json.loads((work / "finetune" / "settings.json").read_text())["iterations_per_epoch"]
     rows = []
     for log in logs:
-        epochs = seg.read_log(log)
+        epochs = rt.read_log(log)
         if not epochs:
             continue
         last = epochs[-1]
         ratio = last.get("organ_volume_ratio")
-        started = [r for r in seg.read_log(log, "start") if r["epoch"] <= last["epoch"]]
+        started = [r for r in rt.read_log(log, "start") if r["epoch"] <= last["epoch"]]
         compiled = " (compiled)" if started and started[-1].get("compiled") else ""
         rows.append(f"| {log.parent.name} | {last['iterations']} | {last['train_loss']:.3f} | {last['val_loss']:.3f} | "
                     f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} | "
@@ -656,7 +657,7 @@ def plot_curves(work: Path, png: Path) -> None:
     for log in run_logs(work):
         variant, rest = log.parent.name.rsplit("_k", 1)
         k = int(rest.split("_s")[0])
-        points = [(r["iterations"], float(np.nanmean(list(r["curve"]["dice"].values())))) for r in seg.read_log(log) if "curve" in r]
+        points = [(r["iterations"], float(np.nanmean(list(r["curve"]["dice"].values())))) for r in rt.read_log(log) if "curve" in r]
         if points:
             series.setdefault(k, []).append((variant, points))
     if not series:

@@ -4,7 +4,7 @@ prediction cost, the per-organ test scores, how much of each organ the localized
 far; unfinished stages are marked partial.
 
 Run through the benchmark: ``python benchmarks/bench_headneck_segmentation.py report --work WORK``. The functions
-take the benchmark module as ``seg`` (its stage definitions and log readers), as ``headneck_seg_timing`` does, so
+take the benchmark module as ``seg`` (its stage definitions), as ``headneck_seg_timing`` does, so
 that this module does not import the script it serves.
 """
 
@@ -16,12 +16,15 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import resumable_training as rt
+
+from nnunet_ape.segmentation_scores import mean_per_organ
 
 
 def stage_logs(seg: ModuleType, work: Path, stage: str) -> dict[str, list[dict]]:
     """``{model name: its training-log records}`` for each model of ``stage``, in order, each record with its
-    ``quiet_train_seconds`` (``seg.with_quiet_seconds``)."""
-    return {m["name"]: seg.with_quiet_seconds(seg.read_log(m["log"])) for m in seg.stage_models(work, stage)}
+    ``quiet_train_seconds`` (``resumable_training.with_quiet_seconds``)."""
+    return {m["name"]: rt.with_quiet_seconds(rt.read_log(m["log"])) for m in seg.stage_models(work, stage)}
 
 
 def curve_series(logs: dict[str, list[dict]]) -> dict[str, list[tuple[float, float]]]:
@@ -105,7 +108,7 @@ def model_row(seg: ModuleType, work: Path, stage: str, settings: dict, logs: dic
     cells = [name, status, "-", "-", "-", "-", "-", "-", "-"]
     if records:
         cells[2] = str(iterations) if len(logs) == 1 else " + ".join(f"{m} {rs[-1]['iterations'] if rs else 0}" for m, rs in logs.items())
-        quiet = [r for r in records if seg.is_quiet(r)]
+        quiet = [r for r in records if rt.is_quiet(r)]
         per_epoch = settings["iterations_per_epoch"]
         cells[3] = (f"{sum(r['epoch_seconds'] for r in quiet) / (len(quiet) * per_epoch):.2f}" if quiet else "-") + \
             ("" if len(quiet) == len(records) else f" ({len(quiet)} of {len(records)} epochs quiet)")
@@ -144,7 +147,7 @@ def organ_table(seg: ModuleType, tests: dict[str, dict], organs: list[str]) -> l
     """Markdown lines of the per-organ test table: per stage Dice and each NSD, mean over the cases contouring the
     organ (their number per stage in brackets where the stages differ)."""
     metrics = ["dice"] + [f"nsd_{t:g}mm" for t in next(iter(tests.values()))["nsd_mm"]]
-    means = {(s, m): seg.mean_per_organ(test["scores"], organs, m) for s, test in tests.items() for m in metrics}
+    means = {(s, m): mean_per_organ(test["scores"], organs, m) for s, test in tests.items() for m in metrics}
     lines = ["| organ | test cases | " + " | ".join(f"{s} {m.replace('_', ' ')}" for s in tests for m in metrics) + " |",
              "|---|---|" + "---|" * (len(tests) * len(metrics))]
     for organ in organs:

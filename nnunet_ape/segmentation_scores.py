@@ -64,3 +64,13 @@ def score_case(pred_file: Path, label_file: Path, organs: dict[str, int], nsd_mm
         p = pred == value
         out[name] = {"dice": dice(p, r), **{f"nsd_{t:g}mm": surface_dice(p, r, spacing, t) for t in nsd_mm}}
     return out
+
+
+def mean_per_organ(scores: dict[str, dict], organs: list[str], metric: str) -> dict[str, tuple[float, int]]:
+    """Mean of ``metric`` (e.g. "dice") per organ over the cases of ``scores`` (case -> :func:`score_case` output)
+    that contour it: ``{organ: (mean, number of those cases)}``, the mean NaN where no case contours the organ."""
+    out = {}
+    for organ in organs:
+        values = [s[organ][metric] for s in scores.values() if organ in s]
+        out[organ] = (float(np.mean(values)) if values else float("nan"), len(values))
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_headneck_segmentation as seg  # noqa: E402
+import resumable_training as rt  # noqa: E402
 
 from nnunet_ape.nnunet.pretrained_weights import unwrapped_network  # noqa: E402
 
@@ -30,7 +30,7 @@ class _Trainer:
         self.optimizer = torch.optim.SGD(self.network.parameters(), 0.01)
 
 
-class _Bench(seg.ResumableTraining, _Trainer):
+class _Bench(rt.ResumableTraining, _Trainer):
     def __init__(self, compile_: bool | None):
         self.bench = {} if compile_ is None else {"compile": compile_}
 

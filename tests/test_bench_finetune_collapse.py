@@ -12,8 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_headneck_segmentation as seg  # noqa: E402
 import headneck_finetune as ft  # noqa: E402
+import resumable_training as rt  # noqa: E402
 
 
 class _Trainer:
@@ -32,7 +32,7 @@ class _Trainer:
         return {"shape": tuple(output.shape)}
 
 
-class _Checked(seg.ResumableTraining, _Trainer):
+class _Checked(rt.ResumableTraining, _Trainer):
     def __init__(self, logits: torch.Tensor):  # no nnU-Net, no settings: only the validation hooks are used
         _Trainer.__init__(self, logits)
         with torch.no_grad():  # the network returns the given logits whatever the input
@@ -47,7 +47,7 @@ def _volume_ratio(logits: torch.Tensor, target: torch.Tensor, deep_supervision: 
     data = torch.zeros((1, 1) + tuple(target.shape[2:]))
     batch = {"data": data, "target": [target, target[:, :, ::2, ::2, ::2]] if deep_supervision else target}
     assert trainer.validation_step(batch) == {"shape": tuple(logits.shape)}  # nnU-Net's result passes through
-    return seg.organ_volume_ratio(trainer._organ_volume)
+    return rt.organ_volume_ratio(trainer._organ_volume)
 
 
 def test_the_predicted_organ_volume_separates_a_collapsed_network_from_an_unsure_one():
