@@ -16,6 +16,11 @@ continues when an epoch as long as the longest logged so far would end past the 
      ape         ``-pretrained_weights`` from step 2 (nnU-Net's loader: every weight but the segmentation heads);
      ape_reinit  the same, then the last decoder stage re-initialised as well: the check of the issue's suspect, that
                  the pretrained decoder's output statistics slow the start of fine-tuning.
+     ape_rescaled ape_reinit, then every convolution that a norm follows scaled back to the weight norm nnU-Net's
+                 initialisation gives it (:func:`rescale_to_init_norms`): the same function, but SGD's relative
+                 step on such a weight is about lr / |w|^2, and the cohort's APE pretraining grew the weights of
+                 the two highest-resolution encoder stages 1.4-2.3x and of the middle decoder stage 1.5-1.6x over
+                 nnU-Net's initial norm (so their steps 2-5x smaller than from scratch at the same learning rate).
      ape_warmup  the plugin's ``nnUNetTrainerFinetune``, nnU-Net's own fine-tuning recipe (``PretrainedTrainer`` on
                  nnU-Net's GitHub main, the path nnssl's checkpoints take): the encoder and stem from step 2, the
                  decoder fresh, learning rate 1e-3 instead of 1e-2, raised linearly per iteration over the first 5% of
@@ -57,8 +62,8 @@ import resumable_training as rt
 from bench_embed import machine
 
 VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
-            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "ape_warmup": "nnUNetTrainerFinetuneAPEWarmup",
-            "channels": "nnUNetTrainerFinetuneChannels"}
+            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "ape_rescaled": "nnUNetTrainerFinetuneAPERescaled",
+            "ape_warmup": "nnUNetTrainerFinetuneAPEWarmup", "channels": "nnUNetTrainerFinetuneChannels"}
 PRETRAIN_TRAINER = "nnUNetTrainerFinetunePretrain"
 PLANS = seg.PLANS["reduced"]
 CONFIGURATION = "3d_fullres"
@@ -96,6 +101,39 @@ def _reinit_decoder_end(network) -> int:
                 module.reset_parameters()
                 count += 1
     return count
+
+
+def he_norm(weight) -> float:
+    """The expected Frobenius norm of a convolution ``weight`` (out, in / groups, *kernel) under nnU-Net's
+    initialisation (``InitWeights_He(1e-2)``: Kaiming normal, fan-in, negative slope 0.01)."""
+    fan_in = weight[0].numel()
+    std = (2.0 / (1 + 1e-2 ** 2)) ** 0.5 / fan_in ** 0.5
+    return std * weight.numel() ** 0.5
+
+
+def rescale_to_init_norms(network) -> list[float]:
+    """Scale the weight and bias of every convolution that a normalization layer follows (nnU-Net's
+    ``ConvDropoutNormReLU``: conv, dropout, norm and a positively homogeneous nonlinearity) to the norm nnU-Net's
+    initialisation gives it (:func:`he_norm`); returns the factors applied, in module order.
+
+    The network computes the same function afterwards (the norm removes a convolution's scale), but SGD's relative
+    step on such a weight is about lr / |w|^2: a pretraining that grew the weights slows fine-tuning by the square
+    of that growth, and this undoes it. Convolutions without a norm after them (transposed convolutions, the heads)
+    are left as they are."""
+    import torch
+
+    factors = []
+    with torch.no_grad():
+        for module in network.modules():
+            conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
+            if not isinstance(conv, torch.nn.modules.conv._ConvNd) or norm is None:
+                continue
+            factor = he_norm(conv.weight) / float(conv.weight.norm())
+            conv.weight.mul_(factor)
+            if conv.bias is not None:
+                conv.bias.mul_(factor)
+            factors.append(factor)
+    return factors
 
 
 def trainer_classes() -> dict[str, type]:
@@ -146,6 +184,7 @@ def trainer_classes() -> dict[str, type]:
         """Stock nnUNetTrainer with the segmentation benchmark's resumable epochs and learning curve, seeded."""
 
         reinit = False
+        rescale = False
 
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
             super().__init__(plans, configuration, fold, dataset_json, device)
@@ -156,6 +195,13 @@ def trainer_classes() -> dict[str, type]:
             if self.reinit and self.current_epoch == 0:  # after -pretrained_weights, before the first step
                 n = _reinit_decoder_end(self.network)
                 self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads",
+                                       also_print_to_console=True)
+            if self.rescale and self.current_epoch == 0:
+                from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
+
+                factors = rescale_to_init_norms(unwrapped_network(self.network))
+                self.print_to_log_file(f"bench: scaled {len(factors)} convolutions followed by a norm to nnU-Net's "
+                                       f"initial weight norm (factors {min(factors):.2f}-{max(factors):.2f})",
                                        also_print_to_console=True)
 
     class _FineTuneWarmup(rt.ResumableTraining, nnUNetTrainerFinetune):
@@ -174,6 +220,7 @@ def trainer_classes() -> dict[str, type]:
 
     named = {PRETRAIN_TRAINER: (_Pretrain, {}), VARIANTS["scratch"]: (_FineTune, {}), VARIANTS["ape"]: (_FineTune, {}),
              VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True}), VARIANTS["ape_warmup"]: (_FineTuneWarmup, {}),
+             VARIANTS["ape_rescaled"]: (_FineTune, {"reinit": True, "rescale": True}),
              VARIANTS["channels"]: (_FineTuneChannels, {})}
     classes = {name: type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs})
                for name, (base, attrs) in named.items()}
@@ -663,7 +710,7 @@ def plot_curves(work: Path, png: Path) -> None:
     if not series:
         return
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
-    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:purple", "tab:green")))
+    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:green")))
     for ax, k in zip(axes[0], sorted(series)):
         seen = set()
         for variant, points in series[k]:

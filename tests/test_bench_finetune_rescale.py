@@ -1,0 +1,74 @@
+"""The few-label benchmark's ``ape_rescaled`` start: every convolution that a norm follows is scaled back to the
+weight norm nnU-Net's initialisation gives it, which leaves the network's function unchanged."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import headneck_finetune as ft  # noqa: E402
+
+
+def _unet(architecture: str) -> torch.nn.Module:
+    """A small nnU-Net U-Net (InstanceNorm, LeakyReLU, deep supervision) with nnU-Net's initialisation, its weights
+    then grown as a pretraining might grow them (each convolution by its own factor, 1-3x)."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    from nnunetv2.utilities.network_initialization import InitWeights_He
+
+    common = dict(input_channels=1, n_stages=3, features_per_stage=[8, 16, 32], conv_op=torch.nn.Conv3d,
+                  kernel_sizes=3, strides=[1, 2, 2], num_classes=3, n_conv_per_stage_decoder=[1, 1], conv_bias=True,
+                  norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                  nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    if architecture == "PlainConvUNet":
+        network = PlainConvUNet(n_conv_per_stage=[2, 2, 2], **common)
+    else:
+        network = ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1], **common)
+    network.apply(InitWeights_He(1e-2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.modules.conv._ConvNd):
+                factor = 1 + 2 * float(torch.rand(1, generator=generator))
+                module.weight.mul_(factor)
+                if module.bias is not None:
+                    module.bias.add_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    return network
+
+
+@pytest.mark.parametrize("architecture", ["PlainConvUNet", "ResidualEncoderUNet"])
+def test_rescaling_restores_the_initial_norms_and_keeps_the_function(architecture):
+    network = _unet(architecture).eval()
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = [o.clone() for o in network(x)]
+    normed = {id(m.conv) for m in network.modules() if getattr(m, "conv", None) is not None and getattr(m, "norm", None) is not None}
+    untouched = {name: p.clone() for name, p in network.named_parameters()
+                 if not any(p is c.weight or p is c.bias for c in network.modules() if id(c) in normed)}
+
+    factors = ft.rescale_to_init_norms(network)
+
+    assert len(factors) == len(normed) > 0 and all(0.2 < f < 1.0 for f in factors)  # every grown conv shrunk back
+    for module in network.modules():
+        if id(module) in normed:
+            assert float(module.weight.detach().norm()) == pytest.approx(ft.he_norm(module.weight), rel=1e-5)
+    with torch.no_grad():
+        after = network(x)
+    for a, b in zip(before, after):  # deep supervision: every resolution's output
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # float32 rounding, not a changed function
+    for name, p in network.named_parameters():  # transposed convolutions, heads and norms keep their weights
+        if name in untouched:
+            assert torch.equal(p, untouched[name]), name
+    assert any("transpconvs" in n for n in untouched) and any("seg_layers" in n for n in untouched)
+
+
+def test_he_norm_is_the_norm_of_nnunets_initialisation():
+    from nnunetv2.utilities.network_initialization import InitWeights_He
+
+    conv = torch.nn.Conv3d(32, 64, 3)
+    torch.manual_seed(0)
+    InitWeights_He(1e-2)(conv)
+    assert float(conv.weight.detach().norm()) == pytest.approx(ft.he_norm(conv.weight), rel=0.02)
