@@ -16,8 +16,9 @@ continues when an epoch as long as the longest logged so far would end past the 
      ape         ``-pretrained_weights`` from step 2 (nnU-Net's loader: every weight but the segmentation heads);
      ape_reinit  the same, then the last decoder stage re-initialised as well: the check of the issue's suspect, that
                  the pretrained decoder's output statistics slow the start of fine-tuning.
-     ape_rescaled ape_reinit, then every convolution that a norm follows scaled back to the weight norm nnU-Net's
-                 initialisation gives it (:func:`rescale_to_init_norms`): the same function, but SGD's relative
+     ape_rescaled ape_reinit with nnU-Net's initialisation for the reset part, then every convolution that a norm
+                 follows scaled back to the weight norm nnU-Net's initialisation gives it
+                 (:func:`rescale_to_init_norms`): the network computes the same, but SGD's relative
                  step on such a weight is about lr / |w|^2, and the cohort's APE pretraining grew the weights of
                  the two highest-resolution encoder stages 1.4-2.3x and of the middle decoder stage 1.5-1.6x over
                  nnU-Net's initial norm (so their steps 2-5x smaller than from scratch at the same learning rate).
@@ -88,9 +89,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _reinit_decoder_end(network) -> int:
-    """Re-initialise the last decoder stage and the segmentation heads of nnU-Net's U-Net; returns the number of
-    modules reset."""
+def _reinit_decoder_end(network, nnunet_init: bool = False) -> int:
+    """Re-initialise the last decoder stage and the segmentation heads of nnU-Net's U-Net with PyTorch's default
+    initialisation, or with nnU-Net's (``InitWeights_He(1e-2)`` on the convolutions, as a network from scratch
+    starts); returns the number of modules reset."""
+    from nnunetv2.utilities.network_initialization import InitWeights_He
+
     decoder = getattr(network, "decoder", None)
     if decoder is None:
         raise SystemExit("ape_reinit: the network has no 'decoder' (not nnU-Net's U-Net)")
@@ -99,6 +103,8 @@ def _reinit_decoder_end(network) -> int:
         for module in part.modules():
             if hasattr(module, "reset_parameters") and module is not part:
                 module.reset_parameters()
+                if nnunet_init:
+                    InitWeights_He(1e-2)(module)
                 count += 1
     return count
 
@@ -192,13 +198,13 @@ def trainer_classes() -> dict[str, type]:
 
         def on_train_start(self) -> None:
             super().on_train_start()
-            if self.reinit and self.current_epoch == 0:  # after -pretrained_weights, before the first step
-                n = _reinit_decoder_end(self.network)
-                self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads",
-                                       also_print_to_console=True)
-            if self.rescale and self.current_epoch == 0:
-                from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
+            from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
 
+            if self.reinit and self.current_epoch == 0:  # after -pretrained_weights, before the first step
+                n = _reinit_decoder_end(unwrapped_network(self.network), nnunet_init=self.rescale)
+                self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads"
+                                       + (" (nnU-Net's initialisation)" if self.rescale else ""), also_print_to_console=True)
+            if self.rescale and self.current_epoch == 0:
                 factors = rescale_to_init_norms(unwrapped_network(self.network))
                 self.print_to_log_file(f"bench: scaled {len(factors)} convolutions followed by a norm to nnU-Net's "
                                        f"initial weight norm (factors {min(factors):.2f}-{max(factors):.2f})",

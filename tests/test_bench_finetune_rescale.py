@@ -72,3 +72,14 @@ def test_he_norm_is_the_norm_of_nnunets_initialisation():
     torch.manual_seed(0)
     InitWeights_He(1e-2)(conv)
     assert float(conv.weight.detach().norm()) == pytest.approx(ft.he_norm(conv.weight), rel=0.02)
+
+
+@pytest.mark.parametrize("nnunet_init", [False, True])
+def test_the_decoder_end_restarts_from_pytorchs_or_nnunets_initialisation(nnunet_init):
+    network = _unet("PlainConvUNet")
+    torch.manual_seed(0)
+    assert ft._reinit_decoder_end(network, nnunet_init=nnunet_init) > 0
+    convs = [m.conv for m in network.decoder.stages[-1].modules() if getattr(m, "conv", None) is not None]
+    ratios = [float(c.weight.detach().norm()) / ft.he_norm(c.weight) for c in convs]
+    assert convs and all(abs(r - 1) < 0.1 if nnunet_init else r < 0.6 for r in ratios)  # PyTorch's default: about 0.41
+    assert all(float(head.bias.detach().abs().max()) == 0.0 for head in network.decoder.seg_layers) == nnunet_init
