@@ -650,19 +650,35 @@ def report(work: Path) -> str:
         lines.append(f"| {k} | {variant} | {len(members)} | {np.mean(per_seed):.3f}{spread} | " + " | ".join(cells) + " |")
     if not runs:
         lines.append("| (no run has finished its test prediction yet) | | | | " + " | ".join("" for _ in organs) + " |")
-    lines += ["", *training_view(work)]
+    lines += ["", *training_view(work, organs)]
     text = "\n".join(lines) + "\n"
     (work / "finetune" / "report.md").write_text(text)
     plot_curves(work, work / "finetune" / "curves.png")
     return text
 
 
-def training_view(work: Path) -> list[str]:
+FOUND = 0.1  # pseudo Dice at which the training view counts an organ as found
+
+
+def first_found(epochs: list[dict], organs: list[str]) -> str:
+    """The organs whose pseudo Dice (nnU-Net's, on its validation patches; ``organs`` in label order) reached
+    :data:`FOUND` in the epoch records ``epochs`` (:func:`resumable_training.read_log`), each with the iterations at
+    which it first did, in that order: "mandible 1500, spinal_cord 3200"; "none" if none did."""
+    found = {}
+    for r in epochs:
+        for organ, d in zip(organs, r["pseudo_dice"]):
+            if d >= FOUND and organ not in found:
+                found[organ] = r["iterations"]
+    return ", ".join(f"{o} {i}" for o, i in sorted(found.items(), key=lambda x: x[1])) or "none"
+
+
+def training_view(work: Path, organs: list[str]) -> list[str]:
     """Every run's last logged epoch as report lines (a table): iterations, training and validation loss, nnU-Net's
-    pseudo Dice (mean over organs), the predicted / true organ volume on the validation patches, which shows a
-    network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on patches
-    without an organ, still falls, and the epoch's seconds per iteration (learning-curve prediction excluded), marked
-    when that invocation compiled the network (``--compile``)."""
+    pseudo Dice (mean over ``organs``, in label order), the predicted / true organ volume on the validation patches,
+    which shows a network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on
+    patches without an organ, still falls, the epoch's seconds per iteration (learning-curve prediction excluded),
+    marked when that invocation compiled the network (``--compile``), and when each organ was first found
+    (:func:`first_found`)."""
     logs = run_logs(work)
     if not logs:
         return []
@@ -678,13 +694,13 @@ def training_view(work: Path) -> list[str]:
         compiled = " (compiled)" if started and started[-1].get("compiled") else ""
         rows.append(f"| {log.parent.name} | {last['iterations']} | {last['train_loss']:.3f} | {last['val_loss']:.3f} | "
                     f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} | "
-                    f"{last['epoch_seconds'] / per_epoch:.2f}{compiled} |")
+                    f"{last['epoch_seconds'] / per_epoch:.2f}{compiled} | {first_found(epochs, organs)} |")
     if not rows:
         return []
     return ["Training's view, each run's last logged epoch (organ volume: the softmax mass of the organ channels over "
             "the true organ voxels on nnU-Net's validation patches; '-' where it was not logged yet):", "",
-            "| run | iterations | train loss | val loss | pseudo Dice, mean | organ volume, predicted / true | s / iteration |",
-            "|---|---|---|---|---|---|---|", *rows]
+            "| run | iterations | train loss | val loss | pseudo Dice, mean | organ volume, predicted / true | s / iteration | "
+            f"organs found (pseudo Dice >= {FOUND}), first at iterations |", "|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _channels_note(work: Path) -> list[str]:

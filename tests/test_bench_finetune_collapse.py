@@ -81,10 +81,12 @@ def test_the_report_shows_each_runs_last_epoch_with_its_organ_volume(tmp_path):
                       {"kind": "start", "epoch": 1, "compiled": True},  # continued with --compile
                       {**epoch, "epoch": 1, "iterations": 200, "organ_volume_ratio": 2.5e-9, "epoch_seconds": 412.0},
                       {"kind": "start", "epoch": 2, "compiled": False}])  # continued again, no epoch yet
-    log("scratch_k5_s0", [{**epoch, "epoch": 0, "iterations": 100, "pseudo_dice": [0.7] + [0.0] * 6}])  # logged before the check
+    log("scratch_k5_s0", [{**epoch, "epoch": 0, "iterations": 100, "pseudo_dice": [0.05] + [0.0] * 5 + [0.7]},  # logged before the check
+                          {**epoch, "epoch": 1, "iterations": 200, "pseudo_dice": [0.3] + [0.0] * 5 + [0.4]}])
     log("scratch_k5_s1", [{"kind": "start", "epoch": 0}])  # started, no epoch yet
-    lines = ft.training_view(tmp_path)
+    organs = ["brainstem", "spinal_cord", "parotid_right", "parotid_left", "esophagus", "larynx", "mandible"]
+    lines = ft.training_view(tmp_path, organs)
     rows = [line for line in lines if line.startswith("| ") and "_k5_" in line]
-    assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 | 4.12 (compiled) |",
-                    "| scratch_k5_s0 | 100 | -0.050 | -0.020 | 0.100 | - | 6.16 |"]
-    assert ft.training_view(tmp_path / "nothing") == []
+    assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 | 4.12 (compiled) | none |",
+                    "| scratch_k5_s0 | 200 | -0.050 | -0.020 | 0.100 | - | 6.16 | mandible 100, brainstem 200 |"]
+    assert ft.training_view(tmp_path / "nothing", organs) == []
