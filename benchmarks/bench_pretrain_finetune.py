@@ -147,10 +147,11 @@ def main() -> None:
     hn.add_argument("--labeled", type=int, nargs="+", default=[2, 5, 10, 20], help="labeled training cases per run")
     hn.add_argument("--seeds", type=int, default=2, help="seeds for 5 or fewer labeled cases (one above)")
     hn.add_argument("--variants", nargs="+", default=["scratch", "ape", "ape_reinit", "ape_warmup", "channels"],
-                    choices=("scratch", "ape", "ape_reinit", "ape_rescaled", "ape_warmup", "channels"),
+                    choices=("scratch", "ape", "ape_reinit", "ape_rescaled", "ape_matched", "ape_warmup", "channels"),
                     help="scratch, ape (init), ape_reinit (init, decoder end reset), ape_rescaled (ape_reinit with "
-                         "every convolution that a norm follows scaled back to its initial weight norm; not in the "
-                         "default), ape_warmup (nnU-Net's fine-tuning "
+                         "every convolution that a norm follows scaled back to its initial weight norm), ape_matched "
+                         "(ape_reinit with each such output channel scaled to a fresh network's output spread on a "
+                         "training batch; neither in the default), ape_warmup (nnU-Net's fine-tuning "
                          "recipe: encoder init, lr 1e-3 with a linear warm-up), channels (the same pretraining minutes "
                          "as a standalone APE model whose embeddings are input channels)")
     hn.add_argument("--minutes", type=float, help="budget of this invocation (training stops cleanly at an epoch end)")

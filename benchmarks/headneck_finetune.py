@@ -18,10 +18,16 @@ continues when an epoch as long as the longest logged so far would end past the 
                  the pretrained decoder's output statistics slow the start of fine-tuning.
      ape_rescaled ape_reinit with nnU-Net's initialisation for the reset part, then every convolution that a norm
                  follows scaled back to the weight norm nnU-Net's initialisation gives it
-                 (:func:`rescale_to_init_norms`): the network computes the same, but SGD's relative
+                 (:func:`finetune_starts.rescale_to_init_norms`): the network computes the same, but SGD's relative
                  step on such a weight is about lr / |w|^2, and the cohort's APE pretraining grew the weights of
                  the two highest-resolution encoder stages 1.4-2.3x and of the middle decoder stage 1.5-1.6x over
                  nnU-Net's initial norm (so their steps 2-5x smaller than from scratch at the same learning rate).
+     ape_matched ape_reinit with nnU-Net's initialisation for the reset part, then every output channel of those
+                 convolutions scaled so that its output spreads on a training batch as in a freshly initialised
+                 network (:func:`finetune_starts.match_output_spread`): at the same norm a pretrained filter's
+                 output spreads 2.5-8.6x more than a random one's, and the norm after it divides the gradient by
+                 that spread (the cohort's APE start got 3-67x smaller relative gradients in the encoder than
+                 scratch, ``finetune_start_probe``).
      ape_warmup  the plugin's ``nnUNetTrainerFinetune``, nnU-Net's own fine-tuning recipe (``PretrainedTrainer`` on
                  nnU-Net's GitHub main, the path nnssl's checkpoints take): the encoder and stem from step 2, the
                  decoder fresh, learning rate 1e-3 instead of 1e-2, raised linearly per iteration over the first 5% of
@@ -61,9 +67,11 @@ import numpy as np
 import bench_headneck_segmentation as seg
 import resumable_training as rt
 from bench_embed import machine
+from finetune_starts import match_output_spread, reinit_decoder_end, rescale_to_init_norms
 
 VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
             "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "ape_rescaled": "nnUNetTrainerFinetuneAPERescaled",
+            "ape_matched": "nnUNetTrainerFinetuneAPEMatched",
             "ape_warmup": "nnUNetTrainerFinetuneAPEWarmup", "channels": "nnUNetTrainerFinetuneChannels"}
 PRETRAIN_TRAINER = "nnUNetTrainerFinetunePretrain"
 PLANS = seg.PLANS["reduced"]
@@ -81,65 +89,23 @@ def configuration_of(variant: str) -> str:
 
 # ------------------------------------------------------------------------------------------------------- trainers
 
+class _random_states_kept:
+    """Context: Python's and numpy's global random states restored on exit (torch's: ``torch.random.fork_rng``)."""
+
+    def __enter__(self) -> None:
+        self._states = random.getstate(), np.random.get_state()
+
+    def __exit__(self, *exc) -> None:
+        random.setstate(self._states[0])
+        np.random.set_state(self._states[1])
+
+
 def _seed_everything(seed: int) -> None:
     import torch
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _reinit_decoder_end(network, nnunet_init: bool = False) -> int:
-    """Re-initialise the last decoder stage and the segmentation heads of nnU-Net's U-Net with PyTorch's default
-    initialisation, or with nnU-Net's (``InitWeights_He(1e-2)`` on the convolutions, as a network from scratch
-    starts); returns the number of modules reset."""
-    from nnunetv2.utilities.network_initialization import InitWeights_He
-
-    decoder = getattr(network, "decoder", None)
-    if decoder is None:
-        raise SystemExit("ape_reinit: the network has no 'decoder' (not nnU-Net's U-Net)")
-    count = 0
-    for part in (decoder.stages[-1], decoder.seg_layers):
-        for module in part.modules():
-            if hasattr(module, "reset_parameters") and module is not part:
-                module.reset_parameters()
-                if nnunet_init:
-                    InitWeights_He(1e-2)(module)
-                count += 1
-    return count
-
-
-def he_norm(weight) -> float:
-    """The expected Frobenius norm of a convolution ``weight`` (out, in / groups, *kernel) under nnU-Net's
-    initialisation (``InitWeights_He(1e-2)``: Kaiming normal, fan-in, negative slope 0.01)."""
-    fan_in = weight[0].numel()
-    std = (2.0 / (1 + 1e-2 ** 2)) ** 0.5 / fan_in ** 0.5
-    return std * weight.numel() ** 0.5
-
-
-def rescale_to_init_norms(network) -> list[float]:
-    """Scale the weight and bias of every convolution that a normalization layer follows (nnU-Net's
-    ``ConvDropoutNormReLU``: conv, dropout, norm and a positively homogeneous nonlinearity) to the norm nnU-Net's
-    initialisation gives it (:func:`he_norm`); returns the factors applied, in module order.
-
-    The network computes the same function afterwards (the norm removes a convolution's scale), but SGD's relative
-    step on such a weight is about lr / |w|^2: a pretraining that grew the weights slows fine-tuning by the square
-    of that growth, and this undoes it. Convolutions without a norm after them (transposed convolutions, the heads)
-    are left as they are."""
-    import torch
-
-    factors = []
-    with torch.no_grad():
-        for module in network.modules():
-            conv, norm = getattr(module, "conv", None), getattr(module, "norm", None)
-            if not isinstance(conv, torch.nn.modules.conv._ConvNd) or norm is None:
-                continue
-            factor = he_norm(conv.weight) / float(conv.weight.norm())
-            conv.weight.mul_(factor)
-            if conv.bias is not None:
-                conv.bias.mul_(factor)
-            factors.append(factor)
-    return factors
 
 
 def trainer_classes() -> dict[str, type]:
@@ -190,7 +156,7 @@ def trainer_classes() -> dict[str, type]:
         """Stock nnUNetTrainer with the segmentation benchmark's resumable epochs and learning curve, seeded."""
 
         reinit = False
-        rescale = False
+        rescale = ""  # "" (none), "norm" (rescale_to_init_norms) or "spread" (match_output_spread)
 
         def __init__(self, plans, configuration, fold, dataset_json, device=None):
             super().__init__(plans, configuration, fold, dataset_json, device)
@@ -201,14 +167,36 @@ def trainer_classes() -> dict[str, type]:
             from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
 
             if self.reinit and self.current_epoch == 0:  # after -pretrained_weights, before the first step
-                n = _reinit_decoder_end(unwrapped_network(self.network), nnunet_init=self.rescale)
+                n = reinit_decoder_end(unwrapped_network(self.network), nnunet_init=bool(self.rescale))
                 self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads"
                                        + (" (nnU-Net's initialisation)" if self.rescale else ""), also_print_to_console=True)
             if self.rescale and self.current_epoch == 0:
-                factors = rescale_to_init_norms(unwrapped_network(self.network))
+                network = unwrapped_network(self.network)
+                if self.rescale == "norm":
+                    factors, what = rescale_to_init_norms(network), "initial weight norm"
+                else:
+                    factors, what = self._match_spread(network), "initial output spread on a training batch"
                 self.print_to_log_file(f"bench: scaled {len(factors)} convolutions followed by a norm to nnU-Net's "
-                                       f"initial weight norm (factors {min(factors):.2f}-{max(factors):.2f})",
-                                       also_print_to_console=True)
+                                       f"{what} (factors {min(factors):.3g}-{max(factors):.3g})", also_print_to_console=True)
+
+        def _match_spread(self, network) -> list[float]:
+            """:func:`match_output_spread` against a copy of the network with nnU-Net's initialisation, on one
+            training batch made in this process (the loader workers' random streams, and the global one, are left
+            as they are, so the batches the run trains on are those of the other variants)."""
+            import copy
+
+            import torch
+            from nnunetv2.utilities.network_initialization import InitWeights_He
+
+            loader = self.dataloader_train  # nnU-Net's (NonDet)MultiThreadedAugmenter, or its SingleThreadedAugmenter
+            generator = getattr(loader, "generator", None) or getattr(loader, "data_loader", loader)
+            with torch.random.fork_rng(), _random_states_kept():
+                batch = generator.generate_train_batch()["data"]
+                reference = copy.deepcopy(network).apply(InitWeights_He(1e-2))
+            batch = torch.as_tensor(batch).to(self.device)
+            if self.device.type == "cpu" and self.bench.get("compile"):
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            return match_output_spread(network, reference, batch)
 
     class _FineTuneWarmup(rt.ResumableTraining, nnUNetTrainerFinetune):
         """The plugin's nnUNetTrainerFinetune (nnU-Net main's fine-tuning recipe) with the same mixin, seeded."""
@@ -226,7 +214,8 @@ def trainer_classes() -> dict[str, type]:
 
     named = {PRETRAIN_TRAINER: (_Pretrain, {}), VARIANTS["scratch"]: (_FineTune, {}), VARIANTS["ape"]: (_FineTune, {}),
              VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True}), VARIANTS["ape_warmup"]: (_FineTuneWarmup, {}),
-             VARIANTS["ape_rescaled"]: (_FineTune, {"reinit": True, "rescale": True}),
+             VARIANTS["ape_rescaled"]: (_FineTune, {"reinit": True, "rescale": "norm"}),
+             VARIANTS["ape_matched"]: (_FineTune, {"reinit": True, "rescale": "spread"}),
              VARIANTS["channels"]: (_FineTuneChannels, {})}
     classes = {name: type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs})
                for name, (base, attrs) in named.items()}
@@ -732,7 +721,7 @@ def plot_curves(work: Path, png: Path) -> None:
     if not series:
         return
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
-    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:green")))
+    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:brown", "tab:purple", "tab:green")))
     for ax, k in zip(axes[0], sorted(series)):
         seen = set()
         for variant, points in series[k]:

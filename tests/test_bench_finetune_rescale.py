@@ -1,5 +1,7 @@
-"""The few-label benchmark's ``ape_rescaled`` start: every convolution that a norm follows is scaled back to the
-weight norm nnU-Net's initialisation gives it, which leaves the network's function unchanged."""
+"""The few-label benchmark's APE starts (benchmarks/finetune_starts.py): every convolution that a norm follows
+scaled back to the weight norm nnU-Net's initialisation gives it (``ape_rescaled``), or each of its output
+channels to the output spread of a freshly initialised network on a batch (``ape_matched``); both leave the
+network's function unchanged. And the decoder end's two re-initialisations."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import headneck_finetune as ft  # noqa: E402
+import finetune_starts as ft  # noqa: E402
 
 
 def _unet(architecture: str) -> torch.nn.Module:
@@ -78,8 +80,32 @@ def test_he_norm_is_the_norm_of_nnunets_initialisation():
 def test_the_decoder_end_restarts_from_pytorchs_or_nnunets_initialisation(nnunet_init):
     network = _unet("PlainConvUNet")
     torch.manual_seed(0)
-    assert ft._reinit_decoder_end(network, nnunet_init=nnunet_init) > 0
+    assert ft.reinit_decoder_end(network, nnunet_init=nnunet_init) > 0
     convs = [m.conv for m in network.decoder.stages[-1].modules() if getattr(m, "conv", None) is not None]
     ratios = [float(c.weight.detach().norm()) / ft.he_norm(c.weight) for c in convs]
     assert convs and all(abs(r - 1) < 0.1 if nnunet_init else r < 0.6 for r in ratios)  # PyTorch's default: about 0.41
     assert all(float(head.bias.detach().abs().max()) == 0.0 for head in network.decoder.seg_layers) == nnunet_init
+
+
+@pytest.mark.parametrize("architecture", ["PlainConvUNet", "ResidualEncoderUNet"])
+def test_matching_the_output_spread_keeps_the_function_and_equalises_every_channel(architecture):
+    from nnunetv2.utilities.network_initialization import InitWeights_He
+
+    network = _unet(architecture).eval()
+    torch.manual_seed(3)
+    reference = _unet(architecture).apply(InitWeights_He(1e-2)).eval()
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = [o.clone() for o in network(x)]
+    target = ft.output_spread(reference, x)
+    assert any(float((s.max() - s.min()) / s.mean()) > 0.05 for s in ft.output_spread(network, x).values())
+
+    factors = ft.match_output_spread(network, reference, x)
+
+    assert len(factors) == len(ft.normed_convs(network)) and all(f > 0 for f in factors)
+    for name, spread in ft.output_spread(network, x).items():  # every channel now spreads as the reference's mean
+        torch.testing.assert_close(spread, target[name].mean().expand_as(spread), rtol=1e-3, atol=1e-6)
+    with torch.no_grad():
+        after = network(x)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # float32 rounding, not a changed function
