@@ -19,15 +19,14 @@ continues when an epoch as long as the longest logged so far would end past the 
      ape_rescaled ape_reinit with nnU-Net's initialisation for the reset part, then every convolution that a norm
                  follows scaled back to the weight norm nnU-Net's initialisation gives it
                  (:func:`finetune_starts.rescale_to_init_norms`): the network computes the same, but SGD's relative
-                 step on such a weight is about lr / |w|^2, and the cohort's APE pretraining grew the weights of
-                 the two highest-resolution encoder stages 1.4-2.3x and of the middle decoder stage 1.5-1.6x over
-                 nnU-Net's initial norm (so their steps 2-5x smaller than from scratch at the same learning rate).
+                 step on such a weight shrinks with its norm, which the cohort's APE pretraining grew 1.4-2.3x in
+                 the two highest-resolution encoder stages and 1.5-1.6x in the middle decoder stage.
      ape_matched ape_reinit with nnU-Net's initialisation for the reset part, then every output channel of those
                  convolutions scaled so that its output spreads on a training batch as in a freshly initialised
                  network (:func:`finetune_starts.match_output_spread`): at the same norm a pretrained filter's
                  output spreads 2.5-8.6x more than a random one's, and the norm after it divides the gradient by
-                 that spread (the cohort's APE start got 3-67x smaller relative gradients in the encoder than
-                 scratch, ``finetune_start_probe``).
+                 that spread (the cohort's APE start at nnU-Net's norms got 2.4-45x smaller relative gradients
+                 than scratch: ``finetune_start_probe``).
      ape_warmup  the plugin's ``nnUNetTrainerFinetune``, nnU-Net's own fine-tuning recipe (``PretrainedTrainer`` on
                  nnU-Net's GitHub main, the path nnssl's checkpoints take): the encoder and stem from step 2, the
                  decoder fresh, learning rate 1e-3 instead of 1e-2, raised linearly per iteration over the first 5% of
