@@ -179,9 +179,11 @@ def trainer_classes() -> dict[str, type]:
                                        f"{what} (factors {min(factors):.3g}-{max(factors):.3g})", also_print_to_console=True)
 
         def _match_spread(self, network) -> list[float]:
-            """:func:`match_output_spread` against a copy of the network with nnU-Net's initialisation, on one
-            training batch made in this process (the loader workers' random streams, and the global one, are left
-            as they are, so the batches the run trains on are those of the other variants)."""
+            """:func:`match_output_spread` against a copy of the network with nnU-Net's initialisation on every
+            convolution (the norms' affine parameters stay the pretrained ones: on the cohort's probe batch the
+            targets lie within 0.83-1.22 of a freshly built network's, itself a different random draw), on one
+            training batch made in this process; the global random states are restored afterwards, so the run's
+            own random draws are not shifted (nnU-Net's loader workers draw from unseeded streams anyway)."""
             import copy
 
             import torch
