@@ -180,9 +180,8 @@ def trainer_classes() -> dict[str, type]:
 
         def _match_spread(self, network) -> list[float]:
             """:func:`match_output_spread` against a copy of the network with nnU-Net's initialisation on every
-            convolution (the norms' affine parameters stay the pretrained ones: on the cohort's probe batch the
-            targets lie within 0.83-1.22 of a freshly built network's, itself a different random draw), on one
-            training batch made in this process; the global random states are restored afterwards, so the run's
+            convolution (the norms' affine parameters stay the pretrained ones, not nnU-Net's 1 and 0: close to
+            a freshly built network, not the same), on one training batch made in this process; the global random states are restored afterwards, so the run's
             own random draws are not shifted (nnU-Net's loader workers draw from unseeded streams anyway)."""
             import copy
 
