@@ -109,3 +109,40 @@ def test_matching_the_output_spread_keeps_the_function_and_equalises_every_chann
         after = network(x)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # float32 rounding, not a changed function
+
+
+def test_the_matched_start_takes_one_batch_from_the_loader_and_leaves_the_random_streams_alone():
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import headneck_finetune
+
+    trainer_class = headneck_finetune.trainer_classes()["nnUNetTrainerFinetuneAPEMatched"]
+    network = _unet("PlainConvUNet")
+    x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    made = []
+
+    class _Loader:  # nnU-Net's data loader inside its augmenter: each batch draws from the global streams
+        def generate_train_batch(self) -> dict:
+            made.append((random.random(), np.random.rand(), torch.rand(1)))
+            return {"data": x.numpy()}
+
+    fake = SimpleNamespace(dataloader_train=SimpleNamespace(generator=_Loader()), device=torch.device("cpu"),
+                           bench={"compile": False})
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    with torch.no_grad():
+        before = [o.clone() for o in network(x)]
+
+    factors = trainer_class._match_spread(fake, network)
+
+    assert len(made) == 1 and len(factors) == len(ft.normed_convs(network))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected  # the run's own draws are not shifted
+    spreads = ft.output_spread(network, x)
+    assert all(float(s.std() / s.mean()) < 1e-3 for s in spreads.values())  # every channel at its layer's target
+    with torch.no_grad():
+        for a, b in zip(before, network(x)):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
