@@ -162,6 +162,7 @@ def test_ape_and_bpr_combined_boxes_from_a_to_b(pretrained_run, bpr_run, tmp_pat
 HEADNECK = DATA.parent / "Dataset901_HeadNeckCT"
 
 
+@pytest.mark.slow  # 46 s on 2026-12-07 evening
 @pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
 def test_one_all_voxels_localizer_for_organs_contoured_in_different_cases(pretrained_run, tmp_path):
     """The esophagus is contoured in fewer cases than the brainstem: one all-voxels localizer holds both, each organ's

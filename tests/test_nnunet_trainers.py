@@ -242,6 +242,7 @@ def _channels_model(root: Path, logits: list[float]) -> Path:
     return folder
 
 
+@pytest.mark.slow  # 53 s on 2026-12-07 evening
 def test_predict_regrows_cut_organs_merges_by_probability_and_runs_one_ape_pass(planned, crop_run, monkeypatch, tmp_path):
     from nnunet_ape import case_features as features_module
     from nnunet_ape.io import read_volume
@@ -334,6 +335,7 @@ def test_predict_command_writes_full_geometry_splits_parts_and_resumes(planned, 
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow  # 38 s on 2026-12-07 evening
 def test_predict_with_a_stock_model_is_nnunet_prediction_and_unplaced_organs_fall_back(planned, crop_run, monkeypatch):
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
