@@ -9,8 +9,9 @@ three numbers decide how fast a start can learn.
 WORK: a ``bench_pretrain_finetune.py --cohort headneck`` work folder whose pretraining has finished (its plans,
 preprocessed cases, APE checkpoint and the 5-labeled-case run's training cases are read). Starts: ``scratch``
 (nnU-Net's initialisation), ``ape`` (the APE weights as ``-pretrained_weights`` loads them), ``ape_reinit``,
-``ape_rescaled`` and ``ape_matched`` (prepared as the benchmark's trainers prepare them, ``ape_matched`` on the
-probe's own batch), and each ``--checkpoints`` file as it is (e.g. a run's ``checkpoint_latest.pth``). Patches:
+``ape_rescaled`` and ``ape_matched`` (prepared with the trainers' functions; ``ape_matched`` on the probe's own
+batch and against a freshly built network, where the trainer matches to an nnU-Net-initialised copy of the
+pretrained network, which keeps the pretrained norms' affine parameters), and each ``--checkpoints`` file as it is (e.g. a run's ``checkpoint_latest.pth``). Patches:
 the plans' patch size around a random foreground voxel of the labeled cases (seed 0). Prints three tables and the
 machine; writes nothing. CPU, about a minute per start.
 """
@@ -106,7 +107,6 @@ def main(argv: list[str] | None = None) -> None:
         if not path.is_file():
             raise SystemExit(f"{path} does not exist: give a few-label work folder whose pretraining has finished "
                              "(bench_pretrain_finetune.py --cohort headneck --work WORK)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = PlansManager(str(preprocessed / f"{PLANS}.json")).get_configuration("3d_fullres")
     cases = json.loads(folds.read_text())["k5_s0"]["train"]
     x, y = patches(preprocessed / config.data_identifier, cases, list(config.patch_size), args.patches)
