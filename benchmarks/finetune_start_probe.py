@@ -9,9 +9,8 @@ three numbers decide how fast a start can learn.
 WORK: a ``bench_pretrain_finetune.py --cohort headneck`` work folder whose pretraining has finished (its plans,
 preprocessed cases, APE checkpoint and the 5-labeled-case run's training cases are read). Starts: ``scratch``
 (nnU-Net's initialisation), ``ape`` (the APE weights as ``-pretrained_weights`` loads them), ``ape_reinit``,
-``ape_rescaled`` and ``ape_matched`` (prepared with the trainers' functions; ``ape_matched`` on the probe's own
-batch and against a freshly built network, where the trainer matches to an nnU-Net-initialised copy of the
-pretrained network, which keeps the pretrained norms' affine parameters), and each ``--checkpoints`` file as it is (e.g. a run's ``checkpoint_latest.pth``). Patches:
+``ape_rescaled`` and ``ape_matched`` (prepared with the trainers' functions, ``ape_matched`` on the probe's own
+batch), and each ``--checkpoints`` file as it is (e.g. a run's ``checkpoint_latest.pth``). Patches:
 the plans' patch size around a random foreground voxel of the labeled cases (seed 0). Prints three tables and the
 machine; writes nothing. CPU, about a minute per start.
 """
@@ -35,15 +34,13 @@ PLANS = "nnUNetPlansCPU"
 
 
 def _network(config, seed: int = 0) -> torch.nn.Module:
-    """The plans' network (deep supervision off) with nnU-Net's initialisation, seeded."""
+    """The plans' network (deep supervision off) with nnU-Net's initialisation (``allow_init``), seeded."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.network_initialization import InitWeights_He
 
     torch.manual_seed(seed)
-    network = get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
-                                     config.network_arch_init_kwargs_req_import, 1, 8, allow_init=True,
-                                     deep_supervision=False)
-    return network.apply(InitWeights_He(1e-2))
+    return get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
+                                  config.network_arch_init_kwargs_req_import, 1, 8, allow_init=True,
+                                  deep_supervision=False)
 
 
 def _load(network: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         if name == "ape_rescaled":
             fs.rescale_to_init_norms(network)
         else:
-            fs.match_output_spread(network, _network(config, seed=1), x)
+            fs.match_output_spread(network, fs.nnunet_initialised_copy(network), x)
         starts[name] = network
     for checkpoint in args.checkpoints:
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")

@@ -17,6 +17,8 @@ randomly initialised one of the same norm: the APE start learns slowly in exactl
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -75,6 +77,17 @@ def rescale_to_init_norms(network: nn.Module) -> list[float]:
             _scale(conv, factor)
             factors.append(factor)
     return factors
+
+
+def nnunet_initialised_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` with nnU-Net's initialisation (``InitWeights_He(1e-2)``) on every convolution,
+    the reference :func:`match_output_spread` matches to. The norms' affine parameters stay ``network``'s (close to
+    a freshly built network, not the same); torch's global random state is left as it was, so a run's own draws
+    are not shifted."""
+    from nnunetv2.utilities.network_initialization import InitWeights_He
+
+    with torch.random.fork_rng():
+        return copy.deepcopy(network).apply(InitWeights_He(1e-2))
 
 
 def output_spread(network: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:

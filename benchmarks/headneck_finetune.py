@@ -66,7 +66,7 @@ import numpy as np
 import bench_headneck_segmentation as seg
 import resumable_training as rt
 from bench_embed import machine
-from finetune_starts import match_output_spread, reinit_decoder_end, rescale_to_init_norms
+from finetune_starts import match_output_spread, nnunet_initialised_copy, reinit_decoder_end, rescale_to_init_norms
 
 VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
             "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "ape_rescaled": "nnUNetTrainerFinetuneAPERescaled",
@@ -179,20 +179,16 @@ def trainer_classes() -> dict[str, type]:
                                        f"{what} (factors {min(factors):.3g}-{max(factors):.3g})", also_print_to_console=True)
 
         def _match_spread(self, network) -> list[float]:
-            """:func:`match_output_spread` against a copy of the network with nnU-Net's initialisation on every
-            convolution (the norms' affine parameters stay the pretrained ones, not nnU-Net's 1 and 0: close to
-            a freshly built network, not the same), on one training batch made in this process; the global random states are restored afterwards, so the run's
-            own random draws are not shifted (nnU-Net's loader workers draw from unseeded streams anyway)."""
-            import copy
-
+            """:func:`match_output_spread` against :func:`nnunet_initialised_copy` of the network, on one training
+            batch made in this process; the global random states are restored afterwards, so the run's own random
+            draws are not shifted (nnU-Net's loader workers draw from unseeded streams anyway)."""
             import torch
-            from nnunetv2.utilities.network_initialization import InitWeights_He
 
             loader = self.dataloader_train  # nnU-Net's (NonDet)MultiThreadedAugmenter, or its SingleThreadedAugmenter
             generator = getattr(loader, "generator", None) or getattr(loader, "data_loader", loader)
             with torch.random.fork_rng(), _random_states_kept():
                 batch = generator.generate_train_batch()["data"]
-                reference = copy.deepcopy(network).apply(InitWeights_He(1e-2))
+            reference = nnunet_initialised_copy(network)
             batch = torch.as_tensor(batch).to(self.device)
             if self.device.type == "cpu" and self.bench.get("compile"):
                 batch = batch.contiguous(memory_format=torch.channels_last_3d)

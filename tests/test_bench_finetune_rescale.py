@@ -87,6 +87,27 @@ def test_the_decoder_end_restarts_from_pytorchs_or_nnunets_initialisation(nnunet
     assert all(float(head.bias.detach().abs().max()) == 0.0 for head in network.decoder.seg_layers) == nnunet_init
 
 
+def test_the_reference_copy_is_nnunet_initialised_and_leaves_the_network_and_torchs_stream_alone():
+    network = _unet("PlainConvUNet")
+    with torch.no_grad():  # pretrained norms: affine parameters away from nnU-Net's 1 and 0
+        for module in network.modules():
+            if isinstance(module, torch.nn.InstanceNorm3d):
+                module.weight.fill_(1.5), module.bias.fill_(-0.2)
+    weights = {name: p.clone() for name, p in network.state_dict().items()}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+
+    reference = ft.nnunet_initialised_copy(network)
+
+    assert torch.equal(torch.rand(3), expected)  # the caller's draws are not shifted
+    assert all(torch.equal(p, weights[name]) for name, p in network.state_dict().items())
+    convs = [c for _, c in ft.normed_convs(reference)]
+    assert convs and all(abs(float(c.weight.detach().norm()) / ft.he_norm(c.weight) - 1) < 0.15 for c in convs)
+    norms = {name: p for name, p in reference.state_dict().items() if ".norm." in name}
+    assert norms and all(torch.equal(p, weights[name]) for name, p in norms.items())  # affine parameters kept
+
+
 @pytest.mark.parametrize("architecture", ["PlainConvUNet", "ResidualEncoderUNet"])
 def test_matching_the_output_spread_keeps_the_function_and_equalises_every_channel(architecture):
     from nnunetv2.utilities.network_initialization import InitWeights_He
