@@ -1,7 +1,7 @@
-"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the five variants, the report.
+"""benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the seven variants, the report.
 
-Slow (about 11 minutes on 2 cores): planning 40 training cases, one pretraining epoch, the standalone APE pretraining
-for as long, the APE-channel plans, five 4-iteration fine-tuning runs and their test prediction.
+Slow (about 13 minutes on 2 cores): planning 40 training cases, one pretraining epoch, the standalone APE pretraining
+for as long, the APE-channel plans, seven 4-iteration fine-tuning runs and their test prediction.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 HEADNECK = Path(__file__).resolve().parents[2] / "shared" / "data" / "Dataset901_HeadNeckCT"
 
+VARIANTS = ("scratch", "ape", "ape_reinit", "ape_warmup", "ape_rescaled", "ape_matched", "channels")
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")]
 
 
 def _run(work: Path) -> str:
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_pretrain_finetune.py"), "--cohort", "headneck", "--work",
                            str(work), "--train-cases", "40", "--labeled", "2", "--seeds", "1", "--pretrain-iterations", "25",
-                           "--epochs", "2", "--iterations-per-epoch", "2", "--test-cases", "1"], capture_output=True, text=True)
+                           "--epochs", "2", "--iterations-per-epoch", "2", "--test-cases", "1", "--variants", *VARIANTS], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
-def test_few_label_benchmark_keeps_the_split_and_compares_the_five_starts(tmp_path):
+def test_few_label_benchmark_keeps_the_split_and_compares_the_seven_starts(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from headneck_split import is_test_case
 
@@ -47,10 +49,11 @@ def test_few_label_benchmark_keeps_the_split_and_compares_the_five_starts(tmp_pa
     splits = json.loads((work / "nnUNet_preprocessed" / "Dataset902_HeadNeckSplit" / "splits_final.json").read_text())
     assert splits[run["fold"]]["train"] == run["train"]
     assert "re-initialised" in out
+    assert "to nnU-Net's initial weight norm" in out and "to nnU-Net's initial output spread on a training batch" in out
     warmup_log = next((work / "nnUNet_results").glob("*/nnUNetTrainerFinetuneAPEWarmup__*/fold_1/training_log_*.txt")).read_text()
     assert "learning rate 0.000500 at this epoch's first iteration" in warmup_log  # epoch 0 of 2: half-way up its warm-up epoch
     report = (work / "finetune" / "report.md").read_text()
-    for variant in ("scratch", "ape", "ape_reinit", "ape_warmup", "channels"):
+    for variant in VARIANTS:
         assert f"| 2 | {variant} | 1 |" in report
         epochs = [json.loads(line) for line in (work / "finetune" / f"{variant}_k2_s0" / "training_log.jsonl").read_text().splitlines()]
         assert all(r["organ_volume_ratio"] is None or r["organ_volume_ratio"] >= 0 for r in epochs if r["kind"] == "epoch")
