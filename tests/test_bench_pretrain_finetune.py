@@ -1,7 +1,8 @@
 """benchmarks/bench_pretrain_finetune.py --cohort headneck on a few cases: the split, the seven variants, the report.
 
-Slow (about 13 minutes on 2 cores): planning 40 training cases, one pretraining epoch, the standalone APE pretraining
-for as long, the APE-channel plans, seven 4-iteration fine-tuning runs and their test prediction.
+Slow (more than 25 minutes on 2 cores on 2026-12-07; about 11 with five starts on 2026-12-02): planning 40
+training cases, one pretraining epoch, the standalone APE pretraining for as long, the APE-channel plans, seven
+4-iteration fine-tuning runs and their test prediction.
 """
 
 from __future__ import annotations
