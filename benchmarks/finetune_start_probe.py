@@ -33,11 +33,11 @@ DATASET = "Dataset902_HeadNeckSplit"
 PLANS = "nnUNetPlansCPU"
 
 
-def _network(config, seed: int = 0) -> torch.nn.Module:
-    """The plans' network (deep supervision off) with nnU-Net's initialisation (``allow_init``), seeded."""
+def _network(config) -> torch.nn.Module:
+    """The plans' network (deep supervision off) with nnU-Net's initialisation (``allow_init``), seed 0."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return get_network_from_plans(config.network_arch_class_name, config.network_arch_init_kwargs,
                                   config.network_arch_init_kwargs_req_import, 1, 8, allow_init=True,
                                   deep_supervision=False)
