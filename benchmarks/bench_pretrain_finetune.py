@@ -178,13 +178,14 @@ def main() -> None:
                     "repository to commit: --report --work DIR rewrites the report from it if WORK is lost")
     args = parser.parse_args()
     if args.cohort == "headneck":
+        import finetune_report
         import headneck_finetune
 
         args.work = args.work or Path("/work/bench_hn_finetune")
         if args.pretrain_iterations == PHANTOM_PRETRAIN_ITERATIONS:  # the phantom default: use the head-and-neck one
             args.pretrain_iterations = None
         if args.report:
-            print(headneck_finetune.report(args.work))
+            print(finetune_report.report(args.work))
         else:
             headneck_finetune.run(args)
         if args.record is not None:

@@ -41,8 +41,10 @@ continues when an epoch as long as the longest logged so far would end past the 
 4. Each finished run predicts the 40 test cases (stock ``nnUNetPredictor``, fold of the run, no mirroring) and scores
    Dice per organ in the source geometry (an organ a case does not contour is skipped for it).
 5. ``WORK/finetune/report.md``: k x variant x organ, mean over seeds with the spread, and each run's last epoch
-   (losses, pseudo Dice, the organ volume it predicts: :func:`training_view`); ``WORK/finetune/curves.png``: curve
-   Dice against iterations per k and variant.
+   (losses, pseudo Dice, the organ volume it predicts: :func:`finetune_report.training_view`);
+   ``WORK/finetune/curves.png``: curve Dice against iterations per k and variant (:mod:`finetune_report`).
+
+The trainers of steps 2 and 3 are in :mod:`finetune_trainers`.
 
 The schedule is a small fraction of nnU-Net's (1000 epochs of 250 iterations): the report says how small.
 """
@@ -51,7 +53,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -66,165 +67,18 @@ import numpy as np
 import bench_headneck_segmentation as seg
 import resumable_training as rt
 from bench_embed import machine
-from finetune_starts import match_output_spread, nnunet_initialised_copy, reinit_decoder_end, rescale_to_init_norms
+from finetune_report import RUNS, report, run_logs
+from finetune_trainers import PRETRAIN_TRAINER, TRAINER_SHIM, VARIANTS
 
-VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFinetuneAPE",
-            "ape_reinit": "nnUNetTrainerFinetuneAPEReinit", "ape_rescaled": "nnUNetTrainerFinetuneAPERescaled",
-            "ape_matched": "nnUNetTrainerFinetuneAPEMatched",
-            "ape_warmup": "nnUNetTrainerFinetuneAPEWarmup", "channels": "nnUNetTrainerFinetuneChannels"}
-PRETRAIN_TRAINER = "nnUNetTrainerFinetunePretrain"
 PLANS = seg.PLANS["reduced"]
 CONFIGURATION = "3d_fullres"
 CHANNELS_CONFIGURATION = "3d_fullres_ape"  # nnunet-ape plan --channels ape on CONFIGURATION
-NNUNET_ITERATIONS = 1000 * 250  # nnU-Net's default schedule: 1000 epochs of 250 iterations
-PRETRAIN_EPOCH = 25  # iterations per pretraining epoch (a checkpoint after each)
 STANDALONE_ITERATIONS = 100_000  # an upper bound: the standalone APE pretraining ends by the clock (its cosine follows it)
 
 
 def configuration_of(variant: str) -> str:
     """The plans configuration a variant trains: the APE-channel one for ``channels``, else 3d_fullres."""
     return CHANNELS_CONFIGURATION if variant == "channels" else CONFIGURATION
-
-
-# ------------------------------------------------------------------------------------------------------- trainers
-
-class _random_states_kept:
-    """Context: Python's and numpy's global random states restored on exit (torch's: ``torch.random.fork_rng``)."""
-
-    def __enter__(self) -> None:
-        self._states = random.getstate(), np.random.get_state()
-
-    def __exit__(self, *exc) -> None:
-        random.setstate(self._states[0])
-        np.random.set_state(self._states[1])
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def trainer_classes() -> dict[str, type]:
-    """The benchmark's trainers by name (registered in this module so that nnU-Net's workers can pickle them): the
-    pretraining trainer with its iteration budget and deadline, and the fine-tuning variants."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from nnunet_ape.nnunet.finetune_trainer import nnUNetTrainerFinetune
-    from nnunet_ape.nnunet.pretrain_trainer import nnUNetTrainerAPEPretrain
-    from nnunet_ape.nnunet.trainers import nnUNetTrainerAPEChannels
-
-    class _Pretrain(nnUNetTrainerAPEPretrain):
-        """APE pretraining for BENCH_FT_SETTINGS' iterations, a checkpoint every epoch, a clean stop before its
-        deadline (continue with --c)."""
-
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            import torch
-
-            super().__init__(plans, configuration, fold, dataset_json, torch.device("cuda") if device is None else device)
-            self.bench = json.loads(os.environ["BENCH_FT_SETTINGS"])
-            _seed_everything(self.bench["seed"])
-            self.num_iterations_per_epoch = PRETRAIN_EPOCH
-            self.num_epochs = max(1, self.bench["pretrain_iterations"] // PRETRAIN_EPOCH)
-            self.num_val_iterations_per_epoch = 5
-            self.save_every = 1
-
-        def on_epoch_start(self) -> None:
-            self._epoch_began = time.perf_counter()
-            super().on_epoch_start()
-
-        def on_epoch_end(self) -> None:
-            super().on_epoch_end()
-            deadline, last = self.bench.get("deadline"), time.perf_counter() - self._epoch_began
-            if deadline is not None and self.current_epoch < self.num_epochs and time.time() + last > deadline:
-                raise rt.OutOfTime
-
-        def run_training(self) -> None:
-            try:
-                super().run_training()
-            except rt.OutOfTime:
-                self.print_to_log_file(f"bench: budget spent after {self.current_epoch} of {self.num_epochs} epochs; "
-                                       "continue with --c", also_print_to_console=True)
-                for loader in (self.dataloader_train, self.dataloader_val):
-                    if hasattr(loader, "_finish"):
-                        loader._finish()
-
-    class _FineTune(rt.ResumableTraining, nnUNetTrainer):
-        """Stock nnUNetTrainer with the segmentation benchmark's resumable epochs and learning curve, seeded."""
-
-        reinit = False
-        rescale = ""  # "" (none), "norm" (rescale_to_init_norms) or "spread" (match_output_spread)
-
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            _seed_everything(self.bench["seed"])
-
-        def on_train_start(self) -> None:
-            super().on_train_start()
-            from nnunet_ape.nnunet.pretrained_weights import unwrapped_network
-
-            if self.reinit and self.current_epoch == 0:  # after -pretrained_weights, before the first step
-                n = reinit_decoder_end(unwrapped_network(self.network), nnunet_init=bool(self.rescale))
-                self.print_to_log_file(f"bench: re-initialised {n} modules of the last decoder stage and the heads"
-                                       + (" (nnU-Net's initialisation)" if self.rescale else ""), also_print_to_console=True)
-            if self.rescale and self.current_epoch == 0:
-                network = unwrapped_network(self.network)
-                if self.rescale == "norm":
-                    factors, what = rescale_to_init_norms(network), "initial weight norm"
-                else:
-                    factors, what = self._match_spread(network), "initial output spread on a training batch"
-                self.print_to_log_file(f"bench: scaled {len(factors)} convolutions followed by a norm to nnU-Net's "
-                                       f"{what} (factors {min(factors):.3g}-{max(factors):.3g})", also_print_to_console=True)
-
-        def _match_spread(self, network) -> list[float]:
-            """:func:`match_output_spread` against :func:`nnunet_initialised_copy` of the network, on one training
-            batch made in this process; the global random states are restored afterwards, so the run's own random
-            draws are not shifted (nnU-Net's loader workers draw from unseeded streams anyway)."""
-            import torch
-
-            loader = self.dataloader_train  # nnU-Net's (NonDet)MultiThreadedAugmenter, or its SingleThreadedAugmenter
-            generator = getattr(loader, "generator", None) or getattr(loader, "data_loader", loader)
-            with torch.random.fork_rng(), _random_states_kept():
-                batch = generator.generate_train_batch()["data"]
-            reference = nnunet_initialised_copy(network)
-            batch = torch.as_tensor(batch).to(self.device)
-            if self.device.type == "cpu" and self.bench.get("compile"):
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            return match_output_spread(network, reference, batch)
-
-    class _FineTuneWarmup(rt.ResumableTraining, nnUNetTrainerFinetune):
-        """The plugin's nnUNetTrainerFinetune (nnU-Net main's fine-tuning recipe) with the same mixin, seeded."""
-
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            _seed_everything(self.bench["seed"])
-
-    class _FineTuneChannels(rt.ResumableTraining, nnUNetTrainerAPEChannels):
-        """nnUNetTrainerAPEChannels (CT + APE channels, random initialisation) with the same mixin, seeded."""
-
-        def __init__(self, plans, configuration, fold, dataset_json, device=None):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            _seed_everything(self.bench["seed"])
-
-    named = {PRETRAIN_TRAINER: (_Pretrain, {}), VARIANTS["scratch"]: (_FineTune, {}), VARIANTS["ape"]: (_FineTune, {}),
-             VARIANTS["ape_reinit"]: (_FineTune, {"reinit": True}), VARIANTS["ape_warmup"]: (_FineTuneWarmup, {}),
-             VARIANTS["ape_rescaled"]: (_FineTune, {"reinit": True, "rescale": "norm"}),
-             VARIANTS["ape_matched"]: (_FineTune, {"reinit": True, "rescale": "spread"}),
-             VARIANTS["channels"]: (_FineTuneChannels, {})}
-    classes = {name: type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs})
-               for name, (base, attrs) in named.items()}
-    globals().update(classes)
-    return classes
-
-
-TRAINER_SHIM = '''"""Generated by benchmarks/headneck_finetune.py: its trainers, for nnU-Net's nnUNet_extTrainer lookup."""
-import sys
-sys.path.insert(0, {benchmarks!r})
-from headneck_finetune import trainer_classes
-globals().update(trainer_classes())
-'''
 
 
 # --------------------------------------------------------------------------------------------------------- splits
@@ -575,7 +429,6 @@ def finish(work: Path) -> None:
     print("\n" + text, flush=True)
 
 
-RUNS = "*_k*_s*"  # WORK/finetune/VARIANT_kK_sS: one fine-tuning run's folder
 RECORD_FILES = ("finetune/settings.json", "finetune/folds.json", "finetune/pretrain_seconds.jsonl",
                 "finetune/ape_standalone.json", "finetune/report.md", "finetune/curves.png",
                 f"finetune/{RUNS}/training_log.jsonl", f"finetune/{RUNS}/test_scores.json")
@@ -598,137 +451,3 @@ def record(work: Path, dest: Path) -> list[Path]:
             written.append(target)
     return written
 
-
-def run_logs(work: Path) -> list[Path]:
-    """Every fine-tuning run's ``WORK/finetune/VARIANT_kK_sS/training_log.jsonl`` (those started so far), sorted."""
-    return sorted((work / "finetune").glob(f"{RUNS}/training_log.jsonl"))
-
-
-def _finished_runs(work: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted((work / "finetune").glob(f"{RUNS}/test_scores.json"))]
-
-
-def report(work: Path) -> str:
-    """``WORK/finetune/report.md`` (test Dice per organ: labeled cases x variant, mean over seeds with the spread of
-    the organ-mean over seeds; then :func:`training_view`) and ``curves.png``; returns the text."""
-    settings = json.loads((work / "finetune" / "settings.json").read_text())
-    organs = list(seg.organ_labels())
-    runs = _finished_runs(work)
-    iterations = settings["epochs"] * settings["iterations_per_epoch"]
-    lines = [f"Few-label fine-tuning on the head-and-neck cohort ({work}; report of {date.today().isoformat()}; machine: "
-             f"{machine()})", "",
-             f"APE pretraining {settings['pretrain_iterations']} iterations inside nnU-Net (training CTs only); each "
-             f"fine-tuning run {iterations} iterations ({settings['epochs']} epochs of {settings['iterations_per_epoch']}), "
-             f"{100 * iterations / NNUNET_ITERATIONS:.2f}% of nnU-Net's default schedule (1000 epochs of 250). Test Dice on "
-             "the 40 held-out cases, no mirroring, source geometry; mean over the cases contouring each organ, then over "
-             "seeds; spread: the lowest and highest seed's mean over organs.", "", *_channels_note(work),
-             "| labeled cases | variant | seeds | mean Dice (spread) | " + " | ".join(organs) + " |",
-             "|---|---|---|---|" + "---|" * len(organs)]
-    groups: dict[tuple[int, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["labeled"], r["variant"]), []).append(r)
-    for (k, variant) in sorted(groups, key=lambda g: (g[0], list(VARIANTS).index(g[1]))):
-        members = groups[(k, variant)]
-        per_seed = [float(np.nanmean([m["dice"][o] for o in organs])) for m in members]
-        spread = f" ({min(per_seed):.3f}-{max(per_seed):.3f})" if len(members) > 1 else ""
-        cells = [f"{np.nanmean([m['dice'][o] for m in members]):.3f}" for o in organs]
-        lines.append(f"| {k} | {variant} | {len(members)} | {np.mean(per_seed):.3f}{spread} | " + " | ".join(cells) + " |")
-    if not runs:
-        lines.append("| (no run has finished its test prediction yet) | | | | " + " | ".join("" for _ in organs) + " |")
-    lines += ["", *training_view(work, organs)]
-    text = "\n".join(lines) + "\n"
-    (work / "finetune" / "report.md").write_text(text)
-    plot_curves(work, work / "finetune" / "curves.png")
-    return text
-
-
-FOUND = 0.1  # pseudo Dice at which the training view counts an organ as found
-
-
-def first_found(epochs: list[dict], organs: list[str]) -> str:
-    """The organs whose pseudo Dice (nnU-Net's, on its validation patches; ``organs`` in label order) reached
-    :data:`FOUND` in the epoch records ``epochs`` (:func:`resumable_training.read_log`), each with the iterations at
-    which it first did, in that order: "mandible 1500, spinal_cord 3200"; "none" if none did."""
-    found = {}
-    for r in epochs:
-        for organ, d in zip(organs, r["pseudo_dice"]):
-            if d >= FOUND and organ not in found:
-                found[organ] = r["iterations"]
-    return ", ".join(f"{o} {i}" for o, i in sorted(found.items(), key=lambda x: x[1])) or "none"
-
-
-def training_view(work: Path, organs: list[str]) -> list[str]:
-    """Every run's last logged epoch as report lines (a table): iterations, training and validation loss, nnU-Net's
-    pseudo Dice (mean over ``organs``, in label order), the predicted / true organ volume on the validation patches,
-    which shows a network that predicts no organ at all (about 0) while its loss, helped by the soft-Dice term on
-    patches without an organ, still falls, the epoch's seconds per iteration (learning-curve prediction excluded),
-    marked when that invocation compiled the network (``--compile``), and when each organ was first found
-    (:func:`first_found`)."""
-    logs = run_logs(work)
-    if not logs:
-        return []
-    per_epoch = json.loads((work / "finetune" / "settings.json").read_text())["iterations_per_epoch"]
-    rows = []
-    for log in logs:
-        epochs = rt.read_log(log)
-        if not epochs:
-            continue
-        last = epochs[-1]
-        ratio = last.get("organ_volume_ratio")
-        started = [r for r in rt.read_log(log, "start") if r["epoch"] <= last["epoch"]]
-        compiled = " (compiled)" if started and started[-1].get("compiled") else ""
-        rows.append(f"| {log.parent.name} | {last['iterations']} | {last['train_loss']:.3f} | {last['val_loss']:.3f} | "
-                    f"{np.nanmean(last['pseudo_dice']):.3f} | {'-' if ratio is None else f'{ratio:.3g}'} | "
-                    f"{last['epoch_seconds'] / per_epoch:.2f}{compiled} | {first_found(epochs, organs)} |")
-    if not rows:
-        return []
-    return ["Training's view, each run's last logged epoch (organ volume: the softmax mass of the organ channels over "
-            "the true organ voxels on nnU-Net's validation patches; '-' where it was not logged yet):", "",
-            "| run | iterations | train loss | val loss | pseudo Dice, mean | organ volume, predicted / true | s / iteration | "
-            f"organs found (pseudo Dice >= {FOUND}), first at iterations |", "|---|---|---|---|---|---|---|---|", *rows]
-
-
-def _channels_note(work: Path) -> list[str]:
-    """The channels variant's pretraining, as report lines (none before it ran)."""
-    file = work / "finetune" / "ape_standalone.json"
-    if not file.exists():
-        return []
-    info = json.loads(file.read_text())
-    return [f"channels: the standalone APE model (CPU recipe) ran {info['iterations']} iterations in the "
-            f"{info['budget_seconds'] / 60:.1f} minutes the nnU-Net APE pretraining took; its 3 embedding channels are "
-            "input channels beside the CT, trained from random initialisation (`nnUNetTrainerAPEChannels`).", ""]
-
-
-def plot_curves(work: Path, png: Path) -> None:
-    """Learning curves: mean curve Dice over organs against iterations, one panel per number of labeled cases, one
-    colour per variant, one line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[int, list[tuple[str, list[tuple[int, float]]]]] = {}
-    for log in run_logs(work):
-        variant, rest = log.parent.name.rsplit("_k", 1)
-        k = int(rest.split("_s")[0])
-        points = [(r["iterations"], float(np.nanmean(list(r["curve"]["dice"].values())))) for r in rt.read_log(log) if "curve" in r]
-        if points:
-            series.setdefault(k, []).append((variant, points))
-    if not series:
-        return
-    fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.5), sharey=True, squeeze=False)
-    colours = dict(zip(VARIANTS, ("tab:grey", "tab:blue", "tab:orange", "tab:red", "tab:brown", "tab:purple", "tab:green")))
-    for ax, k in zip(axes[0], sorted(series)):
-        seen = set()
-        for variant, points in series[k]:
-            ax.plot(*zip(*points), marker="o", ms=3, color=colours[variant], label=None if variant in seen else variant)
-            seen.add(variant)
-        ax.set_title(f"{k} labeled cases")
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("fine-tuning iterations")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0][0].set_ylabel("mean Dice, 8 validation cases")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import headneck_finetune as ft  # noqa: E402
+import finetune_report  # noqa: E402
 import resumable_training as rt  # noqa: E402
 
 
@@ -85,8 +85,8 @@ def test_the_report_shows_each_runs_last_epoch_with_its_organ_volume(tmp_path):
                           {**epoch, "epoch": 1, "iterations": 200, "pseudo_dice": [0.3] + [0.0] * 5 + [0.4]}])
     log("scratch_k5_s1", [{"kind": "start", "epoch": 0}])  # started, no epoch yet
     organs = ["brainstem", "spinal_cord", "parotid_right", "parotid_left", "esophagus", "larynx", "mandible"]
-    lines = ft.training_view(tmp_path, organs)
+    lines = finetune_report.training_view(tmp_path, organs)
     rows = [line for line in lines if line.startswith("| ") and "_k5_" in line]
     assert rows == ["| ape_k5_s0 | 200 | -0.050 | -0.020 | 0.000 | 2.5e-09 | 4.12 (compiled) | none |",
                     "| scratch_k5_s0 | 200 | -0.050 | -0.020 | 0.100 | - | 6.16 | mandible 100, brainstem 200 |"]
-    assert ft.training_view(tmp_path / "nothing", organs) == []
+    assert finetune_report.training_view(tmp_path / "nothing", organs) == []

@@ -138,9 +138,9 @@ def test_the_matched_start_takes_one_batch_from_the_loader_and_leaves_the_random
 
     import numpy as np
 
-    import headneck_finetune
+    import finetune_trainers
 
-    trainer_class = headneck_finetune.trainer_classes()["nnUNetTrainerFinetuneAPEMatched"]
+    trainer_class = finetune_trainers.trainer_classes()["nnUNetTrainerFinetuneAPEMatched"]
     network = _unet("PlainConvUNet")
     x = torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     made = []
