@@ -1,8 +1,9 @@
 """What SGD sees of each fine-tuning start of the few-label benchmark, before (or during) fine-tuning: per
 convolution that a norm follows, the weight norm over nnU-Net's initial norm, the spread of its output on real
 patches over a freshly initialised network's, and its relative gradient |g| / |w| over that network's, on the
-same batch and loss (nnU-Net's Dice + cross-entropy, full resolution only). See ``finetune_starts`` for why these
-three numbers decide how fast a start can learn.
+same batch and loss (nnU-Net's Dice + cross-entropy, full resolution only); see ``finetune_starts`` for why these
+three numbers decide how fast a start can learn. A fourth table, the cosine of each convolution's weights with the
+pretrained ones, shows how much of the pretraining a checkpoint still holds.
 
     python benchmarks/finetune_start_probe.py --work WORK [--checkpoints CKPT ...] [--patches 4]
 
@@ -11,7 +12,7 @@ preprocessed cases, APE checkpoint and the 5-labeled-case run's training cases a
 (nnU-Net's initialisation), ``ape`` (the APE weights as ``-pretrained_weights`` loads them), ``ape_reinit``,
 ``ape_rescaled`` and ``ape_matched`` (prepared with the trainers' functions, ``ape_matched`` on the probe's own
 batch), and each ``--checkpoints`` file as it is (e.g. a run's ``checkpoint_latest.pth``). Patches:
-the plans' patch size around a random foreground voxel of the labeled cases (seed 0). Prints three tables and the
+the plans' patch size around a random foreground voxel of the labeled cases (seed 0). Prints four tables and the
 machine; writes nothing. CPU, about a minute per start.
 """
 
@@ -88,8 +89,17 @@ def relative_gradients(network: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     return [float(c.weight.grad.norm() / c.weight.detach().norm()) for _, c in fs.normed_convs(network)]
 
 
+def weight_cosines(network: torch.nn.Module, pretrained: torch.nn.Module) -> list[float]:
+    """Cosine between each convolution's weights (:func:`finetune_starts.normed_convs`, flattened) in ``network`` and
+    in ``pretrained``: 1 where fine-tuning kept the pretrained filters' directions (per-channel scaling aside), about
+    0 for an unrelated random network."""
+    pairs = zip(fs.normed_convs(network), fs.normed_convs(pretrained))
+    return [float(torch.nn.functional.cosine_similarity(a.weight.detach().flatten(), b.weight.detach().flatten(), dim=0))
+            for (_, a), (_, b) in pairs]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print the three tables (module docstring)."""
+    """Print the four tables (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="the few-label benchmark's work folder")
     p.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="more nnU-Net checkpoints, probed as they are")
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")
         starts[f"{checkpoint.stem}, epoch {epoch}"] = _load(_network(config), checkpoint)
 
+    reference = _load(_network(config), pretrained)
     convs = [name for name, _ in fs.normed_convs(starts["scratch"])]
     he = fs.output_spread(starts["scratch"], x)
     grads = {name: relative_gradients(net, x, y, config.batch_dice) for name, net in starts.items()}
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "output spread / the freshly initialised network's": {
             n: [float(s.mean() / he[k].mean()) for k, s in fs.output_spread(net, x).items()] for n, net in starts.items()},
         "relative gradient |g|/|w| / scratch's": {n: [g / s for g, s in zip(grads[n], grads["scratch"])] for n in starts},
+        "cosine with the pretrained weights": {n: weight_cosines(net, reference) for n, net in starts.items()},
     }
     for title, values in tables.items():
         print(f"\n{title}\n" + f"{'convolution':32s}" + "".join(f"{n[:22]:>24s}" for n in starts))

@@ -167,3 +167,26 @@ def test_the_matched_start_takes_one_batch_from_the_loader_and_leaves_the_random
     with torch.no_grad():
         for a, b in zip(before, network(x)):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_the_probe_measures_how_much_of_the_pretrained_weights_a_network_keeps():
+    """finetune_start_probe.weight_cosines: 1 for the pretrained network itself, still above 0.9 after the matched
+    start's per-channel scaling, about 0 for an independently initialised network."""
+    import copy
+
+    from finetune_start_probe import weight_cosines
+
+    pretrained = _unet("PlainConvUNet")
+    assert weight_cosines(pretrained, pretrained) == pytest.approx([1.0] * len(ft.normed_convs(pretrained)), abs=1e-5)
+    matched = copy.deepcopy(pretrained)
+    ft.match_output_spread(matched, ft.nnunet_initialised_copy(matched), torch.randn(2, 1, 16, 16, 16))
+    kept = weight_cosines(matched, pretrained)
+    assert min(kept) > 0.9 and max(kept) < 1.0 + 1e-6 and min(kept) < 0.9999  # scaled per channel, so not exactly 1
+    torch.manual_seed(3)
+    unrelated = weight_cosines(_unet("PlainConvUNet").apply(_reinit_he), pretrained)
+    assert max(abs(c) for c in unrelated) < 0.3
+
+
+def _reinit_he(module: torch.nn.Module) -> None:
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        torch.nn.init.kaiming_normal_(module.weight, a=1e-2)
