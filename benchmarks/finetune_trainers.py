@@ -24,6 +24,7 @@ VARIANTS = {"scratch": "nnUNetTrainerFinetuneScratch", "ape": "nnUNetTrainerFine
 PRETRAIN_TRAINER = "nnUNetTrainerFinetunePretrain"
 PRETRAIN_EPOCH = 25  # iterations per pretraining epoch (a checkpoint after each)
 
+
 class _random_states_kept:
     """Context: Python's and numpy's global random states restored on exit (torch's: ``torch.random.fork_rng``)."""
 
