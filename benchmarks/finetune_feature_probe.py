@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
-from finetune_start_probe import DATASET, PLANS, _load, _network, patches  # noqa: E402
+from finetune_start_probe import fresh_network, load_weights, patches, work_inputs  # noqa: E402
 
 FIT_VOXELS = 2000  # per label and fitting patch at most (organ voxels are rare: the fit is class-balanced)
 
@@ -146,26 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="more nnU-Net checkpoints, probed as they are")
     p.add_argument("--patches", type=int, default=10, help="patches to fit on (2 per labeled case) and to score on [10]")
     args = p.parse_args(argv)
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    preprocessed = args.work / "nnUNet_preprocessed" / DATASET
-    pretrained = args.work / "nnUNet_results" / DATASET / f"nnUNetTrainerFinetunePretrain__{PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
-    folds = args.work / "finetune" / "folds.json"
-    for path in (preprocessed / f"{PLANS}.json", pretrained, folds, *args.checkpoints):
-        if not path.is_file():
-            raise SystemExit(f"{path} does not exist: give a few-label work folder whose pretraining has finished "
-                             "(bench_pretrain_finetune.py --cohort headneck --work WORK)")
-    config = PlansManager(str(preprocessed / f"{PLANS}.json")).get_configuration("3d_fullres")
+    preprocessed, pretrained, run, config = work_inputs(args.work, args.checkpoints)
     organs = [name for name, v in json.loads((preprocessed / "dataset.json").read_text())["labels"].items() if v != 0]
-    run = json.loads(folds.read_text())["k5_s0"]
     data = preprocessed / config.data_identifier
     fit = patches(data, run["train"], list(config.patch_size), args.patches)
     score = patches(data, run["val"], list(config.patch_size), args.patches)
 
-    starts = {"CT intensity": None, "random (scratch start)": _network(config), "APE-pretrained": _load(_network(config), pretrained)}
+    starts = {"CT intensity": None, "random (scratch start)": fresh_network(config),
+              "APE-pretrained": load_weights(fresh_network(config), pretrained)}
     for checkpoint in args.checkpoints:
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")
-        starts[f"{checkpoint.stem}, epoch {epoch}"] = _load(_network(config), checkpoint)
+        starts[f"{checkpoint.stem}, epoch {epoch}"] = load_weights(fresh_network(config), checkpoint)
     for network in starts.values():
         if network is not None:
             network.eval()

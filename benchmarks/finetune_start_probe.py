@@ -34,7 +34,7 @@ DATASET = "Dataset902_HeadNeckSplit"
 PLANS = "nnUNetPlansCPU"
 
 
-def _network(config) -> torch.nn.Module:
+def fresh_network(config) -> torch.nn.Module:
     """The plans' network (deep supervision off) with nnU-Net's initialisation (``allow_init``), seed 0."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
@@ -44,7 +44,7 @@ def _network(config) -> torch.nn.Module:
                                   deep_supervision=False)
 
 
-def _load(network: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
+def load_weights(network: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """``network`` with the weights of an nnU-Net ``checkpoint`` of matching name and shape (heads of another
     label set stay as they are)."""
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
@@ -98,6 +98,23 @@ def weight_cosines(network: torch.nn.Module, pretrained: torch.nn.Module) -> lis
             for (_, a), (_, b) in pairs]
 
 
+def work_inputs(work: Path, checkpoints: list[Path]):
+    """What a probe reads from a few-label work folder: (the preprocessed dataset folder, the APE pretraining's
+    final checkpoint, run ``k5_s0``'s entry of ``finetune/folds.json`` (its ``train`` and ``val`` cases), the
+    plans' 3d_fullres configuration); a one-line exit when a file, or one of ``checkpoints``, is missing."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    preprocessed = work / "nnUNet_preprocessed" / DATASET
+    pretrained = work / "nnUNet_results" / DATASET / f"nnUNetTrainerFinetunePretrain__{PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    folds = work / "finetune" / "folds.json"
+    for path in (preprocessed / f"{PLANS}.json", pretrained, folds, *checkpoints):
+        if not path.is_file():
+            raise SystemExit(f"{path} does not exist: give a few-label work folder whose pretraining has finished "
+                             "(bench_pretrain_finetune.py --cohort headneck --work WORK)")
+    config = PlansManager(str(preprocessed / f"{PLANS}.json")).get_configuration("3d_fullres")
+    return preprocessed, pretrained, json.loads(folds.read_text())["k5_s0"], config
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the four tables (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -105,24 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="more nnU-Net checkpoints, probed as they are")
     p.add_argument("--patches", type=int, default=4, help="patches in the probe batch [4]")
     args = p.parse_args(argv)
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    preprocessed = args.work / "nnUNet_preprocessed" / DATASET
-    pretrained = args.work / "nnUNet_results" / DATASET / f"nnUNetTrainerFinetunePretrain__{PLANS}__3d_fullres" / "fold_0" / "checkpoint_final.pth"
-    folds = args.work / "finetune" / "folds.json"
-    for path in (preprocessed / f"{PLANS}.json", pretrained, folds, *args.checkpoints):
-        if not path.is_file():
-            raise SystemExit(f"{path} does not exist: give a few-label work folder whose pretraining has finished "
-                             "(bench_pretrain_finetune.py --cohort headneck --work WORK)")
-    config = PlansManager(str(preprocessed / f"{PLANS}.json")).get_configuration("3d_fullres")
-    cases = json.loads(folds.read_text())["k5_s0"]["train"]
+    preprocessed, pretrained, run, config = work_inputs(args.work, args.checkpoints)
+    cases = run["train"]
     x, y = patches(preprocessed / config.data_identifier, cases, list(config.patch_size), args.patches)
 
-    starts = {"scratch": _network(config), "ape": _load(_network(config), pretrained)}
-    starts["ape_reinit"] = _load(_network(config), pretrained)
+    starts = {"scratch": fresh_network(config), "ape": load_weights(fresh_network(config), pretrained)}
+    starts["ape_reinit"] = load_weights(fresh_network(config), pretrained)
     fs.reinit_decoder_end(starts["ape_reinit"])
     for name in ("ape_rescaled", "ape_matched"):
-        network = _load(_network(config), pretrained)
+        network = load_weights(fresh_network(config), pretrained)
         fs.reinit_decoder_end(network, nnunet_init=True)
         if name == "ape_rescaled":
             fs.rescale_to_init_norms(network)
@@ -131,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         starts[name] = network
     for checkpoint in args.checkpoints:
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")
-        starts[f"{checkpoint.stem}, epoch {epoch}"] = _load(_network(config), checkpoint)
+        starts[f"{checkpoint.stem}, epoch {epoch}"] = load_weights(fresh_network(config), checkpoint)
 
-    reference = _load(_network(config), pretrained)
+    reference = load_weights(fresh_network(config), pretrained)
     convs = [name for name, _ in fs.normed_convs(starts["scratch"])]
     he = fs.output_spread(starts["scratch"], x)
     grads = {name: relative_gradients(net, x, y, config.batch_dice) for name, net in starts.items()}
