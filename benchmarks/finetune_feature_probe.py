@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
 from finetune_start_probe import fresh_network, load_weights, patches, work_inputs  # noqa: E402
 
-FIT_VOXELS = 2000  # per label and fitting patch at most (organ voxels are rare: the fit is class-balanced)
+FIT_VOXELS = 2000  # per label and fitting patch at most: small organs are over-represented, fit_probe's prior undoes it
 
 
 def stage_features(network: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
