@@ -22,9 +22,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_starts as fs  # noqa: E402
@@ -98,7 +102,7 @@ def weight_cosines(network: torch.nn.Module, pretrained: torch.nn.Module) -> lis
             for (_, a), (_, b) in pairs]
 
 
-def work_inputs(work: Path, checkpoints: list[Path]):
+def work_inputs(work: Path, checkpoints: list[Path]) -> tuple[Path, Path, dict, ConfigurationManager]:
     """What a probe reads from a few-label work folder: (the preprocessed dataset folder, the APE pretraining's
     final checkpoint, run ``k5_s0``'s entry of ``finetune/folds.json`` (its ``train`` and ``val`` cases), the
     plans' 3d_fullres configuration); a one-line exit when a file, or one of ``checkpoints``, is missing."""
