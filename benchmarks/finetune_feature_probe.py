@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embed import machine  # noqa: E402
-from finetune_start_probe import fresh_network, load_weights, patches, work_inputs  # noqa: E402
+from finetune_start_probe import (add_work_arguments, checkpoint_starts, fresh_network, load_weights,  # noqa: E402
+                                  patches, work_inputs)
 
 FIT_VOXELS = 2000  # per label and fitting patch at most: small organs are over-represented, fit_probe's prior undoes it
 
@@ -93,8 +94,8 @@ def label_frequencies(labels: list[torch.Tensor], classes: int) -> torch.Tensor:
 
 def probe_dice(layer: torch.nn.Linear, features: Iterable[torch.Tensor], labels: list[torch.Tensor], classes: int) -> list[float]:
     """Dice per foreground label (1..classes-1) of ``layer``'s argmax over every voxel of the scoring patches
-    (``features`` (F, *patch) and ``labels`` (*patch) per patch, features made one at a time), pooled over the patches; NaN for a label that
-    no patch holds."""
+    (``features`` (F, *patch) and ``labels`` (*patch) per patch, features made one at a time), pooled over the
+    patches; NaN for a label that no patch holds."""
     tp, fp, fn = (np.zeros(classes) for _ in range(3))
     with torch.no_grad():
         for f, y in zip(features, labels):
@@ -142,8 +143,7 @@ def probe_start(network: torch.nn.Module | None, fit: tuple[torch.Tensor, torch.
 def main(argv: list[str] | None = None) -> None:
     """Print the probe's tables (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, required=True, help="the few-label benchmark's work folder")
-    p.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="more nnU-Net checkpoints, probed as they are")
+    add_work_arguments(p)
     p.add_argument("--patches", type=int, default=10, help="patches to fit on (2 per labeled case) and to score on [10]")
     args = p.parse_args(argv)
     preprocessed, pretrained, run, config = work_inputs(args.work, args.checkpoints)
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     score = patches(data, run["val"], list(config.patch_size), args.patches)
 
     starts = {"CT intensity": None, "random (scratch start)": fresh_network(config),
-              "APE-pretrained": load_weights(fresh_network(config), pretrained)}
-    for checkpoint in args.checkpoints:
-        epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")
-        starts[f"{checkpoint.stem}, epoch {epoch}"] = load_weights(fresh_network(config), checkpoint)
+              "APE-pretrained": load_weights(fresh_network(config), pretrained), **checkpoint_starts(config, args.checkpoints)}
     for network in starts.values():
         if network is not None:
             network.eval()

@@ -119,11 +119,25 @@ def work_inputs(work: Path, checkpoints: list[Path]) -> tuple[Path, Path, dict, 
     return preprocessed, pretrained, json.loads(folds.read_text())["k5_s0"], config
 
 
+def add_work_arguments(parser: argparse.ArgumentParser) -> None:
+    """The probes' ``--work`` (the few-label work folder) and ``--checkpoints`` (more networks to probe)."""
+    parser.add_argument("--work", type=Path, required=True, help="the few-label benchmark's work folder")
+    parser.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="more nnU-Net checkpoints, probed as they are")
+
+
+def checkpoint_starts(config, checkpoints: list[Path]) -> dict[str, torch.nn.Module]:
+    """The plans' network with each nnU-Net checkpoint's weights, by ``"<file stem>, epoch <N>"``."""
+    starts = {}
+    for checkpoint in checkpoints:
+        epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")
+        starts[f"{checkpoint.stem}, epoch {epoch}"] = load_weights(fresh_network(config), checkpoint)
+    return starts
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the four tables (module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, required=True, help="the few-label benchmark's work folder")
-    p.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="more nnU-Net checkpoints, probed as they are")
+    add_work_arguments(p)
     p.add_argument("--patches", type=int, default=4, help="patches in the probe batch [4]")
     args = p.parse_args(argv)
     preprocessed, pretrained, run, config = work_inputs(args.work, args.checkpoints)
@@ -141,11 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             fs.match_output_spread(network, fs.nnunet_initialised_copy(network), x)
         starts[name] = network
-    for checkpoint in args.checkpoints:
-        epoch = torch.load(checkpoint, map_location="cpu", weights_only=False).get("current_epoch", "?")
-        starts[f"{checkpoint.stem}, epoch {epoch}"] = load_weights(fresh_network(config), checkpoint)
+    starts.update(checkpoint_starts(config, args.checkpoints))
 
-    reference = load_weights(fresh_network(config), pretrained)
     convs = [name for name, _ in fs.normed_convs(starts["scratch"])]
     he = fs.output_spread(starts["scratch"], x)
     grads = {name: relative_gradients(net, x, y, config.batch_dice) for name, net in starts.items()}
@@ -157,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         "output spread / the freshly initialised network's": {
             n: [float(s.mean() / he[k].mean()) for k, s in fs.output_spread(net, x).items()] for n, net in starts.items()},
         "relative gradient |g|/|w| / scratch's": {n: [g / s for g, s in zip(grads[n], grads["scratch"])] for n in starts},
-        "cosine with the pretrained weights": {n: weight_cosines(net, reference) for n, net in starts.items()},
+        "cosine with the pretrained weights": {n: weight_cosines(net, starts["ape"]) for n, net in starts.items()},
     }
     for title, values in tables.items():
         print(f"\n{title}\n" + f"{'convolution':32s}" + "".join(f"{n[:22]:>24s}" for n in starts))
