@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ape.intensity import AIR_VALUE, normalize_hu
+from nnunet_ape.models.point_reading import read_upsampled_at
 
 
 @dataclass
@@ -93,8 +94,14 @@ class APENet(nn.Module):
         """HU ``(X, Y, Z)`` -> network input (:func:`nnunet_ape.intensity.normalize_hu`)."""
         return normalize_hu(hu)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W, D)`` -> ``(B, embed_dim, H, W, D)``."""
+    def forward(self, x: torch.Tensor, points: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 1, H, W, D)`` -> ``(B, embed_dim, H, W, D)``.
+
+        With ``points`` ``(B, k, 3)`` (continuous voxel indices x, y, z of the input), only the map's values there,
+        ``(B, k, embed_dim)`` float32: the same numbers as reading the full map trilinearly
+        (:func:`nnunet_ape.pretrain.loss.sample_embeddings`), without upsampling to every voxel (pretraining reads
+        about a thousand points of each view).
+        """
         size = x.shape[-3:]
         d = self.config.divisor
         pad = [(-s) % d for s in size]
@@ -109,6 +116,8 @@ class APENet(nn.Module):
             h = self.up[i](h)
             h = self.decoder[i](torch.cat([h, skips[i]], dim=1))
         h = self.norm(self.head(h))
+        if points is not None:
+            return read_upsampled_at(h, points, 4, size)
         h = F.interpolate(h, scale_factor=4, mode="trilinear", align_corners=False)
         return h[..., : size[0], : size[1], : size[2]]
 

@@ -73,7 +73,13 @@ def ape_loss(
     embeddings: ``(V, 3, X, Y, Z)`` network output for the batch's views; coords, positions: as in
     :mod:`nnunet_ape.pretrain.batches`.
     """
-    points = sample_embeddings(embeddings, coords)
+    return ape_loss_at_points(sample_embeddings(embeddings, coords), positions, variant, equiv_weight)
+
+
+def ape_loss_at_points(
+    points: torch.Tensor, positions: torch.Tensor, variant: str, equiv_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`ape_loss` from the embeddings already read at the batch's coords: ``points`` ``(V, k, 3)``."""
     flat_positions = positions.reshape(-1, 3)
     if variant == "naive":
         a = points.reshape(-1, points.shape[-1])

@@ -14,7 +14,7 @@ from nnunet_ape.errors import InputError
 from nnunet_ape.models.ape import PRESETS, APEConfig, APENet
 from nnunet_ape.pretrain.batches import VARIANTS, BatchConfig, PairBatches
 from nnunet_ape.pretrain.loop import FINAL, LAST, LoopConfig, Task, autocast, run_training
-from nnunet_ape.pretrain.loss import ape_loss
+from nnunet_ape.pretrain.loss import ape_loss_at_points
 from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, PAPER_SPACING_RANGE
 
 __all__ = ["COARSE_SPACING_RANGE", "FINAL", "LAST", "PretrainConfig", "ape_task", "parse_spacing_range", "pretrain_ape"]
@@ -67,11 +67,9 @@ def ape_task(cfg: PretrainConfig) -> Task:
         return APENet(APEConfig.from_dict(config) if config else PRESETS[cfg.model])
 
     def loss(model: nn.Module, batch: dict, device: torch.device):
-        with autocast(device, cfg.amp):
-            embeddings = model(batch["views"].to(device, non_blocking=True))
-        return ape_loss(
-            embeddings.float(), batch["coords"].to(device), batch["positions"].to(device), cfg.batch.variant, cfg.equiv_weight
-        )
+        with autocast(device, cfg.amp):  # the network reads its map at the batch's points only
+            points = model(batch["views"].to(device, non_blocking=True), batch["coords"].to(device))
+        return ape_loss_at_points(points.float(), batch["positions"].to(device), cfg.batch.variant, cfg.equiv_weight)
 
     return Task(
         name="APE",
