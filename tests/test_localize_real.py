@@ -43,7 +43,10 @@ def _true_box(key: str, organ: str) -> np.ndarray:
     return mask_box(seg.array == read_label_names(DATA / f"ts_{letter}_labels.json")[organ])
 
 
-@pytest.mark.parametrize("train, test, ape_boxes", [("A", "B", "all-voxels"), ("B", "A", "edge-points")])
+@pytest.mark.parametrize("train, test, ape_boxes", [
+    pytest.param("A", "B", "all-voxels", marks=pytest.mark.slow),  # 25-35 s; label transfer also runs in test_canonical_once, test_localize_label_transfer
+    ("B", "A", "edge-points"),
+])
 def test_fit_on_one_patient_predict_on_the_other(pretrained_run, tmp_path, train, test, ape_boxes):
     images, labels, names = _labeled_folder(tmp_path, train)
     localizer = tmp_path / "localizer.json"

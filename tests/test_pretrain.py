@@ -66,7 +66,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "nnunet_ape", *args]
 
 
-def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path):
+def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path, capsys):
+    from nnunet_ape.cli.main import main
+
     listing = tmp_path / "cts.txt"
     listing.write_text("\n".join(str(p) for p in real_patients()))
     run = tmp_path / "run"
@@ -81,12 +83,12 @@ def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path):
     saved = load_checkpoint(run / "checkpoint_last.pt")["iteration"]
     assert saved >= 20 and saved % 20 == 0
     target = saved + 30
-    # a second run must not silently overwrite the first
-    refused = subprocess.run(_cli(*args, "--iterations", str(target)), capture_output=True, text=True)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
+    # a second run must not silently overwrite the first (refusals in-process: no interpreter start-up per call)
+    capsys.readouterr()
+    assert main([*args, "--iterations", str(target)]) == 2 and "--resume" in capsys.readouterr().err
     # nor continue it as another recipe: the points' sampling is fixed at the start
-    changed = subprocess.run(_cli(*args, "--iterations", str(target), "--resume", "--points", "body"), capture_output=True, text=True)
-    assert changed.returncode == 2 and "batch.points uniform -> body" in changed.stderr
+    assert main([*args, "--iterations", str(target), "--resume", "--points", "body"]) == 2
+    assert "batch.points uniform -> body" in capsys.readouterr().err
     assert load_checkpoint(run / "checkpoint_last.pt")["iteration"] == saved
     subprocess.run(_cli(*args, "--iterations", str(target), "--resume"), check=True, capture_output=True)
     iterations, _ = _losses(run)
