@@ -25,6 +25,17 @@ PATIENTS = {
 _PYTEST: list = []  # pytest's config, once pytest has configured itself
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """``nnunet-ape ARGS`` in this process (no interpreter and torch start-up per call); returns (exit code, stdout,
+    stderr) of that call alone."""
+    from nnunet_ape.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _PYTEST.append(config)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DATA
+from conftest import DATA, cli_in_process
 from test_localize_evaluate import _case
 from nnunet_ape.io import read_volume
 from nnunet_ape.localize.boxes import box_recall, mask_box
@@ -124,8 +124,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not HEADNECK.exists(), reason="head-and-neck dataset not available")
 def test_body_box_localizer_on_a_partially_contoured_real_dataset(tmp_path, capsys):
     """No model at all: per organ only the cases that contour it are shots, and the body box alone localizes."""
-    from nnunet_ape.cli.main import main
-
     labels = json.loads((HEADNECK / "dataset.json").read_text())["labels"]
     out = tmp_path / "body.json"
     fit = _cli("localize", "fit", "-d", str(HEADNECK), "--organs", "esophagus", "parotid_left", "--shots", "4", "-o", str(out))
@@ -150,9 +148,10 @@ def test_body_box_localizer_on_a_partially_contoured_real_dataset(tmp_path, caps
     assert pred.returncode == 0, pred.stderr[-2000:]
     result = json.loads((boxes_dir / f"{test}_boxes.json").read_text())
     stamp = (boxes_dir / f"{test}_boxes.json").stat().st_mtime_ns
-    capsys.readouterr()  # the rerun and the refusal below in-process: no interpreter start-up per call
-    again = main(["localize", "predict", "-l", str(out), "-i", str(HEADNECK / "imagesTr" / f"{test}_0000.nii.gz"), "-o", str(boxes_dir)])
-    assert again == 0 and "1 of 1 box files exist already" in capsys.readouterr().out
+    # the rerun and the refusal below in-process: no interpreter start-up per call
+    again, out_text, _ = cli_in_process(capsys, "localize", "predict", "-l", str(out), "-i",
+                                        str(HEADNECK / "imagesTr" / f"{test}_0000.nii.gz"), "-o", str(boxes_dir))
+    assert again == 0 and "1 of 1 box files exist already" in out_text
     assert (boxes_dir / f"{test}_boxes.json").stat().st_mtime_ns == stamp  # a restarted job skips finished cases
     label = read_volume(HEADNECK / "labelsTr" / f"{test}.nii.gz").array
     for organ in ("esophagus", "parotid_left"):
@@ -162,10 +161,9 @@ def test_body_box_localizer_on_a_partially_contoured_real_dataset(tmp_path, caps
         assert np.prod(np.diff(entry["crop_box_voxels"], axis=0) + 1) < 0.5 * label.size  # a crop, not the image
     lacking = next(c for c in sorted(p.name[:-7] for p in (HEADNECK / "labelsTr").glob("*.nii.gz"))
                    if labels["larynx"] not in np.unique(read_volume(HEADNECK / "labelsTr" / f"{c}.nii.gz").array))
-    nowhere = main(["localize", "fit", "--images", str(HEADNECK / "imagesTr" / f"{lacking}_0000.nii.gz"), "--labels",
-                    str(HEADNECK / "labelsTr" / f"{lacking}.nii.gz"), "--label-names", str(HEADNECK / "dataset.json"),
-                    "--organs", "larynx", "--shots", "1", "-o", str(tmp_path / "none.json")])
-    err = capsys.readouterr().err
+    nowhere, _, err = cli_in_process(capsys, "localize", "fit", "--images", str(HEADNECK / "imagesTr" / f"{lacking}_0000.nii.gz"),
+                                     "--labels", str(HEADNECK / "labelsTr" / f"{lacking}.nii.gz"), "--label-names",
+                                     str(HEADNECK / "dataset.json"), "--organs", "larynx", "--shots", "1", "-o", str(tmp_path / "none.json"))
     assert nowhere == 2 and "contoured in none" in err and not (tmp_path / "none.json").exists()
     assert len(err.strip().splitlines()) == 1
 

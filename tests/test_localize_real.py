@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, patient
+from conftest import DATA, cli_in_process, patient
 from nnunet_ape.io import read_volume, write_volume
 from nnunet_ape.localize.boxes import box_iou, mask_box
 from nnunet_ape.cases import read_label_names
@@ -105,15 +105,6 @@ def test_two_shots_calibrate_alpha_leave_one_out(pretrained_run, tmp_path):
         assert content["organs"][organ]["alpha"] != 1.5 and content["organs"][organ]["alpha_calibrated"] is True
 
 
-def _in_process(capsys, *args: str) -> tuple[int, str]:
-    """``nnunet-ape ARGS`` in this process (no interpreter and torch start-up per call); returns (exit code, stderr)."""
-    from nnunet_ape.cli.main import main
-
-    capsys.readouterr()
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
 def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path, capsys):
     model = str(pretrained_run / "checkpoint_final.pt")
     images, labels, names = _labeled_folder(tmp_path, "B")
@@ -122,27 +113,27 @@ def test_unknown_and_missing_organs_give_clear_errors(pretrained_run, tmp_path, 
     unknown = _cli(*base, "--organs", "liver", "unicorn_gland", "-o", str(tmp_path / "u.json"))  # a real process's stderr
     assert unknown.returncode == 2 and "unknown organ 'unicorn_gland'" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
-    code, err = _in_process(capsys, *base, "--organs", "liver", "kidney_left", "-o", str(tmp_path / "m.json"))  # B shows no kidneys
+    code, _, err = cli_in_process(capsys, *base, "--organs", "liver", "kidney_left", "-o", str(tmp_path / "m.json"))  # B shows no kidneys
     assert code == 2 and "kidney_left" in err and "contoured in none" in err
     assert not (tmp_path / "u.json").exists() and not (tmp_path / "m.json").exists()
-    code, err = _in_process(capsys, *base, "--organs", "liver", "-o", str(tmp_path / "ok.json"))
+    code, _, err = cli_in_process(capsys, *base, "--organs", "liver", "-o", str(tmp_path / "ok.json"))
     assert code == 0, err[-2000:]
     assert "uncalibrated default" in err  # 1 shot: nothing to hold out
     assert json.loads((tmp_path / "ok.json").read_text())["organs"]["liver"]["alpha_calibrated"] is False
-    code, err = _in_process(capsys, "localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--organs",
-                            "liver", "--shots", "1", "--device", "cpu", "-o", str(tmp_path / "n.json"))
+    code, _, err = cli_in_process(capsys, "localize", "fit", "-m", model, "--images", str(images), "--labels", str(labels), "--organs",
+                                  "liver", "--shots", "1", "--device", "cpu", "-o", str(tmp_path / "n.json"))
     assert code == 2 and "--label-names" in err
-    code, err = _in_process(capsys, "localize", "fit", "-m", model, "--images", str(patient("B")), "--labels",
-                            str(DATA / "ts_b_upper_abdomen_seg.nii.gz"), "--label-names", str(DATA / "ts_b_labels.json"),
-                            "--organs", "liver", "--shots", "1", "--device", "cpu",
-                            "-o", str(tmp_path / "pair.json"))  # one CT file and its label file, names that differ
+    code, _, err = cli_in_process(capsys, "localize", "fit", "-m", model, "--images", str(patient("B")), "--labels",
+                                  str(DATA / "ts_b_upper_abdomen_seg.nii.gz"), "--label-names", str(DATA / "ts_b_labels.json"),
+                                  "--organs", "liver", "--shots", "1", "--device", "cpu",
+                                  "-o", str(tmp_path / "pair.json"))  # one CT file and its label file, names that differ
     assert code == 0, err[-2000:]
     assert json.loads((tmp_path / "pair.json").read_text())["organs"]["liver"]["shots"][0]["case"] == "ts_b_upper_abdomen"
-    code, err = _in_process(capsys, "localize", "fit", "-m", model, "--images", str(patient("B")), "--labels", str(labels),
-                            "--organs", "liver", "--device", "cpu", "-o", str(tmp_path / "mixed.json"))
+    code, _, err = cli_in_process(capsys, "localize", "fit", "-m", model, "--images", str(patient("B")), "--labels", str(labels),
+                                  "--organs", "liver", "--device", "cpu", "-o", str(tmp_path / "mixed.json"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "a CT file and its label file" in err
-    code, err = _in_process(capsys, "localize", "predict", "-l", str(tmp_path / "ok.json"), "-i", str(patient("A")), "-o",
-                            str(tmp_path / "p"), "--organs", "spleen", "--device", "cpu")
+    code, _, err = cli_in_process(capsys, "localize", "predict", "-l", str(tmp_path / "ok.json"), "-i", str(patient("A")), "-o",
+                                  str(tmp_path / "p"), "--organs", "spleen", "--device", "cpu")
     assert code == 2 and "unknown organ 'spleen'" in err and not (tmp_path / "p").exists()
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import real_patients
+from conftest import cli_in_process, real_patients
 from nnunet_ape.checkpoint import load_checkpoint
 from nnunet_ape.errors import InputError
 from nnunet_ape.pretrain.batches import BatchConfig
@@ -67,8 +67,6 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path, capsys):
-    from nnunet_ape.cli.main import main
-
     listing = tmp_path / "cts.txt"
     listing.write_text("\n".join(str(p) for p in real_patients()))
     run = tmp_path / "run"
@@ -84,11 +82,11 @@ def test_killed_run_resumes_with_iteration_count_optimizer_and_log(tmp_path, cap
     assert saved >= 20 and saved % 20 == 0
     target = saved + 30
     # a second run must not silently overwrite the first (refusals in-process: no interpreter start-up per call)
-    capsys.readouterr()
-    assert main([*args, "--iterations", str(target)]) == 2 and "--resume" in capsys.readouterr().err
+    code, _, err = cli_in_process(capsys, *args, "--iterations", str(target))
+    assert code == 2 and "--resume" in err
     # nor continue it as another recipe: the points' sampling is fixed at the start
-    assert main([*args, "--iterations", str(target), "--resume", "--points", "body"]) == 2
-    assert "batch.points uniform -> body" in capsys.readouterr().err
+    code, _, err = cli_in_process(capsys, *args, "--iterations", str(target), "--resume", "--points", "body")
+    assert code == 2 and "batch.points uniform -> body" in err
     assert load_checkpoint(run / "checkpoint_last.pt")["iteration"] == saved
     subprocess.run(_cli(*args, "--iterations", str(target), "--resume"), check=True, capture_output=True)
     iterations, _ = _losses(run)
