@@ -13,7 +13,6 @@ import sys
 
 from nnunet_ape.cli import crop_dataset, demo, embed, evaluate, localize, plan, predict, preprocess, pretrain, score, trainers_path, uncrop, unlabeled_dataset
 from nnunet_ape.errors import InputError
-from nnunet_ape.nnunet.checkpoint_reader import register_nnunet_checkpoint_reader
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nnunet-ape`` console script; returns the exit code (2 for bad input)."""
-    register_nnunet_checkpoint_reader()  # embed, localize, crop-dataset, ... take nnUNetTrainerAPEPretrain checkpoints
     args = build_parser().parse_args(argv)
+    # Imported after parsing: it brings torch (seconds), which ``--help`` and usage errors do without.
+    from nnunet_ape.nnunet.checkpoint_reader import register_nnunet_checkpoint_reader
+
+    register_nnunet_checkpoint_reader()  # embed, localize, crop-dataset, ... take nnUNetTrainerAPEPretrain checkpoints
     try:
         args.func(args)
     except InputError as error:

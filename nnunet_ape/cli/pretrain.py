@@ -42,10 +42,8 @@ def _loop_kwargs(args) -> dict:
 
 def add_parser(sub) -> None:
     """Register ``ape`` and ``bpr`` under the ``pretrain`` command's subparsers ``sub``."""
-    from nnunet_ape.models.ape import PRESETS
-    from nnunet_ape.models.bpr import TRUNKS
-    from nnunet_ape.pretrain.batches import POINT_MODES, VARIANTS
-    from nnunet_ape.pretrain.cache import FOREGROUND_HU
+    from nnunet_ape.models.config import PRESETS, TRUNKS
+    from nnunet_ape.pretrain.choices import FOREGROUND_HU, POINT_MODES, VARIANTS
 
     p = sub.add_parser(
         "ape",

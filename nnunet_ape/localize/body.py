@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from nnunet_ape.localize.boxes import mask_box
-from nnunet_ape.pretrain.cache import FOREGROUND_HU
+from nnunet_ape.pretrain.choices import FOREGROUND_HU
 
 
 def body_mask(hu: np.ndarray, slice_axis: int = 2) -> np.ndarray:

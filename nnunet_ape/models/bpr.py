@@ -10,14 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TRUNKS: dict[str, str] = {
-    "vgg16": "vgg16",  # the reference implementation's trunk (bpreg)
-    "resnet": "resnet18",
-    "densenet": "densenet121",
-    "convnext": "convnext_atto",
-    "efficientnet": "efficientnet_b0",
-    "tiny": "",
-}
+from nnunet_ape.models.config import TRUNKS
 
 
 def _tiny_trunk() -> tuple[nn.Module, int]:

@@ -21,7 +21,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from nnunet_ape.intensity import AIR_HU, floor_at_air
 from nnunet_ape.pretrain.augment import AugmentConfig, augment_view
-from nnunet_ape.pretrain.cache import FOREGROUND_HU, CachedCT
+from nnunet_ape.pretrain.cache import CachedCT
+from nnunet_ape.pretrain.choices import FOREGROUND_HU, POINT_MODES, VARIANTS
 from nnunet_ape.pretrain.views import (
     PAPER_PATCH_VOLUME,
     PAPER_SPACING_RANGE,
@@ -36,9 +37,6 @@ from nnunet_ape.pretrain.views import (
     sample_view,
 )
 from nnunet_ape.resample import axis_coords, resample_grid
-
-VARIANTS = ("naive", "aug", "equiv")
-POINT_MODES = ("uniform", "body", "balanced")
 
 
 @dataclass

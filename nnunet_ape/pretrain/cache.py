@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from nnunet_ape.intensity import floor_at_air
 from nnunet_ape.io import output_name, read_volume, to_canonical
-
-FOREGROUND_HU = -500.0
+from nnunet_ape.pretrain.choices import FOREGROUND_HU
 
 
 @dataclass(frozen=True)

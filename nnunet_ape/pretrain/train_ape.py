@@ -12,7 +12,8 @@ from torch import nn
 from nnunet_ape.checkpoint import APE_FORMAT
 from nnunet_ape.errors import InputError
 from nnunet_ape.models.ape import PRESETS, APEConfig, APENet
-from nnunet_ape.pretrain.batches import VARIANTS, BatchConfig, PairBatches
+from nnunet_ape.pretrain.batches import BatchConfig, PairBatches
+from nnunet_ape.pretrain.choices import VARIANTS
 from nnunet_ape.pretrain.loop import FINAL, LAST, LoopConfig, Task, autocast, run_training
 from nnunet_ape.pretrain.loss import ape_loss_at_points
 from nnunet_ape.pretrain.views import PAPER_PATCH_VOLUME, PAPER_SPACING_RANGE
