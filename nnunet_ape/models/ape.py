@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ape.intensity import AIR_VALUE, normalize_hu
-from nnunet_ape.models.config import PRESETS, APEConfig  # noqa: F401 (PRESETS: re-exported)
+from nnunet_ape.models.config import PRESETS, STEM_STRIDE, APEConfig  # noqa: F401 (PRESETS: re-exported)
 from nnunet_ape.models.point_reading import read_upsampled_at
 
 
@@ -39,7 +39,7 @@ class APENet(nn.Module):
         w = self.config.widths
         n = self.config.convs_per_level
         self.stem = nn.Sequential(
-            nn.Conv3d(1, w[0], kernel_size=4, stride=4, bias=False),
+            nn.Conv3d(1, w[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE, bias=False),
             nn.BatchNorm3d(w[0]),
             nn.LeakyReLU(0.01, inplace=True),
         )
@@ -81,8 +81,8 @@ class APENet(nn.Module):
             h = self.decoder[i](torch.cat([h, skips[i]], dim=1))
         h = self.norm(self.head(h))
         if points is not None:
-            return read_upsampled_at(h, points, 4, size)
-        h = F.interpolate(h, scale_factor=4, mode="trilinear", align_corners=False)
+            return read_upsampled_at(h, points, STEM_STRIDE, size)
+        h = F.interpolate(h, scale_factor=STEM_STRIDE, mode="trilinear", align_corners=False)
         return h[..., : size[0], : size[1], : size[2]]
 
 

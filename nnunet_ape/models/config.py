@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+STEM_STRIDE = 4  # the stem's patchify convolution; the head upsamples by the same factor
+
 
 @dataclass
 class APEConfig:
@@ -23,7 +25,7 @@ class APEConfig:
     @property
     def divisor(self) -> int:
         """Input sizes are padded internally to a multiple of this."""
-        return 4 * 2 ** (len(self.widths) - 1)
+        return STEM_STRIDE * 2 ** (len(self.widths) - 1)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
