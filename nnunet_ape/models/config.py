@@ -28,10 +28,12 @@ class APEConfig:
         return STEM_STRIDE * 2 ** (len(self.widths) - 1)
 
     def to_dict(self) -> dict:
+        """The settings as JSON-ready plain values (tuples as lists), as checkpoints store them."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "APEConfig":
+        """The inverse of :meth:`to_dict`."""
         return cls(widths=tuple(d["widths"]), convs_per_level=int(d["convs_per_level"]), embed_dim=int(d["embed_dim"]))
 
 
