@@ -27,6 +27,7 @@ from bench_embed import machine
 from headneck_split import HEADNECK, split
 
 from nnunet_ape.cli.common import COMBINE_CHOICES, DEFAULT_COMBINE
+from nnunet_ape.pretrain.choices import POINT_MODES
 
 # The CPU recipe: a 'small' network on views at 4-5 mm (the cohort's own in-plane spacing; its 2.5-3 mm slices are
 # coarsened a little), 300k-voxel views (about 300 mm across: most of a head and neck), 4 view pairs and 2048
@@ -131,7 +132,7 @@ def main() -> None:
                         help="the recipe's view spacing range (pretrain ape --spacing), e.g. 2.5,2.5,2.5:3.5,3.5,3.5")
     parser.add_argument("--combine", default=DEFAULT_COMBINE, choices=COMBINE_CHOICES,
                         help="how the shots' boxes are combined, as localize fit --combine [trimmed since 2026-12-06; mean before]")
-    parser.add_argument("--points", default="uniform", choices=("uniform", "body", "balanced"),
+    parser.add_argument("--points", default="uniform", choices=POINT_MODES,
                         help="where the recipe's voxel pairs fall (pretrain ape --points)")
     parser.add_argument("--seed", type=int, default=0, help="the recipe's pretraining seed (pretrain ape --seed)")
     parser.add_argument("--search-margin", default="5",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from nnunet_ape.cli.common import HelpFormatter
+from nnunet_ape.models.config import PRESETS
 
 
 def add_parser(sub) -> None:
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
                    "iterations are not done, and the report says so")
     p.add_argument("--train-minutes", type=float, default=2.5, help="training time of each nnU-Net model (the crop and the full-image one get the same)")
     p.add_argument("--no-nnunet", action="store_true", help="stop after the localizer and the crop dataset (no nnU-Net training)")
-    p.add_argument("--model", default="tiny", choices=("tiny", "small", "base"), help="APE network size (tiny trains fastest on a CPU)")
+    p.add_argument("--model", default="tiny", choices=tuple(PRESETS), help="APE network size (tiny trains fastest on a CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="background data-loading processes of the pretraining")
     p.add_argument("--seed", type=int, default=0, help="random seed of the phantoms and the pretraining")
